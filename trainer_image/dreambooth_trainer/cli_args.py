@@ -1,0 +1,67 @@
+"""argparse flags generated from the typed config, so the CLI and the manifest can never disagree."""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from .config import ConfigError, _Common, from_validation_error
+
+
+def _int_or_auto(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
+def _flag_kwargs(annotation: Any) -> dict[str, Any]:
+    """argparse keyword arguments for one field type."""
+    if annotation is bool:
+        return {"action": "store_true"}
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _flag_kwargs(inner[0])
+        if int in inner and any(typing.get_origin(a) is Literal for a in inner):
+            return {"type": _int_or_auto}
+        return {"type": str}
+    if origin is Literal:
+        return {"type": type(args[0]), "choices": list(args)}
+    if origin is list:
+        return {"nargs": "+", "type": str}
+    if annotation in (int, float, str):
+        return {"type": annotation}
+    return {"type": str}
+
+
+def build_parser(model: type[_Common], prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=f"DreamBooth {model.method} training with {model.script}'s flags and defaults. "
+        "Paths may be local or s3:// URIs.",
+    )
+    for name, info in model.model_fields.items():
+        kwargs = _flag_kwargs(info.annotation)
+        help_text = info.description or ""
+        if kwargs.get("action") != "store_true":
+            default = None if info.is_required() else info.get_default(call_default_factory=True)
+            help_text += f" (default: {default})"
+        parser.add_argument(f"--{name}", dest=name, required=info.is_required(), default=argparse.SUPPRESS,
+                            help=help_text, **kwargs)
+    return parser
+
+
+def parse_cli(model: type[_Common], argv: list[str], prog: str) -> _Common:
+    """Parse flags into a validated config; bad values raise ConfigError naming the flag and manifest field."""
+    ns = build_parser(model, prog).parse_args(argv)
+    try:
+        return model.model_validate(vars(ns))
+    except ValidationError as exc:
+        raise from_validation_error(exc, model) from None
+
+
+__all__ = ["ConfigError", "build_parser", "parse_cli"]

@@ -1,0 +1,279 @@
+"""The typed trainer config: the one definition the CLI flags and the manifest's ``spec.training`` derive from.
+
+Two models, one per diffusers script, so each keeps its own flag names and defaults:
+``FullConfig`` mirrors ``train_dreambooth.py`` (``dreambooth train``) and ``LoraConfig`` mirrors
+``train_dreambooth_lora.py`` (``dreambooth train-lora``). Field names are the scripts' snake_case flags; the
+manifest uses the same fields in camelCase. Importable without torch: the operator uses it to build the CRD.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+Method = Literal["full", "lora"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+PriorPrecision = Literal["no", "fp32", "fp16", "bf16"]
+LrScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+ValidationScheduler = Literal["DPMSolverMultistepScheduler", "DDPMScheduler"]
+
+
+class ConfigError(ValueError):
+    """Bad trainer input, found before any work starts. Maps to the launcher's bad-input exit code (64)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{flag_and_field(field)}: {message}")
+
+
+def flag_and_field(field: str) -> str:
+    """Name a setting the way both audiences know it: the CLI flag and the manifest path."""
+    return f"--{field} (spec.training.{to_camel(field)})"
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return Field(default, description=help, **kw)
+
+
+class _Common(BaseModel):
+    """Flags shared by both scripts, with the defaults both scripts give them."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_assignment=True,
+        use_attribute_docstrings=False,
+    )
+
+    # Which diffusers script this model mirrors; not a flag.
+    method: ClassVar[Method]
+    script: ClassVar[str]
+
+    pretrained_model_name_or_path: str = Field(
+        ..., description="Path to a diffusers pipeline folder (local or s3://), or a hub model id."
+    )
+    revision: str | None = _f(None, "Revision of the pretrained model on the hub.")
+    variant: str | None = _f(None, "Variant of the model files, e.g. fp16.")
+    tokenizer_name: str | None = _f(None, "Tokenizer name or path if not the same as the model's.")
+    instance_data_dir: str = Field(..., description="Folder (local or s3://) holding the instance images.")
+    class_data_dir: str | None = _f(None, "Folder (local or s3://) holding the class images for prior preservation.")
+    instance_prompt: str = Field(..., description="Prompt with the identifier of the instance, e.g. 'a photo of sks dog'.")
+    class_prompt: str | None = _f(None, "Prompt of the class, e.g. 'a photo of dog'; used to generate class images.")
+    with_prior_preservation: bool = _f(False, "Add the prior-preservation loss on class images.")
+    prior_loss_weight: float = _f(1.0, "Weight of the prior-preservation loss.")
+    num_class_images: int = _f(
+        100, "Minimal number of class images; missing ones are generated with class_prompt.", ge=1
+    )
+    output_dir: str = _f("text-inversion-model", "Where the model, checkpoints and images are written (local or s3://).")
+    seed: int | None = _f(None, "Seed for reproducible training. Exact resume is guaranteed with or without it.")
+    resolution: int = _f(512, "Resolution of the training images (multiple of 8).", ge=8)
+    center_crop: bool = _f(False, "Center crop the images instead of random crops.")
+    train_text_encoder: bool = _f(False, "Train the text encoder too (needs fp32 text encoder weights).")
+    train_batch_size: int = _f(4, "Batch size per device.", ge=1)
+    sample_batch_size: int = _f(4, "Batch size per device when generating class images.", ge=1)
+    num_train_epochs: int = _f(1, "Epochs to train; max_train_steps overrides it.", ge=1)
+    max_train_steps: int | None = _f(None, "Total optimizer steps; overrides num_train_epochs.", ge=1)
+    checkpointing_steps: int | Literal["auto"] = _f(
+        500,
+        "Save a resumable checkpoint every N optimizer steps, or 'auto' to pick the interval from the measured "
+        "checkpoint cost and expectedPreemptionIntervalSeconds.",
+    )
+    checkpoints_total_limit: int | None = _f(None, "Keep at most this many complete checkpoints.", ge=1)
+    resume_from_checkpoint: str | None = _f(
+        None, "'latest', or a checkpoint folder name like 'checkpoint-400'. Automatic when the output holds any."
+    )
+    gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated per optimizer step.", ge=1)
+    gradient_checkpointing: bool = _f(False, "Trade compute for memory with activation checkpointing.")
+    learning_rate: float = _f(5e-6, "Initial learning rate (after warmup).", gt=0)
+    scale_lr: bool = _f(False, "Scale the learning rate by processes x accumulation x batch size.")
+    lr_scheduler: LrScheduler = _f("constant", "Learning-rate schedule.")
+    lr_warmup_steps: int = _f(500, "Warmup steps of the learning-rate schedule.", ge=0)
+    lr_num_cycles: int = _f(1, "Hard resets of cosine_with_restarts.", ge=1)
+    lr_power: float = _f(1.0, "Power of the polynomial schedule.")
+    use_8bit_adam: bool = _f(False, "Use bitsandbytes' 8-bit AdamW (needs bitsandbytes and a GPU).")
+    dataloader_num_workers: int = _f(0, "DataLoader worker processes (0 = main process).", ge=0)
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_weight_decay: float = _f(1e-2, "AdamW weight decay.")
+    adam_epsilon: float = _f(1e-08, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    push_to_hub: bool = _f(False, "Push the final model to the Hugging Face Hub.")
+    hub_token: str | None = _f(None, "Hub token (prefer the HF_TOKEN environment variable).")
+    hub_model_id: str | None = _f(None, "Hub repository name.")
+    logging_dir: str = _f("logs", "TensorBoard log folder, relative to output_dir.")
+    allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere or newer GPUs.")
+    report_to: str = _f("tensorboard", "Trackers: tensorboard, wandb, comet_ml, all, or none.")
+    validation_prompt: str | None = _f(None, "Prompt used for validation images.")
+    num_validation_images: int = _f(4, "Images generated per validation.", ge=1)
+    mixed_precision: MixedPrecision | None = _f(None, "Mixed precision: no, fp16 (GPU only) or bf16.")
+    prior_generation_precision: PriorPrecision | None = _f(
+        None, "Precision for generating class images; fp16 on GPU, fp32 on CPU by default."
+    )
+    local_rank: int = _f(-1, "Set by the launcher; accepted for compatibility.")
+    enable_xformers_memory_efficient_attention: bool = _f(False, "Use xformers attention (needs xformers).")
+    pre_compute_text_embeddings: bool = _f(False, "Encode the prompts once and free the text encoder.")
+    tokenizer_max_length: int | None = _f(None, "Tokenizer max length (default: the tokenizer's).", ge=1)
+    text_encoder_use_attention_mask: bool = _f(False, "Pass the attention mask to the text encoder.")
+    validation_images: list[str] | None = _f(None, "DeepFloyd IF only; refused for Stable Diffusion.")
+    class_labels_conditioning: str | None = _f(None, "DeepFloyd IF only; refused for Stable Diffusion.")
+
+    # Our extensions (not in diffusers' scripts); defaults keep diffusers' behaviour.
+    snr_gamma: float | None = _f(None, "Min-SNR weighting gamma (5.0 recommended); off when unset.", gt=0)
+    cache_latents: bool = _f(
+        False, "Encode every training image with the VAE once and reuse the latents (needs center_crop)."
+    )
+    expected_preemption_interval_seconds: float = _f(
+        3600.0, "Mean time between preemptions, used by checkpointing_steps='auto'.", gt=0
+    )
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> _Common:
+        check_rules(self)
+        return self
+
+    # ----- derived views -----
+    def cli_args(self) -> list[str]:
+        """The flags that reproduce this config (only non-default values), for torchrun command lines."""
+        out: list[str] = []
+        for name, info in type(self).model_fields.items():
+            value = getattr(self, name)
+            if value == info.get_default(call_default_factory=True) and not info.is_required():
+                continue
+            if isinstance(value, bool):
+                if value:
+                    out.append(f"--{name}")
+            elif isinstance(value, list):
+                out.append(f"--{name}")
+                out.extend(str(v) for v in value)
+            elif value is not None:
+                out.extend([f"--{name}", str(value)])
+        return out
+
+    def to_training_spec(self) -> dict[str, Any]:
+        """The manifest's ``spec.training`` for this config (camelCase, only non-default values)."""
+        return self.model_dump(by_alias=True, exclude_defaults=True, mode="json")
+
+
+# Fields that change neither the data order nor the math of an optimizer step: editing them between attempts
+# keeps a resume exact, so they stay out of the config hash.
+OPERATIONAL_FIELDS = frozenset(
+    {
+        "output_dir", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit", "logging_dir",
+        "report_to", "validation_prompt", "num_validation_images", "validation_steps", "validation_epochs",
+        "validation_scheduler", "push_to_hub", "hub_token", "hub_model_id", "dataloader_num_workers", "local_rank",
+        "sample_batch_size", "prior_generation_precision", "skip_save_text_encoder", "gradient_checkpointing",
+        "enable_xformers_memory_efficient_attention", "allow_tf32", "expected_preemption_interval_seconds",
+        "instance_data_dir", "class_data_dir", "pretrained_model_name_or_path",
+    }
+)  # fmt: skip
+
+
+def config_hash(config: _Common) -> str:
+    """Identity of a training run's math: two configs with the same hash resume each other's checkpoints."""
+    data = {k: v for k, v in config.model_dump(mode="json").items() if k not in OPERATIONAL_FIELDS}
+    data["method"] = config.method
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class FullConfig(_Common):
+    """``train_dreambooth.py``: full fine-tune of the UNet (and optionally the text encoder)."""
+
+    method: ClassVar[Method] = "full"
+    script: ClassVar[str] = "train_dreambooth.py"
+
+    validation_steps: int = _f(100, "Run validation every N steps.", ge=1)
+    validation_scheduler: ValidationScheduler = _f("DPMSolverMultistepScheduler", "Scheduler for validation.")
+    set_grads_to_none: bool = _f(False, "Set gradients to None instead of zero (saves memory).")
+    offset_noise: bool = _f(False, "Fine-tune against offset noise.")
+    skip_save_text_encoder: bool = _f(False, "Do not save the text encoder in the final pipeline.")
+
+
+class LoraConfig(_Common):
+    """``train_dreambooth_lora.py``: LoRA adapters on the UNet (and optionally the text encoder)."""
+
+    method: ClassVar[Method] = "lora"
+    script: ClassVar[str] = "train_dreambooth_lora.py"
+
+    output_dir: str = _f("lora-dreambooth-model", "Where the LoRA weights, checkpoints and images are written.")
+    learning_rate: float = _f(5e-4, "Initial learning rate (after warmup).", gt=0)
+    validation_epochs: int = _f(50, "Run validation every N epochs.", ge=1)
+    rank: int = _f(4, "Dimension of the LoRA update matrices.", ge=1)
+
+
+TrainingConfig = FullConfig | LoraConfig
+MODELS: dict[str, type[_Common]] = {"full": FullConfig, "lora": LoraConfig}
+IF_ONLY_FIELDS = ("validation_images", "class_labels_conditioning")
+
+
+def check_rules(cfg: _Common) -> None:
+    """Rules the field types cannot express. Each names the flag, the manifest field and the fix."""
+    for name in IF_ONLY_FIELDS:
+        if getattr(cfg, name) is not None:
+            raise ConfigError(name, "applies only to DeepFloyd IF, which this trainer does not support; remove it.")
+    if cfg.resolution % 8:
+        lower = cfg.resolution - cfg.resolution % 8
+        raise ConfigError(
+            "resolution", f"{cfg.resolution} is not a multiple of 8 (the VAE downsamples by 8); use {lower} or {lower + 8}."
+        )
+    if cfg.with_prior_preservation:
+        if not cfg.class_data_dir:
+            raise ConfigError("class_data_dir", "is required with --with_prior_preservation: a folder for class images.")
+        if not cfg.class_prompt:
+            raise ConfigError("class_prompt", "is required with --with_prior_preservation, e.g. 'a photo of dog'.")
+    if cfg.train_text_encoder and cfg.pre_compute_text_embeddings:
+        raise ConfigError(
+            "pre_compute_text_embeddings", "cannot be used with --train_text_encoder; drop one of the two."
+        )
+    if isinstance(cfg.checkpointing_steps, int) and cfg.checkpointing_steps < 1:
+        raise ConfigError("checkpointing_steps", f"must be a positive number of steps or 'auto', not {cfg.checkpointing_steps}.")
+    if cfg.cache_latents and not cfg.center_crop:
+        raise ConfigError("cache_latents", "needs --center_crop (random crops change the latents every epoch).")
+
+
+def parse_training(method: str, training: dict[str, Any]) -> _Common:
+    """Build a config from a manifest's ``spec.training`` (camelCase; snake_case accepted), or raise ConfigError."""
+    if method not in MODELS:
+        raise ConfigError("method", f"spec.method must be 'full' or 'lora', not {method!r}.")
+    model = MODELS[method]
+    try:
+        return model.model_validate(training)
+    except ValidationError as exc:
+        raise from_validation_error(exc, model) from None
+
+
+def from_validation_error(exc: ValidationError, model: type[_Common]) -> ConfigError:
+    """Turn pydantic's error into one that names the flag, the manifest field and the fix."""
+    err = exc.errors()[0]
+    ctx_error = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, ConfigError):
+        return ctx_error
+    loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+    name = _snake(loc[0]) if loc else "training"
+    kind = err["type"]
+    if kind == "missing":
+        return ConfigError(name, "is required.")
+    if kind == "extra_forbidden":
+        other = next((m for m in MODELS.values() if m is not model and name in m.model_fields), None)
+        if other is not None:
+            return ConfigError(name, f"applies only to method '{other.method}' ({other.script}); remove it or change spec.method.")
+        return ConfigError(name, f"is not a setting of {model.script}; check the spelling (see `dreambooth {_cmd(model)} --help`).")
+    return ConfigError(name, f"{err['msg']} (got {err.get('input')!r}).")
+
+
+def _cmd(model: type[_Common]) -> str:
+    return "train" if model.method == "full" else "train-lora"
+
+
+def _snake(name: str) -> str:
+    out = []
+    for ch in name:
+        if ch.isupper():
+            out.append("_" + ch.lower())
+        else:
+            out.append(ch)
+    return "".join(out)

@@ -1,0 +1,155 @@
+"""The ``DreamBoothJob`` manifest: one typed definition for ``dreambooth run`` and the operator's CRD.
+
+Every trainer setting lives in ``spec.training`` (validated by the method's config model); the other sections
+say where and how the trainer runs. Importable without torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from .config import ConfigError, Method, _Common, parse_training
+
+API_GROUP = "dreambooth.dev"
+API_VERSION = "v1alpha1"
+KIND = "DreamBoothJob"
+PLURAL = "dreamboothjobs"
+SHORT_NAME = "dbj"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class Storage(_Spec):
+    """Where s3:// paths live. Credentials come from the standard AWS chain: a Secret, or IRSA/workload identity."""
+
+    endpoint: str = Field("", description="S3 endpoint URL for S3-compatible stores (MinIO, SeaweedFS); empty = AWS.")
+    region: str = Field("", description="S3 region; empty = the SDK's default chain (us-east-1 when unset).")
+    path_style: bool = Field(False, description="Use path-style addressing (most S3-compatible servers need it).")
+    credentials_secret: str = Field(
+        "",
+        description="Name of a Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; empty = IRSA/workload identity.",
+    )
+
+    def env(self) -> dict[str, str]:
+        """Environment that points boto3 (and our Store) at this storage."""
+        out: dict[str, str] = {}
+        if self.endpoint:
+            out["AWS_ENDPOINT_URL"] = self.endpoint
+        if self.region:
+            out["AWS_REGION"] = self.region
+            out["AWS_DEFAULT_REGION"] = self.region
+        if self.path_style:
+            out["DREAMBOOTH_S3_ADDRESSING_STYLE"] = "path"
+        # boto3 >= 1.36 sends CRC checksums that several S3-compatible servers reject.
+        out["AWS_REQUEST_CHECKSUM_CALCULATION"] = "when_required"
+        out["AWS_RESPONSE_CHECKSUM_VALIDATION"] = "when_required"
+        return out
+
+
+class Resources(_Spec):
+    nodes: int = Field(1, ge=1, description="Pods in the gang, one per node.")
+    gpus_per_node: int = Field(
+        1, ge=0, description="GPUs per pod = torchrun processes per pod (0 = one CPU process, for tests)."
+    )
+    image: str = Field(
+        "ghcr.io/dreambooth-operator/trainer:0.1.0", description="Trainer container image (Dockerfile target trainer)."
+    )
+    requests: dict[str, Any] = Field(default_factory=dict, description="Container resource requests (cpu, memory, ...).")
+    limits: dict[str, Any] = Field(default_factory=dict, description="Container resource limits; nvidia.com/gpu is set for you.")
+
+
+class PodTemplate(_Spec):
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Extra tolerations (e.g. for spot or GPU taints).")
+    affinity: dict[str, Any] = Field(default_factory=dict, description="Pod affinity/anti-affinity.")
+    priority_class_name: str = Field("", description="PriorityClass of the pods.")
+    service_account_name: str = Field("", description="ServiceAccount of the pods (e.g. one annotated for IRSA).")
+    image_pull_secrets: list[dict[str, Any]] = Field(default_factory=list, description="Secrets to pull the image.")
+    env: list[dict[str, Any]] = Field(default_factory=list, description="Extra container env vars (not trainer settings).")
+    volumes: list[dict[str, Any]] = Field(default_factory=list, description="Extra volumes (mounted via volumeMounts in env-free form).")
+    volume_mounts: list[dict[str, Any]] = Field(default_factory=list, description="Mounts for the extra volumes.")
+    command: list[str] = Field(default_factory=list, description="Override the container command (debugging, benchmarks).")
+    args: list[str] = Field(default_factory=list, description="Override the container args.")
+
+
+class RunPolicy(_Spec):
+    backoff_limit: int = Field(3, ge=0, description="Failed attempts (crashes, hung gangs) before the job fails; preemptions do not count.")
+    max_preemptions: int = Field(20, ge=0, description="Preemptions tolerated before the job fails.")
+    active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the job (DeadlineExceeded) after this long.")
+    ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the job this long after it finished.")
+    suspend: bool = Field(False, description="true: checkpoint and stop the pods; false again: resume from the checkpoint.")
+    termination_grace_period_seconds: int = Field(
+        120, ge=1, description="Pod grace period: the time the emergency checkpoint has on SIGTERM."
+    )
+    progress_deadline_seconds: int = Field(1800, ge=1, description="No step progress this long while Running = hung gang.")
+    scheduling_timeout_seconds: int = Field(1800, ge=1, description="How long pods may wait for capacity before the attempt is retried.")
+    queue_name: str = Field("", description="Kueue LocalQueue; empty = no Kueue.")
+
+
+class JobSpec(_Spec):
+    method: Method = Field("full", description="full (train_dreambooth.py) or lora (train_dreambooth_lora.py).")
+    training: dict[str, Any] = Field(..., description="Every trainer setting: the flags of the method's script, in camelCase.")
+    storage: Storage = Field(default_factory=Storage, description="S3 endpoint and credentials.")
+    resources: Resources = Field(default_factory=Resources, description="Gang size, GPUs and image.")
+    pod_template: PodTemplate = Field(default_factory=PodTemplate, description="Pod-level overrides.")
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, preemptions, deadlines, suspend.")
+
+    def training_config(self) -> _Common:
+        return parse_training(self.method, self.training)
+
+
+class Job(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: str = Field(alias="apiVersion")
+    kind: Literal["DreamBoothJob"]
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: JobSpec
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name", "dreambooth-job"))
+
+
+def parse_job(obj: dict[str, Any]) -> tuple[Job, _Common]:
+    """Validate a manifest and its trainer config. Errors name the manifest field and the fix."""
+    if not isinstance(obj, dict):
+        raise ConfigError("manifest", "must be a YAML mapping with apiVersion, kind, metadata and spec.")
+    if obj.get("apiVersion") != f"{API_GROUP}/{API_VERSION}":
+        raise ManifestError("apiVersion", f"must be {API_GROUP}/{API_VERSION}, not {obj.get('apiVersion')!r}.")
+    if obj.get("kind") != KIND:
+        raise ManifestError("kind", f"must be {KIND}, not {obj.get('kind')!r}.")
+    try:
+        job = Job.model_validate(obj)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        path = ".".join(str(p) for p in err["loc"])
+        raise ManifestError(path, f"{err['msg']} (got {err.get('input')!r}).") from None
+    return job, job.spec.training_config()
+
+
+def load_job(path: str | Path) -> tuple[Job, _Common]:
+    text = Path(path).read_text()
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d]
+    except yaml.YAMLError as exc:
+        raise ManifestError("manifest", f"{path} is not valid YAML: {exc}") from None
+    jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
+    if len(jobs) != 1:
+        raise ManifestError("kind", f"{path} must hold exactly one {KIND} (found {len(jobs)}).")
+    return parse_job(jobs[0])
+
+
+class ManifestError(ConfigError):
+    """A manifest field outside spec.training is wrong."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        ValueError.__init__(self, f"{field}: {message}")
