@@ -1,0 +1,314 @@
+"""A tiny, randomly initialised Stable Diffusion pipeline that tests, the quickstart and benchmarks train.
+
+Everything is made here, offline: the tokenizer's vocab.json/merges.txt are built from code (no hub download),
+and every weight comes from a seeded generator, so the same seed gives the same bytes on the same library
+versions. The shapes are the smallest that still exercise every code path of real SD training (cross
+attention, VAE encode/decode, text encoder, scheduler) at resolution 32 and 64.
+
+CLI: ``dreambooth tiny-model DIR [--seed N] [--prediction-type epsilon|v_prediction]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# Bump when the architecture, the vocab or anything else that changes the written bytes changes, so
+# caches made by an older version are not reused.
+TINY_MODEL_VERSION = "1"
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+MAX_LENGTH = 77
+
+# A handful of merges so the words of the prompts the project uses become single tokens (the rest falls back
+# to one token per byte, which is still a valid byte-level BPE). Each merge's result is added to the vocab;
+# order is merge priority, so prefixes come before the words they build.
+_MERGES: tuple[tuple[str, str], ...] = (
+    ("s", "k"),
+    ("sk", "s</w>"),
+    ("d", "o"),
+    ("do", "g</w>"),
+    ("o", "f</w>"),
+    ("p", "h"),
+    ("o", "t"),
+    ("ph", "ot"),
+    ("phot", "o</w>"),
+    ("c", "a"),
+    ("ca", "t</w>"),
+)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte → printable-character map: byte-level BPE works on these characters.
+
+    Printable Latin-1 bytes map to themselves; the others (controls, space, ...) are shifted above 255 so
+    every byte has a visible, non-whitespace stand-in.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping: dict[int, str] = {b: chr(b) for b in printable}
+    shift = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + shift)
+            shift += 1
+    return mapping
+
+
+def build_vocab() -> tuple[dict[str, int], list[str]]:
+    """The tokenizer's vocab (token → id) and merges lines, laid out like CLIP's.
+
+    CLIP's order: the 256 byte characters, the same with the end-of-word marker ``</w>``, one token per merge,
+    then the two special tokens last (so ``<|endoftext|>`` has the highest id, as in CLIP).
+    """
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars]
+    tokens += ["".join(pair) for pair in _MERGES]
+    tokens += [BOS_TOKEN, EOS_TOKEN]
+    if len(set(tokens)) != len(tokens):
+        raise AssertionError("tiny vocab has duplicate tokens")
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    merges = [f"{a} {b}" for a, b in _MERGES]
+    return vocab, merges
+
+
+def write_tokenizer_files(folder: Path) -> tuple[Path, Path]:
+    """Write vocab.json and merges.txt (the files a CLIPTokenizer is made from) into ``folder``."""
+    vocab, merges = build_vocab()
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_file = folder / "vocab.json"
+    merges_file = folder / "merges.txt"
+    vocab_file.write_text(json.dumps(vocab, ensure_ascii=False, indent=None) + "\n", encoding="utf-8")
+    # The header line is part of CLIP's merges.txt format; readers skip a first line starting with '#'.
+    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return vocab_file, merges_file
+
+
+def make_tokenizer(work_dir: Path):  # -> transformers.CLIPTokenizer
+    from transformers import CLIPTokenizer
+
+    vocab_file, merges_file = write_tokenizer_files(work_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(str(work_dir), model_max_length=MAX_LENGTH)
+    if tokenizer.model_max_length != MAX_LENGTH:
+        raise AssertionError(f"tiny tokenizer max length {tokenizer.model_max_length} != {MAX_LENGTH}")
+    return tokenizer
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's global RNG for a model's __init__ without disturbing the caller's RNG state.
+
+    diffusers/transformers initialise weights from the global generator; forking keeps ``make_tiny_model``
+    free of side effects on a training process that calls it.
+    """
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _build_components(seed: int, prediction_type: str, tokenizer) -> dict:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    # Each component gets its own seed so changing one component's shape leaves the others' bytes alone.
+    with _seeded(seed * 4 + 0):
+        unet = UNet2DConditionModel(
+            # Latent size at resolution 32 (VAE factor 2), so the pipeline's default height/width is 32.
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            # diffusers' legacy name: this is the number of heads per block.
+            attention_head_dim=(2, 4),
+            norm_num_groups=32,
+        )
+    with _seeded(seed * 4 + 1):
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=32,
+        )
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        projection_dim=32,
+        # Pooling finds the EOS by id (not by argmax, CLIP's legacy behaviour for eos_token_id == 2).
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with _seeded(seed * 4 + 2):
+        text_encoder = CLIPTextModel(text_config)
+    # Stable Diffusion's training noise schedule (what train_dreambooth.py loads from the scheduler folder).
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    for model in (unet, vae, text_encoder):
+        model.eval()
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
+
+
+def make_tiny_model(out_dir: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """Write a tiny random Stable Diffusion pipeline folder to ``out_dir`` and return it.
+
+    Loads with ``StableDiffusionPipeline.from_pretrained(out_dir)`` offline; same seed → same bytes.
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, not {prediction_type!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, not {seed}")
+    from diffusers import StableDiffusionPipeline
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tiny-tokenizer-") as tok_dir:
+        tokenizer = make_tokenizer(Path(tok_dir))
+        components = _build_components(seed, prediction_type, tokenizer)
+        pipe = StableDiffusionPipeline(
+            **components,
+            tokenizer=tokenizer,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+    # The tokenizer's save may write only tokenizer.json; the files the project itself builds are written
+    # last so the folder always holds them (older transformers and other tools read them).
+    write_tokenizer_files(out_dir / "tokenizer")
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------------- cache
+
+
+def default_cache_root() -> Path:
+    env = os.environ.get("DREAMBOOTH_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "dreambooth-operator"
+
+
+def tiny_model_dirname(prediction_type: str = "epsilon") -> str:
+    suffix = "" if prediction_type == "epsilon" else f"-{prediction_type}"
+    return f"tiny-model-{TINY_MODEL_VERSION}{suffix}"
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / "model_index.json").is_file()
+
+
+def ensure_tiny_model(cache_dir: Path | None = None, prediction_type: str = "epsilon") -> Path:
+    """Return the cached tiny model (seed 0), making it on first use.
+
+    ``cache_dir`` is the cache root (default ``$DREAMBOOTH_CACHE`` or ``~/.cache/dreambooth-operator``); the
+    model lives in ``<root>/tiny-model-<version>[-v_prediction]``. Safe when processes race: the model is
+    written to a temporary sibling folder and renamed into place (a reader never sees a half-written model),
+    and a file lock keeps the others from doing the same work at the same time.
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, not {prediction_type!r}")
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
+    final = root / tiny_model_dirname(prediction_type)
+    if _is_complete(final):
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    lock_path = root / f".{final.name}.lock"
+    with open(lock_path, "a+") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            if _is_complete(final):
+                return final
+            if final.exists():
+                # Our own writes appear only by rename, complete; a folder without model_index.json was put
+                # there by something else, so move it aside rather than delete what we did not make.
+                aside = final.with_name(f"{final.name}.incomplete-{os.getpid()}-{int(time.time())}")
+                logger.warning("tiny model cache %s is incomplete; moving it to %s", final, aside)
+                final.rename(aside)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+            try:
+                make_tiny_model(tmp, seed=0, prediction_type=prediction_type)
+                os.rename(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+    return final
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", metavar="DIR", type=Path, help="folder to write the pipeline into (created)")
+    parser.add_argument("--seed", type=int, default=0, help="weights seed; the same seed gives the same bytes")
+    parser.add_argument(
+        "--prediction-type",
+        "--prediction_type",
+        dest="prediction_type",
+        choices=PREDICTION_TYPES,
+        default="epsilon",
+        help="the scheduler's prediction_type (what the UNet is trained to predict)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    out = make_tiny_model(args.dir, seed=args.seed, prediction_type=args.prediction_type)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(
+        f"wrote tiny Stable Diffusion pipeline to {out} ({size / 1e6:.1f} MB, "
+        f"{time.perf_counter() - start:.1f} s, seed {args.seed}, {args.prediction_type})"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dreambooth tiny-model", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
