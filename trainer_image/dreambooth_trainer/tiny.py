@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -217,6 +218,102 @@ def make_tiny_model(out_dir: Path, seed: int = 0, prediction_type: str = "epsilo
     # last so the folder always holds them (older transformers and other tools read them).
     write_tokenizer_files(out_dir / "tokenizer")
     return out_dir
+
+
+# ------------------------------------------------------------------------------------------ sample images
+
+# The instance subject: one particular dog (golden coat, dark ears, white chest), seen in different poses
+# and places, the way DreamBooth instance photos show one subject. Class images are assorted other dogs.
+_INSTANCE_COAT = ((201, 146, 72), (92, 58, 30), (245, 240, 228))
+_CLASS_COATS = (
+    ((40, 40, 44), (20, 20, 22), (210, 210, 210)),
+    ((235, 232, 225), (150, 120, 100), (255, 255, 255)),
+    ((128, 128, 136), (70, 70, 78), (200, 200, 205)),
+    ((150, 82, 40), (60, 35, 20), (230, 200, 170)),
+    ((215, 190, 140), (170, 120, 70), (250, 245, 235)),
+)
+_BACKGROUNDS = (
+    ((150, 200, 240), (90, 160, 70)),  # sky, grass
+    ((235, 225, 205), (170, 130, 90)),  # wall, wooden floor
+    ((200, 220, 235), (225, 215, 170)),  # haze, sand
+    ((60, 70, 110), (50, 90, 50)),  # dusk, dark grass
+    ((245, 215, 215), (140, 140, 150)),  # pink wall, grey floor
+    ((190, 230, 200), (110, 100, 90)),  # mint wall, stone
+)
+_SAMPLE_SIZE = 64
+_SUPERSAMPLE = 4  # drawn at 4x and downsampled: smooth edges without an antialiasing drawer
+
+
+def _draw_dog(rng, coat: tuple[tuple[int, int, int], ...], background: tuple[tuple[int, int, int], ...]):
+    from PIL import Image, ImageDraw
+
+    s = _SAMPLE_SIZE * _SUPERSAMPLE
+    sky, ground = background
+    fur, ears, chest = coat
+    image = Image.new("RGB", (s, s), sky)
+    draw = ImageDraw.Draw(image)
+    horizon = int(s * rng.uniform(0.55, 0.7))
+    draw.rectangle((0, horizon, s, s), fill=ground)
+
+    def u(v: float) -> int:
+        return int(round(v * s / _SAMPLE_SIZE))
+
+    scale = rng.uniform(0.8, 1.1)
+    facing = 1 if rng.random() < 0.5 else -1  # head on the right (1) or on the left (-1)
+    cx = _SAMPLE_SIZE / 2 + rng.uniform(-6, 6)
+    cy = _SAMPLE_SIZE * 0.6 + rng.uniform(-4, 4)
+    body_w, body_h = 26 * scale, 12 * scale
+    leg_h, leg_w = 9 * scale, 3.2 * scale
+
+    # Legs first so the body overlaps their tops.
+    for fx in (-0.38, -0.22, 0.22, 0.38):
+        lx = cx + fx * body_w
+        draw.rectangle((u(lx - leg_w / 2), u(cy), u(lx + leg_w / 2), u(cy + body_h / 2 + leg_h)), fill=fur)
+    # Tail: a raised, slightly random wedge at the back.
+    tail_angle = rng.uniform(0.3, 1.2)
+    tx, ty = cx - facing * body_w / 2, cy - body_h / 4
+    tip = (tx - facing * 9 * scale * math.cos(tail_angle), ty - 9 * scale * math.sin(tail_angle))
+    draw.line((u(tx), u(ty), u(tip[0]), u(tip[1])), fill=fur, width=u(2.5 * scale))
+    draw.ellipse((u(cx - body_w / 2), u(cy - body_h / 2), u(cx + body_w / 2), u(cy + body_h / 2)), fill=fur)
+    # Chest patch, then head, snout, ear, eye, nose.
+    px = cx + facing * body_w * 0.3
+    draw.ellipse((u(px - 4 * scale), u(cy - 3 * scale), u(px + 4 * scale), u(cy + 5 * scale)), fill=chest)
+    hx, hy, hr = cx + facing * body_w * 0.45, cy - body_h * 0.75, 7 * scale
+    draw.ellipse((u(hx - hr), u(hy - hr), u(hx + hr), u(hy + hr)), fill=fur)
+    sx = hx + facing * hr * 0.9
+    draw.ellipse((u(sx - 4 * scale), u(hy), u(sx + 4 * scale), u(hy + 5 * scale)), fill=fur)
+    ex = hx - facing * hr * 0.35
+    draw.ellipse((u(ex - 3 * scale), u(hy - hr * 0.6), u(ex + 3 * scale), u(hy + hr * 0.9)), fill=ears)
+    eye_x = hx + facing * hr * 0.35
+    draw.ellipse((u(eye_x - 1.2), u(hy - 2.8), u(eye_x + 1.2), u(hy - 0.4)), fill=(15, 15, 15))
+    nx = sx + facing * 3.2 * scale
+    draw.ellipse((u(nx - 1.6), u(hy + 0.2), u(nx + 1.6), u(hy + 2.6)), fill=(10, 10, 10))
+    return image.resize((_SAMPLE_SIZE, _SAMPLE_SIZE), resample=Image.Resampling.LANCZOS)
+
+
+def write_sample_images(out_dir: Path, n: int = 4, *, kind: str = "instance", seed: int = 0) -> list[Path]:
+    """Write ``n`` small 64x64 PNG dog drawings to ``out_dir`` and return their paths (sorted).
+
+    ``kind="instance"``: the same dog in different poses and places (``dog-00.png``, ...); ``kind="class"``:
+    assorted dogs for prior preservation (``class-dog-00.png``, ...). Same arguments → same bytes.
+    """
+    import numpy as np
+
+    if kind not in ("instance", "class"):
+        raise ValueError(f"kind must be 'instance' or 'class', not {kind!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 0 if kind == "instance" else 1])
+    prefix = "dog" if kind == "instance" else "class-dog"
+    paths = []
+    for i in range(n):
+        coat = _INSTANCE_COAT if kind == "instance" else _CLASS_COATS[i % len(_CLASS_COATS)]
+        background = _BACKGROUNDS[(i + (0 if kind == "instance" else 3)) % len(_BACKGROUNDS)]
+        path = out_dir / f"{prefix}-{i:02d}.png"
+        # optimize=True: smaller files; PNG encoding has no timestamps, so the bytes are reproducible.
+        _draw_dog(rng, coat, background).save(path, format="PNG", optimize=True)
+        paths.append(path)
+    return paths
 
 
 # ------------------------------------------------------------------------------------------------- cache

@@ -1,0 +1,439 @@
+"""Instance/class image datasets and the deterministic sampler.
+
+Behaviour follows diffusers' ``examples/dreambooth/train_dreambooth.py`` (DreamBoothDataset, collate_fn,
+PromptDataset) with two deliberate differences that the exact-resume promise needs:
+
+* every random choice of an item (crop offset, optional flip) is a pure function of ``(seed, epoch, index)``
+  drawn from a generator made for that item, never from a global RNG, so DataLoader workers, restarts and a
+  resumed run produce the same tensors;
+* files are listed in sorted order (diffusers uses ``iterdir`` order, which differs between filesystems), and
+  non-image files are skipped with a warning instead of crashing mid-run.
+
+No torchvision: PyPI's torchvision wheels do not match our torch build, so the transforms are written with
+PIL and torch, reproducing torchvision's Resize(bilinear) / CenterCrop / RandomCrop / ToTensor / Normalize.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset, Sampler
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DataError",
+    "DreamBoothDataset",
+    "EpochSampler",
+    "PromptDataset",
+    "collate_fn",
+    "item_generator",
+    "list_images",
+    "load_image",
+    "tokenize_prompt",
+    "transform_image",
+]
+
+# Streams of one item's randomness, so the instance and the class image of the same index do not share draws.
+_STREAM_INSTANCE = 0
+_STREAM_CLASS = 1
+
+
+class DataError(ValueError):
+    """Bad training data (missing folder, no images): the launcher maps it to exit 64, bad input."""
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+
+def list_images(folder: Path | str, *, flag: str | None = None) -> list[Path]:
+    """The image files directly in ``folder``, sorted by name.
+
+    Every file is checked by opening it with PIL; files PIL cannot read are skipped with one warning naming
+    them. Raises DataError naming the folder (and ``flag``, the setting that points at it) when the folder is
+    missing or holds no readable image.
+    """
+    folder = Path(folder)
+    where = f" (set by {flag})" if flag else ""
+    if not folder.exists():
+        raise DataError(f"image folder {folder}{where} does not exist: create it and put the training images in it")
+    if not folder.is_dir():
+        raise DataError(f"{folder}{where} is a file, not a folder: point it at the folder that holds the images")
+
+    images: list[Path] = []
+    skipped: list[str] = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            with Image.open(path) as im:
+                # verify() checks the file's structure without decoding all pixels: cheap enough for
+                # hundreds of images, and it catches truncated files before step 10,000 does.
+                im.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            skipped.append(f"{path.name} ({type(exc).__name__})")
+            continue
+        images.append(path)
+    if skipped:
+        logger.warning("skipping %d non-image file(s) in %s: %s", len(skipped), folder, ", ".join(skipped))
+    if not images:
+        raise DataError(
+            f"no images in {folder}{where}"
+            + (f" (unreadable: {', '.join(skipped)})" if skipped else "")
+            + ": add PNG/JPEG/WebP files to it, or point it at the folder that holds them"
+        )
+    return images
+
+
+def load_image(path: Path | str) -> Image.Image:
+    """Open an image upright (EXIF orientation applied) in RGB, as diffusers' dataset does."""
+    with Image.open(path) as im:
+        image = ImageOps.exif_transpose(im)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        # Force the decode now, so the file handle can close.
+        image.load()
+        return image
+
+
+def item_generator(seed: int, epoch: int, index: int, stream: int = 0) -> torch.Generator:
+    """A torch.Generator that depends only on ``(seed, epoch, index, stream)``.
+
+    SeedSequence mixes the four numbers into a well-spread 64-bit seed, so neighbouring indices or epochs do
+    not get correlated streams (seed + index would).
+    """
+    # SeedSequence wants non-negative entries; masking keeps any Python int (a negative --seed included).
+    mask = (1 << 64) - 1
+    entropy = [seed & mask, epoch & mask, index & mask, stream & mask]
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
+    generator = torch.Generator()
+    generator.manual_seed((int(state[0]) << 32 | int(state[1])) & ((1 << 63) - 1))
+    return generator
+
+
+def transform_image(
+    image: Image.Image,
+    size: int,
+    *,
+    center_crop: bool,
+    generator: torch.Generator | None = None,
+    random_flip: bool = False,
+) -> torch.Tensor:
+    """Resize the shorter side to ``size`` (bilinear), crop ``size`` x ``size``, → float CHW in [-1, 1].
+
+    Matches torchvision's Resize(size, BILINEAR) + CenterCrop/RandomCrop + ToTensor + Normalize([0.5],[0.5])
+    on PIL images. The random crop (and flip) draw from ``generator``, which must be given unless
+    ``center_crop`` is set and ``random_flip`` is not.
+    """
+    width, height = image.size
+    # torchvision's rule: the shorter side becomes `size`, the longer one int(size * long / short).
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_w, new_h = int(size * width / height), size
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), resample=Image.Resampling.BILINEAR)
+
+    if center_crop:
+        top = int(round((new_h - size) / 2.0))
+        left = int(round((new_w - size) / 2.0))
+    else:
+        if generator is None:
+            raise ValueError("a random crop needs a generator (pass item_generator(seed, epoch, index))")
+        # Same draws and order as torchvision's RandomCrop.get_params: top, then left.
+        top = int(torch.randint(0, new_h - size + 1, size=(1,), generator=generator).item())
+        left = int(torch.randint(0, new_w - size + 1, size=(1,), generator=generator).item())
+    image = image.crop((left, top, left + size, top + size))
+
+    if random_flip:
+        if generator is None:
+            raise ValueError("a random flip needs a generator (pass item_generator(seed, epoch, index))")
+        if torch.rand(1, generator=generator).item() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+
+    array = np.asarray(image, dtype=np.uint8)
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    # Same operations in the same order as ToTensor + Normalize, so the values are bit-identical to theirs.
+    return tensor.to(torch.float32).div(255).sub(0.5).div(0.5)
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+
+
+def tokenize_prompt(tokenizer: Any, prompt: str, tokenizer_max_length: int | None = None) -> Any:
+    """Tokenize one prompt padded to the max length (the tokenizer's own unless given), as diffusers does."""
+    max_length = tokenizer_max_length if tokenizer_max_length is not None else tokenizer.model_max_length
+    return tokenizer(prompt, truncation=True, padding="max_length", max_length=max_length, return_tensors="pt")
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+
+
+class DreamBoothDataset(Dataset):
+    """Instance images (and, with prior preservation, class images) with their tokenized prompts.
+
+    Length is the number of instance images, or max(instance, class) when class images are used; item ``i``
+    holds instance image ``i % num_instance`` and class image ``i % num_class``. An item is a pure function
+    of ``(seed, epoch, i)``: call ``set_epoch`` before each epoch's iterator is created (DataLoader workers
+    receive a copy of the dataset then), or index with ``(epoch, i)`` tuples (``EpochSampler(with_epoch=True)``)
+    when workers are persistent.
+
+    ``encoder_hidden_states`` / ``class_prompt_encoder_hidden_states``: precomputed text embeddings (diffusers'
+    ``--pre_compute_text_embeddings``) returned in place of the prompt ids, without attention masks.
+    """
+
+    def __init__(
+        self,
+        instance_data_root: Path | str,
+        instance_prompt: str,
+        tokenizer: Any,
+        class_data_root: Path | str | None = None,
+        class_prompt: str | None = None,
+        class_num: int | None = None,
+        size: int = 512,
+        center_crop: bool = False,
+        encoder_hidden_states: torch.Tensor | None = None,
+        class_prompt_encoder_hidden_states: torch.Tensor | None = None,
+        tokenizer_max_length: int | None = None,
+        *,
+        seed: int = 0,
+        random_flip: bool = False,
+    ) -> None:
+        if size <= 0:
+            raise DataError(f"resolution must be positive, not {size}")
+        self.size = size
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.seed = seed
+        self.epoch = 0
+        self.tokenizer = tokenizer
+        self.tokenizer_max_length = tokenizer_max_length
+        self.encoder_hidden_states = encoder_hidden_states
+        self.class_prompt_encoder_hidden_states = class_prompt_encoder_hidden_states
+
+        self.instance_data_root = Path(instance_data_root)
+        self.instance_images_path = list_images(self.instance_data_root, flag="instance_data_dir")
+        self.num_instance_images = len(self.instance_images_path)
+        self.instance_prompt = instance_prompt
+        self._length = self.num_instance_images
+
+        self.class_data_root: Path | None = None
+        self.class_images_path: list[Path] = []
+        self.num_class_images = 0
+        self.class_prompt = class_prompt
+        if class_data_root is not None:
+            self.class_data_root = Path(class_data_root)
+            self.class_images_path = list_images(self.class_data_root, flag="class_data_dir")
+            if class_num is not None:
+                if class_num <= 0:
+                    raise DataError(f"class_num must be positive, not {class_num}")
+                self.class_images_path = self.class_images_path[:class_num]
+            self.num_class_images = len(self.class_images_path)
+            self._length = max(self.num_class_images, self.num_instance_images)
+
+        # The prompts never change between items: tokenize once instead of once per item.
+        self._instance_text = self._tokenize(instance_prompt, encoder_hidden_states, "instance_prompt")
+        self._class_text = (
+            self._tokenize(class_prompt, class_prompt_encoder_hidden_states, "class_prompt")
+            if self.class_data_root is not None
+            else None
+        )
+
+    def _tokenize(
+        self, prompt: str | None, hidden_states: torch.Tensor | None, name: str
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if hidden_states is not None:
+            return hidden_states, None
+        if prompt is None:
+            raise DataError(f"{name} is required (no precomputed text embeddings were given)")
+        if self.tokenizer is None:
+            raise DataError(f"a tokenizer is required to tokenize {name}")
+        inputs = tokenize_prompt(self.tokenizer, prompt, self.tokenizer_max_length)
+        return inputs.input_ids, inputs.attention_mask
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _image(self, path: Path, epoch: int, index: int, stream: int) -> torch.Tensor:
+        needs_rng = not self.center_crop or self.random_flip
+        generator = item_generator(self.seed, epoch, index, stream) if needs_rng else None
+        return transform_image(
+            load_image(path),
+            self.size,
+            center_crop=self.center_crop,
+            generator=generator,
+            random_flip=self.random_flip,
+        )
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        if isinstance(index, tuple):
+            epoch, index = index
+        else:
+            epoch = self.epoch
+        if not 0 <= index < self._length:
+            raise IndexError(f"index {index} out of range for a dataset of {self._length}")
+
+        example: dict[str, Any] = {}
+        instance_path = self.instance_images_path[index % self.num_instance_images]
+        example["instance_images"] = self._image(instance_path, epoch, index, _STREAM_INSTANCE)
+        ids, mask = self._instance_text
+        example["instance_prompt_ids"] = ids
+        if mask is not None:
+            example["instance_attention_mask"] = mask
+
+        if self.class_data_root is not None and self._class_text is not None:
+            class_path = self.class_images_path[index % self.num_class_images]
+            example["class_images"] = self._image(class_path, epoch, index, _STREAM_CLASS)
+            ids, mask = self._class_text
+            example["class_prompt_ids"] = ids
+            if mask is not None:
+                example["class_attention_mask"] = mask
+        return example
+
+
+def collate_fn(examples: Sequence[dict[str, Any]], with_prior_preservation: bool = False) -> dict[str, torch.Tensor]:
+    """Batch items: instance rows first, then (with prior preservation) the class rows, in one tensor each.
+
+    One forward pass then serves both losses; the trainer splits the batch in halves.
+    """
+    has_attention_mask = "instance_attention_mask" in examples[0]
+    input_ids = [ex["instance_prompt_ids"] for ex in examples]
+    pixel_values = [ex["instance_images"] for ex in examples]
+    attention_mask = [ex["instance_attention_mask"] for ex in examples] if has_attention_mask else []
+    if with_prior_preservation:
+        input_ids += [ex["class_prompt_ids"] for ex in examples]
+        pixel_values += [ex["class_images"] for ex in examples]
+        if has_attention_mask:
+            attention_mask += [ex["class_attention_mask"] for ex in examples]
+
+    batch = {
+        "input_ids": torch.cat(input_ids, dim=0),
+        "pixel_values": torch.stack(pixel_values).to(memory_format=torch.contiguous_format).float(),
+    }
+    if has_attention_mask:
+        batch["attention_mask"] = torch.cat(attention_mask, dim=0)
+    return batch
+
+
+class PromptDataset(Dataset):
+    """``num_samples`` copies of one prompt, with their index: feeds class-image generation across ranks."""
+
+    def __init__(self, prompt: str, num_samples: int) -> None:
+        self.prompt = prompt
+        self.num_samples = num_samples
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"prompt": self.prompt, "index": index}
+
+
+# ----------------------------------------------------------------------------------------------- sampler
+
+
+class EpochSampler(Sampler):
+    """This rank's indices for one epoch: a pure function of ``(seed, epoch)``, sharded like DistributedSampler.
+
+    The permutation is ``torch.randperm(dataset_len)`` from a generator seeded with ``seed + epoch`` and the
+    padding/sharding is DistributedSampler's, so the order equals DistributedSampler's for the same arguments
+    (a run can switch between the two without changing its data order).
+
+    ``skip(num_batches)`` starts the current epoch after the first ``num_batches * batch_size`` indices of this
+    rank, for an exact mid-epoch resume that does not load the consumed samples. It holds until ``set_epoch``
+    moves to another epoch: call ``set_epoch`` first, then ``skip``. ``len()`` is what is left of the epoch;
+    ``num_samples`` is a full epoch's count on this rank.
+
+    ``with_epoch=True`` yields ``(epoch, index)`` pairs, which DreamBoothDataset accepts: the epoch then
+    reaches persistent DataLoader workers, whose dataset copy never sees ``set_epoch``.
+    """
+
+    def __init__(
+        self,
+        dataset_len: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        *,
+        drop_last: bool = False,
+        batch_size: int = 1,
+        with_epoch: bool = False,
+    ) -> None:
+        if dataset_len <= 0:
+            raise ValueError(f"dataset_len must be positive, not {dataset_len}")
+        if num_replicas <= 0:
+            raise ValueError(f"num_replicas must be positive, not {num_replicas}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, not {batch_size}")
+        if drop_last and dataset_len < num_replicas:
+            raise ValueError(f"drop_last with {dataset_len} samples on {num_replicas} replicas leaves none")
+        self.dataset_len = dataset_len
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.batch_size = batch_size
+        self.with_epoch = with_epoch
+        self.epoch = 0
+        self._skip_samples = 0
+        if drop_last and dataset_len % num_replicas != 0:
+            self.num_samples = math.ceil((dataset_len - num_replicas) / num_replicas)
+        else:
+            self.num_samples = math.ceil(dataset_len / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._skip_samples = 0
+        self.epoch = epoch
+
+    def skip(self, num_batches: int) -> None:
+        """Start the current epoch after ``num_batches`` batches (of ``batch_size``) of this rank's indices."""
+        batches_per_epoch = math.ceil(self.num_samples / self.batch_size)
+        if not 0 <= num_batches <= batches_per_epoch:
+            raise ValueError(
+                f"cannot skip {num_batches} batches: an epoch has {batches_per_epoch} batches of {self.batch_size} "
+                f"on this rank"
+            )
+        # A skipped last partial batch holds fewer than batch_size samples.
+        self._skip_samples = min(num_batches * self.batch_size, self.num_samples)
+
+    def epoch_indices(self, epoch: int | None = None) -> list[int]:
+        """This rank's full index list for ``epoch`` (default: the current one), ignoring skip."""
+        epoch = self.epoch if epoch is None else epoch
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + epoch)
+            indices = torch.randperm(self.dataset_len, generator=generator).tolist()
+        else:
+            indices = list(range(self.dataset_len))
+        if self.drop_last:
+            indices = indices[: self.total_size]
+        else:
+            padding = self.total_size - len(indices)
+            if padding:
+                # Repeat from the start, as often as needed (more replicas than samples needs several copies).
+                indices += (indices * math.ceil(padding / len(indices)))[:padding]
+        return indices[self.rank : self.total_size : self.num_replicas]
+
+    def __iter__(self) -> Iterator[Any]:
+        indices = self.epoch_indices()[self._skip_samples :]
+        if self.with_epoch:
+            epoch = self.epoch
+            return iter([(epoch, i) for i in indices])
+        return iter(indices)
+
+    def __len__(self) -> int:
+        return self.num_samples - self._skip_samples
