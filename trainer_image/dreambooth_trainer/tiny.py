@@ -101,14 +101,17 @@ def write_tokenizer_files(folder: Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
-def make_tokenizer(work_dir: Path):  # -> transformers.CLIPTokenizer
+def make_tokenizer():  # -> transformers.CLIPTokenizer
+    """A CLIPTokenizer over the tiny vocab, max length 77.
+
+    Built from the vocab in memory rather than ``from_pretrained`` of written files: loading records
+    load-time options (``local_files_only``, ...) into tokenizer_config.json, which would make the saved bytes
+    depend on the environment (HF_HUB_OFFLINE) instead of only on the seed.
+    """
     from transformers import CLIPTokenizer
 
-    vocab_file, merges_file = write_tokenizer_files(work_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(str(work_dir), model_max_length=MAX_LENGTH)
-    if tokenizer.model_max_length != MAX_LENGTH:
-        raise AssertionError(f"tiny tokenizer max length {tokenizer.model_max_length} != {MAX_LENGTH}")
-    return tokenizer
+    vocab, merges = build_vocab()
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], model_max_length=MAX_LENGTH)
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -203,17 +206,16 @@ def make_tiny_model(out_dir: Path, seed: int = 0, prediction_type: str = "epsilo
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="tiny-tokenizer-") as tok_dir:
-        tokenizer = make_tokenizer(Path(tok_dir))
-        components = _build_components(seed, prediction_type, tokenizer)
-        pipe = StableDiffusionPipeline(
-            **components,
-            tokenizer=tokenizer,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer = make_tokenizer()
+    components = _build_components(seed, prediction_type, tokenizer)
+    pipe = StableDiffusionPipeline(
+        **components,
+        tokenizer=tokenizer,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
     # The tokenizer's save may write only tokenizer.json; the files the project itself builds are written
     # last so the folder always holds them (older transformers and other tools read them).
     write_tokenizer_files(out_dir / "tokenizer")
