@@ -1,0 +1,532 @@
+"""One training run: inputs staged, models built, the loop driven, checkpoints and outputs published.
+
+Exactness (see DESIGN.md): data order is a function of (seed, epoch), crops of (seed, epoch, index), noise and
+timesteps of (seed, epoch, micro-step, rank); the weights, optimizer, scheduler and scaler states are restored
+from the checkpoint. So a run stopped at any optimizer step and resumed ends with bit-identical weights on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import secrets
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import ConfigError, _Common, config_hash
+from .data import DreamBoothDataset, EpochSampler, collate_fn
+from .loop import dreambooth_loss, sample_noise, sample_timesteps, step_generator, target_for
+from .model import (
+    add_lora,
+    check_optional_libraries,
+    check_pipeline_dir,
+    enable_memory_savers,
+    load_models,
+    load_trainable_state,
+    optimizer_class,
+    set_trainable,
+    trainable_state,
+)
+from .progress import Progress
+from .storage import Store, local_cache_for, open_store
+
+logger = logging.getLogger(__name__)
+
+
+class Preempted(Exception):
+    """SIGTERM arrived: the emergency checkpoint (if any) is published; the process should exit 75."""
+
+    def __init__(self, step: int, checkpoint_uri: str | None, message: str) -> None:
+        super().__init__(message)
+        self.step = step
+        self.checkpoint_uri = checkpoint_uri
+
+
+@dataclass
+class RunEnv:
+    """What the launcher or the operator tells a run, beyond its config."""
+
+    job_uid: str = ""
+    attempt: int = 0
+    memory_savers: bool = False
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def from_environ(cls) -> RunEnv:
+        return cls(
+            job_uid=os.environ.get("DREAMBOOTH_JOB_UID", ""),
+            attempt=int(os.environ.get("DREAMBOOTH_ATTEMPT", "0") or 0),
+            memory_savers=os.environ.get("DREAMBOOTH_MEMORY_SAVERS", "") == "1",
+        )
+
+
+@dataclass
+class TrainResult:
+    output_uri: str
+    global_step: int
+    final_loss: float | None
+    checkpoints: list[str]
+    validation_images: list[str]
+
+
+def stage_folder(uri: str, what: str) -> Path:
+    """A local folder holding the contents of `uri` (an s3:// prefix is synced into a cache).
+
+    `tiny://epsilon` or `tiny://v_prediction` names the project's tiny test model, made once into a cache.
+    """
+    if uri.startswith("tiny://"):
+        from .tiny import ensure_tiny_model
+
+        return ensure_tiny_model(prediction_type=uri.removeprefix("tiny://") or "epsilon")
+    store = open_store(uri)
+    root = store.local_root()
+    if root is not None:
+        return root
+    local = local_cache_for(uri)
+    store.sync_down("", local)
+    logger.info("%s %s synced to %s", what, uri, local)
+    return local
+
+
+def _check_device_precision(cfg: _Common) -> None:
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("mixed_precision", "fp16 needs a GPU; on CPU use bf16 or no.")
+
+
+def _weight_dtype(accelerator) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+class Trainer:
+    def __init__(self, cfg: _Common, env: RunEnv | None = None) -> None:
+        self.cfg = cfg
+        self.env = env or RunEnv.from_environ()
+        self.hash = config_hash(cfg)
+        # The OOM retry trades speed for memory without touching the config hash (DESIGN: failure policy).
+        self.batch_size = cfg.train_batch_size
+        self.accum = cfg.gradient_accumulation_steps
+        self.grad_ckpt = cfg.gradient_checkpointing
+        if self.env.memory_savers:
+            self.grad_ckpt = True
+            if self.batch_size > 1:
+                self.batch_size //= 2
+                self.accum *= 2
+            logger.warning(
+                "memory savers on after a GPU OOM: gradient checkpointing, micro-batch %d x accumulation %d; "
+                "the data order per optimizer step changes, so this run is no longer bit-exact",
+                self.batch_size,
+                self.accum,
+            )
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from accelerate import Accelerator
+
+        cfg = self.cfg
+        check_optional_libraries(cfg)
+        _check_device_precision(cfg)
+        self.accelerator = acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1)
+        self.rank, self.world = acc.process_index, acc.num_processes
+        if cfg.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+        self.out: Store = open_store(cfg.output_dir)
+        if acc.is_main_process:
+            self.out.check_writable()
+            ckpt.claim_output(self.out, self.env.job_uid)
+        self.scratch = ckpt.scratch_dir(self.out.uri)
+
+        with acc.local_main_process_first():
+            self.model_dir = stage_folder(cfg.pretrained_model_name_or_path, "model")
+            self.instance_dir = stage_folder(cfg.instance_data_dir, "instance images")
+            self.class_dir = stage_folder(cfg.class_data_dir, "class images") if cfg.with_prior_preservation else None
+        check_pipeline_dir(self.model_dir)
+
+        # Resume decision first: a resumed run takes its seed from the checkpoint.
+        self.resumed: ckpt.Loaded | None = None
+        with acc.main_process_first():
+            loaded = ckpt.choose_resume(self.out, cfg.resume_from_checkpoint, self.hash, self.scratch / "resume")
+        steps = self._agree([loaded.step if loaded else -1])
+        if steps[0] >= 0:
+            self.resumed = loaded if loaded and loaded.step == steps[0] else ckpt.verify_and_fetch(
+                self.out, steps[0], self.scratch / "resume"
+            )
+        seed = cfg.seed if cfg.seed is not None else secrets.randbits(31)
+        self.run_seed = self.resumed.state.run_seed if self.resumed else self._agree([seed])[0]
+
+        from accelerate.utils import set_seed
+
+        set_seed(self.run_seed)
+        self.models = m = load_models(cfg, self.model_dir)
+        if cfg.method == "lora":
+            add_lora(m, cfg)
+        self.trained = set_trainable(m, cfg)
+        enable_memory_savers(m, cfg, self.grad_ckpt)
+        wdtype = _weight_dtype(acc)
+        m.vae.to(acc.device, dtype=wdtype)
+        if not cfg.train_text_encoder:
+            m.text_encoder.to(acc.device, dtype=wdtype)
+        if cfg.method == "lora" and wdtype != torch.float32:
+            from diffusers.training_utils import cast_training_params
+
+            m.unet.to(acc.device, dtype=wdtype)
+            cast_training_params(self.trained, dtype=torch.float32)
+
+        self._build_data()
+        params = [p for mod in self.trained for p in mod.parameters() if p.requires_grad]
+        lr = cfg.learning_rate
+        if cfg.scale_lr:
+            lr = lr * self.accum * self.batch_size * self.world
+        self.optimizer = optimizer_class(cfg)(
+            params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon
+        )
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(
+            cfg.lr_scheduler,
+            optimizer=self.optimizer,
+            # accelerate steps a prepared scheduler once per process per optimizer step (as diffusers' scripts do).
+            num_warmup_steps=cfg.lr_warmup_steps * self.world,
+            num_training_steps=self.max_steps * self.world,
+            num_cycles=cfg.lr_num_cycles,
+            power=cfg.lr_power,
+        )
+        prepared = acc.prepare(*self.trained, self.optimizer, self.lr_scheduler)
+        n = len(self.trained)
+        self.trained_wrapped = list(prepared[:n])
+        self.optimizer, self.lr_scheduler = prepared[n], prepared[n + 1]
+        self.state = ckpt.TrainState(
+            run_seed=self.run_seed, world_size=self.world, config_hash=self.hash, method=cfg.method, job_uid=self.env.job_uid
+        )
+        if self.resumed:
+            self._restore(self.resumed)
+        self.publisher = ckpt.Publisher(self.out, self.scratch / "publish", cfg.checkpoints_total_limit)
+        self.progress = Progress(self.max_steps, enabled=acc.is_main_process)
+        self.progress.update(step=self.state.global_step, phase="Running")
+        self.publisher.on_published = lambda info: self.progress.update(last_checkpoint=info)
+
+    def _agree(self, values: list[Any]) -> list[Any]:
+        """Rank 0's values, on every rank."""
+        if self.world == 1:
+            return values
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list(list(values), from_process=0)
+
+    def _build_data(self) -> None:
+        cfg, m = self.cfg, self.models
+        self.prompt_embeds = None
+        enc, class_enc = None, None
+        if cfg.pre_compute_text_embeddings:
+            enc = self._encode_text(cfg.instance_prompt)
+            class_enc = self._encode_text(cfg.class_prompt) if cfg.with_prior_preservation else None
+        self.dataset = DreamBoothDataset(
+            self.instance_dir,
+            cfg.instance_prompt,
+            m.tokenizer,
+            class_data_root=self.class_dir,
+            class_prompt=cfg.class_prompt,
+            class_num=cfg.num_class_images,
+            size=cfg.resolution,
+            center_crop=cfg.center_crop,
+            encoder_hidden_states=enc,
+            class_prompt_encoder_hidden_states=class_enc,
+            tokenizer_max_length=cfg.tokenizer_max_length,
+            seed=self.run_seed,
+        )
+        self.sampler = EpochSampler(
+            len(self.dataset), self.world, self.rank, seed=self.run_seed, batch_size=self.batch_size,
+            with_epoch=cfg.dataloader_num_workers > 0,
+        )  # fmt: skip
+        self.batches_per_epoch = math.ceil(self.sampler.num_samples / self.batch_size)
+        self.updates_per_epoch = math.ceil(self.batches_per_epoch / self.accum)
+        self.max_steps = cfg.max_train_steps or cfg.num_train_epochs * self.updates_per_epoch
+        self.num_epochs = math.ceil(self.max_steps / self.updates_per_epoch)
+        if cfg.pre_compute_text_embeddings:
+            # The text encoder is no longer needed: free it, as diffusers does.
+            m.text_encoder = None  # type: ignore[assignment]
+
+    def _encode_text(self, prompt: str | None) -> torch.Tensor:
+        from .data import tokenize_prompt
+
+        m, cfg = self.models, self.cfg
+        ids = tokenize_prompt(m.tokenizer, prompt or "", cfg.tokenizer_max_length)
+        with torch.no_grad():
+            mask = ids.attention_mask.to(self.accelerator.device) if cfg.text_encoder_use_attention_mask else None
+            return m.text_encoder(ids.input_ids.to(self.accelerator.device), attention_mask=mask)[0].to("cpu")
+
+    def _loader(self, epoch: int, skip_batches: int):
+        self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+        if skip_batches:
+            self.sampler.skip(skip_batches)
+        return torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=self.sampler,
+            collate_fn=lambda ex: collate_fn(ex, self.cfg.with_prior_preservation),
+            num_workers=self.cfg.dataloader_num_workers,
+        )
+
+    # ------------------------------------------------------------------ state
+    def _trained_names(self) -> list[str]:
+        return ["unet", "text_encoder"][: len(self.trained)]
+
+    def snapshot(self) -> ckpt.Snapshot:
+        snap = ckpt.Snapshot(state=ckpt.TrainState(**vars(self.state)))
+        for name, mod in zip(self._trained_names(), self.trained, strict=True):
+            snap.tensors[f"training/{name}.safetensors"] = ckpt.cpu_clone(trainable_state(mod))
+            if self.cfg.method == "full":
+                snap.texts[f"{name}/config.json"] = json.dumps(dict(mod.config), indent=1, default=str)
+        if self.cfg.method == "lora":
+            snap.tensors["pytorch_lora_weights.safetensors"] = self._lora_layers(cpu=True)
+        snap.objects["training/optimizer.pt"] = ckpt.cpu_clone(self.optimizer.state_dict())
+        snap.objects["training/scheduler.pt"] = self.lr_scheduler.state_dict()
+        if self.accelerator.scaler is not None:
+            snap.objects["training/scaler.pt"] = self.accelerator.scaler.state_dict()
+        return snap
+
+    def _lora_layers(self, cpu: bool) -> dict[str, torch.Tensor]:
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        out = StableDiffusionPipeline.pack_weights(
+            convert_state_dict_to_diffusers(get_peft_model_state_dict(self.models.unet)), "unet"
+        )
+        if self.cfg.train_text_encoder:
+            out.update(
+                StableDiffusionPipeline.pack_weights(
+                    convert_state_dict_to_diffusers(get_peft_model_state_dict(self.models.text_encoder)), "text_encoder"
+                )
+            )
+        return {k: (v.detach().to("cpu", copy=True).contiguous() if cpu else v) for k, v in out.items()}
+
+    def _restore(self, loaded: ckpt.Loaded) -> None:
+        from safetensors.torch import load_file
+
+        for name, mod in zip(self._trained_names(), self.trained, strict=True):
+            load_trainable_state(mod, load_file(loaded.folder / f"training/{name}.safetensors"))
+        self.optimizer.load_state_dict(torch.load(loaded.folder / "training/optimizer.pt", weights_only=False))
+        self.lr_scheduler.load_state_dict(torch.load(loaded.folder / "training/scheduler.pt", weights_only=False))
+        scaler = loaded.folder / "training/scaler.pt"
+        if scaler.exists() and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(torch.load(scaler, weights_only=False))
+        old = loaded.state
+        self.state.global_step, self.state.epoch = old.global_step, old.epoch
+        if old.world_size == self.world:
+            self.state.micro_in_epoch = old.micro_in_epoch
+            self.state.samples_in_epoch = old.samples_in_epoch
+        else:
+            # Another world size shards the epoch differently: continue after the samples already seen.
+            per_batch = self.batch_size * self.world
+            self.state.micro_in_epoch = old.samples_in_epoch // per_batch
+            self.state.samples_in_epoch = self.state.micro_in_epoch * per_batch
+            logger.warning(
+                "resuming checkpoint-%d of world size %d at world size %d: the rest of epoch %d is re-sharded "
+                "(%d samples seen), so the run is resumed exactly in weights and optimizer state but not in data order",
+                old.global_step, old.world_size, self.world, old.epoch, old.samples_in_epoch,
+            )  # fmt: skip
+        logger.info("resumed from %s at step %d", self.out.url(f"checkpoint-{loaded.step}"), loaded.step)
+
+    # ------------------------------------------------------------------ loop
+    def _micro_step(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+        cfg, m, acc = self.cfg, self.models, self.accelerator
+        wdtype = _weight_dtype(acc)
+        pixel_values = batch["pixel_values"].to(acc.device, dtype=wdtype)
+        with torch.no_grad():
+            latents = m.vae.encode(pixel_values).latent_dist.sample(generator=gen)
+        latents = latents * m.vae.config.scaling_factor
+        noise = sample_noise(latents, gen, getattr(cfg, "offset_noise", False))
+        timesteps = sample_timesteps(latents.shape[0], m.noise_scheduler.config.num_train_timesteps, gen, latents.device)
+        noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
+        if cfg.pre_compute_text_embeddings:
+            states = batch["input_ids"].to(acc.device)
+        else:
+            mask = batch.get("attention_mask") if cfg.text_encoder_use_attention_mask else None
+            text_encoder = self.trained_wrapped[1] if cfg.train_text_encoder else m.text_encoder
+            states = text_encoder(
+                batch["input_ids"].to(acc.device), attention_mask=None if mask is None else mask.to(acc.device)
+            )[0]
+        unet = self.trained_wrapped[0]
+        model_pred = unet(noisy, timesteps, states, return_dict=False)[0]
+        target = target_for(m.noise_scheduler, latents, noise, timesteps)
+        parts = dreambooth_loss(
+            model_pred,
+            target,
+            timesteps,
+            m.noise_scheduler,
+            with_prior_preservation=cfg.with_prior_preservation,
+            prior_loss_weight=cfg.prior_loss_weight,
+            snr_gamma=cfg.snr_gamma,
+        )
+        return parts.loss
+
+    def _stop_agreed(self) -> bool:
+        flag = 1.0 if self.env.stop.is_set() else 0.0
+        if self.world == 1:
+            return flag > 0
+        t = torch.tensor([flag], device=self.accelerator.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def _checkpoint_due(self, step: int) -> bool:
+        every = self.cfg.checkpointing_steps
+        if every == "auto":
+            every = self._auto_interval()
+        return step % int(every) == 0
+
+    def _auto_interval(self) -> int:
+        """Young/Daly: interval = sqrt(2 x checkpoint cost x MTBF), in steps at the measured speed."""
+        cost = self.publisher.last_cost_seconds or 5.0
+        seconds = math.sqrt(2 * cost * self.cfg.expected_preemption_interval_seconds)
+        rate = self.progress.steps_per_second or 1.0
+        return max(1, round(seconds * rate))
+
+    def save_checkpoint(self, *, background: bool) -> None:
+        """Snapshot on rank 0; the write and upload happen on a background thread unless asked otherwise."""
+        if self.accelerator.is_main_process:
+            t0 = time.monotonic()
+            snap = self.snapshot()
+            self.publisher.submit(snap, background=background)
+            self.progress.record_stall(time.monotonic() - t0)
+
+    def fit(self) -> TrainResult:
+        cfg, acc, st = self.cfg, self.accelerator, self.state
+        for mod in self.trained_wrapped:
+            mod.train()
+        loss_value: float | None = None
+        accum_loss = 0.0
+        t_start = time.monotonic()
+        while st.global_step < self.max_steps:
+            loader = self._loader(st.epoch, st.micro_in_epoch)
+            for batch in loader:
+                micro = st.micro_in_epoch
+                sync = (micro + 1) % self.accum == 0 or micro + 1 == self.batches_per_epoch
+                gen = step_generator(self.run_seed, st.epoch, micro, self.rank, acc.device)
+                with contextlib.ExitStack() as stack:
+                    if not sync:
+                        for mod in self.trained_wrapped:
+                            stack.enter_context(acc.no_sync(mod))
+                    with acc.autocast():
+                        loss = self._micro_step(batch, gen)
+                    acc.backward(loss / self.accum)
+                accum_loss += loss.detach().item() / self.accum
+                st.micro_in_epoch += 1
+                st.samples_in_epoch += self.batch_size * self.world
+                if not sync:
+                    continue
+                if cfg.max_grad_norm is not None:
+                    acc.clip_grad_norm_([p for mod in self.trained for p in mod.parameters() if p.requires_grad], cfg.max_grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                # train_dreambooth.py zeroes grads unless --set_grads_to_none; the LoRA script sets them to None.
+                self.optimizer.zero_grad(set_to_none=getattr(cfg, "set_grads_to_none", True))
+                st.global_step += 1
+                loss_value, accum_loss = accum_loss, 0.0
+                self.progress.update(step=st.global_step, loss=loss_value, lr=self.lr_scheduler.get_last_lr()[0])
+                if st.global_step >= self.max_steps:
+                    break
+                if self._stop_agreed():
+                    self._emergency_stop()
+                if self._checkpoint_due(st.global_step):
+                    self.save_checkpoint(background=True)
+            else:
+                st.epoch += 1
+                st.micro_in_epoch = 0
+                st.samples_in_epoch = 0
+                continue
+            break
+        if st.global_step >= self.max_steps and st.micro_in_epoch >= self.batches_per_epoch:
+            st.epoch, st.micro_in_epoch, st.samples_in_epoch = st.epoch + 1, 0, 0
+        logger.info("training loop done: %d steps in %.1fs", st.global_step, time.monotonic() - t_start)
+        return self.finish(loss_value)
+
+    def _emergency_stop(self) -> None:
+        """SIGTERM on some rank: every rank stopped at this step; publish it now, synchronously."""
+        st = self.state
+        uri = None
+        if self.accelerator.is_main_process:
+            self.publisher.wait()
+            self.save_checkpoint(background=False)
+            uri = self.out.url(f"checkpoint-{st.global_step}")
+        self.accelerator.wait_for_everyone()
+        raise Preempted(st.global_step, uri, f"stopped at step {st.global_step} on SIGTERM; checkpoint {uri}")
+
+    def finish(self, loss_value: float | None) -> TrainResult:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        step = self.state.global_step
+        already = self.resumed is not None and self.resumed.step == step
+        if self._checkpoint_due(step) and not already:
+            self.save_checkpoint(background=True)
+        if acc.is_main_process:
+            self.publisher.wait()
+            self._save_final()
+        acc.wait_for_everyone()
+        self.progress.update(phase="Succeeded")
+        self.progress.close()
+        return TrainResult(self.out.uri, self.state.global_step, loss_value, [], [])
+
+    def _save_final(self) -> None:
+        cfg = self.cfg
+        local = self.out.local_root() or (self.scratch / "final")
+        local.mkdir(parents=True, exist_ok=True)
+        unet = self.accelerator.unwrap_model(self.trained_wrapped[0])
+        if cfg.method == "lora":
+            from diffusers import StableDiffusionPipeline
+
+            layers = self._lora_layers(cpu=True)
+            unet_layers = {k[len("unet.") :]: v for k, v in layers.items() if k.startswith("unet.")}
+            te_layers = {k[len("text_encoder.") :]: v for k, v in layers.items() if k.startswith("text_encoder.")}
+            StableDiffusionPipeline.save_lora_weights(
+                local, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers or None
+            )
+            written = ["pytorch_lora_weights.safetensors"]
+        else:
+            from diffusers import DiffusionPipeline
+
+            kwargs: dict[str, Any] = {"unet": unet}
+            if cfg.train_text_encoder:
+                kwargs["text_encoder"] = self.accelerator.unwrap_model(self.trained_wrapped[1])
+            pipe = DiffusionPipeline.from_pretrained(self.model_dir, revision=cfg.revision, **kwargs)
+            if getattr(cfg, "skip_save_text_encoder", False):
+                pipe.text_encoder = None
+            before = set(p for p in local.rglob("*") if p.is_file())
+            pipe.save_pretrained(local, safe_serialization=True)
+            written = [str(p.relative_to(local)) for p in local.rglob("*") if p.is_file() and p not in before]
+            written = [w for w in written if not w.startswith("checkpoint-")]
+        if self.out.local_root() is None:
+            for rel in written:
+                self.out.upload_file(local / rel, rel)
+        logger.info("model saved to %s", self.out.uri)
+
+
+def install_sigterm(env: RunEnv) -> None:
+    """Ask the loop to stop at the next optimizer step; the loop publishes a checkpoint and exits 75."""
+
+    def handler(signum, frame):  # noqa: ARG001
+        if env.stop.is_set():
+            return
+        logger.warning("SIGTERM: finishing the current step, then an emergency checkpoint")
+        env.stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run_training(cfg: _Common, env: RunEnv | None = None) -> TrainResult:
+    env = env or RunEnv.from_environ()
+    install_sigterm(env)
+    trainer = Trainer(cfg, env)
+    trainer.setup()
+    return trainer.fit()
