@@ -624,6 +624,7 @@ class _S3Context:
         max_concurrency: int,
         retry_deadline_s: float,
         max_attempts: int,
+        max_bandwidth: int | None,
     ) -> None:
         import boto3
         from boto3.s3.transfer import TransferConfig
@@ -643,6 +644,7 @@ class _S3Context:
             multipart_threshold=multipart_threshold,
             multipart_chunksize=multipart_chunksize,
             max_concurrency=max_concurrency,
+            max_bandwidth=max_bandwidth,
             # The CRT client ignores most of this config; keep behaviour the same wherever awscrt is installed.
             preferred_transfer_client="classic",
         )
@@ -654,6 +656,14 @@ class _S3Context:
 
 
 class S3Store(Store):
+    """`s3://bucket/prefix`. Thread-safe: one boto3 client shared by this store and its children.
+
+    Tuning (defaults suit multi-GB checkpoints): files above `multipart_threshold` go up in `multipart_chunksize`
+    parts, `max_concurrency` requests at a time per call; `max_bandwidth` (bytes/s) caps a transfer so that a
+    background checkpoint upload cannot starve data loading on a shared NIC. `retry_deadline_s` (default
+    $DREAMBOOTH_S3_RETRY_DEADLINE_S or 120 s) bounds how long transient failures are retried; `max_attempts` is
+    botocore's own per-request retry budget underneath."""
+
     def __init__(
         self,
         uri: str,
@@ -663,6 +673,7 @@ class S3Store(Store):
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         retry_deadline_s: float | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        max_bandwidth: int | None = None,
         _ctx: _S3Context | None = None,
     ) -> None:
         parsed = parse_uri(uri)
@@ -685,6 +696,7 @@ class S3Store(Store):
                     max_concurrency=max_concurrency,
                     retry_deadline_s=deadline,
                     max_attempts=max_attempts,
+                    max_bandwidth=max_bandwidth,
                 )
             except StorageError:
                 raise
