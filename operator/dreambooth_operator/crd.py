@@ -1,0 +1,248 @@
+"""The DreamBoothJob CRD, generated from the typed models so the manifest, the CLI and the trainer never disagree.
+
+``spec.training`` is the union of FullConfig and LoraConfig (defaults only where both scripts agree);
+the other spec sections come from ``dreambooth_trainer.manifest``, the status from ``status.JobStatus``.
+The schema is structural and uses nothing newer than apiextensions.k8s.io/v1 on Kubernetes 1.20 (no CEL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from dreambooth_trainer.config import FullConfig, LoraConfig
+from dreambooth_trainer.manifest import API_GROUP, API_VERSION, KIND, PLURAL, SHORT_NAME, JobSpec
+
+from .status import JobStatus
+
+CRD_NAME = f"{PLURAL}.{API_GROUP}"
+CRD_FILE = Path(__file__).resolve().parents[2] / "crds" / f"{API_GROUP}_{PLURAL}.yaml"
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Derived from the conditions."},
+    {"name": "Step", "type": "integer", "jsonPath": ".status.step", "description": "Last optimizer step."},
+    {"name": "Max", "type": "integer", "jsonPath": ".status.maxSteps", "description": "Total optimizer steps."},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.loss", "description": "Last training loss."},
+    {"name": "ETA", "type": "string", "jsonPath": ".status.eta", "description": "Estimated time to completion."},
+    {"name": "Last-Checkpoint", "type": "integer", "jsonPath": ".status.lastCheckpoint.step",
+     "description": "Step of the newest durable checkpoint."},
+    {"name": "Preemptions", "type": "integer", "jsonPath": ".status.preemptions",
+     "description": "Attempts ended by preemption."},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]  # fmt: skip
+
+# Kubernetes quantities ("4", "16Gi") are ints or strings.
+_QUANTITY = {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]}
+_DROP = {"title", "additionalProperties", "$defs", "const", "exclusiveMinimum", "exclusiveMaximum", "anyOf", "$ref"}
+
+
+def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    if "$ref" in node:
+        target = defs[node["$ref"].rsplit("/", 1)[-1]]
+        merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+        return _resolve(merged, defs)
+    return node
+
+
+def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """Turn pydantic's JSON Schema into an OpenAPI v3 structural schema the apiserver accepts."""
+    node = _resolve(node, defs)
+    out: dict[str, Any] = {}
+    variants = node.get("anyOf")
+    if variants:
+        non_null = [_resolve(v, defs) for v in variants if v.get("type") != "null"]
+        if len(non_null) < len(variants):
+            out["nullable"] = True
+        types = {v.get("type") for v in non_null}
+        if types == {"integer", "string"}:
+            # int | Literal["auto"]: int-or-string; minimum only constrains numbers, pattern only strings.
+            out.update(copy.deepcopy(_QUANTITY))
+            literals = [v["const"] for v in non_null if "const" in v] + [
+                e for v in non_null for e in v.get("enum", [])
+            ]
+            if literals:
+                out["pattern"] = "^(" + "|".join(literals) + ")$"
+        elif len(non_null) == 1:
+            # Optional[X]: X's schema with the outer description/default.
+            outer = {k: v for k, v in node.items() if k != "anyOf"}
+            return {**out, **_structural({**non_null[0], **outer}, defs)}
+        else:
+            raise ValueError(f"no structural form for anyOf {variants}")
+    for key, value in node.items():
+        if key in _DROP or key == "default" and value is None:
+            continue
+        out[key] = value
+    if "const" in node:
+        out["enum"] = [node["const"]]
+    if "exclusiveMinimum" in node:
+        out["minimum"] = node["exclusiveMinimum"]
+        out["exclusiveMinimum"] = True
+    if "exclusiveMaximum" in node:
+        out["maximum"] = node["exclusiveMaximum"]
+        out["exclusiveMaximum"] = True
+    if out.get("type") == "object":
+        if "properties" in node:
+            out["properties"] = {k: _structural(v, defs) for k, v in node["properties"].items()}
+        extra = node.get("additionalProperties")
+        if isinstance(extra, dict) and extra:
+            out["additionalProperties"] = _structural(extra, defs)
+        elif extra is True or (extra is None and "properties" not in node):
+            out["x-kubernetes-preserve-unknown-fields"] = True
+    if out.get("type") == "array" and "items" in node:
+        out["items"] = _structural(node["items"], defs)
+    return out
+
+
+def _model_schema(model: type[BaseModel]) -> dict[str, Any]:
+    raw = model.model_json_schema(by_alias=True)
+    return _structural(raw, raw.get("$defs", {}))
+
+
+def training_schema() -> dict[str, Any]:
+    """spec.training: every flag of both scripts. A default only where both scripts agree on it."""
+    full = _model_schema(FullConfig)["properties"]
+    lora = _model_schema(LoraConfig)["properties"]
+    props: dict[str, Any] = {}
+    for name in list(full) + [n for n in lora if n not in full]:
+        f, lo = full.get(name), lora.get(name)
+        prop = copy.deepcopy(f or lo)
+        assert prop is not None
+        if f is None or lo is None:
+            only = "full" if lo is None else "lora"
+            prop.pop("default", None)
+            prop["description"] = f"({only} only) {prop.get('description', '')}".strip()
+        elif f.get("default") != lo.get("default"):
+            prop.pop("default", None)
+            prop["description"] = (
+                f"{f.get('description', '')} Default: {f.get('default')!r} (full), {lo.get('default')!r} (lora)."
+            )
+        props[name] = prop
+    # The type allows any int; the trainer's rule (positive, or 'auto') belongs in the schema too.
+    props["checkpointingSteps"]["minimum"] = 1
+    required = sorted(set(FullConfig.model_json_schema(by_alias=True).get("required", []))
+                      & set(LoraConfig.model_json_schema(by_alias=True).get("required", [])))  # fmt: skip
+    return {
+        "type": "object",
+        "description": (
+            "Every trainer setting, and only here: the flags of train_dreambooth.py (method full) or "
+            "train_dreambooth_lora.py (method lora) in camelCase, e.g. maxTrainSteps for --max_train_steps. "
+            "Unknown names are kept so the operator can name them; editing this section of a running job is refused."
+        ),
+        "required": required,
+        "properties": props,
+        # Kept (not pruned) so a typo reaches the operator, which fails the job naming the field: 1.20 has no
+        # server-side field validation and would otherwise drop it silently.
+        "x-kubernetes-preserve-unknown-fields": True,
+    }
+
+
+def spec_schema() -> dict[str, Any]:
+    spec = _model_schema(JobSpec)
+    spec["description"] = "The desired run: what to train (training), where (storage, resources) and how (runPolicy)."
+    props = spec["properties"]
+    props["training"] = training_schema()
+    for section in ("storage", "resources", "podTemplate", "runPolicy"):
+        # default {} so the nested defaults apply when a section is left out.
+        props[section]["default"] = {}
+        props[section]["x-kubernetes-preserve-unknown-fields"] = True
+    for quantities in ("requests", "limits"):
+        field = props["resources"]["properties"][quantities]
+        field.pop("x-kubernetes-preserve-unknown-fields", None)
+        field["additionalProperties"] = copy.deepcopy(_QUANTITY)
+    spec["x-kubernetes-preserve-unknown-fields"] = True
+    return spec
+
+
+def _strip_defaults(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _strip_defaults(v) for k, v in node.items() if k != "default"}
+    if isinstance(node, list):
+        return [_strip_defaults(v) for v in node]
+    return node
+
+
+def status_schema() -> dict[str, Any]:
+    # Only the operator writes status, always whole fields: server-side defaults there would only add noise.
+    schema = _strip_defaults(_model_schema(JobStatus))
+    schema["description"] = "Observed state, written only by the operator."
+    schema["properties"]["conditions"]["items"]["required"] = ["type", "status"]
+    return schema
+
+
+def crd() -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": CRD_NAME,
+            "annotations": {"dreambooth.dev/generated-by": "dreambooth crd (do not edit by hand)"},
+        },
+        "spec": {
+            "group": API_GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": KIND.lower(),
+                "shortNames": [SHORT_NAME],
+                "categories": ["all", "dreambooth"],
+            },
+            "versions": [
+                {
+                    "name": API_VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "A DreamBooth fine-tune of Stable Diffusion (full or LoRA) run as a gang "
+                            "of torchrun pods that survives preemption by resuming from its last checkpoint.",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string", "description": f"{API_GROUP}/{API_VERSION}"},
+                                "kind": {"type": "string", "description": KIND},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema(),
+                                "status": status_schema(),
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def render_crd() -> str:
+    header = "# Generated by `dreambooth crd` from the typed models; do not edit by hand.\n"
+    return header + yaml.safe_dump(crd(), sort_keys=False, width=120, allow_unicode=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`dreambooth crd`: print the CRD, or write it (``--write`` = the file in crds/, or ``-o PATH``)."""
+    parser = argparse.ArgumentParser(prog="dreambooth crd", description="Print the DreamBoothJob CRD (YAML).")
+    parser.add_argument("-o", "--output", help="write to this file instead of stdout")
+    parser.add_argument("--write", action="store_true", help=f"write the repository's {CRD_FILE.name}")
+    args = parser.parse_args(argv)
+    text = render_crd()
+    target = CRD_FILE if args.write else (Path(args.output) if args.output else None)
+    if target is None:
+        sys.stdout.write(text)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        print(f"wrote {target}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

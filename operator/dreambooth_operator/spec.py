@@ -1,0 +1,90 @@
+"""Validation of a DreamBoothJob beyond what the schema can say, with errors that name the manifest field.
+
+The apiserver checks types, enums and minimums. Everything else — the trainer's own cross-field rules, rules
+that only matter inside a pod, and (on 1.20, which has no server-side field validation) unknown fields — is
+checked here, before any pod exists, so a bad manifest fails at once instead of in a pod.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic.alias_generators import to_camel
+
+from dreambooth_trainer.config import ConfigError, _Common
+from dreambooth_trainer.manifest import JobSpec, parse_job
+
+# Where the trainer reads and writes: a relative path would resolve inside a pod's throwaway filesystem.
+_PATH_FIELDS = ("output_dir", "instance_data_dir", "class_data_dir")
+
+
+class SpecError(ValueError):
+    """The manifest cannot run as written. ``field`` is the manifest path, e.g. spec.training.classPrompt."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass(frozen=True)
+class ValidJob:
+    name: str
+    namespace: str
+    uid: str
+    spec: JobSpec
+    config: _Common
+    training_hash: str
+
+
+def training_hash(spec: dict[str, Any]) -> str:
+    """Identity of the accepted spec.training (and method): any edit changes it."""
+    data = {"method": spec.get("method", "full"), "training": spec.get("training") or {}}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _training_field(name: str) -> str:
+    return f"spec.training.{to_camel(name)}"
+
+
+def validate(body: dict[str, Any]) -> ValidJob:
+    """Parse and check a job object (as read from the apiserver), or raise SpecError naming the field."""
+    meta = body.get("metadata") or {}
+    try:
+        job, config = parse_job(body)
+    except ConfigError as exc:
+        field = exc.field if exc.field.startswith("spec") else _training_field(exc.field)
+        if exc.field in ("apiVersion", "kind", "manifest"):
+            field = exc.field
+        raise SpecError(field, str(exc).split(": ", 1)[-1]) from None
+    check_operator_rules(config)
+    return ValidJob(
+        name=str(meta.get("name", "")),
+        namespace=str(meta.get("namespace", "default")),
+        uid=str(meta.get("uid", "")),
+        spec=job.spec,
+        config=config,
+        training_hash=training_hash(body.get("spec") or {}),
+    )
+
+
+def check_operator_rules(config: _Common) -> None:
+    """Rules that hold only for a job run by the operator (dreambooth run accepts what diffusers accepts)."""
+    steps, every = config.max_train_steps, config.checkpointing_steps
+    if isinstance(every, int) and steps is not None and every > steps:
+        raise SpecError(
+            _training_field("checkpointing_steps"),
+            f"{every} is above maxTrainSteps {steps}: no checkpoint would ever be written, so any preemption "
+            f"would lose the whole run; use a value of at most {steps} (e.g. {max(1, steps // 4)}) or 'auto'.",
+        )
+    for name in _PATH_FIELDS:
+        value = getattr(config, name)
+        if value and "://" not in value and not value.startswith("/"):
+            raise SpecError(
+                _training_field(name),
+                f"{value!r} is a relative path, which inside a pod is lost with the pod; use an s3:// URI "
+                "(or an absolute path on a volume mounted through spec.podTemplate).",
+            )
