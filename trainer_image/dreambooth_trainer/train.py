@@ -407,6 +407,8 @@ class Trainer:
             mod.train()
         loss_value: float | None = None
         accum_loss = 0.0
+        # Test-only: slows each optimizer step so tests can signal or kill a run at a chosen step.
+        self._test_step_delay = float(os.environ.get("DREAMBOOTH_TEST_STEP_DELAY_SECONDS", "0") or 0)
         t_start = time.monotonic()
         while st.global_step < self.max_steps:
             loader = self._loader(st.epoch, st.micro_in_epoch)
@@ -434,6 +436,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=getattr(cfg, "set_grads_to_none", True))
                 st.global_step += 1
                 loss_value, accum_loss = accum_loss, 0.0
+                if self._test_step_delay:
+                    time.sleep(self._test_step_delay)
                 self.progress.update(step=st.global_step, loss=loss_value, lr=self.lr_scheduler.get_last_lr()[0])
                 if st.global_step >= self.max_steps:
                     break
