@@ -25,6 +25,8 @@ LABEL_INDEX = f"{API_GROUP}/pod-index"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "dreambooth-operator"
 ANNOTATION_CONFIG_HASH = f"{API_GROUP}/config-hash"
+# The gang size an attempt was created with (spec.resources.nodes may be edited for the next attempt).
+ANNOTATION_GANG_SIZE = f"{API_GROUP}/gang-size"
 
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 KUEUE_GROUP = "kueue.x-k8s.io/pod-group-name"
@@ -317,7 +319,7 @@ def build_pod(
     tpl = job.spec.pod_template
     command, args = _command(job)
     volumes, mounts = _volumes(job)
-    annotations = {ANNOTATION_CONFIG_HASH: config_hash(job.config)}
+    annotations = {ANNOTATION_CONFIG_HASH: config_hash(job.config), ANNOTATION_GANG_SIZE: str(job.spec.resources.nodes)}
     if job.spec.run_policy.queue_name:
         annotations[KUEUE_TOTAL] = str(job.spec.resources.nodes)
         annotations[KUEUE_RETRIABLE] = "false"

@@ -170,7 +170,8 @@ def set_condition(status: JobStatus, type_: str, value: bool, reason: str, messa
 
 def derive_phase(status: JobStatus) -> str:
     """The phase people read: the most decisive true condition wins."""
-    for type_ in (FAILED, SUCCEEDED, SUSPENDED, PREEMPTED, WAITING, RUNNING, CREATED):
+    # Waiting outranks Preempted: after a preemption, "no capacity yet" is the news that matters.
+    for type_ in (FAILED, SUCCEEDED, SUSPENDED, WAITING, PREEMPTED, RUNNING, CREATED):
         if is_true(status, type_):
             return type_
     return PENDING

@@ -1,0 +1,115 @@
+"""`python -m dreambooth_operator` (and `dreambooth operator`): run the operator with settings from env/flags."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+log = logging.getLogger("dreambooth_operator")
+
+
+@dataclass(frozen=True)
+class Settings:
+    namespaces: tuple[str, ...] = ()  # empty = every namespace
+    log_level: str = "INFO"
+    metrics_port: int = 8080
+    workers: int = 8
+    resync_seconds: float = 10.0
+    backoff_base_seconds: int = 10
+    cluster_domain: str = "cluster.local"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
+        namespaces = tuple(n.strip() for n in env.get("DREAMBOOTH_OPERATOR_NAMESPACES", "").split(",") if n.strip())
+        return cls(
+            namespaces=namespaces,
+            log_level=env.get("LOG_LEVEL", "INFO").upper(),
+            metrics_port=int(env.get("METRICS_PORT", "8080")),
+            workers=int(env.get("DREAMBOOTH_OPERATOR_WORKERS", "8")),
+            resync_seconds=float(env.get("DREAMBOOTH_OPERATOR_RESYNC_SECONDS", "10")),
+            backoff_base_seconds=int(env.get("DREAMBOOTH_BACKOFF_BASE_SECONDS", "10")),
+            cluster_domain=env.get("DREAMBOOTH_CLUSTER_DOMAIN", "cluster.local"),
+        )
+
+
+def parse_args(argv: list[str] | None, env: Mapping[str, str] = os.environ) -> Settings:
+    base = Settings.from_env(env)
+    parser = argparse.ArgumentParser(
+        prog="dreambooth operator",
+        description="Run the DreamBoothJob operator. Flags override the environment (DREAMBOOTH_OPERATOR_NAMESPACES, "
+        "LOG_LEVEL, METRICS_PORT, DREAMBOOTH_OPERATOR_WORKERS, DREAMBOOTH_OPERATOR_RESYNC_SECONDS, "
+        "DREAMBOOTH_BACKOFF_BASE_SECONDS, DREAMBOOTH_CLUSTER_DOMAIN).",
+    )
+    parser.add_argument("-n", "--namespace", action="append", dest="namespaces",
+                        help="watch this namespace (repeatable); default: all namespaces")  # fmt: skip
+    parser.add_argument("--metrics-port", type=int, default=base.metrics_port, help="port of /healthz and /metrics")
+    parser.add_argument("--log-level", default=base.log_level)
+    parser.add_argument("--workers", type=int, default=base.workers, help="concurrent reconciles")
+    parser.add_argument("--resync-seconds", type=float, default=base.resync_seconds)
+    args = parser.parse_args(argv)
+    return Settings(
+        namespaces=tuple(args.namespaces) if args.namespaces else base.namespaces,
+        log_level=str(args.log_level).upper(),
+        metrics_port=args.metrics_port,
+        workers=args.workers,
+        resync_seconds=args.resync_seconds,
+        backoff_base_seconds=base.backoff_base_seconds,
+        cluster_domain=base.cluster_domain,
+    )
+
+
+async def serve(settings: Settings) -> None:
+    import kopf
+
+    from . import handlers
+    from .controller import Controller
+    from .kube import Kube
+    from .metrics import Metrics, make_app
+    from .metrics import serve as serve_metrics
+    from .plan import PlanOptions
+    from .reconciler import Reconciler
+    from .resources import BuildOptions
+
+    metrics = Metrics()
+    kube = Kube.from_environment(on_request=lambda verb: metrics.api_requests.labels(verb).inc())
+    opts = PlanOptions(BuildOptions(cluster_domain=settings.cluster_domain), settings.backoff_base_seconds)
+    controller = Controller(Reconciler(kube, opts, metrics=metrics), metrics,
+                            workers=settings.workers, resync_seconds=settings.resync_seconds)  # fmt: skip
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, controller, settings.workers)
+    runner = await serve_metrics(make_app(metrics, controller.heartbeat.check), settings.metrics_port)
+    log.info("watching %s; /healthz and /metrics on :%d",
+             ", ".join(settings.namespaces) or "all namespaces", settings.metrics_port)  # fmt: skip
+    try:
+        await kopf.operator(
+            registry=registry,
+            standalone=True,
+            clusterwide=not settings.namespaces,
+            namespaces=list(settings.namespaces),
+        )
+    finally:
+        await runner.cleanup()
+
+
+def run_operator(argv: list[str] | None = None) -> int:
+    """Entry point of `dreambooth operator` and `python -m dreambooth_operator`."""
+    settings = parse_args(argv)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kopf logs every event at DEBUG/INFO; keep its chatter a level below ours.
+    logging.getLogger("kopf").setLevel(max(logging.getLevelName(settings.log_level), logging.INFO))
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(settings))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_operator(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_operator())

@@ -1,0 +1,452 @@
+"""One reconcile step as a pure function: the observed world in, the new status and the actions out.
+
+The world is what the apiserver says now (the job, its pods, node readiness) plus rank 0's latest progress.
+Nothing here remembers anything between calls: every fact that must survive an operator restart lives in the
+job's status, and the status is patched *before* the actions run, so a crash between the two never counts an
+attempt twice or loses one (deterministic names make repeated creates harmless).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from dreambooth_trainer.config import parse_training
+
+from . import policy
+from . import status as S
+from .policy import Counters, Kind, PodView, Timing
+from .resources import (
+    ANNOTATION_GANG_SIZE,
+    LABEL_ATTEMPT,
+    LABEL_INDEX,
+    BuildOptions,
+    build_configmap,
+    build_gang,
+    build_service,
+    logs_uri,
+    names_for,
+)
+from .spec import SpecError, ValidJob, training_hash, validate
+
+# A pod still there this long after its deletion deadline, on a node that is not Ready, has no kubelet left
+# to confirm its end: it is force-deleted so the next attempt can start.
+FORCE_DELETE_AFTER_SECONDS = 30
+# Failures that count against backoffLimit (and so wait out a backoff before the next attempt).
+COUNTED_REASONS = frozenset({S.R_CRASH, S.R_HOST_OOM, S.R_EVICTED, S.R_HUNG, S.R_SCHEDULING_TIMEOUT})
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class World:
+    job: dict[str, Any]
+    pods: list[dict[str, Any]]
+    now: datetime
+    # Rank 0's /progress document, when it was fetched for this reconcile.
+    progress: dict[str, Any] | None = None
+    # Nodes that are not Ready (or gone: EPOCH), by name, for the pods the driver asked about.
+    node_not_ready_since: dict[str, datetime] = field(default_factory=dict)
+    # The accepted {"method", "training"} (the job's ConfigMap), read only when spec.training was edited.
+    accepted_config: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Action:
+    verb: Literal["create", "delete", "force-delete", "delete-job"]
+    obj: dict[str, Any] | None = None
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    status: S.JobStatus
+    actions: list[Action]
+    events: list[Event]
+    requeue_after: float | None = None
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    build: BuildOptions = field(default_factory=BuildOptions)
+    backoff_base_seconds: int = 10
+
+
+def pod_attempt(pod: dict[str, Any]) -> int:
+    try:
+        return int(((pod.get("metadata") or {}).get("labels") or {}).get(LABEL_ATTEMPT, "0"))
+    except ValueError:
+        return 0
+
+
+def plan(world: World, opts: PlanOptions | None = None) -> Plan:
+    return _Planner(world, opts or PlanOptions()).run()
+
+
+def refuse(world: World, opts: PlanOptions | None, message: str) -> Plan:
+    """The apiserver refused an object built from the spec (no retry can help): the job fails, saying so."""
+    planner = _Planner(world, opts or PlanOptions())
+    planner._fail(S.R_INVALID_SPEC, message)
+    return planner.result()
+
+
+class _Planner:
+    def __init__(self, world: World, opts: PlanOptions) -> None:
+        self.w = world
+        self.opts = opts
+        self.now = world.now
+        self.meta: dict[str, Any] = world.job.get("metadata") or {}
+        self.spec_raw: dict[str, Any] = world.job.get("spec") or {}
+        self.st = S.JobStatus.model_validate(world.job.get("status") or {})
+        self.actions: list[Action] = []
+        self.events: list[Event] = []
+        self.requeue: float | None = None
+        self.summary: str | None = None
+        self.pods = world.pods
+        self.views: list[tuple[int, PodView, dict[str, Any]]] = []
+        for pod in world.pods:
+            view = policy.observe_pod(pod, LABEL_INDEX)
+            if view.node_name in world.node_not_ready_since:
+                view = _with_node(view, world.node_not_ready_since[view.node_name])
+            self.views.append((pod_attempt(pod), view, pod))
+
+    # ----- entry -----
+
+    def run(self) -> Plan:
+        if S.is_finished(self.st):
+            self._finished()
+        else:
+            self._active()
+        return self.result()
+
+    def result(self) -> Plan:
+        st = self.st
+        st.observed_generation = self.meta.get("generation")
+        st.phase = S.derive_phase(st)  # type: ignore[assignment]
+        st.message = self.summary or self._condition_message(st.phase)
+        return Plan(st, self.actions, self.events, self.requeue)
+
+    # ----- small helpers -----
+
+    def _event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
+        self.events.append(Event(type_, reason, message))
+
+    def _cond(self, type_: str, value: bool, reason: str, message: str,
+              event: tuple[Literal["Normal", "Warning"], str] | None = None) -> None:  # fmt: skip
+        """Set a condition; on a transition to True (or to False with ``event``) record an Event."""
+        if S.set_condition(self.st, type_, value, reason, message, self.now) and event is not None:
+            self._event(event[0], event[1] or reason, message)
+
+    def _condition_message(self, phase: str | None) -> str | None:
+        cond = S.get_condition(self.st, phase or "")
+        return cond.message if cond else None
+
+    def _after(self, seconds: float) -> None:
+        seconds = max(1.0, seconds)
+        self.requeue = seconds if self.requeue is None else min(self.requeue, seconds)
+
+    def _stop(self, views: list[PodView], remove_finished: bool) -> None:
+        """Delete pods (SIGTERM, grace period); force-delete those a dead node will never confirm."""
+        for v in views:
+            if v.deleting:
+                if self._stuck(v):
+                    self.actions.append(Action("force-delete", name=v.name))
+            elif v.active or remove_finished:
+                self.actions.append(Action("delete", name=v.name))
+
+    def _stuck(self, v: PodView) -> bool:
+        if v.deletion_deadline is None or v.node_not_ready_since is None:
+            return False
+        return (self.now - v.deletion_deadline).total_seconds() > FORCE_DELETE_AFTER_SECONDS
+
+    def _counters(self) -> Counters:
+        st = self.st
+        return Counters(st.restarts, st.preemptions, st.preemptions_without_progress, st.memory_savers)
+
+    def _set_counters(self, c: Counters) -> None:
+        st = self.st
+        st.restarts, st.preemptions = c.restarts, c.preemptions
+        st.preemptions_without_progress, st.memory_savers = c.preemptions_without_progress, c.memory_savers
+
+    # ----- finished jobs: stragglers and TTL -----
+
+    def _finished(self) -> None:
+        self._stop([v for _, v, _ in self.views if v.active], remove_finished=False)
+        ttl = (self.spec_raw.get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+        done = S.parse_time(self.st.completion_time)
+        if isinstance(ttl, int) and done is not None:
+            left = ttl - (self.now - done).total_seconds()
+            if left <= 0:
+                self.actions.append(Action("delete-job"))
+            else:
+                self._after(left)
+
+    def _fail(self, reason: str, message: str) -> None:
+        st = self.st
+        self._cond(S.RUNNING, False, reason, message)
+        self._cond(S.WAITING, False, reason, message)
+        self._cond(S.FAILED, True, reason, message, event=("Warning", reason))
+        st.completion_time = S.timestamp(self.now)
+        st.eta = None
+        st.eta_seconds = None
+        if st.attempt:
+            st.ended_attempt, st.ended_reason, st.ended_time = st.attempt, reason, S.timestamp(self.now)
+        self._stop([v for _, v, _ in self.views if v.active], remove_finished=False)
+
+    # ----- validation and refused edits -----
+
+    def _validated(self) -> ValidJob:
+        st = self.st
+        current = training_hash(self.spec_raw)
+        body = self.w.job
+        if st.training_hash and st.training_hash != current:
+            accepted = self.w.accepted_config
+            cm = names_for(str(self.meta.get("name", ""))).configmap
+            if not accepted:
+                raise SpecError("spec.training", f"was edited while the job runs, and the accepted settings (ConfigMap "
+                                f"{cm}) are gone; create a new job for the new settings.")  # fmt: skip
+            message = (f"spec.training cannot change while the job runs ({self._edited_fields(accepted)}); it keeps "
+                       "running with the accepted settings. Revert the edit, or create a new job.")  # fmt: skip
+            self._cond(S.SPEC_CHANGE_REFUSED, True, S.R_TRAINING_EDITED, message, event=("Warning", ""))
+            body = {**body, "spec": {**self.spec_raw, "method": accepted["method"], "training": accepted["training"]}}
+        else:
+            self._cond(S.SPEC_CHANGE_REFUSED, False, S.R_TRAINING_RESTORED, "spec.training matches the accepted settings.",
+                       event=("Normal", ""))  # fmt: skip
+        job = validate(body)
+        # Builders refuse what only they can see (env collisions, reserved volumes): fail before any pod exists.
+        build_configmap(job)
+        build_service(job)
+        build_gang(job, 1, opts=self.opts.build)
+        if st.training_hash is None:
+            st.training_hash = current
+        return job
+
+    def _edited_fields(self, accepted: dict[str, Any]) -> str:
+        method = self.spec_raw.get("method", "full")
+        if method != accepted.get("method"):
+            return f"spec.method {accepted.get('method')} -> {method}"
+        try:
+            edited = parse_training(method, self.spec_raw.get("training") or {}).to_training_spec()
+        except ValueError as exc:
+            return f"the edit is also invalid: {exc}"
+        old = accepted.get("training") or {}
+        keys = sorted(k for k in set(old) | set(edited) if old.get(k) != edited.get(k))
+        return "changed: " + ", ".join(f"spec.training.{k}" for k in keys) if keys else "changed formatting only"
+
+    # ----- active jobs -----
+
+    def _active(self) -> None:
+        st = self.st
+        try:
+            job = self._validated()
+        except SpecError as exc:
+            self._fail(S.R_INVALID_SPEC, f"{exc.field}: {exc.message}")
+            return
+        st.output_uri = job.config.output_dir
+        rp = job.spec.run_policy
+        start = S.parse_time(st.start_time)
+        if rp.active_deadline_seconds and start is not None and not rp.suspend:
+            left = rp.active_deadline_seconds - (self.now - start).total_seconds()
+            if left <= 0:
+                self._fail(S.R_DEADLINE, f"the job ran longer than runPolicy.activeDeadlineSeconds "
+                           f"({rp.active_deadline_seconds} s).")  # fmt: skip
+                return
+            self._after(left)
+        attempt = max([st.attempt or 0, *(a for a, _, _ in self.views)])
+        st.attempt = attempt or None
+        current = [v for a, v, _ in self.views if a == attempt]
+        older = [v for a, v, _ in self.views if a < attempt]
+        self._stop(older, remove_finished=True)
+        ended = attempt > 0 and st.ended_attempt == attempt
+        if ended:
+            self._stop(current, remove_finished=True)
+        if attempt == 0 or ended:
+            self._start_next(job, attempt, blocked=any(v.active for v in older + current))
+        else:
+            self._live(job, attempt, current)
+
+    def _start_next(self, job: ValidJob, attempt: int, blocked: bool) -> None:
+        st = self.st
+        rp = job.spec.run_policy
+        if blocked:
+            # No two attempts ever write at once: the next gang waits until every old pod has stopped.
+            return
+        if rp.suspend:
+            ck = st.last_checkpoint.step if st.last_checkpoint else None
+            self._cond(S.RUNNING, False, S.R_SUSPENDED, "suspended")
+            self._cond(S.WAITING, False, S.R_SUSPENDED, "suspended")
+            self._cond(S.SUSPENDED, True, S.R_SUSPENDED,
+                       f"no pods run; the last checkpoint (step {ck if ck is not None else 'none yet'}) is kept. Set "
+                       "spec.runPolicy.suspend to false to resume from it.", event=("Normal", ""))  # fmt: skip
+            return
+        if attempt > 0 and st.ended_reason in COUNTED_REASONS:
+            delay = policy.backoff_seconds(st.restarts, self.opts.backoff_base_seconds)
+            ended_at = S.parse_time(st.ended_time) or self.now
+            left = delay - (self.now - ended_at).total_seconds()
+            if left > 0:
+                self.summary = f"attempt {attempt} failed ({st.ended_reason}); the next attempt starts in {int(left)} s."
+                self._after(left)
+                return
+        resumed = S.is_true(st, S.SUSPENDED)
+        new = attempt + 1
+        st.attempt = new
+        st.logs_uri = logs_uri(job, new)
+        if st.start_time is None or resumed:
+            st.start_time = S.timestamp(self.now)
+        if resumed:
+            self._cond(S.SUSPENDED, False, S.R_RESUMED, "resumed from the last checkpoint.", event=("Normal", ""))
+        n, nproc = job.spec.resources.nodes, max(1, job.spec.resources.gpus_per_node)
+        why = "resume" if resumed else ("first attempt" if attempt == 0 else f"after {st.ended_reason}")
+        self._cond(S.CREATED, True, S.R_GANG_CREATED, f"attempt {new}: {n} pod(s) x {nproc} process(es).")
+        self._cond(S.RUNNING, False, S.R_GANG_CREATED, f"attempt {new} is starting.")
+        self._event("Normal", "AttemptStarted", f"attempt {new} ({why}): creating {n} pod(s) x {nproc} process(es).")
+        self._create_gang(job, new, range(n))
+
+    def _create_gang(self, job: ValidJob, attempt: int, indexes: range | list[int]) -> None:
+        self.actions.append(Action("create", build_configmap(job)))
+        self.actions.append(Action("create", build_service(job)))
+        gang = build_gang(job, attempt, self.st.memory_savers, self.opts.build)
+        self.actions += [Action("create", gang[i]) for i in indexes]
+
+    def _live(self, job: ValidJob, attempt: int, views: list[PodView]) -> None:
+        st = self.st
+        rp = job.spec.run_policy
+        expected = self._gang_size(attempt, job.spec.resources.nodes)
+        present = {v.index for v in views}
+        missing = [i for i in range(expected) if i not in present]
+        if st.gang_created != attempt:
+            if missing:
+                self._create_gang(job, attempt, missing)
+                return
+            st.gang_created = attempt
+        if rp.suspend:
+            st.ended_attempt, st.ended_reason, st.ended_time = attempt, S.R_SUSPEND_REQUESTED, S.timestamp(self.now)
+            self._cond(S.RUNNING, False, S.R_SUSPEND_REQUESTED, f"attempt {attempt} is being suspended.")
+            self._cond(S.WAITING, False, S.R_SUSPEND_REQUESTED, "suspending")
+            self._cond(S.SUSPENDED, True, S.R_SUSPEND_REQUESTED,
+                       "stopping the pods: each gets SIGTERM and writes an emergency checkpoint before it exits.",
+                       event=("Normal", ""))  # fmt: skip
+            self._stop(views, remove_finished=True)
+            return
+        if self.w.progress is not None:
+            self._merge_progress(self.w.progress)
+        for v in views:
+            if v.termination and v.termination.get("checkpointUri") and isinstance(v.termination.get("step"), int):
+                self._checkpoint(v.termination["step"], str(v.termination["checkpointUri"]), v.finished_at)
+        timing = Timing(rp.scheduling_timeout_seconds, rp.progress_deadline_seconds, S.parse_time(st.last_progress_time))
+        outcome = policy.classify(views, expected, True, self.now, timing)
+        decision = policy.decide(outcome, self._counters(), rp, self.opts.backoff_base_seconds)
+        if decision.action == "wait":
+            self._waiting(attempt, outcome)
+        elif decision.action == "succeed":
+            self._succeeded(views)
+        else:
+            self._set_counters(decision.counters)
+            if decision.action == "fail":
+                self._fail(decision.reason, decision.message)
+            else:
+                self._retry(attempt, outcome, decision, views)
+
+    def _gang_size(self, attempt: int, default: int) -> int:
+        for a, _, pod in self.views:
+            size = ((pod.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_GANG_SIZE)
+            if a == attempt and size and size.isdigit():
+                return int(size)
+        return default
+
+    def _waiting(self, attempt: int, outcome: policy.Outcome) -> None:
+        if outcome.kind == Kind.WAITING:
+            self._cond(S.RUNNING, False, S.R_UNSCHEDULABLE, f"attempt {attempt} is waiting for capacity.")
+            self._cond(S.WAITING, True, S.R_UNSCHEDULABLE, outcome.message, event=("Warning", ""))
+        elif outcome.kind == Kind.STARTING:
+            self._cond(S.WAITING, False, S.R_SCHEDULED, outcome.message)
+            self._cond(S.RUNNING, False, S.R_SCHEDULED, f"attempt {attempt}: {outcome.message}")
+        else:
+            self._cond(S.WAITING, False, S.R_SCHEDULED, "all pods scheduled.")
+            self._cond(S.RUNNING, True, S.R_ALL_PODS_RUNNING, f"attempt {attempt}: {outcome.message}",
+                       event=("Normal", ""))  # fmt: skip
+            if S.is_true(self.st, S.PREEMPTED):
+                self._cond(S.PREEMPTED, False, S.R_RESUMED, f"attempt {attempt} resumed after the preemption.")
+
+    def _succeeded(self, views: list[PodView]) -> None:
+        st = self.st
+        for v in views:
+            if v.termination and isinstance(v.termination.get("step"), int):
+                st.step = max(st.step or 0, v.termination["step"])
+        message = f"training finished at step {st.step if st.step is not None else '?'}; model in {st.output_uri}."
+        self._cond(S.RUNNING, False, S.R_COMPLETED, "finished.")
+        self._cond(S.WAITING, False, S.R_COMPLETED, "finished.")
+        if S.is_true(st, S.PREEMPTED):
+            self._cond(S.PREEMPTED, False, S.R_COMPLETED, "finished.")
+        self._cond(S.SUCCEEDED, True, S.R_COMPLETED, message, event=("Normal", ""))
+        st.completion_time = S.timestamp(self.now)
+        st.eta_seconds, st.eta = 0, "0s"
+
+    def _retry(self, attempt: int, outcome: policy.Outcome, decision: policy.Decision, views: list[PodView]) -> None:
+        st = self.st
+        st.ended_attempt, st.ended_reason, st.ended_time = attempt, outcome.reason, S.timestamp(self.now)
+        self._cond(S.CREATED, False, S.R_ATTEMPT_ENDED, f"attempt {attempt} ended ({outcome.reason}); its pods are being removed.")
+        self._cond(S.RUNNING, False, outcome.reason, f"attempt {attempt} ended: {decision.message}")
+        self._cond(S.WAITING, False, outcome.reason, f"attempt {attempt} ended.")
+        if outcome.kind == Kind.PREEMPTED:
+            self._cond(S.PREEMPTED, True, outcome.reason, decision.message)
+            self._event("Warning", S.R_PREEMPTED, f"attempt {attempt}: {decision.message}")
+        else:
+            self._event("Warning", outcome.reason, f"attempt {attempt}: {decision.message}")
+        # One pod down means the whole gang is: stop the rest now rather than leave NCCL peers hanging.
+        self._stop(views, remove_finished=True)
+
+    # ----- progress -----
+
+    def _merge_progress(self, doc: dict[str, Any]) -> None:
+        st = self.st
+        step = _int(doc.get("step"))
+        phase = doc.get("phase") if isinstance(doc.get("phase"), str) else None
+        if (phase, step) != (st.trainer_phase, st.step) or st.last_progress_time is None:
+            st.last_progress_time = S.timestamp(self.now)
+        st.trainer_phase = phase
+        st.step = step
+        st.max_steps = _int(doc.get("maxSteps"))
+        st.loss = _float(doc.get("loss"))
+        st.steps_per_second = _float(doc.get("stepsPerSecond"))
+        eta = _float(doc.get("etaSeconds"))
+        st.eta_seconds = int(round(eta)) if eta is not None else None
+        st.eta = S.format_duration(eta)
+        ck = doc.get("lastCheckpoint")
+        if isinstance(ck, dict) and _int(ck.get("step")) is not None:
+            self._checkpoint(_int(ck.get("step")) or 0, str(ck.get("uri") or ""), None, ck.get("time"))
+        images = doc.get("validationImages")
+        if isinstance(images, list):
+            st.validation_images = [str(u) for u in images]
+
+    def _checkpoint(self, step: int, uri: str, when: datetime | None, when_text: Any = None) -> None:
+        st = self.st
+        known = st.last_checkpoint.step if st.last_checkpoint and st.last_checkpoint.step is not None else -1
+        if step <= known:
+            return
+        stamp = when_text if isinstance(when_text, str) else S.timestamp(when or self.now)
+        st.last_checkpoint = S.Checkpoint(step=step, uri=uri or None, time=stamp)
+        # A new durable checkpoint is progress: preemptions before it no longer count as a loop.
+        st.preemptions_without_progress = 0
+
+
+def _with_node(view: PodView, since: datetime) -> PodView:
+    return replace(view, node_not_ready_since=since)
+
+
+def _int(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None

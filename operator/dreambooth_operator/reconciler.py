@@ -1,0 +1,210 @@
+"""The impure half of a reconcile: read the world, ask ``plan``, write status first, then act.
+
+Each reconcile reads the job and its pods live, looks at Nodes only for pods that look orphaned, polls rank 0's
+``/progress`` at most every 10 s per job, and then loops plan → patch status (only the changed keys) → Events →
+actions until a plan asks for nothing more (a created gang is re-read so the next plan can confirm it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from . import status as S
+from .kube import KubeApi, event_object, is_status
+from .metrics import Metrics
+from .plan import EPOCH, Plan, PlanOptions, World, plan, pod_attempt, refuse
+from .progress import POLL_INTERVAL_SECONDS, fetch_progress
+from .resources import CONFIG_KEY, LABEL_INDEX, PROGRESS_PORT, names_for
+from .spec import training_hash
+
+log = logging.getLogger(__name__)
+COMPONENT = "dreambooth-operator"
+# Plenty for the longest chain (status → create gang → confirm it); a plan that keeps asking is a bug, not work.
+MAX_ROUNDS = 4
+
+
+@dataclass(frozen=True)
+class Result:
+    phase: str | None
+    requeue_after: float | None
+
+
+class Reconciler:
+    def __init__(
+        self,
+        kube: KubeApi,
+        opts: PlanOptions | None = None,
+        *,
+        clock: Callable[[], datetime] = S.now_utc,
+        fetch: Callable[[str, int], dict[str, Any] | None] = fetch_progress,
+        monotonic: Callable[[], float] = time.monotonic,
+        poll_interval: float = POLL_INTERVAL_SECONDS,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.kube = kube
+        self.opts = opts or PlanOptions()
+        self.clock = clock
+        self.fetch = fetch
+        self.monotonic = monotonic
+        self.poll_interval = poll_interval
+        self.metrics = metrics
+        self._polled: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def forget(self, uid: str) -> None:
+        with self._lock:
+            self._polled.pop(uid, None)
+
+    def reconcile(self, namespace: str, name: str) -> Result | None:
+        """Bring one job one step closer to its spec. None when the job is gone."""
+        job = self.kube.get_job(namespace, name)
+        if job is None or (job.get("metadata") or {}).get("deletionTimestamp"):
+            return None
+        uid = job["metadata"]["uid"]
+        pods = self.kube.list_pods(namespace, uid)
+        accepted = self._accepted_config(job)
+        progress = self._poll_progress(job, pods)
+        refused: str | None = None
+        result = Result(None, None)
+        for _ in range(MAX_ROUNDS):
+            now = self.clock()
+            world = World(job, pods, now, progress, self._nodes(pods, now), accepted)
+            progress = None  # merged into status by the first plan
+            p = plan(world, self.opts) if refused is None else refuse(world, self.opts, refused)
+            refused = None
+            updated = self._write_status(namespace, name, job, p)
+            if updated is None:
+                return None
+            job = updated
+            self._record_events(job, p, now)
+            result = Result(p.status.phase, p.requeue_after)
+            if not p.actions:
+                return result
+            refused = self._execute(namespace, name, uid, p)
+            if any(a.verb == "delete-job" for a in p.actions):
+                self.forget(uid)
+                return None
+            pods = self.kube.list_pods(namespace, uid)
+        log.warning("%s/%s: still acting after %d rounds; continuing on the next reconcile", namespace, name, MAX_ROUNDS)
+        return result
+
+    # ----- reads -----
+
+    def _accepted_config(self, job: dict[str, Any]) -> dict[str, Any] | None:
+        """The config the job was accepted with, read only once spec.training was edited."""
+        accepted_hash = (job.get("status") or {}).get("trainingHash")
+        if not accepted_hash or accepted_hash == training_hash(job.get("spec") or {}):
+            return None
+        meta = job["metadata"]
+        cm = self.kube.get_configmap(meta["namespace"], names_for(meta["name"]).configmap)
+        try:
+            return json.loads(((cm or {}).get("data") or {}).get(CONFIG_KEY, "")) or None
+        except ValueError:
+            return None
+
+    def _poll_progress(self, job: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+        uid = job["metadata"]["uid"]
+        attempt = (job.get("status") or {}).get("attempt") or max((pod_attempt(p) for p in pods), default=0)
+        rank0 = next(
+            (p for p in pods if pod_attempt(p) == attempt
+             and (p["metadata"].get("labels") or {}).get(LABEL_INDEX) == "0"
+             and (p.get("status") or {}).get("phase") == "Running" and (p.get("status") or {}).get("podIP")),
+            None,
+        )  # fmt: skip
+        if rank0 is None:
+            return None
+        with self._lock:
+            last = self._polled.get(uid)
+            if last is not None and self.monotonic() - last < self.poll_interval:
+                return None
+            self._polled[uid] = self.monotonic()
+        doc = self.fetch(rank0["status"]["podIP"], PROGRESS_PORT)
+        if self.metrics is not None:
+            self.metrics.progress_polls.labels("ok" if doc is not None else "unavailable").inc()
+        return doc
+
+    def _nodes(self, pods: list[dict[str, Any]], now: datetime) -> dict[str, datetime]:
+        """Not-Ready-since per node, looked up only for pods that look orphaned (cheap in the common case)."""
+        out: dict[str, datetime] = {}
+        for pod in pods:
+            node = (pod.get("spec") or {}).get("nodeName")
+            if not node or node in out:
+                continue
+            meta, st = pod.get("metadata") or {}, pod.get("status") or {}
+            ready = next((c for c in st.get("conditions") or [] if c.get("type") == "Ready"), None)
+            not_ready = st.get("phase") == "Running" and ready is not None and ready.get("status") != "True"
+            deadline = S.parse_time(meta.get("deletionTimestamp"))
+            overdue = deadline is not None and now > deadline
+            if not (not_ready or overdue):
+                continue
+            since = _node_not_ready_since(self.kube.get_node(node))
+            if since is not None:
+                out[node] = since
+        return out
+
+    # ----- writes -----
+
+    def _write_status(self, namespace: str, name: str, job: dict[str, Any], p: Plan) -> dict[str, Any] | None:
+        old = job.get("status") or {}
+        new = S.dump(p.status)
+        patch = S.status_patch(old, new)
+        if not patch:
+            return job
+        updated = self.kube.patch_job_status(namespace, name, patch)
+        if self.metrics is not None and updated is not None:
+            self.metrics.status_writes.inc()
+            self.metrics.preemptions.inc(max(0, p.status.preemptions - int(old.get("preemptions") or 0)))
+            self.metrics.restarts.inc(max(0, p.status.restarts - int(old.get("restarts") or 0)))
+        return updated
+
+    def _record_events(self, job: dict[str, Any], p: Plan, now: datetime) -> None:
+        ns = job["metadata"]["namespace"]
+        for ev in p.events:
+            log.info("%s/%s %s %s: %s", ns, job["metadata"]["name"], ev.type, ev.reason, ev.message)
+            self.kube.create_event(ns, event_object(job, ev.type, ev.reason, ev.message, now, COMPONENT))
+
+    def _execute(self, namespace: str, name: str, uid: str, p: Plan) -> str | None:
+        """Run the plan's actions; returns the apiserver's refusal of an object we built, if any."""
+        for action in p.actions:
+            if action.verb == "create" and action.obj is not None:
+                try:
+                    self.kube.create(action.obj)
+                except Exception as exc:
+                    # 400/422: the object we built from the spec is invalid (e.g. a bad volume in podTemplate):
+                    # retrying cannot help, so the job fails with the apiserver's own words.
+                    if is_status(exc, 400, 422):
+                        return f"the apiserver refused {action.obj['kind']} {action.obj['metadata']['name']}: " + _reason(exc)
+                    raise
+            elif action.verb == "delete":
+                self.kube.delete_pod(namespace, action.name)
+            elif action.verb == "force-delete":
+                self.kube.delete_pod(namespace, action.name, grace_seconds=0)
+            elif action.verb == "delete-job":
+                self.kube.delete_job(namespace, name, uid)
+        return None
+
+
+def _reason(exc: Exception) -> str:
+    body = getattr(exc, "body", None)
+    try:
+        return str(json.loads(body).get("message")) if body else str(exc)
+    except ValueError:
+        return str(body)
+
+
+def _node_not_ready_since(node: dict[str, Any] | None) -> datetime | None:
+    if node is None:
+        return EPOCH  # a deleted Node: its pods are as good as lost
+    for cond in (node.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Ready":
+            if cond.get("status") == "True":
+                return None
+            return S.parse_time(cond.get("lastTransitionTime")) or EPOCH
+    return EPOCH
