@@ -149,6 +149,7 @@ def test_world_size_2_resume_is_bit_exact(method: str, tmp_path: Path) -> None:
     torchrun_worker(method, training(ref), 2, tmp_path)
     _copy_checkpoint(ref, resumed, 4)  # 5 images on 2 ranks, batch 1: 3 batches an epoch, step 4 mid-epoch
     proc = torchrun_worker(method, training(resumed), 2, tmp_path)
+    assert "training on 2 process(es)" in proc.stderr
     assert "resumed from" in proc.stderr
     assert_identical(weights(ref, method), weights(resumed, method))
 

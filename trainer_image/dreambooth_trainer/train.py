@@ -37,7 +37,7 @@ from .model import (
     set_trainable,
     trainable_state,
 )
-from .progress import Progress
+from .progress import Progress, serve_progress
 from .storage import Store, local_cache_for, open_store
 
 logger = logging.getLogger(__name__)
@@ -135,8 +135,16 @@ class Trainer:
         cfg = self.cfg
         check_optional_libraries(cfg)
         _check_device_precision(cfg)
-        self.accelerator = acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1)
+        # Without cpu=True accelerate ignores torchrun's env on a GPU-less machine and every rank trains alone.
+        self.accelerator = acc = Accelerator(
+            mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1, cpu=not torch.cuda.is_available()
+        )
         self.rank, self.world = acc.process_index, acc.num_processes
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != self.world:
+            raise RuntimeError(f"torchrun started {launched} processes but accelerate sees {self.world}")
+        if acc.is_main_process:
+            logger.info("training on %d process(es), device %s", self.world, acc.device)
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -213,7 +221,13 @@ class Trainer:
         self.publisher = ckpt.Publisher(self.out, self.scratch / "publish", cfg.checkpoints_total_limit)
         self.progress = Progress(self.max_steps, enabled=acc.is_main_process)
         self.progress.update(step=self.state.global_step, phase="Running")
-        self.publisher.on_published = lambda info: self.progress.update(last_checkpoint=info)
+        self.interval = ckpt.CheckpointInterval(cfg.expected_preemption_interval_seconds, self.state.global_step)
+        self.publisher.on_published = self._on_published
+        self.progress_server = serve_progress(self.progress) if acc.is_main_process else None
+
+    def _on_published(self, info: dict[str, Any]) -> None:
+        self.progress.record_publish(info, self.publisher.last_cost_seconds)
+        self.interval.observe_publish(self.publisher.last_cost_seconds)
 
     def _agree(self, values: list[Any]) -> list[Any]:
         """Rank 0's values, on every rank."""
@@ -294,6 +308,9 @@ class Trainer:
         snap.objects["training/scheduler.pt"] = self.lr_scheduler.state_dict()
         if self.accelerator.scaler is not None:
             snap.objects["training/scaler.pt"] = self.accelerator.scaler.state_dict()
+        padding = ckpt.padding_for_tests()  # DREAMBOOTH_TEST_PAD_STATE_MB: benchmarks a bigger state
+        if padding is not None:
+            snap.tensors["training/test-padding.safetensors"] = ckpt.cpu_clone(padding)
         return snap
 
     def _lora_layers(self, cpu: bool) -> dict[str, torch.Tensor]:
@@ -383,15 +400,16 @@ class Trainer:
     def _checkpoint_due(self, step: int) -> bool:
         every = self.cfg.checkpointing_steps
         if every == "auto":
-            every = self._auto_interval()
+            # Counted from the last checkpoint, not `step % every`: the interval moves as costs are measured.
+            due = self.interval.due(step, self.progress.steps_per_second)
+            self.progress.checkpoint_interval_steps = self.interval.current
+            return due
+        self.progress.checkpoint_interval_steps = int(every)
         return step % int(every) == 0
 
-    def _auto_interval(self) -> int:
-        """Young/Daly: interval = sqrt(2 x checkpoint cost x MTBF), in steps at the measured speed."""
-        cost = self.publisher.last_cost_seconds or 5.0
-        seconds = math.sqrt(2 * cost * self.cfg.expected_preemption_interval_seconds)
-        rate = self.progress.steps_per_second or 1.0
-        return max(1, round(seconds * rate))
+    def _auto_interval(self) -> int | None:
+        """Young/Daly interval in steps (checkpoint.CheckpointInterval), None until the speed is measured."""
+        return self.interval.steps(self.progress.steps_per_second)
 
     def save_checkpoint(self, *, background: bool) -> None:
         """Snapshot on rank 0; the write and upload happen on a background thread unless asked otherwise."""
@@ -400,6 +418,8 @@ class Trainer:
             snap = self.snapshot()
             self.publisher.submit(snap, background=background)
             self.progress.record_stall(time.monotonic() - t0)
+            self.interval.observe_stall(time.monotonic() - t0)
+            self.interval.saved(self.state.global_step)
 
     def fit(self) -> TrainResult:
         cfg, acc, st = self.cfg, self.accelerator, self.state
@@ -409,6 +429,16 @@ class Trainer:
         accum_loss = 0.0
         # Test-only: slows each optimizer step so tests can signal or kill a run at a chosen step.
         self._test_step_delay = float(os.environ.get("DREAMBOOTH_TEST_STEP_DELAY_SECONDS", "0") or 0)
+        # Test-only: a simulated GPU OOM at this step (on one rank if DREAMBOOTH_TEST_RAISE_OOM_ON_RANK is set).
+        oom_step = int(os.environ.get("DREAMBOOTH_TEST_RAISE_OOM_AT_STEP", "0") or 0)
+        oom_rank = os.environ.get("DREAMBOOTH_TEST_RAISE_OOM_ON_RANK", "")
+        if oom_rank not in ("", str(self.rank)):
+            oom_step = 0
+        if self._stop_agreed():
+            # SIGTERM during setup: nothing was trained since the checkpoint this run started from.
+            uri = self.out.url(f"checkpoint-{self.resumed.step}") if self.resumed else None
+            self.progress.update(phase="Preempted")
+            raise Preempted(st.global_step, uri, f"SIGTERM before the first step: nothing new to save (step {st.global_step})")
         t_start = time.monotonic()
         while st.global_step < self.max_steps:
             loader = self._loader(st.epoch, st.micro_in_epoch)
@@ -438,6 +468,8 @@ class Trainer:
                 loss_value, accum_loss = accum_loss, 0.0
                 if self._test_step_delay:
                     time.sleep(self._test_step_delay)
+                if st.global_step == oom_step:
+                    raise torch.OutOfMemoryError(f"test hook: simulated CUDA out of memory at step {oom_step}")
                 self.progress.update(step=st.global_step, loss=loss_value, lr=self.lr_scheduler.get_last_lr()[0])
                 if st.global_step >= self.max_steps:
                     break
@@ -457,15 +489,27 @@ class Trainer:
         return self.finish(loss_value)
 
     def _emergency_stop(self) -> None:
-        """SIGTERM on some rank: every rank stopped at this step; publish it now, synchronously."""
+        """SIGTERM on some rank: every rank stopped at this step; publish it now, synchronously.
+
+        The launcher owns the deadline: if this takes too long it kills the process, and since the manifest is
+        written last, a checkpoint cut short simply does not exist.
+        """
         st = self.state
         uri = None
+        t0 = time.monotonic()
+        self.progress.update(phase="Stopping", preemptions=self.progress.preemptions + 1)
         if self.accelerator.is_main_process:
-            self.publisher.wait()
+            try:
+                self.publisher.wait()  # the upload in flight must land first: LATEST only moves forward
+            except Exception as exc:  # noqa: BLE001 - an older checkpoint's failure must not cost the emergency one
+                logger.error("the checkpoint in flight at SIGTERM failed (%s); saving step %d anyway", exc, st.global_step)
             self.save_checkpoint(background=False)
             uri = self.out.url(f"checkpoint-{st.global_step}")
         self.accelerator.wait_for_everyone()
-        raise Preempted(st.global_step, uri, f"stopped at step {st.global_step} on SIGTERM; checkpoint {uri}")
+        self.progress.update(phase="Preempted")
+        seconds = time.monotonic() - t0
+        what = f"checkpoint {uri} published in {seconds:.1f}s" if uri else "rank 0 publishes the checkpoint"
+        raise Preempted(st.global_step, uri, f"stopped at step {st.global_step} on SIGTERM; {what}")
 
     def finish(self, loss_value: float | None) -> TrainResult:
         acc = self.accelerator
