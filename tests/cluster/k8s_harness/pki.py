@@ -43,10 +43,26 @@ class Pki:
 
     def create_ca(self) -> None:
         _openssl(
-            "req", "-x509", "-new", "-nodes", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-keyout", str(self.ca.key), "-out", str(self.ca.cert), "-days", "3650",
-            "-subj", "/CN=dreambooth-test-ca",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "req",
+            "-x509",
+            "-new",
+            "-nodes",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-keyout",
+            str(self.ca.key),
+            "-out",
+            str(self.ca.cert),
+            "-days",
+            "3650",
+            "-subj",
+            "/CN=dreambooth-test-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
             cwd=self.dir,
         )
         # The ServiceAccount token signing key (apiserver signs TokenRequest tokens, the controller-manager's
@@ -60,8 +76,20 @@ class Pki:
         csr = self.dir / f"{name}.csr"
         subj = "".join(f"/O={o}" for o in orgs) + f"/CN={cn}"
         _openssl(
-            "req", "-new", "-nodes", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-keyout", str(pair.key), "-out", str(csr), "-subj", subj, cwd=self.dir,
+            "req",
+            "-new",
+            "-nodes",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-keyout",
+            str(pair.key),
+            "-out",
+            str(csr),
+            "-subj",
+            subj,
+            cwd=self.dir,
         )
         ext = ["basicConstraints=critical,CA:FALSE", "keyUsage=critical,digitalSignature,keyEncipherment"]
         if server_sans:
@@ -71,8 +99,22 @@ class Pki:
             ext.append("extendedKeyUsage=clientAuth")
         extfile = _ext_file(self.dir, name, ext)
         _openssl(
-            "x509", "-req", "-in", str(csr), "-CA", str(self.ca.cert), "-CAkey", str(self.ca.key),
-            "-CAcreateserial", "-out", str(pair.cert), "-days", "365", "-extfile", str(extfile), cwd=self.dir,
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(self.ca.cert),
+            "-CAkey",
+            str(self.ca.key),
+            "-CAcreateserial",
+            "-out",
+            str(pair.cert),
+            "-days",
+            "365",
+            "-extfile",
+            str(extfile),
+            cwd=self.dir,
         )
         csr.unlink()
         extfile.unlink()

@@ -95,6 +95,9 @@ class Kube:
         s = getattr(self._local, "session", None)
         if s is None:
             s = requests.Session()
+            # Never take CA bundles or proxies from the environment (REQUESTS_CA_BUNDLE would even override
+            # `verify`): this client only ever talks to the local test apiserver.
+            s.trust_env = False
             s.verify = self.ca_file
             if self.cert:
                 s.cert = self.cert
@@ -142,8 +145,15 @@ class Kube:
     def patch(self, path: str, body: Any, patch_type: str = "strategic") -> Any:
         return self.request("PATCH", path, body=body, content_type=PATCH_TYPES[patch_type])
 
-    def delete(self, path: str, *, grace_period_seconds: int | None = None, body: dict[str, Any] | None = None,
-               propagation: str | None = None, uid: str | None = None) -> Any:
+    def delete(
+        self,
+        path: str,
+        *,
+        grace_period_seconds: int | None = None,
+        body: dict[str, Any] | None = None,
+        propagation: str | None = None,
+        uid: str | None = None,
+    ) -> Any:
         opts: dict[str, Any] = dict(body or {})
         opts.setdefault("kind", "DeleteOptions")
         opts.setdefault("apiVersion", "v1")
@@ -173,8 +183,9 @@ class Kube:
         events' Status as an ApiError too.
         """
         q = dict(params)
-        q.update(watch="1", resourceVersion=resource_version, timeoutSeconds=str(timeout_seconds),
-                 allowWatchBookmarks="true")
+        q.update(
+            watch="1", resourceVersion=resource_version, timeoutSeconds=str(timeout_seconds), allowWatchBookmarks="true"
+        )
         with self._session().get(self.server + path, params=q, stream=True, timeout=(10, timeout_seconds + 15)) as r:
             if r.status_code >= 300:
                 raise ApiError(r.status_code, r.text, "WATCH", path)
@@ -187,8 +198,11 @@ class Kube:
                         st = ev.get("object") or {}
                         raise ApiError(int(st.get("code") or 500), st, "WATCH", path)
                     yield ev
-            except (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError,
-                    requests.exceptions.ConnectionError):
+            except (
+                requests.exceptions.ChunkedEncodingError,
+                urllib3.exceptions.ProtocolError,
+                requests.exceptions.ConnectionError,
+            ):
                 # The server (or a restart of it) cut the stream: the caller resumes from its last RV.
                 return
 

@@ -20,6 +20,7 @@ source that lives under ``/tmp``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -121,6 +122,21 @@ def main() -> None:
     except OSError as e:
         fail(f"container setup failed: {e}")
 
+    # Forward signals from before the fork too: a pod deleted while its shim starts must not lose its SIGTERM.
+    pending: list[int] = []
+    child = -1
+
+    def forward(sig: int, _frame: object) -> None:
+        if child <= 0:
+            pending.append(sig)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, sig)
+
+    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+    for s in forwarded:
+        signal.signal(s, forward)
+
     child = os.fork()
     if child == 0:
         try:
@@ -142,12 +158,9 @@ def main() -> None:
             argv = spec["argv"]
             os.close(pid_fd)
             os.set_inheritable(err_fd, False)
-            for s in range(1, signal.NSIG):
-                try:
-                    if signal.getsignal(s) is signal.SIG_IGN or s in (signal.SIGPIPE, signal.SIGXFSZ):
-                        signal.signal(s, signal.SIG_DFL)
-                except (OSError, ValueError):
-                    pass
+            # Python ignores SIGPIPE/SIGXFSZ and we installed forwarders: the command starts with defaults.
+            for s in (*forwarded, signal.SIGPIPE, signal.SIGXFSZ):
+                signal.signal(s, signal.SIG_DFL)
             os.execvpe(argv[0], argv, spec["env"])
         except OSError as e:
             os.write(err_fd, f"failed to start container process {spec['argv'][:1]}: {e}".encode())
@@ -160,14 +173,8 @@ def main() -> None:
     os.close(pid_fd)
     os.close(err_fd)
 
-    def forward(sig: int, _frame: object) -> None:
-        try:
-            os.kill(child, sig)
-        except ProcessLookupError:
-            pass
-
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(s, forward)
+    for sig in pending:
+        forward(sig, None)
     while True:
         try:
             _, status = os.waitpid(child, 0)

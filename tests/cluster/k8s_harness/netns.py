@@ -1,0 +1,158 @@
+"""The pod network of one test cluster: a Linux bridge on a private /24 and one network namespace per pod.
+
+Every name made here carries the cluster id (``dbk<id>`` bridge, ``dbk<id>-<n>`` namespaces, ``v<id><n>`` veth
+ends), so two clusters on one machine never touch each other's objects, and cleanup of a crashed cluster can
+find exactly what it made. The subnet is picked from 10.213.0.0/16 among /24s no route on the host uses yet.
+Only the addresses created here (the bridge gateway and the pods) are ever targeted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+NETNS_DIR = Path("/var/run/netns")
+SUBNET_POOL = ipaddress.ip_network("10.213.0.0/16")
+
+
+def _ip(*args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(["ip", *args], input=stdin, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)} failed: {r.stderr.strip()} {stdin or ''}")
+    return r
+
+
+def _used_networks() -> list[ipaddress.IPv4Network]:
+    r = _ip("-j", "-4", "route", "show", "table", "all", check=False)
+    nets: list[ipaddress.IPv4Network] = []
+    try:
+        routes = json.loads(r.stdout or "[]")
+    except ValueError:
+        routes = []
+    for route in routes:
+        dst = route.get("dst", "")
+        if dst and dst != "default":
+            try:
+                nets.append(ipaddress.ip_network(dst if "/" in dst else f"{dst}/32", strict=False))
+            except ValueError:
+                continue
+    return nets
+
+
+@dataclass
+class PodNet:
+    netns: str  # name under /var/run/netns
+    ip: str
+    veth: str
+
+    @property
+    def netns_path(self) -> str:
+        return str(NETNS_DIR / self.netns)
+
+
+class PodNetwork:
+    def __init__(self, cluster_id: str, subnet: str | None = None):
+        self.cid = cluster_id
+        self.bridge = f"dbk{cluster_id}"
+        self._lock = threading.Lock()
+        self._counter = 0
+        self._next_host = 2
+        self._in_use: set[str] = set()
+        self.subnet = ipaddress.ip_network(subnet) if subnet else None
+        self.gateway = ""
+
+    # ------------------------------------------------------------------ bridge
+    def setup(self) -> None:
+        if self.subnet is None:
+            used = _used_networks()
+            for cand in SUBNET_POOL.subnets(new_prefix=24):
+                if cand.network_address.packed[2] == 0:
+                    continue  # skip 10.213.0.0/24: too likely to be someone's default choice
+                if not any(cand.overlaps(u) for u in used if u.prefixlen > 0):
+                    self.subnet = cand
+                    break
+            else:
+                raise RuntimeError("no free /24 left in 10.213.0.0/16 for the pod network")
+        assert self.subnet is not None
+        self.gateway = str(self.subnet.network_address + 1)
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{self.gateway}/{self.subnet.prefixlen}", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+
+    # ------------------------------------------------------------------ pods
+    def _allocate_ip(self) -> str:
+        assert self.subnet is not None
+        size = self.subnet.num_addresses
+        # Round-robin over the /24, so a freed address is not handed out again at once (a terminated pod keeps
+        # showing its podIP in status).
+        for _ in range(size):
+            host = self._next_host
+            self._next_host = host + 1 if host + 1 < size - 1 else 2
+            ip = str(self.subnet.network_address + host)
+            if ip not in self._in_use:
+                self._in_use.add(ip)
+                return ip
+        raise RuntimeError(f"pod network {self.subnet} is full")
+
+    def add_pod(self) -> PodNet:
+        with self._lock:
+            self._counter += 1
+            n = self._counter
+            ip = self._allocate_ip()
+        assert self.subnet is not None
+        ns = f"dbk{self.cid}-{n}"
+        veth = f"v{self.cid}{n:x}"
+        try:
+            _ip("netns", "add", ns)
+            _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _ip("link", "set", veth, "master", self.bridge, "up")
+            _ip(
+                "-n",
+                ns,
+                "-batch",
+                "-",
+                stdin=(
+                    "link set lo up\n"
+                    f"addr add {ip}/{self.subnet.prefixlen} dev eth0\n"
+                    "link set eth0 up\n"
+                    f"route add default via {self.gateway}\n"
+                ),
+            )
+        except Exception:
+            self.remove_pod(PodNet(ns, ip, veth))
+            raise
+        return PodNet(ns, ip, veth)
+
+    def remove_pod(self, pn: PodNet) -> None:
+        # Deleting the namespace deletes eth0 and with it the host end of the veth pair.
+        _ip("netns", "del", pn.netns, check=False)
+        _ip("link", "del", pn.veth, check=False)
+        with self._lock:
+            self._in_use.discard(pn.ip)
+
+    # ------------------------------------------------------------------ teardown
+    def teardown(self) -> None:
+        cleanup(self.cid)
+
+
+def cleanup(cluster_id: str) -> None:
+    """Remove every namespace, veth and the bridge of one cluster id (also after a crash)."""
+    prefix = f"dbk{cluster_id}-"
+    if NETNS_DIR.is_dir():
+        for p in NETNS_DIR.iterdir():
+            if p.name.startswith(prefix):
+                _ip("netns", "del", p.name, check=False)
+    r = _ip("-j", "link", "show", check=False)
+    try:
+        links = json.loads(r.stdout or "[]")
+    except ValueError:
+        links = []
+    for link in links:
+        name = link.get("ifname", "")
+        if name.startswith(f"v{cluster_id}"):
+            _ip("link", "del", name, check=False)
+    _ip("link", "del", f"dbk{cluster_id}", check=False)
