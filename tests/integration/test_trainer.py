@@ -159,3 +159,17 @@ def test_output_of_another_config_is_refused(tmp_path: Path) -> None:
     proc = run_dreambooth(["train-lora", *tiny_args(out, steps=2, ckpt=2, extra=["--rank", "8"])], check=False)
     assert proc.returncode == 64
     assert "--output_dir (spec.training.outputDir)" in proc.stderr and "different training config" in proc.stderr
+
+
+def test_runs_under_accelerate_launch(tmp_path: Path) -> None:
+    """An existing `accelerate launch train_dreambooth.py ...` command works with the script swapped."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dreambooth_trainer", "train-lora",
+         *tiny_args(out, steps=3, ckpt=2, batch=1)],
+        capture_output=True, text=True, timeout=300, env=trainer_env(), cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+    assert (out / "checkpoint-2" / "manifest.json").exists()
