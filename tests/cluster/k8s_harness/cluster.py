@@ -783,6 +783,12 @@ class Cluster:
         if r.status_code != 200:
             raise RuntimeError(f"process kubelet {path}: {r.status_code} {r.text}")
 
+    def expose_host_port(self, port: int, target_port: int | None = None) -> str:
+        """Make a server on 127.0.0.1:target_port (default: port) reachable from pods at ``host_ip:port``;
+        returns "host_ip:port"."""
+        self._kubelet_post("/expose", {"port": port, "targetPort": target_port})
+        return f"{self.host_ip}:{port}"
+
     @property
     def host_ip(self) -> str:
         """The pod network's gateway on this machine: what a pod dials to reach a server the test runs
@@ -793,4 +799,7 @@ class Cluster:
 def list_states() -> list[Path]:
     if not STATE_BASE.is_dir():
         return []
-    return sorted((p for p in STATE_BASE.iterdir() if (p / "state.json").exists()), key=lambda p: p.stat().st_mtime)
+    return sorted(
+        (p for p in STATE_BASE.iterdir() if not p.is_symlink() and (p / "state.json").exists()),
+        key=lambda p: p.stat().st_mtime,
+    )

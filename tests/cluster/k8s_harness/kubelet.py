@@ -1217,6 +1217,7 @@ class ProcessKubelet:
         self.events: list[tuple[dict[str, Any], str, str, str]] = []
         self.events_cv = threading.Condition()
         self.control: ThreadingHTTPServer | None = None
+        self.forwards: dict[int, socket.socket] = {}
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> dict[str, Any]:
@@ -1276,6 +1277,9 @@ class ProcessKubelet:
             w.lost = True  # no more API writes
             w._kill_all()
             w._teardown()
+        for srv in self.forwards.values():
+            with contextlib.suppress(OSError):
+                srv.close()
         if self.dns:
             self.dns.stop()
         if self.use_network:
@@ -1605,9 +1609,55 @@ class ProcessKubelet:
             with contextlib.suppress(Exception):
                 self.kube.create(f"/api/v1/namespaces/{md['namespace']}/events", body)
 
+    # ---------------------------------------------------------------- host port forwarding
+    def expose_host_port(self, port: int, target_port: int | None = None) -> None:
+        """Forward <gateway>:port (reachable from every pod) to 127.0.0.1:target_port on this machine, so a
+        server a test runs on loopback (S3, an operator webhook...) is reachable from pods."""
+        target = target_port or port
+        with self.lock:
+            if port in self.forwards:
+                return
+            srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            srv.bind((self.host_ip, port))
+            srv.listen(64)
+            self.forwards[port] = srv
+        threading.Thread(target=self._forward_accept, args=(srv, target), name=f"forward-{port}", daemon=True).start()
+
+    def _forward_accept(self, srv: socket.socket, target: int) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            try:
+                up = socket.create_connection(("127.0.0.1", target), timeout=10)
+                up.settimeout(None)
+            except OSError:
+                conn.close()
+                continue
+            for a, b in ((conn, up), (up, conn)):
+                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+
     def pods_info(self) -> list[dict[str, Any]]:
         with self.lock:
             return [w.info() for w in self.workers.values()]
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                break
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            src.shutdown(socket.SHUT_RD)
 
 
 def _under(p: Path, root: Path) -> bool:
@@ -1675,6 +1725,9 @@ def _control_handler(k: ProcessKubelet) -> type[BaseHTTPRequestHandler]:
                         self._send(404, {"error": f"unknown action {action}"})
                         return
                     self._send(200, {"ok": True})
+                elif parts == ["expose"]:
+                    k.expose_host_port(int(body["port"]), body.get("targetPort"))
+                    self._send(200, {"ok": True, "address": f"{k.host_ip}:{body['port']}"})
                 else:
                     self._send(404, {"error": "not found"})
             except Exception as e:  # noqa: BLE001 - report to the test instead of dropping the connection
