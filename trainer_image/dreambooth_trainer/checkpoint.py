@@ -12,9 +12,11 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -184,7 +186,7 @@ class Publisher:
             self._thread = threading.Thread(target=self._run, args=(snap,), name=f"publish-{snap.name}", daemon=True)
             self._thread.start()
         else:
-            self._publish(snap)
+            self._publish(snap, emergency=True)
 
     def _run(self, snap: Snapshot) -> None:
         try:
@@ -193,7 +195,7 @@ class Publisher:
             logger.error("publishing %s failed: %s", snap.name, exc)
             self._error = exc
 
-    def _publish(self, snap: Snapshot) -> None:
+    def _publish(self, snap: Snapshot, emergency: bool = False) -> None:
         t0 = time.monotonic()
         name = snap.name
         # An older, incomplete or superseded copy of this step must stop counting before new files land.
@@ -205,6 +207,7 @@ class Publisher:
         if self.store.local_root() is None:
             for rel in files:
                 self.store.upload_file(staging / rel, f"{name}/{rel}")
+        _test_hook_before_manifest(emergency)
         manifest = {
             "format": FORMAT,
             "step": snap.state.global_step,
@@ -340,3 +343,111 @@ def claim_output(store: Store, job_uid: str) -> None:
 def scratch_dir(output_uri: str) -> Path:
     base = os.environ.get("DREAMBOOTH_SCRATCH") or os.path.join(tempfile.gettempdir(), "dreambooth-scratch")
     return Path(base) / hashlib.sha256(output_uri.encode()).hexdigest()[:12]
+
+
+class CheckpointInterval:
+    """`checkpointing_steps: auto`: Young/Daly's optimal interval, re-derived as checkpoint costs are measured.
+
+    Daly (2006): with checkpoint cost C and mean time between failures M, the work between checkpoints should be
+    T = sqrt(2CM) * (1 + sqrt(C/2M)/3 + C/18M) - C  (T = M once C >= 2M); for C << M this is Young's sqrt(2CM).
+    C is a checkpoint's full price: the loop's stall (snapshot copy, waiting for the previous upload) plus the
+    background write/upload, because an upload competes for host memory, network and storage even while the
+    loop runs on, and a checkpoint protects nothing until it is durable. T is never shorter than an upload
+    (checkpoints would queue) and is turned into steps at the measured speed.
+    """
+
+    PRIOR_COST_SECONDS = 5.0  # until the first checkpoint is measured
+    SMOOTHING = 0.5  # weight of the newest measurement: costs drift (page cache, network), one outlier should not
+
+    def __init__(self, mtbf_seconds: float, start_step: int = 0) -> None:
+        self.mtbf = mtbf_seconds
+        self.last_step = start_step
+        self.stall: float | None = None
+        self.publish: float | None = None
+        self.current: int | None = None
+
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.SMOOTHING) * old + self.SMOOTHING * new
+
+    def observe_stall(self, seconds: float) -> None:
+        self.stall = self._ema(self.stall, seconds)
+
+    def observe_publish(self, seconds: float | None) -> None:
+        if seconds is not None:
+            self.publish = self._ema(self.publish, seconds)
+
+    @property
+    def cost_seconds(self) -> float:
+        if self.stall is None and self.publish is None:
+            return self.PRIOR_COST_SECONDS
+        return (self.stall or 0.0) + (self.publish or 0.0)
+
+    def seconds(self) -> float:
+        c, m = self.cost_seconds, self.mtbf
+        if c >= 2 * m:
+            return m
+        x = c / (2 * m)
+        t = math.sqrt(2 * c * m) * (1 + math.sqrt(x) / 3 + x / 9) - c
+        return max(t, self.publish or 0.0)
+
+    def steps(self, steps_per_second: float | None) -> int | None:
+        """The interval in steps, or None while the speed is unknown (the first step of a process)."""
+        if not steps_per_second:
+            return None
+        seconds = self.seconds()
+        steps = max(1, round(seconds * steps_per_second))
+        # Speed jitters every step: a log line per 10% change says what moved without flooding the log.
+        if self.current is None or abs(steps - self.current) > 0.1 * self.current:
+            logger.info(
+                "checkpoint interval (auto): every %d steps (~%.0f s at %.3g steps/s; checkpoint cost %.2f s%s, "
+                "expected preemption every %.0f s)",
+                steps, seconds, steps_per_second, self.cost_seconds,
+                "" if self.stall is not None or self.publish is not None else " assumed until measured", self.mtbf,
+            )  # fmt: skip
+        self.current = steps
+        return steps
+
+    def due(self, step: int, steps_per_second: float | None) -> bool:
+        every = self.steps(steps_per_second)
+        return every is not None and step - self.last_step >= every
+
+    def saved(self, step: int) -> None:
+        self.last_step = step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Test-only hooks. They read DREAMBOOTH_TEST_* variables, which nothing in production sets; they let tests and
+# benchmarks/preemption.py put real checkpoints into the states a preemption can meet:
+#   DREAMBOOTH_TEST_SAVE_DELAY_SECONDS=S   every publish sleeps S s between its files and its manifest (a slow upload)
+#   DREAMBOOTH_TEST_SAVE_DELAY_KIND=K      ... only publishes of kind K: "emergency" (on SIGTERM) or "periodic"
+#   DREAMBOOTH_TEST_CRASH_IN_EMERGENCY_SAVE=1  the emergency save SIGKILLs its own process before the manifest
+#   DREAMBOOTH_TEST_PAD_STATE_MB=N         every snapshot carries N MiB more (random bytes): a bigger model's state
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _test_hook_before_manifest(emergency: bool) -> None:
+    kind = "emergency" if emergency else "periodic"
+    delay = float(os.environ.get("DREAMBOOTH_TEST_SAVE_DELAY_SECONDS", "0") or 0)
+    if delay > 0 and os.environ.get("DREAMBOOTH_TEST_SAVE_DELAY_KIND", kind) == kind:
+        logger.warning("test hook: %s checkpoint waits %.1fs before its manifest", kind, delay)
+        time.sleep(delay)
+    if emergency and os.environ.get("DREAMBOOTH_TEST_CRASH_IN_EMERGENCY_SAVE") == "1":
+        logger.warning("test hook: the process dies in the middle of the emergency checkpoint")
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_padding: dict[str, torch.Tensor] | None = None
+
+
+def padding_for_tests() -> dict[str, torch.Tensor] | None:
+    """DREAMBOOTH_TEST_PAD_STATE_MB of random bytes, made once per process, for Trainer.snapshot to add."""
+    global _padding
+    mb = float(os.environ.get("DREAMBOOTH_TEST_PAD_STATE_MB", "0") or 0)
+    if mb <= 0:
+        return None
+    if _padding is None:
+        # Random, not zeros: no layer of the storage stack may get a cheaper job than a real state gives it.
+        gen = torch.Generator().manual_seed(0)
+        _padding = {"padding": torch.randint(0, 256, (int(mb * 2**20),), dtype=torch.uint8, generator=gen)}
+    return _padding
