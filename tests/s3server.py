@@ -25,9 +25,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-# SeaweedFS listens on HTTP port + 10000 for gRPC, so the HTTP ports must stay below 55535.
-_PORT_LOW, _PORT_HIGH = 20000, 45000
-_GRPC_OFFSET = 10000
+_GRPC_OFFSET = 10000  # SeaweedFS listens on HTTP port + 10000 for gRPC
+_PORT_LOW = 10000
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _port_high() -> int:
+    """Keep every port (gRPC twins included) below the ephemeral range: while the server is stopped, a client's
+    repeated connects to its port can pick that very port as their source and connect to themselves (TCP
+    simultaneous open), which then blocks the restart with "address already in use". Seen here, not theoretical."""
+    high = min(_ephemeral_low(), 65536) - _GRPC_OFFSET
+    return high if high - _PORT_LOW >= 1000 else 55535
+
+
 _READY_BUCKET = "seaweed-ready"
 
 
@@ -55,8 +71,9 @@ def _port_free(port: int) -> bool:
 def pick_base_port(count: int = 4) -> int:
     """A base port such that base..base+count-1 and their gRPC twins (+10000) are all free right now."""
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    high = _port_high()
     for _ in range(200):
-        base = rng.randrange(_PORT_LOW, _PORT_HIGH - count)
+        base = rng.randrange(_PORT_LOW, high - count)
         ports = [base + i for i in range(count)]
         if all(_port_free(p) and _port_free(p + _GRPC_OFFSET) for p in ports):
             return base
