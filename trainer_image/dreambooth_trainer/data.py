@@ -29,6 +29,7 @@ from torch.utils.data import Dataset, Sampler
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CachedLatentsDataset",
     "DataError",
     "DreamBoothDataset",
     "EpochSampler",
@@ -69,7 +70,8 @@ def list_images(folder: Path | str, *, flag: str | None = None) -> list[Path]:
 
     images: list[Path] = []
     skipped: list[str] = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+    # Dotfiles (.DS_Store, our class-image manifest) are never training images: pass over them silently.
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         try:
             with Image.open(path) as im:
                 # verify() checks the file's structure without decoding all pixels: cheap enough for
@@ -305,18 +307,21 @@ def collate_fn(examples: Sequence[dict[str, Any]], with_prior_preservation: bool
     One forward pass then serves both losses; the trainer splits the batch in halves.
     """
     has_attention_mask = "instance_attention_mask" in examples[0]
+    # CachedLatentsDataset items carry VAE latent-distribution parameters in place of pixels.
+    kind = "latents" if "instance_latents" in examples[0] else "images"
     input_ids = [ex["instance_prompt_ids"] for ex in examples]
-    pixel_values = [ex["instance_images"] for ex in examples]
+    pixel_values = [ex[f"instance_{kind}"] for ex in examples]
     attention_mask = [ex["instance_attention_mask"] for ex in examples] if has_attention_mask else []
     if with_prior_preservation:
         input_ids += [ex["class_prompt_ids"] for ex in examples]
-        pixel_values += [ex["class_images"] for ex in examples]
+        pixel_values += [ex[f"class_{kind}"] for ex in examples]
         if has_attention_mask:
             attention_mask += [ex["class_attention_mask"] for ex in examples]
 
+    stacked = torch.stack(pixel_values).to(memory_format=torch.contiguous_format).float()
     batch = {
         "input_ids": torch.cat(input_ids, dim=0),
-        "pixel_values": torch.stack(pixel_values).to(memory_format=torch.contiguous_format).float(),
+        "pixel_values" if kind == "images" else "latent_parameters": stacked,
     }
     if has_attention_mask:
         batch["attention_mask"] = torch.cat(attention_mask, dim=0)
@@ -335,6 +340,53 @@ class PromptDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"prompt": self.prompt, "index": index}
+
+
+class CachedLatentsDataset(Dataset):
+    """A center-cropped DreamBoothDataset whose images are VAE-encoded once (``cache_latents``, our extension).
+
+    With center crops (and no flips) an item's pixels depend only on its file, so each distinct instance and
+    class image is encoded once and its latent-distribution parameters (mean and log-variance, what
+    ``vae.encode(x).latent_dist.parameters`` holds) replace the pixels: the trainer still draws the latent
+    sample with the step's generator, so training randomness is unchanged, only the decode and the VAE
+    encoder's forward pass per step are gone. ``encode`` maps a (1, 3, H, W) batch to its parameters.
+    """
+
+    def __init__(self, dataset: DreamBoothDataset, encode: Any) -> None:
+        if not dataset.center_crop or dataset.random_flip:
+            raise DataError("cached latents need center crops and no flips (an item must not vary by epoch)")
+        self.dataset = dataset
+
+        def encode_all(paths: list[Path], stream: int) -> list[torch.Tensor]:
+            return [encode(dataset._image(p, 0, 0, stream).unsqueeze(0))[0].detach().to("cpu") for p in paths]
+
+        self.instance_latents = encode_all(dataset.instance_images_path, _STREAM_INSTANCE)
+        self.class_latents = encode_all(dataset.class_images_path, _STREAM_CLASS)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
+        if isinstance(index, tuple):
+            index = index[1]
+        ds = self.dataset
+        if not 0 <= index < len(ds):
+            raise IndexError(f"index {index} out of range for a dataset of {len(ds)}")
+        example: dict[str, Any] = {"instance_latents": self.instance_latents[index % ds.num_instance_images]}
+        ids, mask = ds._instance_text
+        example["instance_prompt_ids"] = ids
+        if mask is not None:
+            example["instance_attention_mask"] = mask
+        if ds.class_data_root is not None and ds._class_text is not None:
+            example["class_latents"] = self.class_latents[index % ds.num_class_images]
+            ids, mask = ds._class_text
+            example["class_prompt_ids"] = ids
+            if mask is not None:
+                example["class_attention_mask"] = mask
+        return example
 
 
 # ----------------------------------------------------------------------------------------------- sampler

@@ -23,8 +23,10 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .config import ConfigError, _Common, config_hash
-from .data import DreamBoothDataset, EpochSampler, collate_fn
+from . import hub
+from .classimages import ensure_class_images
+from .config import ConfigError, _Common, config_hash, flag_and_field
+from .data import CachedLatentsDataset, DreamBoothDataset, EpochSampler, collate_fn, list_images
 from .loop import dreambooth_loss, sample_noise, sample_timesteps, step_generator, target_for
 from .model import (
     add_lora,
@@ -37,8 +39,10 @@ from .model import (
     set_trainable,
     trainable_state,
 )
+from .modelcard import model_card, write_model_card
 from .progress import Progress, serve_progress
 from .storage import Store, local_cache_for, open_store
+from .validation import Trackers, Validator, trackers_for
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +105,8 @@ def stage_folder(uri: str, what: str) -> Path:
 def _check_device_precision(cfg: _Common) -> None:
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision", "fp16 needs a GPU; on CPU use bf16 or no.")
+    if cfg.with_prior_preservation and cfg.prior_generation_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("prior_generation_precision", "fp16 needs a GPU; on CPU use fp32 (the default there) or bf16.")
 
 
 def _weight_dtype(accelerator) -> torch.dtype:
@@ -135,6 +141,7 @@ class Trainer:
         cfg = self.cfg
         check_optional_libraries(cfg)
         _check_device_precision(cfg)
+        self.tracker_names = trackers_for(cfg)
         # Without cpu=True accelerate ignores torchrun's env on a GPU-less machine and every rank trains alone.
         self.accelerator = acc = Accelerator(
             mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1, cpu=not torch.cuda.is_available()
@@ -155,10 +162,14 @@ class Trainer:
         self.scratch = ckpt.scratch_dir(self.out.uri)
 
         with acc.local_main_process_first():
-            self.model_dir = stage_folder(cfg.pretrained_model_name_or_path, "model")
+            self.model_dir = hub.download_model(cfg) or stage_folder(cfg.pretrained_model_name_or_path, "model")
             self.instance_dir = stage_folder(cfg.instance_data_dir, "instance images")
             self.class_dir = stage_folder(cfg.class_data_dir, "class images") if cfg.with_prior_preservation else None
         check_pipeline_dir(self.model_dir)
+        # A missing or empty instance folder fails now, before any model loads.
+        list_images(self.instance_dir, flag=flag_and_field("instance_data_dir"))
+        # As the scripts do, the Hub repository is made before training: a bad token fails in seconds.
+        self.hub_repo = hub.create_hub_repo(cfg) if cfg.push_to_hub and acc.is_main_process else None
 
         # Resume decision first: a resumed run takes its seed from the checkpoint.
         self.resumed: ckpt.Loaded | None = None
@@ -175,6 +186,8 @@ class Trainer:
         from accelerate.utils import set_seed
 
         set_seed(self.run_seed)
+        if cfg.with_prior_preservation:
+            self._prepare_class_images()
         self.models = m = load_models(cfg, self.model_dir)
         if cfg.method == "lora":
             add_lora(m, cfg)
@@ -224,6 +237,46 @@ class Trainer:
         self.interval = ckpt.CheckpointInterval(cfg.expected_preemption_interval_seconds, self.state.global_step)
         self.publisher.on_published = self._on_published
         self.progress_server = serve_progress(self.progress) if acc.is_main_process else None
+        self._setup_reporting()
+
+    def _prepare_class_images(self) -> None:
+        """Generate the class images prior preservation lacks (every rank its share), before the models load."""
+        cfg = self.cfg
+        store = open_store(cfg.class_data_dir or "")
+        added = ensure_class_images(
+            cfg, accelerator=self.accelerator, model_dir=self.model_dir, class_dir=self.class_dir,
+            class_store=store, seed=self.run_seed, scratch=self.scratch,
+        )  # fmt: skip
+        if added and store.local_root() is None:
+            with self.accelerator.local_main_process_first():
+                self.class_dir = stage_folder(cfg.class_data_dir or "", "class images")
+
+    def _setup_reporting(self) -> None:
+        """Trackers (TensorBoard under <output>/<logging_dir>) and the validator, on rank 0."""
+        cfg, acc = self.cfg, self.accelerator
+        # The local mirror of the output: the output itself, or the folder _save_final uploads from.
+        self.local_out = self.out.local_root() or (self.scratch / "final")
+        logs = Path(cfg.logging_dir) if Path(cfg.logging_dir).is_absolute() else self.local_out / cfg.logging_dir
+        self.trackers = Trackers(
+            self.tracker_names, run_name="dreambooth-lora" if cfg.method == "lora" else "dreambooth", local_dir=logs,
+            config=cfg.model_dump(mode="json"), enabled=acc.is_main_process,
+        )  # fmt: skip
+        self.validator = Validator(
+            cfg, device=acc.device, weight_dtype=_weight_dtype(acc), model_dir=self.model_dir, out=self.out,
+            local_out=self.local_out, trackers=self.trackers, seed=self.run_seed, prompt_embeds=self.validation_embeds,
+        )  # fmt: skip
+
+    def _validate(self, tag: str = "validation") -> None:
+        if not self.accelerator.is_main_process:
+            return
+        m, acc = self.models, self.accelerator
+        run = self.validator.run(
+            self.state.global_step,
+            unet=acc.unwrap_model(self.trained_wrapped[0]),
+            text_encoder=acc.unwrap_model(self.trained_wrapped[1]) if self.cfg.train_text_encoder else m.text_encoder,
+            vae=m.vae, tokenizer=m.tokenizer, noise_scheduler=m.noise_scheduler, tag=tag,
+        )  # fmt: skip
+        self.progress.update(validation_images=run.uris)
 
     def _on_published(self, info: dict[str, Any]) -> None:
         self.progress.record_publish(info, self.publisher.last_cost_seconds)
@@ -240,10 +293,14 @@ class Trainer:
     def _build_data(self) -> None:
         cfg, m = self.cfg, self.models
         self.prompt_embeds = None
+        self.validation_embeds: tuple[torch.Tensor, torch.Tensor] | None = None
         enc, class_enc = None, None
         if cfg.pre_compute_text_embeddings:
             enc = self._encode_text(cfg.instance_prompt)
             class_enc = self._encode_text(cfg.class_prompt) if cfg.with_prior_preservation else None
+            if cfg.validation_prompt:
+                # Validation needs them too once the text encoder is freed (the scripts' negative prompt is "").
+                self.validation_embeds = (self._encode_text(cfg.validation_prompt), self._encode_text(""))
         self.dataset = DreamBoothDataset(
             self.instance_dir,
             cfg.instance_prompt,
@@ -258,6 +315,8 @@ class Trainer:
             tokenizer_max_length=cfg.tokenizer_max_length,
             seed=self.run_seed,
         )
+        if cfg.cache_latents:
+            self.dataset = CachedLatentsDataset(self.dataset, self._encode_latent_parameters)
         self.sampler = EpochSampler(
             len(self.dataset), self.world, self.rank, seed=self.run_seed, batch_size=self.batch_size,
             with_epoch=cfg.dataloader_num_workers > 0,
@@ -269,6 +328,12 @@ class Trainer:
         if cfg.pre_compute_text_embeddings:
             # The text encoder is no longer needed: free it, as diffusers does.
             m.text_encoder = None  # type: ignore[assignment]
+
+    def _encode_latent_parameters(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VAE latent-distribution parameters (mean and log-variance) of a batch of images, for cache_latents."""
+        vae = self.models.vae
+        with torch.no_grad():
+            return vae.encode(pixels.to(self.accelerator.device, dtype=vae.dtype)).latent_dist.parameters.float()
 
     def _encode_text(self, prompt: str | None) -> torch.Tensor:
         from .data import tokenize_prompt
@@ -360,9 +425,16 @@ class Trainer:
     def _micro_step(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
         cfg, m, acc = self.cfg, self.models, self.accelerator
         wdtype = _weight_dtype(acc)
-        pixel_values = batch["pixel_values"].to(acc.device, dtype=wdtype)
-        with torch.no_grad():
-            latents = m.vae.encode(pixel_values).latent_dist.sample(generator=gen)
+        if "latent_parameters" in batch:
+            # cache_latents: the VAE's output was cached; the sample is still drawn from this step's generator.
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+            dist = DiagonalGaussianDistribution(batch["latent_parameters"].to(acc.device, dtype=wdtype))
+            latents = dist.sample(generator=gen)
+        else:
+            pixel_values = batch["pixel_values"].to(acc.device, dtype=wdtype)
+            with torch.no_grad():
+                latents = m.vae.encode(pixel_values).latent_dist.sample(generator=gen)
         latents = latents * m.vae.config.scaling_factor
         noise = sample_noise(latents, gen, getattr(cfg, "offset_noise", False))
         timesteps = sample_timesteps(latents.shape[0], m.noise_scheduler.config.num_train_timesteps, gen, latents.device)
@@ -470,7 +542,11 @@ class Trainer:
                     time.sleep(self._test_step_delay)
                 if st.global_step == oom_step:
                     raise torch.OutOfMemoryError(f"test hook: simulated CUDA out of memory at step {oom_step}")
-                self.progress.update(step=st.global_step, loss=loss_value, lr=self.lr_scheduler.get_last_lr()[0])
+                lr = self.lr_scheduler.get_last_lr()[0]
+                self.progress.update(step=st.global_step, loss=loss_value, lr=lr)
+                self.trackers.log({"loss": loss_value, "lr": lr}, st.global_step)
+                if self.validator.due_after_step(st.global_step):
+                    self._validate()
                 if st.global_step >= self.max_steps:
                     break
                 if self._stop_agreed():
@@ -478,6 +554,8 @@ class Trainer:
                 if self._checkpoint_due(st.global_step):
                     self.save_checkpoint(background=True)
             else:
+                if self.validator.due_after_epoch(st.epoch):
+                    self._validate()
                 st.epoch += 1
                 st.micro_in_epoch = 0
                 st.samples_in_epoch = 0
@@ -522,9 +600,11 @@ class Trainer:
             self.publisher.wait()
             self._save_final()
         acc.wait_for_everyone()
+        self.trackers.finish()
         self.progress.update(phase="Succeeded")
         self.progress.close()
-        return TrainResult(self.out.uri, self.state.global_step, loss_value, [], [])
+        images = [uri for run in self.validator.runs for uri in run.uris]
+        return TrainResult(self.out.uri, self.state.global_step, loss_value, [], images)
 
     def _save_final(self) -> None:
         cfg = self.cfg
@@ -554,10 +634,28 @@ class Trainer:
             pipe.save_pretrained(local, safe_serialization=True)
             written = [str(p.relative_to(local)) for p in local.rglob("*") if p.is_file() and p not in before]
             written = [w for w in written if not w.startswith("checkpoint-")]
+        written.append(self._final_validation_and_card(local))
         if self.out.local_root() is None:
             for rel in written:
                 self.out.upload_file(local / rel, rel)
+            if self.trackers.active and self.trackers.local_dir.is_relative_to(local):
+                self.trackers.flush()
+                self.out.upload_dir(self.trackers.local_dir, str(self.trackers.local_dir.relative_to(local)))
         logger.info("model saved to %s", self.out.uri)
+        if cfg.push_to_hub and self.hub_repo:
+            hub.push_folder(cfg, self.hub_repo, local)
+
+    def _final_validation_and_card(self, local: Path) -> str:
+        """Validate the final weights (as the LoRA script does) and write the model card; returns its name."""
+        step = self.state.global_step
+        if self.validator.due_at_end(step):
+            self._validate(tag="test")
+        last = self.validator.last
+        text = model_card(
+            self.cfg, steps=step, repo_id=self.hub_repo, validation_images=last.files if last else [],
+            validation_step=last.step if last else None,
+        )  # fmt: skip
+        return write_model_card(local, text).name
 
 
 def install_sigterm(env: RunEnv) -> None:

@@ -1,0 +1,196 @@
+"""Prior preservation: generate the class images that ``class_data_dir`` lacks, as diffusers' scripts do.
+
+The scripts count the files in the class folder and, when there are fewer than ``num_class_images``, sample
+the rest with ``class_prompt`` (PromptDataset, ``sample_batch_size``, ``prior_generation_precision``: fp16 on
+GPU, fp32 on CPU by default), sharded across processes. Differences, each for correctness:
+
+* exactly ``num_class_images`` in total: the missing indices are split between ranks with no padding (an
+  accelerate-prepared DataLoader pads the last batches, so diffusers can write more images than asked for);
+* each image is a function of ``(seed, index)`` alone: it has its own generator, so ranks never produce the
+  same image (the scripts seed every rank alike) and a run with another world size writes the same files;
+* only readable images count as present, and the folder may be ``s3://``: images are generated locally and
+  uploaded, with a manifest (``.dreambooth-class-images.json``) recording what was generated and how.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError, _Common
+from .data import DataError, PromptDataset, list_images
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = ".dreambooth-class-images.json"
+
+
+def count_class_images(folder: Path) -> int:
+    """Readable images already in the class folder (a missing or empty folder has none)."""
+    if not folder.is_dir():
+        return 0
+    try:
+        return len(list_images(folder, flag="class_data_dir"))
+    except DataError:
+        return 0
+
+
+def generation_dtype(cfg: _Common, device: torch.device) -> torch.dtype:
+    """The scripts' rule: fp16 on GPU, fp32 elsewhere, unless --prior_generation_precision says otherwise."""
+    choice = cfg.prior_generation_precision
+    if choice == "fp16":
+        if device.type != "cuda":
+            raise ConfigError(
+                "prior_generation_precision", "fp16 needs a GPU; on CPU use fp32 (the default there) or bf16."
+            )
+        return torch.float16
+    if choice == "bf16":
+        return torch.bfloat16
+    if choice == "fp32":
+        return torch.float32
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The generator seed of class image `index`: independent of rank, world size and batch size."""
+    digest = hashlib.sha256(f"class-image:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def shard(missing: int, rank: int, world: int) -> list[int]:
+    """Positions 0..missing-1 this rank generates: round-robin, no padding, so the total is exact."""
+    return list(range(rank, missing, world))
+
+
+def file_name(index: int, image_bytes: bytes) -> str:
+    # diffusers names them "<index>-<sha1 of the pixels>.jpg"; zero-padding keeps the listing in index order.
+    return f"{index:05d}-{hashlib.sha1(image_bytes).hexdigest()}.jpg"
+
+
+def ensure_class_images(
+    cfg: _Common,
+    *,
+    accelerator: Any,
+    model_dir: Path,
+    class_dir: Path,
+    class_store: Any,
+    seed: int,
+    scratch: Path,
+) -> int:
+    """Generate the missing class images (every rank its share); returns how many this run added in total.
+
+    ``class_dir`` is the local view of ``class_data_dir`` (the folder itself, or a synced copy of an s3://
+    prefix); ``class_store`` is the Store of ``class_data_dir``. When this returns, every new image is in
+    the store and, for a local folder, in ``class_dir``; an s3:// folder must be synced again by the caller.
+    """
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    present = count_class_images(class_dir) if accelerator.is_main_process else 0
+    if world > 1:
+        present = broadcast_object_list([present], from_process=0)[0]
+    missing = cfg.num_class_images - present
+    if missing <= 0:
+        return 0
+    mine = shard(missing, rank, world)
+    logger.info(
+        "prior preservation: %d class image(s) in %s, %d missing; this rank generates %d",
+        present, cfg.class_data_dir, missing, len(mine),
+    )  # fmt: skip
+    local_root = class_store.local_root()
+    # A local class folder is written in place; an s3:// one gets files from a scratch folder.
+    write_dir = Path(local_root) if local_root is not None else scratch / "class-images"
+    write_dir.mkdir(parents=True, exist_ok=True)
+    written: list[dict[str, Any]] = []
+    if mine:
+        written = _generate(
+            cfg,
+            accelerator.device,
+            model_dir,
+            write_dir,
+            PromptDataset(cfg.class_prompt or "", missing),
+            mine,
+            present,
+            seed,
+        )
+        if local_root is None:
+            for entry in written:
+                class_store.upload_file(write_dir / entry["file"], entry["file"])
+    everything = gather_object(written) if world > 1 else written
+    if accelerator.is_main_process:
+        _write_manifest(class_store, cfg, seed, sorted(everything, key=lambda e: e["index"]))
+    accelerator.wait_for_everyone()
+    return missing
+
+
+def _generate(
+    cfg: _Common,
+    device: torch.device,
+    model_dir: Path,
+    write_dir: Path,
+    prompts: PromptDataset,
+    positions: list[int],
+    present: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    from diffusers import DiffusionPipeline
+
+    dtype = generation_dtype(cfg, device)
+    t0 = time.monotonic()
+    pipeline = DiffusionPipeline.from_pretrained(
+        model_dir, dtype=dtype, safety_checker=None, revision=cfg.revision, variant=cfg.variant
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.to(device)
+    written: list[dict[str, Any]] = []
+    try:
+        for start in range(0, len(positions), cfg.sample_batch_size):
+            batch = [prompts[p] for p in positions[start : start + cfg.sample_batch_size]]
+            indices = [present + ex["index"] for ex in batch]
+            generators = [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in indices]
+            images = pipeline([ex["prompt"] for ex in batch], generator=generators).images
+            for index, image in zip(indices, images, strict=True):
+                name = file_name(index, image.tobytes())
+                buf = io.BytesIO()
+                image.save(buf, format="JPEG")
+                (write_dir / name).write_bytes(buf.getvalue())
+                written.append({"file": name, "index": index, "seed": image_seed(seed, index)})
+    finally:
+        # Free the sampling pipeline before the training models load.
+        del pipeline
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    logger.info("generated %d class image(s) in %.1fs", len(written), time.monotonic() - t0)
+    return written
+
+
+def _write_manifest(store: Any, cfg: _Common, seed: int, entries: list[dict[str, Any]]) -> None:
+    """Record what was generated (appending to an earlier manifest), so a reused folder says where it came from."""
+    previous: list[dict[str, Any]] = []
+    try:
+        previous = json.loads(store.read_text(MANIFEST)).get("files", [])
+    except Exception:  # noqa: BLE001 - no or unreadable manifest: start a new one
+        previous = []
+    doc = {
+        "classPrompt": cfg.class_prompt,
+        "numClassImages": cfg.num_class_images,
+        "model": cfg.pretrained_model_name_or_path,
+        "revision": cfg.revision,
+        "variant": cfg.variant,
+        "seed": seed,
+        "precision": cfg.prior_generation_precision or "default",
+        "files": previous + entries,
+    }
+    store.write_text(MANIFEST, json.dumps(doc, indent=1))
+
+
+__all__ = ["MANIFEST", "count_class_images", "ensure_class_images", "generation_dtype", "image_seed", "shard"]
