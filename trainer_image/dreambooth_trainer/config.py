@@ -262,6 +262,11 @@ def from_validation_error(exc: ValidationError, model: type[_Common]) -> ConfigE
         if other is not None:
             return ConfigError(name, f"applies only to method '{other.method}' ({other.script}); remove it or change spec.method.")
         return ConfigError(name, f"is not a setting of {model.script}; check the spelling (see `dreambooth {_cmd(model)} --help`).")
+    ctx = err.get("ctx") or {}
+    if kind in ("greater_than_equal", "greater_than"):
+        # Zero or negative counts (steps, epochs, batch sizes): say the bound and the fix, not pydantic's wording.
+        bound = f"greater than or equal to {ctx.get('ge')}" if kind == "greater_than_equal" else f"greater than {ctx.get('gt')}"
+        return ConfigError(name, f"must be {bound}, not {err.get('input')!r}; set a value in range or remove the setting.")
     return ConfigError(name, f"{err['msg']} (got {err.get('input')!r}).")
 
 
