@@ -342,7 +342,7 @@ def test_fake_gang_runs_to_success_with_progress_and_printer_columns(jobs: Jobs,
     st = jobs.wait_phase("ok", "Succeeded", 60)
     assert st["completionTime"] and st["restarts"] == 0 and st["preemptions"] == 0
     assert {"AttemptStarted", "AllPodsRunning", "Completed"} <= set(_reasons(jobs, "ok"))
-    assert "dreambooth_operator_jobs{phase=\"Succeeded\"} 1.0" in jobs.operator.metrics()  # type: ignore[union-attr]
+    assert 'dreambooth_operator_jobs{phase="Succeeded"} 1.0' in jobs.operator.metrics()  # type: ignore[union-attr]
 
 
 def test_bad_input_exit_64_fails_at_once_naming_the_field(jobs: Jobs) -> None:
@@ -467,7 +467,9 @@ def test_job_deletion_removes_pods_service_and_configmap(jobs: Jobs, cluster: Cl
     wait_until(lambda: jobs.get("del") is None, 30, 0.2, "job gone (no finalizer blocks it)")
     wait_until(lambda: jobs.pods("del") == [], 60, 0.5, "pods garbage-collected")
     wait_until(lambda: not cluster.kube_api.exists(f"/api/v1/namespaces/{ns}/services/del"), 60, 0.5, "service gone")
-    wait_until(lambda: not cluster.kube_api.exists(f"/api/v1/namespaces/{ns}/configmaps/del-config"), 60, 0.5, "cm gone")
+    wait_until(
+        lambda: not cluster.kube_api.exists(f"/api/v1/namespaces/{ns}/configmaps/del-config"), 60, 0.5, "cm gone"
+    )
 
 
 def test_node_lost_recovers_on_another_node(jobs: Jobs, cluster: Cluster) -> None:

@@ -294,7 +294,7 @@ class Cluster:
             cmd = [
                 sys.executable,
                 "-m",
-                "k8s_harness.kubelet",
+                "k8s_harness.run_kubelet",
                 "--kubeconfig",
                 str(kubelet_cfg),
                 "--state-dir",

@@ -66,6 +66,11 @@ class NodeConfig:
     pods: int = 110
     labels: dict[str, str] = field(default_factory=dict)
     taints: list[dict[str, Any]] = field(default_factory=list)
+    # Once a node advertised GPUs it keeps the resource (at 0 when taken away): a merge patch cannot drop a key.
+    gpu_resource: bool = False
+
+    def __post_init__(self) -> None:
+        self.gpu_resource = self.gpu_resource or self.gpus > 0
 
     def capacity(self) -> dict[str, str]:
         c = {
@@ -74,7 +79,7 @@ class NodeConfig:
             "ephemeral-storage": self.ephemeral_storage,
             "pods": str(self.pods),
         }
-        if self.gpus:
+        if self.gpu_resource:
             c["nvidia.com/gpu"] = str(self.gpus)
         return c
 
@@ -752,6 +757,14 @@ class PodWorker(threading.Thread):
                     "readOnly": bool(vm.get("readOnly")),
                 }
             )
+        for m in mounts:
+            hidden = [p for p in self.k.protected_paths if _under(p, Path(m["target"]))]
+            if hidden and m["target"] not in ("/tmp", "/root"):
+                raise PodSetupPending(
+                    "CreateContainerConfigError",
+                    f"mountPath {m['target']} would hide {hidden[0]}, which the process kubelet runs pods from "
+                    "(its virtualenv / sys.path); use another mountPath in tests",
+                )
         term_target = spec.get("terminationMessagePath") or "/dev/termination-log"
         c.term_path.write_bytes(b"")
         c.term_path.chmod(0o666)
@@ -785,6 +798,8 @@ class PodWorker(threading.Thread):
             "pidfile": str(c.pid_path),
             "errfile": str(c.err_path),
         }
+        c.pid_path.unlink(missing_ok=True)
+        c.err_path.unlink(missing_ok=True)
         spec_file = self.dir / f"{c.name}.shim.json"
         spec_file.write_text(json.dumps(shim_spec))
         spec_file.chmod(0o600)
@@ -799,6 +814,11 @@ class PodWorker(threading.Thread):
                 close_fds=True,
                 start_new_session=True,
             )
+        # "Running" once the command really started (the shim forked PID 1 and installed its signal forwarding),
+        # so a SIGTERM right after the Running status reaches PID 1 instead of killing a half-started shim.
+        deadline = time.monotonic() + 10
+        while c.pid1() is None and c.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
         c.state = "running"
         c.started_at = now_rfc3339()
         c.term_sent = False
@@ -1210,6 +1230,7 @@ class ProcessKubelet:
         self.venv_bin = str(Path(sys.executable).parent)
         # Never hide the code the pods run: a private /tmp or /root only when neither holds the venv or sys.path.
         keep = [Path(p).resolve() for p in [sys.prefix, sys.base_prefix, self.venv_bin, *sys.path] if p]
+        self.protected_paths = sorted(set(keep))
         self.private_tmp = not any(_under(p, Path("/tmp")) for p in keep)
         self.private_root = not any(_under(p, Path("/root")) for p in keep)
         self.cgroup_root: Path | None = None
@@ -1523,6 +1544,7 @@ class ProcessKubelet:
                 cfg.ephemeral_storage = v
             elif k == "nvidia.com/gpu":
                 cfg.gpus = int(v)
+                cfg.gpu_resource = True
             elif k == "pods":
                 cfg.pods = int(v)
         self._post_node_status(name)
