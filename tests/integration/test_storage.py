@@ -228,7 +228,9 @@ def test_concurrent_writers_share_one_store(store: Store, tmp_path: Path) -> Non
 def _count_gets(store: S3Store) -> list[str]:
     """Keys fetched through this store's client, recorded by a botocore event hook (the real client, no mock)."""
     calls: list[str] = []
-    store.client.meta.events.register("before-parameter-build.s3.GetObject", lambda params, **_: calls.append(params["Key"]))
+    store.client.meta.events.register(
+        "before-parameter-build.s3.GetObject", lambda params, **_: calls.append(params["Key"])
+    )
     return calls
 
 
