@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from tests.trainer_utils import REPO, trainer_env
 
 pytestmark = pytest.mark.integration
