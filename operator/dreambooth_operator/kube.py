@@ -43,14 +43,17 @@ def is_status(exc: Exception, *codes: int) -> bool:
 
 
 class Kube:
-    """KubeApi over the official client (sync; the reconciler runs in worker threads)."""
+    """KubeApi over the official client's transport (auth, TLS, token refresh), with raw JSON bodies.
+
+    The typed API methods validate bodies against the client's own models, which refuse what the apiserver
+    accepts (an int GPU count, fields newer than the client): objects go out exactly as the builders made them.
+    """
 
     def __init__(self, api_client: Any = None, on_request: Callable[[str], None] | None = None) -> None:
         from kubernetes import client
 
         self._client = client
-        self.core = client.CoreV1Api(api_client)
-        self.custom = client.CustomObjectsApi(api_client)
+        self.api = api_client or client.ApiClient()
         self._lock = threading.Lock()
         self.requests: Counter[str] = Counter()
         self._on_request = on_request
@@ -65,29 +68,43 @@ class Kube:
             config.load_kube_config()
         return cls(on_request=on_request)
 
-    def _call(self, verb: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _request(self, verb: str, method: str, path: str, body: Any = None, *,
+                 query: dict[str, str] | None = None, content_type: str = "application/json") -> Any:  # fmt: skip
         with self._lock:
             self.requests[verb] += 1
         if self._on_request is not None:
             self._on_request(verb)
-        resp = fn(*args, _preload_content=False, _request_timeout=TIMEOUT, **kwargs)
-        data = resp.data
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        req = self.api.param_serialize(
+            method=method, resource_path=path, query_params=list((query or {}).items()) or None,
+            header_params=headers, body=body, auth_settings=["BearerToken"],
+        )  # fmt: skip
+        resp = self.api.call_api(*req, _request_timeout=TIMEOUT)
+        data = resp.read()
+        if not 200 <= resp.status <= 299:
+            raise self._client.ApiException.from_response(http_resp=resp, body=data.decode(errors="replace"), data=None)
         return json.loads(data) if data else None
 
-    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def _get_or_none(self, path: str) -> dict[str, Any] | None:
         try:
-            return self._call("get", self.custom.get_namespaced_custom_object, API_GROUP, API_VERSION, namespace, PLURAL, name)
+            return self._request("get", "GET", path)
         except self._client.ApiException as exc:
             if is_status(exc, 404):
                 return None
             raise
 
+    def _job_path(self, namespace: str, name: str) -> str:
+        return f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._get_or_none(self._job_path(namespace, name))
+
     def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
         try:
-            return self._call(
-                "patch", self.custom.patch_namespaced_custom_object_status,
-                API_GROUP, API_VERSION, namespace, PLURAL, name, {"status": status},
-            )  # fmt: skip
+            return self._request("patch", "PATCH", self._job_path(namespace, name) + "/status", {"status": status},
+                                 content_type="application/merge-patch+json")  # fmt: skip
         except self._client.ApiException as exc:
             if is_status(exc, 404):
                 return None
@@ -95,44 +112,29 @@ class Kube:
 
     def delete_job(self, namespace: str, name: str, uid: str) -> None:
         # Background propagation: the garbage collector removes the owned pods, Service and ConfigMap.
-        body = {"propagationPolicy": "Background", "preconditions": {"uid": uid}}
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background",
+                "preconditions": {"uid": uid}}  # fmt: skip
         try:
-            self._call("delete", self.custom.delete_namespaced_custom_object, API_GROUP, API_VERSION, namespace,
-                       PLURAL, name, body=body)  # fmt: skip
+            self._request("delete", "DELETE", self._job_path(namespace, name), body)
         except self._client.ApiException as exc:
             if not is_status(exc, 404, 409):
                 raise
 
     def list_pods(self, namespace: str, job_uid: str) -> list[dict[str, Any]]:
-        data = self._call("list", self.core.list_namespaced_pod, namespace, label_selector=f"{LABEL_JOB_UID}={job_uid}")
+        data = self._request("list", "GET", f"/api/v1/namespaces/{namespace}/pods",
+                             query={"labelSelector": f"{LABEL_JOB_UID}={job_uid}"})  # fmt: skip
         return list((data or {}).get("items") or [])
 
     def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self._call("get", self.core.read_namespaced_config_map, name, namespace)
-        except self._client.ApiException as exc:
-            if is_status(exc, 404):
-                return None
-            raise
+        return self._get_or_none(f"/api/v1/namespaces/{namespace}/configmaps/{name}")
 
     def get_node(self, name: str) -> dict[str, Any] | None:
-        try:
-            return self._call("get", self.core.read_node, name)
-        except self._client.ApiException as exc:
-            if is_status(exc, 404):
-                return None
-            raise
+        return self._get_or_none(f"/api/v1/nodes/{name}")
 
     def create(self, obj: dict[str, Any]) -> bool:
-        kind = obj["kind"]
-        namespace = obj["metadata"]["namespace"]
-        fn = {
-            "Pod": self.core.create_namespaced_pod,
-            "Service": self.core.create_namespaced_service,
-            "ConfigMap": self.core.create_namespaced_config_map,
-        }[kind]
+        plural = {"Pod": "pods", "Service": "services", "ConfigMap": "configmaps"}[obj["kind"]]
         try:
-            self._call("create", fn, namespace, obj)
+            self._request("create", "POST", f"/api/v1/namespaces/{obj['metadata']['namespace']}/{plural}", obj)
             return True
         except self._client.ApiException as exc:
             if is_status(exc, 409):
@@ -140,18 +142,18 @@ class Kube:
             raise
 
     def delete_pod(self, namespace: str, name: str, grace_seconds: int | None = None) -> None:
-        body: dict[str, Any] = {}
+        body: dict[str, Any] = {"apiVersion": "v1", "kind": "DeleteOptions"}
         if grace_seconds is not None:
             body["gracePeriodSeconds"] = grace_seconds
         try:
-            self._call("delete", self.core.delete_namespaced_pod, name, namespace, body=body or None)
+            self._request("delete", "DELETE", f"/api/v1/namespaces/{namespace}/pods/{name}", body)
         except self._client.ApiException as exc:
             if not is_status(exc, 404):
                 raise
 
     def create_event(self, namespace: str, event: dict[str, Any]) -> None:
         try:
-            self._call("create", self.core.create_namespaced_event, namespace, event)
+            self._request("create", "POST", f"/api/v1/namespaces/{namespace}/events", event)
         except self._client.ApiException as exc:
             # Events are best effort: a lost one must never fail a reconcile.
             log.warning("could not record event %s: %s", event.get("reason"), exc.status)

@@ -279,9 +279,10 @@ def _container_resources(job: ValidJob) -> dict[str, Any]:
                     f"is {values[GPU_RESOURCE]} but gpusPerNode is {res.gpus_per_node}; remove it (it is set from gpusPerNode).",
                 )
         limits[GPU_RESOURCE] = res.gpus_per_node
-    out: dict[str, Any] = {"requests": requests}
+    # Quantities as strings, their canonical form ("4", "16Gi"): what kubectl shows and validators expect.
+    out: dict[str, Any] = {"requests": {k: str(v) for k, v in requests.items()}}
     if limits:
-        out["limits"] = limits
+        out["limits"] = {k: str(v) for k, v in limits.items()}
     return out
 
 

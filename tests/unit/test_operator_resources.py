@@ -176,7 +176,7 @@ def test_pod_plumbing_gpu_and_credentials() -> None:
     assert env1["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}}
     assert env1["OMP_NUM_THREADS"] == "8"  # 64 CPUs over 8 workers
     res = pods[1]["spec"]["containers"][0]["resources"]
-    assert res["limits"]["nvidia.com/gpu"] == 8
+    assert res["limits"]["nvidia.com/gpu"] == "8"
     assert res["requests"]["ephemeral-storage"] == resources.DEFAULT_EPHEMERAL_STORAGE["full"]
 
 

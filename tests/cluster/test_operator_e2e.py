@@ -1,0 +1,168 @@
+"""The operator with the real trainer: 2 pods x 1 process (gloo) on the tiny model, data and output on SeaweedFS.
+
+A pod deleted mid-run (and a node lost) must cost no exactness: the resumed gang ends with weights bit-identical
+to an uninterrupted run, counted as one preemption and no restart.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from k8s_harness import Cluster
+from test_operator_cluster import IMAGE, Jobs, OperatorProcess
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("dreambooth_trainer.launch") is None,
+        reason="the launcher (dreambooth_trainer.launch, the pods' PID 1) is not in this tree yet",
+    ),
+]
+REPO = Path(__file__).resolve().parents[2]
+DOG = REPO / "examples" / "data" / "dog"
+STEPS = 8
+WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture
+def storage(cluster: Cluster, namespace: str, s3: Any, bucket: str) -> dict[str, Any]:
+    """The test's bucket, reachable from pods, with the dog images in it and a credentials Secret."""
+    cluster.expose_host_port(s3.s3_port)
+    client = s3.client()
+    for image in sorted(DOG.iterdir()):
+        client.upload_file(str(image), bucket, f"data/dog/{image.name}")
+    cluster.kube_api.create(f"/api/v1/namespaces/{namespace}/secrets", {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
+        "data": {"AWS_ACCESS_KEY_ID": base64.b64encode(s3.access_key.encode()).decode(),
+                 "AWS_SECRET_ACCESS_KEY": base64.b64encode(s3.secret_key.encode()).decode()},
+    })  # fmt: skip
+    return {
+        "spec": {"endpoint": f"http://{cluster.host_ip}:{s3.s3_port}", "region": s3.region, "pathStyle": True,
+                 "credentialsSecret": "s3-creds"},
+        "bucket": bucket,
+        "client": client,
+    }  # fmt: skip
+
+
+@pytest.fixture
+def operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
+    op = OperatorProcess(cluster, namespace, tmp_path).start()
+    try:
+        yield op
+    finally:
+        op.stop()
+
+
+@pytest.fixture
+def jobs(cluster: Cluster, namespace: str, operator: OperatorProcess) -> Jobs:
+    return Jobs(cluster, namespace, operator)
+
+
+def real_job(name: str, storage: dict[str, Any], *, step_delay: float = 0.0, nodes: int = 2) -> dict[str, Any]:
+    bucket = storage["bucket"]
+    env = {"MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if step_delay:
+        # The trainer's test knob: slow steps so a preemption lands mid-run (never changes the math).
+        env["DREAMBOOTH_TEST_STEP_DELAY_SECONDS"] = str(step_delay)
+    return {
+        "apiVersion": "dreambooth.dev/v1alpha1",
+        "kind": "DreamBoothJob",
+        "metadata": {"name": name},
+        "spec": {
+            "method": "lora",
+            "training": {
+                "pretrainedModelNameOrPath": "tiny://",
+                "instanceDataDir": f"s3://{bucket}/data/dog/",
+                "instancePrompt": "a photo of sks dog",
+                "outputDir": f"s3://{bucket}/runs/{name}/",
+                "resolution": 32,
+                "trainBatchSize": 1,
+                "maxTrainSteps": STEPS,
+                "checkpointingSteps": 2,
+                "seed": 7,
+                "validationPrompt": "a photo of sks dog",
+                "validationEpochs": 1,
+                "numValidationImages": 1,
+            },
+            "storage": storage["spec"],
+            "resources": {"nodes": nodes, "gpusPerNode": 0, "image": IMAGE,
+                          "requests": {"cpu": "500m", "memory": "512Mi", "ephemeral-storage": "1Gi"}},
+            "podTemplate": {"env": [{"name": k, "value": v} for k, v in env.items()]},
+            "runPolicy": {"terminationGracePeriodSeconds": 60, "backoffLimit": 0, "maxPreemptions": 3,
+                          "schedulingTimeoutSeconds": 300, "progressDeadlineSeconds": 600},
+        },
+    }  # fmt: skip
+
+
+def final_weights(storage: dict[str, Any], name: str, scratch: Path) -> dict[str, Any]:
+    from trainer_utils import weights  # tests/ is on sys.path (tests/conftest.py)
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    storage["client"].download_file(storage["bucket"], f"runs/{name}/{WEIGHTS}", str(scratch / WEIGHTS))
+    return weights(scratch, "lora")
+
+
+def _assert_identical(a: dict[str, Any], b: dict[str, Any]) -> None:
+    from trainer_utils import assert_identical
+
+    assert_identical(a, b)
+
+
+def test_real_trainer_happy_path_fills_every_status_field(jobs: Jobs, storage: dict[str, Any], tmp_path: Path) -> None:
+    jobs.create(real_job("dog", storage, step_delay=1.5))
+    jobs.wait_phase("dog", "Running", 120)
+    st = jobs.wait("dog", lambda s: (s.get("step") or 0) >= 1 and s.get("loss") is not None, 180, "progress")
+    assert st["maxSteps"] == STEPS and st["stepsPerSecond"] and st["eta"] is not None
+    st = jobs.wait_phase("dog", "Succeeded", 600)
+    bucket = storage["bucket"]
+    assert st["step"] == STEPS and st["attempt"] == 1 and st["restarts"] == 0 and st["preemptions"] == 0
+    assert st["outputUri"] == f"s3://{bucket}/runs/dog/"
+    assert st["logsUri"] == f"s3://{bucket}/runs/dog/logs/attempt-1/"
+    assert st["lastCheckpoint"]["step"] >= 2 and st["lastCheckpoint"]["uri"].startswith(f"s3://{bucket}/runs/dog/")
+    assert st["startTime"] and st["completionTime"] and st["observedGeneration"] == 1
+    assert st["validationImages"], st
+    keys = {o["Key"] for o in storage["client"].list_objects_v2(Bucket=bucket, Prefix="runs/dog/")["Contents"]}
+    assert f"runs/dog/{WEIGHTS}" in keys
+    assert any(k.startswith("runs/dog/logs/attempt-1/") for k in keys)
+    final_weights(storage, "dog", tmp_path / "w")
+
+
+def test_deleted_pod_resumes_bit_identical(jobs: Jobs, cluster: Cluster, storage: dict[str, Any], tmp_path: Path) -> None:
+    jobs.create(real_job("base", storage))
+    jobs.wait_phase("base", "Succeeded", 600)
+    reference = final_weights(storage, "base", tmp_path / "base")
+
+    jobs.create(real_job("pre", storage, step_delay=1.5))
+    jobs.wait("pre", lambda s: (s.get("step") or 0) >= 3, 300, "step 3")
+    cluster.kube_api.delete(f"/api/v1/namespaces/{jobs.ns}/pods/pre-a1-1")
+    st = jobs.wait("pre", lambda s: s.get("preemptions") == 1, 60, "preemption counted")
+    st = jobs.wait_phase("pre", "Succeeded", 600)
+    assert (st["preemptions"], st["restarts"], st["attempt"]) == (1, 0, 2)
+    assert st["logsUri"].endswith("/logs/attempt-2/")
+    _assert_identical(final_weights(storage, "pre", tmp_path / "pre"), reference)
+
+
+def test_node_loss_resumes_from_the_periodic_checkpoint_bit_identical(
+    jobs: Jobs, cluster: Cluster, storage: dict[str, Any], tmp_path: Path
+) -> None:
+    jobs.create(real_job("base", storage))
+    jobs.wait_phase("base", "Succeeded", 600)
+    reference = final_weights(storage, "base", tmp_path / "base")
+
+    jobs.create(real_job("lost", storage, step_delay=2.0))
+    jobs.wait("lost", lambda s: (s.get("lastCheckpoint") or {}).get("step", 0) >= 2, 300, "a periodic checkpoint")
+    node = jobs.pods("lost")[1]["spec"]["nodeName"]
+    cluster.node_lost(node)  # SIGKILL, no emergency checkpoint: the periodic one is the floor
+    try:
+        jobs.wait("lost", lambda s: s.get("preemptions") == 1, 240, "node loss counted as a preemption")
+        st = jobs.wait_phase("lost", "Succeeded", 900)
+    finally:
+        cluster.node_recover(node)
+    assert st["restarts"] == 0 and st["attempt"] == 2
+    _assert_identical(final_weights(storage, "lost", tmp_path / "lost"), reference)
