@@ -1,0 +1,121 @@
+"""Trainer throughput on the tiny model: one line per mode, ``trainer mode=M steps_per_s=X peak_rss_mb=Y``.
+
+    python benchmarks/trainer_throughput.py [--steps 60] [--warmup 10] [--repeats 3] [--modes full,lora,...]
+
+Each mode runs in its own process (so peak RSS is that mode's), with one intra-op thread, resolution 32,
+batch 1, one process, no checkpoints and no trackers; only the training loop is timed: the rate is taken
+between the end of optimizer step ``warmup`` and the last step, so model loading, the first-step allocations
+and saving the output are not in it. With ``--repeats`` > 1 the median rate is printed (and the max RSS).
+
+Modes: full (train_dreambooth.py), lora (train_dreambooth_lora.py, rank 4), prior (full with prior
+preservation on the shipped class images), te (full with --train_text_encoder), and the opt-in caches:
+full-cached / lora-cached (--pre_compute_text_embeddings --cache_latents --center_crop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DOG = REPO / "examples" / "data" / "dog"
+CLASS_DOG = REPO / "examples" / "data" / "class-dog"
+CACHED = ["--pre_compute_text_embeddings", "--cache_latents", "--center_crop"]
+PRIOR = [
+    "--with_prior_preservation", "--class_data_dir", str(CLASS_DOG), "--class_prompt", "a photo of dog",
+    "--num_class_images", "4",
+]  # fmt: skip
+MODES: dict[str, tuple[str, list[str]]] = {
+    "full": ("full", []),
+    "lora": ("lora", []),
+    "prior": ("full", PRIOR),
+    "te": ("full", ["--train_text_encoder"]),
+    "full-cached": ("full", CACHED),
+    "lora-cached": ("lora", CACHED),
+}
+
+
+def _child(mode: str, steps: int, warmup: int) -> None:
+    """Run one mode in this process and print its line."""
+    import torch
+
+    torch.set_num_threads(1)
+    from dreambooth_trainer.cli_args import parse_cli
+    from dreambooth_trainer.config import FullConfig, LoraConfig
+    from dreambooth_trainer.train import RunEnv, Trainer
+
+    method, extra = MODES[mode]
+    with tempfile.TemporaryDirectory(prefix="dreambooth-bench-") as out:
+        argv = [
+            "--pretrained_model_name_or_path", "tiny://", "--instance_data_dir", str(DOG),
+            "--instance_prompt", "a photo of sks dog", "--output_dir", out, "--resolution", "32",
+            "--train_batch_size", "1", "--max_train_steps", str(steps), "--checkpointing_steps", str(10 * steps),
+            "--seed", "0", "--report_to", "none", *extra,
+        ]  # fmt: skip
+        model = LoraConfig if method == "lora" else FullConfig
+        cfg = parse_cli(model, argv, "bench")
+        trainer = Trainer(cfg, RunEnv())
+        trainer.setup()
+        stamps: dict[int, float] = {}
+        update = trainer.progress.update
+
+        def record(**fields):
+            if "step" in fields:
+                stamps[fields["step"]] = time.perf_counter()
+            update(**fields)
+
+        trainer.progress.update = record  # type: ignore[method-assign]
+        # Stop the clock at the loop's end: saving the output is not throughput.
+        trainer.finish = lambda loss: None  # type: ignore[method-assign]
+        trainer.fit()
+        if trainer.progress_server is not None:
+            trainer.progress_server.stop()
+    rate = (steps - warmup) / (stamps[steps] - stamps[warmup])
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(f"trainer mode={mode} steps_per_s={rate:.2f} peak_rss_mb={rss_mb:.0f}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", default="full,lora,prior,te,full-cached,lora-cached")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.warmup >= args.steps:
+        parser.error("--warmup must be below --steps")
+    if args.child:
+        _child(args.child, args.steps, args.warmup)
+        return 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PROGRESS_PORT="off", LOG_LEVEL="WARNING")  # fmt: skip
+    for mode in args.modes.split(","):
+        if mode not in MODES:
+            parser.error(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+        rates, rss = [], []
+        for _ in range(args.repeats):
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                capture_output=True, text=True, env=env, cwd=REPO,
+            )  # fmt: skip
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("trainer mode=")), None)
+            if proc.returncode != 0 or line is None:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                return 1
+            fields = dict(part.split("=", 1) for part in line.split()[1:])
+            rates.append(float(fields["steps_per_s"]))
+            rss.append(float(fields["peak_rss_mb"]))
+        print(f"trainer mode={mode} steps_per_s={statistics.median(rates):.2f} peak_rss_mb={max(rss):.0f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
