@@ -60,9 +60,15 @@ RESOLVE_ONLY = """
 
 def _headless(name: str, app: str) -> dict:
     return {
-        "apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
-        "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": {"app": app},
-                 "ports": [{"name": "rdzv", "port": PORT}]},
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name},
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {"app": app},
+            "ports": [{"name": "rdzv", "port": PORT}],
+        },
     }
 
 
@@ -70,13 +76,26 @@ def test_pairs_reach_each_other_by_dns_name_on_the_same_port(cluster: Cluster, n
     # Two gangs at once, each server on the same port 29500, each client dialling its own server by name.
     for gang in ("a", "b"):
         cluster.apply(_headless(f"gang-{gang}", f"gang-{gang}"), namespace)
-        cluster.apply(python_pod(f"{gang}-0", SERVER, labels={"app": f"gang-{gang}"}, hostname=f"{gang}-0",
-                                 subdomain=f"gang-{gang}", grace=1), namespace)
+        cluster.apply(
+            python_pod(
+                f"{gang}-0",
+                SERVER,
+                labels={"app": f"gang-{gang}"},
+                hostname=f"{gang}-0",
+                subdomain=f"gang-{gang}",
+                grace=1,
+            ),
+            namespace,
+        )
     for gang in ("a", "b"):
         target = f"{gang}-0.gang-{gang}.{namespace}.svc.cluster.local"
         code = CLIENT.replace("{target}", target).replace("{msg}", f"hello-{gang}")
-        cluster.apply(python_pod(f"{gang}-1", code, labels={"app": f"gang-{gang}"}, hostname=f"{gang}-1",
-                                 subdomain=f"gang-{gang}"), namespace)
+        cluster.apply(
+            python_pod(
+                f"{gang}-1", code, labels={"app": f"gang-{gang}"}, hostname=f"{gang}-1", subdomain=f"gang-{gang}"
+            ),
+            namespace,
+        )
     for gang in ("a", "b"):
         p = cluster.wait_pod_phase(namespace, f"{gang}-1", "Succeeded", "Failed", timeout=90)
         t = terminated(p)
@@ -93,10 +112,12 @@ def test_dns_name_needs_hostname_subdomain_and_the_service(cluster: Cluster, nam
     # A pod that forgot `subdomain`, and a pod whose Service does not exist: neither name resolves.
     cluster.apply(_headless("svc", "dns"), namespace)
     cluster.apply(python_pod("nosub", SERVER, labels={"app": "dns"}, hostname="nosub", grace=1), namespace)
-    cluster.apply(python_pod("nosvc", SERVER, labels={"app": "other"}, hostname="nosvc", subdomain="missing",
-                             grace=1), namespace)
-    cluster.apply(python_pod("good", SERVER, labels={"app": "dns"}, hostname="good", subdomain="svc", grace=1),
-                  namespace)
+    cluster.apply(
+        python_pod("nosvc", SERVER, labels={"app": "other"}, hostname="nosvc", subdomain="missing", grace=1), namespace
+    )
+    cluster.apply(
+        python_pod("good", SERVER, labels={"app": "dns"}, hostname="good", subdomain="svc", grace=1), namespace
+    )
     for n in ("nosub", "nosvc", "good"):
         cluster.wait_pod_phase(namespace, n, "Running")
     checks = {

@@ -133,7 +133,9 @@ def test_real_trainer_happy_path_fills_every_status_field(jobs: Jobs, storage: d
     final_weights(storage, "dog", tmp_path / "w")
 
 
-def test_deleted_pod_resumes_bit_identical(jobs: Jobs, cluster: Cluster, storage: dict[str, Any], tmp_path: Path) -> None:
+def test_deleted_pod_resumes_bit_identical(
+    jobs: Jobs, cluster: Cluster, storage: dict[str, Any], tmp_path: Path
+) -> None:
     jobs.create(real_job("base", storage))
     jobs.wait_phase("base", "Succeeded", 600)
     reference = final_weights(storage, "base", tmp_path / "base")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cluster import STATE_BASE, Cluster, list_states
+from .cluster import STATE_BASE, Cluster, list_states, prune_stale
 from .kubelet import NodeConfig
 from .tools import REPO_ROOT, bin_dir
 
@@ -45,7 +45,7 @@ def down(a: argparse.Namespace) -> int:
     elif CURRENT.exists():
         dirs = [CURRENT.resolve()]
     else:
-        print("no cluster to stop (nothing at {CURRENT}); use --all for every recorded cluster", file=sys.stderr)
+        print(f"no cluster to stop (nothing at {CURRENT}); use --all for every recorded cluster", file=sys.stderr)
         return 0
     for d in dirs:
         if not (d / "state.json").exists():
@@ -56,6 +56,12 @@ def down(a: argparse.Namespace) -> int:
         print(f"stopped cluster {c.id} ({d})", file=sys.stderr)
     if CURRENT.is_symlink() and not CURRENT.exists():
         CURRENT.unlink()
+    return 0
+
+
+def prune(_a: argparse.Namespace) -> int:
+    for cid in prune_stale(min_age_seconds=0):
+        print(f"removed dead cluster {cid}", file=sys.stderr)
     return 0
 
 
@@ -81,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("state_dir", nargs="?")
     d.add_argument("--all", action="store_true")
     d.set_defaults(fn=down)
+    pr = sub.add_parser("prune", help="clean up clusters whose processes all died")
+    pr.set_defaults(fn=prune)
     s = sub.add_parser("status", help="list recorded clusters")
     s.set_defaults(fn=status)
     a = p.parse_args(argv)

