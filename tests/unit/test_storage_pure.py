@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -9,9 +10,12 @@ from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, SSLError
 
 from dreambooth_trainer.storage import (
+    AccessDeniedError,
     LocalStore,
+    S3Store,
     StorageError,
     _is_transient,
+    _Progress,
     _s3_client_config,
     local_cache_for,
     normalize_key,
@@ -143,3 +147,68 @@ def test_client_config_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DREAMBOOTH_S3_ADDRESSING_STYLE", "sideways")
     with pytest.raises(StorageError, match="path, virtual, auto"):
         _s3_client_config(5, 10)
+
+
+def _store(monkeypatch: pytest.MonkeyPatch, deadline: float) -> S3Store:
+    # Building a client contacts nothing; these tests only drive the retry loop.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return S3Store("s3://bucket/prefix", retry_deadline_s=deadline)
+
+
+def test_retry_rides_out_transient_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = _store(monkeypatch, deadline=30)
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+        return "done"
+
+    assert store._retry(flaky, "s3://bucket/prefix/k") == "done" and len(calls) == 3
+
+
+def test_retry_gives_up_at_the_deadline_and_names_the_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = _store(monkeypatch, deadline=1.5)
+
+    def down() -> None:
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="AWS_ENDPOINT_URL") as err:
+        store._retry(down, "s3://bucket/prefix/k")
+    assert 0.5 < time.monotonic() - started < 5
+    assert "s3://bucket/prefix/k" in str(err.value) and "http://127.0.0.1:9" in str(err.value)
+
+
+def test_retry_does_not_retry_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = _store(monkeypatch, deadline=30)
+    calls = []
+
+    def denied() -> None:
+        calls.append(1)
+        raise _client_error("SignatureDoesNotMatch", 403)
+
+    with pytest.raises(AccessDeniedError, match="credentialsSecret"):
+        store._retry(denied, "s3://bucket/prefix/k")
+    assert len(calls) == 1
+
+
+def test_retry_deadline_counts_from_last_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long transfer that keeps moving bytes between failures is not cut off by the deadline."""
+    store = _store(monkeypatch, deadline=1.0)
+    progress = _Progress()
+    calls = []
+
+    def slow_but_moving() -> str:
+        calls.append(1)
+        time.sleep(0.6)
+        progress.last = time.monotonic()  # what the transfer subscriber records as bytes go out
+        if len(calls) < 4:
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+        return "done"
+
+    assert store._retry(slow_but_moving, "s3://bucket/prefix/k", progress=progress) == "done"

@@ -50,6 +50,7 @@ DEFAULT_MULTIPART_THRESHOLD = 16 * MiB
 DEFAULT_MULTIPART_CHUNKSIZE = 16 * MiB
 DEFAULT_MAX_CONCURRENCY = 10
 DEFAULT_MAX_ATTEMPTS = 5
+_MAX_OP_ATTEMPTS = 100
 # Temp files live next to their final name (same filesystem, so os.replace is atomic) and are hidden from list().
 _TMP_PREFIX = ".dbtmp-"
 _CREDENTIALS_FIX = (
@@ -612,6 +613,26 @@ def _s3_client_config(max_attempts: int, max_pool_connections: int) -> Any:
     )
 
 
+class _Progress:
+    """When a transfer last moved bytes (any of its files, any thread)."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def subscriber(self) -> Any:
+        from s3transfer.subscribers import BaseSubscriber
+
+        progress = self
+
+        class _OnProgress(BaseSubscriber):
+            def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
+                # Negative counts are s3transfer rewinding a part it is about to retry: not progress.
+                if bytes_transferred > 0:
+                    progress.last = time.monotonic()
+
+        return _OnProgress()
+
+
 class _S3Context:
     """What a store and all its children share: one thread-safe client and the transfer settings."""
 
@@ -746,7 +767,7 @@ class S3Store(Store):
                 return self._bucket_missing(url)
             if code in _NOT_FOUND_CODES or status == 404:
                 # A HEAD of a key in a missing bucket is a bare 404 too: ask the bucket to tell them apart.
-                if self._bucket_state() == "missing":
+                if code != "NoSuchKey" and self._bucket_state() == "missing":
                     return self._bucket_missing(url)
                 return NotFoundError(f"{url} does not exist: check the URI (and that the upload finished)")
             return StorageError(f"S3 error for {url} at {self.endpoint}: {code or status}: {msg}")
@@ -782,12 +803,16 @@ class S3Store(Store):
                 return "denied"
             return "unknown"
 
-    def _retry(self, op: Callable[[], T], url: str, deadline_s: float | None = None) -> T:
-        """Run op, retrying transient failures with capped exponential backoff until the deadline. botocore
-        already retries each request a few times; this outer loop rides out a server that is down for tens of
-        seconds, which botocore's short budget does not."""
+    def _retry(
+        self, op: Callable[[], T], url: str, deadline_s: float | None = None, progress: _Progress | None = None
+    ) -> T:
+        """Run op, retrying transient failures with capped exponential backoff. botocore already retries each
+        request a few times; this outer loop rides out a server that is down for tens of seconds.
+
+        The deadline bounds the outage, not the operation: it counts from the first failure, or from the last
+        byte a transfer moved (`progress`), so a 10 GB upload that hits a blip after 5 minutes still retries."""
         budget = self._ctx.retry_deadline_s if deadline_s is None else deadline_s
-        start = time.monotonic()
+        streak_start = last_failure = 0.0
         delay = 0.5
         attempt = 0
         while True:
@@ -795,12 +820,46 @@ class S3Store(Store):
             try:
                 return op()
             except Exception as exc:
-                elapsed = time.monotonic() - start
-                if not _is_transient(exc) or elapsed + delay > budget:
-                    raise self._translate(exc, url, elapsed) from exc
-                log.warning("S3 %s failed (attempt %d, %.0f s so far), retrying: %s", url, attempt, elapsed, exc)
+                now = time.monotonic()
+                if attempt == 1 or (progress is not None and progress.last > last_failure):
+                    # First failure, or bytes moved since the last one: a new outage, with a fresh backoff.
+                    streak_start, delay = now, 0.5
+                last_failure = now
+                down_for = now - streak_start
+                # The attempt cap stops a server that takes every body and then fails (progress, yet never done).
+                if not _is_transient(exc) or down_for + delay > budget or attempt >= _MAX_OP_ATTEMPTS:
+                    raise self._translate(exc, url, down_for) from exc
+                log.warning(
+                    "S3 %s failed (attempt %d, %.0f s without progress), retrying: %s", url, attempt, down_for, exc
+                )
                 time.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, 5.0)
+
+    def _transfer_all(
+        self, pending: dict[str, Any], submit: Callable[[TransferManager, str, Any, list[Any]], Any], url: str
+    ) -> None:
+        """Submit every pending transfer to one transfer manager (files and their parts share its pool of
+        max_concurrency connections), retrying the ones that failed until the deadline; `pending` shrinks as
+        transfers complete, so a retry never repeats finished files."""
+        progress = _Progress()
+
+        def run() -> None:
+            errors: list[BaseException] = []
+            subscribers = [progress.subscriber()]
+            with self._ctx.transfer_manager() as tm:
+                futures = {key: submit(tm, key, value, subscribers) for key, value in pending.items()}
+                for key, fut in futures.items():
+                    try:
+                        fut.result()
+                        del pending[key]
+                    except Exception as exc:
+                        errors.append(exc)
+            if errors:
+                # A credentials or bucket error must not hide behind a transient one from a parallel transfer.
+                raise next((e for e in errors if not _is_transient(e)), errors[0])
+
+        if pending:
+            self._retry(run, url, progress=progress)
 
     # -- operations -----------------------------------------------------------------------------------------------
 
@@ -866,56 +925,33 @@ class S3Store(Store):
         return self._head(key)
 
     def upload_files(self, items: list[tuple[Path, str]]) -> None:
-        """Upload (local path, key) pairs through one transfer manager: files and their parts share one pool
-        of max_concurrency connections. Failed files are retried (whole file) until the retry deadline."""
+        """Upload (local path, key) pairs in parallel. Failed files are retried (whole file) until the deadline."""
         for path, key in items:
             normalize_key(key, self.uri)
             if not Path(path).is_file():
                 raise NotFoundError(f"local file {path} to upload to {self.url(key)} does not exist")
-        pending = dict((key, Path(path)) for path, key in items)
-
-        def run() -> None:
-            with self._ctx.transfer_manager() as tm:
-                futures = {key: tm.upload(str(path), self.bucket, self._full(key)) for key, path in pending.items()}
-                first: BaseException | None = None
-                for key, fut in futures.items():
-                    try:
-                        fut.result()
-                        del pending[key]
-                    except Exception as exc:
-                        first = first or exc
-            if first is not None:
-                raise first
-
+        pending: dict[str, Any] = {key: Path(path) for path, key in items}
         url = self.url(items[0][1]) if len(items) == 1 else self.uri
-        if items:
-            self._retry(run, url)
+        self._transfer_all(
+            pending,
+            lambda tm, key, path, subs: tm.upload(str(path), self.bucket, self._full(key), subscribers=subs),
+            url,
+        )
 
     def download_file(self, key: str, local: Path) -> None:
         self._download_many([(key, Path(local))])
 
     def _download_many(self, items: list[tuple[str, Path]]) -> None:
-        pending = {key: Path(dest) for key, dest in items}
+        pending: dict[str, Any] = {key: Path(dest) for key, dest in items}
         for dest in pending.values():
             dest.parent.mkdir(parents=True, exist_ok=True)
-
-        def run() -> None:
-            # s3transfer writes to a temp name next to dest and renames it into place when complete.
-            with self._ctx.transfer_manager() as tm:
-                futures = {key: tm.download(self.bucket, self._full(key), str(dest)) for key, dest in pending.items()}
-                first: BaseException | None = None
-                for key, fut in futures.items():
-                    try:
-                        fut.result()
-                        del pending[key]
-                    except Exception as exc:
-                        first = first or exc
-            if first is not None:
-                raise first
-
         url = self.url(items[0][0]) if len(items) == 1 else self.uri
-        if items:
-            self._retry(run, url)
+        # s3transfer writes to a temp name next to dest and renames it into place when complete.
+        self._transfer_all(
+            pending,
+            lambda tm, key, dest, subs: tm.download(self.bucket, self._full(key), str(dest), subscribers=subs),
+            url,
+        )
 
     def upload_dir(self, local_dir: Path, prefix: str) -> list[ObjectInfo]:
         base = normalize_prefix(prefix, self.uri)
