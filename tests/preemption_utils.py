@@ -73,7 +73,9 @@ def alive(pid: int) -> bool:
 class LaunchedRun:
     """`python -m dreambooth_trainer.launch --config FILE` with its own progress port and termination-message file."""
 
-    def __init__(self, workdir: Path, method: str, train: dict[str, Any], *, nproc: int = 1, name: str = "run", **env: str) -> None:
+    def __init__(
+        self, workdir: Path, method: str, train: dict[str, Any], *, nproc: int = 1, name: str = "run", **env: str
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.config = workdir / f"{name}.json"
         self.config.write_text(json.dumps({"method": method, "training": train}))
@@ -86,7 +88,15 @@ class LaunchedRun:
             "PROGRESS_PORT": str(self.port), "TERMINATION_MESSAGE_PATH": str(self.termination_path),
         })  # fmt: skip
         self.env.update(env)
-        self.argv = [sys.executable, "-m", "dreambooth_trainer.launch", "--config", str(self.config), "--nproc-per-node", str(nproc)]
+        self.argv = [
+            sys.executable,
+            "-m",
+            "dreambooth_trainer.launch",
+            "--config",
+            str(self.config),
+            "--nproc-per-node",
+            str(nproc),
+        ]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> LaunchedRun:

@@ -135,7 +135,7 @@ class StopInfo:
     seconds: float | None = None  # from the signal to the workers' exit
 
 
-def _rank_failures(rank_codes: dict[int, int | None]) -> tuple[int, str]:
+def _rank_failures(rank_codes: dict[int, int | None], stopping: bool = False) -> tuple[int, str]:
     """The root-cause exit code of the failed local ranks, and the ranks in words."""
     failed = {r: c for r, c in rank_codes.items() if c != EXIT_OK}
     known = [c for c in failed.values() if c is not None]
@@ -144,7 +144,8 @@ def _rank_failures(rank_codes: dict[int, int | None]) -> tuple[int, str]:
     words = []
     for r, c in sorted(failed.items()):
         if c is None:
-            words.append(f"local rank {r} died without a result (killed by a signal: host out of memory?)")
+            cause = "a signal" if stopping else "a signal: host out of memory?"
+            words.append(f"local rank {r} died without a result (killed by {cause})")
         else:
             words.append(f"local rank {r} exited {c} ({REASONS.get(c, 'Crashed')})")
     return code, "; ".join(words)
@@ -158,6 +159,7 @@ def decide(
     torchrun_rc: int | None,
     stop: StopInfo | None,
     node_rank: int = 0,
+    workers_seen: int = 0,
     latest: Callable[[], tuple[int | None, str | None]] = lambda: (None, None),
 ) -> Outcome:
     """Map what the workers left behind to the launcher's exit code and termination message (pure)."""
@@ -198,14 +200,14 @@ def decide(
         elif stop.aborted:
             why = "the stop was aborted by a second interrupt"
         else:
-            _, failures = _rank_failures(codes)
-            why = f"the emergency save failed: {failures or f'torchrun exited {torchrun_rc}'}"
+            _, failures = _rank_failures(codes, stopping=True)
+            why = f"the workers ended without one: {failures or f'torchrun exited {torchrun_rc}'}"
         msg = (
             f"preempted{took}: no emergency checkpoint was made durable ({why}); nothing partial is published; {stands}"
         )
         return Outcome(EXIT_PREEMPTED, step, uri, msg)
 
-    if all(c is None for c in codes.values()):
+    if all(c is None for c in codes.values()) and not workers_seen:
         return Outcome(
             EXIT_CRASH,
             None,
@@ -308,7 +310,8 @@ class Launcher:
             detail = _read_json(results / "detail.json")
         return decide(
             nproc=self.nproc, rank_codes=rank_codes, detail=detail, torchrun_rc=rc, stop=stop,
-            node_rank=int(self.environ.get("PET_NODE_RANK", "0") or 0), latest=self._latest,
+            node_rank=int(self.environ.get("PET_NODE_RANK", "0") or 0), workers_seen=len(self.workers),
+            latest=self._latest,
         )  # fmt: skip
 
     def _install_handlers(self) -> Callable[[], None]:
@@ -437,29 +440,27 @@ def _read_rank_code(path: Path) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------------- worker side
-class Preempted(BaseException):  # noqa: N818 - errors.classify maps the name "Preempted" to exit 75
-    """SIGTERM before the trainer installed its own handler: nothing trained yet, so nothing to save.
-
-    A BaseException so that no library's `except Exception` swallows it in the middle of an import.
-    """
-
-    step = None
-    checkpoint_uri = None
+# Set by SIGTERM between the worker's start and the trainer's own handler. Raising from the handler instead would
+# interrupt whatever import is running, and torch half-imported crashes (seen: SystemError, then SIGSEGV).
+_stop_while_starting = threading.Event()
 
 
-def _early_sigterm(signum: int, frame: Any) -> None:  # noqa: ARG001
-    raise Preempted("SIGTERM while the worker was starting: nothing trained yet, nothing to save")
+def _note_early_sigterm(signum: int, frame: Any) -> None:  # noqa: ARG001
+    _stop_while_starting.set()
+
+
+def stop_requested_while_starting() -> bool:
+    """True when SIGTERM reached this worker before the trainer installed its handler (train.install_sigterm)."""
+    return _stop_while_starting.is_set()
 
 
 def _worker_main(config: str) -> int:
     """One torchrun worker: the trainer, plus this rank's exit code left for the launcher."""
-    signal.signal(signal.SIGTERM, _early_sigterm)
+    signal.signal(signal.SIGTERM, _note_early_sigterm)
     try:
         from . import cli
 
         code = cli.main(["worker", "--config", config])
-    except Preempted:
-        code = EXIT_PREEMPTED
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else EXIT_CRASH
     except BaseException:  # noqa: BLE001 - every failure must become an exit code
@@ -524,4 +525,7 @@ def _launch(args: argparse.Namespace) -> Outcome:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the package's module, not this `__main__` copy: train.py reads the early-SIGTERM flag from there.
+    from dreambooth_trainer.launch import main as _main
+
+    sys.exit(_main())

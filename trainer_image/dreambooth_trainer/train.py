@@ -668,6 +668,13 @@ def install_sigterm(env: RunEnv) -> None:
         env.stop.set()
 
     signal.signal(signal.SIGTERM, handler)
+    # A SIGTERM that came while the worker was starting (the launcher's worker shim only noted it: raising in
+    # the middle of an import can leave torch half-initialised) stops the run before its first step.
+    from .launch import stop_requested_while_starting
+
+    if stop_requested_while_starting():
+        logger.warning("SIGTERM came while the worker was starting: stopping before the first step")
+        env.stop.set()
 
 
 def run_training(cfg: _Common, env: RunEnv | None = None) -> TrainResult:
