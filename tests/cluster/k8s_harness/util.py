@@ -132,8 +132,9 @@ def proc_start_time(pid: int) -> int | None:
 
 
 def pid_is(pid: int, start_time: int | None) -> bool:
+    """True while ``pid`` is that same process and not yet dead (a zombie waiting to be reaped counts as dead)."""
     st = proc_start_time(pid)
-    return st is not None and (start_time is None or st == start_time)
+    return st is not None and (start_time is None or st == start_time) and not _is_zombie(pid)
 
 
 def kill_pid(pid: int, start_time: int | None, timeout: float = 10.0) -> None:
