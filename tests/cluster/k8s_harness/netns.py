@@ -8,6 +8,7 @@ Only the addresses created here (the bridge gateway and the pods) are ever targe
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import json
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 NETNS_DIR = Path("/var/run/netns")
 SUBNET_POOL = ipaddress.ip_network("10.213.0.0/16")
+LOCK = Path("/run/lock/dreambooth-k8s-net.lock")
 
 
 def _ip(*args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -67,6 +69,14 @@ class PodNetwork:
 
     # ------------------------------------------------------------------ bridge
     def setup(self) -> None:
+        # Two clusters starting at the same moment must not both pick the first free /24: choosing and claiming
+        # (the bridge's route) happen under one machine-wide lock.
+        LOCK.parent.mkdir(parents=True, exist_ok=True)
+        with open(LOCK, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._setup_locked()
+
+    def _setup_locked(self) -> None:
         if self.subnet is None:
             used = _used_networks()
             for cand in SUBNET_POOL.subnets(new_prefix=24):
