@@ -148,16 +148,20 @@ def test_sigterm_right_after_a_periodic_checkpoint_world_size_2(tmp_path: Path, 
 
 
 @pytest.mark.slow
-def test_sigterm_mid_epoch_world_size_2_on_s3(tmp_path: Path, baseline, bucket: str) -> None:
-    """LoRA, world size 2, SeaweedFS: SIGTERM at step 4 (mid-epoch: 3 steps an epoch); both ranks stop together."""
+def test_sigterm_mid_epoch_world_size_2_on_s3_with_auto_interval(tmp_path: Path, baseline, bucket: str) -> None:
+    """LoRA, world size 2, SeaweedFS, checkpointingSteps auto: SIGTERM at step 4 (3 steps an epoch)."""
     uri = f"s3://{bucket}/run"
-    train = training(uri, "lora", steps=STEPS, ckpt=100)
+    # A preemption expected every 2 s makes Young/Daly checkpoint every step or two: periodic uploads are in
+    # flight around the signal, and checkpointing settings stay outside the config hash (same baseline).
+    train = training(uri, "lora", steps=STEPS, ckpt="auto", expectedPreemptionIntervalSeconds=2)
     run = LaunchedRun(tmp_path, "lora", train, nproc=2, DREAMBOOTH_TEST_STEP_DELAY_SECONDS=STEP_DELAY).start()
     run.wait_until("step 4", lambda s: s["step"] >= 4)
+    assert "dreambooth_checkpoint_interval_steps " in run.metrics()
     run.signal()
     assert run.wait() == 75, run.log()
     stop = _assert_emergency_checkpoint(run, uri, 2)
     assert stop in (4, 5), stop
+    assert "checkpoint interval (auto): every" in run.log(100_000)
     _resume_and_compare(tmp_path, "lora", train, 2, baseline("lora", 2), stop)
 
 
@@ -222,3 +226,34 @@ def test_worker_crash_during_the_emergency_save_leaves_no_partial_checkpoint(tmp
     crashed = [int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if int(p.name.split("-")[1]) > 3]
     assert crashed and crashed[0] >= stop, "the crash did not happen inside a save"
     _assert_nothing_partial(out.as_uri(), crashed[0], 3)
+
+
+# ---------------------------------------------------------------------------------------------- auto interval
+def test_auto_interval_is_young_daly_in_steps() -> None:
+    from dreambooth_trainer.checkpoint import CheckpointInterval
+
+    iv = CheckpointInterval(mtbf_seconds=3600)
+    assert iv.steps(None) is None  # speed unknown: no checkpoint decision yet
+    assert iv.cost_seconds == CheckpointInterval.PRIOR_COST_SECONDS
+    iv.observe_stall(2.0)
+    iv.observe_publish(8.0)
+    # Daly with C = 10 s, M = 1 h: sqrt(2CM)(1 + sqrt(C/2M)/3 + C/18M) - C = 261.7 s; Young alone says 268 s.
+    assert iv.seconds() == pytest.approx(261.7, abs=0.1)
+    assert iv.steps(2.0) == 523
+    iv.observe_publish(28.0)  # costs are smoothed: (8 + 28) / 2 = 18 s upload now
+    assert iv.cost_seconds == pytest.approx(20.0)
+    assert iv.due(0, 2.0) is False and iv.due(iv.steps(2.0), 2.0) is True
+    iv.saved(700)
+    assert iv.due(701, 2.0) is False  # counted from the last checkpoint, not step % interval
+
+
+def test_auto_interval_limits() -> None:
+    from dreambooth_trainer.checkpoint import CheckpointInterval
+
+    expensive = CheckpointInterval(mtbf_seconds=60)
+    expensive.observe_publish(500.0)
+    assert expensive.seconds() == 60  # cost above 2 x MTBF: checkpoint once per expected preemption
+    slow_upload = CheckpointInterval(mtbf_seconds=20)
+    slow_upload.observe_publish(30.0)  # Daly alone says 17.5 s
+    assert slow_upload.seconds() == 30.0  # never more often than an upload takes: they would queue
+    assert CheckpointInterval(1).steps(0.001) == 1  # at least every step

@@ -165,6 +165,7 @@ class Publisher:
         self.last_published: dict[str, Any] | None = None
         self.on_published: Callable[[dict[str, Any]], None] | None = None
         self.last_cost_seconds: float | None = None
+        padding_for_tests()  # test-only (DREAMBOOTH_TEST_PAD_STATE_MB): made now, so no checkpoint's timing pays for it
 
     def _staging(self, name: str) -> Path:
         root = self.store.local_root()
