@@ -360,8 +360,9 @@ class CheckpointInterval:
     PRIOR_COST_SECONDS = 5.0  # until the first checkpoint is measured
     SMOOTHING = 0.5  # weight of the newest measurement: costs drift (page cache, network), one outlier should not
 
-    def __init__(self, mtbf_seconds: float, start_step: int = 0) -> None:
+    def __init__(self, mtbf_seconds: float, start_step: int = 0, log: bool = True) -> None:
         self.mtbf = mtbf_seconds
+        self.log = log
         self.last_step = start_step
         self.stall: float | None = None
         self.publish: float | None = None
@@ -396,9 +397,12 @@ class CheckpointInterval:
         if not steps_per_second:
             return None
         seconds = self.seconds()
-        steps = max(1, round(seconds * steps_per_second))
-        # Speed jitters every step: a log line per 10% change says what moved without flooding the log.
-        if self.current is None or abs(steps - self.current) > 0.1 * self.current:
+        exact = seconds * steps_per_second
+        # Speed jitters every step: the interval moves (and is logged) only when it is off by more than 25%.
+        if self.current is not None and abs(exact - self.current) <= 0.25 * self.current:
+            return self.current
+        steps = max(1, round(exact))
+        if self.log:
             logger.info(
                 "checkpoint interval (auto): every %d steps (~%.0f s at %.3g steps/s; checkpoint cost %.2f s%s, "
                 "expected preemption every %.0f s)",

@@ -234,7 +234,9 @@ class Trainer:
         self.publisher = ckpt.Publisher(self.out, self.scratch / "publish", cfg.checkpoints_total_limit)
         self.progress = Progress(self.max_steps, enabled=acc.is_main_process)
         self.progress.update(step=self.state.global_step, phase="Running")
-        self.interval = ckpt.CheckpointInterval(cfg.expected_preemption_interval_seconds, self.state.global_step)
+        self.interval = ckpt.CheckpointInterval(
+            cfg.expected_preemption_interval_seconds, self.state.global_step, log=acc.is_main_process
+        )
         self.publisher.on_published = self._on_published
         self.progress_server = serve_progress(self.progress) if acc.is_main_process else None
         self._setup_reporting()
