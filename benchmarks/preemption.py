@@ -1,0 +1,190 @@
+"""Preemption benchmark: how fast SIGTERM becomes a durable checkpoint, and how much state fits a grace period.
+
+    python benchmarks/preemption.py                      # local disk and SeaweedFS (if `weed` is installed)
+    python benchmarks/preemption.py --no-s3 --sizes-mb 256,1024 --repeats 2
+
+Each trial is the real thing: `python -m dreambooth_trainer.launch` (torchrun, one worker) on the tiny model,
+SIGTERM to the launcher once training runs, and the output folder polled until a new complete checkpoint
+(manifest + LATEST) appears. Figures, one line each:
+
+- tiny model: SIGTERM -> durable checkpoint seconds, SIGTERM -> launcher exit seconds, and steps lost per
+  preemption (steps finished before the signal that the durable checkpoint does not hold; target 0);
+- padded state (DREAMBOOTH_TEST_PAD_STATE_MB adds N MiB of random bytes to every checkpoint: a bigger model's
+  weights and optimizer state): SIGTERM -> durable seconds per size, then the largest state made durable within
+  15 s (GKE spot) and 120 s (AWS spot notice, the default grace period), measured and extrapolated linearly.
+
+The stop deadline is set high here so that the true time is measured; in a pod the launcher would give up at
+the deadline and the previous periodic checkpoint would stand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from tests.preemption_utils import LaunchedRun, training  # noqa: E402
+
+BUDGETS = (15.0, 120.0)
+
+
+def _latest_reader(uri: str) -> Callable[[], int | None]:
+    """A cheap 'newest complete checkpoint' probe: LATEST, then its manifest."""
+    from dreambooth_trainer.storage import NotFoundError, open_store
+
+    store = open_store(uri)
+
+    def read() -> int | None:
+        try:
+            name = store.read_text("LATEST").strip()
+        except NotFoundError:
+            return None
+        return int(name.rsplit("-", 1)[1]) if store.exists(f"{name}/manifest.json") else None
+
+    return read
+
+
+def trial(work: Path, uri: str, *, pad_mb: int = 0, warm_steps: int = 6, ckpt: int = 4) -> dict[str, float]:
+    """One preemption: train, SIGTERM at a step, time until durable and until exit."""
+    env = {"DREAMBOOTH_STOP_DEADLINE_SECONDS": "900"}
+    if pad_mb:
+        env["DREAMBOOTH_TEST_PAD_STATE_MB"] = str(pad_mb)
+    run = LaunchedRun(work, "full", training(uri, "full", steps=100_000, ckpt=ckpt), **env).start()
+    latest = _latest_reader(uri)
+    try:
+        run.wait_until(f"step {warm_steps}", lambda s: s["step"] >= warm_steps, timeout=600)
+        before = latest()
+        snap = run.progress() or {}
+        step_at_signal = snap.get("step", 0)
+        t0 = time.monotonic()
+        run.signal()
+        durable_step = None
+        while durable_step is None or durable_step == before:
+            durable_step = latest()
+            if run.proc is not None and run.proc.poll() is not None and (durable_step in (None, before)):
+                raise RuntimeError(f"launcher exited {run.proc.returncode} without a new checkpoint\n{run.log()}")
+            time.sleep(0.01)
+        durable = time.monotonic() - t0
+        rc = run.wait(900)
+        exited = time.monotonic() - t0
+    except BaseException:
+        run.kill_tree()
+        raise
+    if rc != 75:
+        raise RuntimeError(f"launcher exited {rc}\n{run.log()}")
+    term = run.termination()
+    assert term["step"] == durable_step, (term, durable_step)
+    return {
+        "durable": durable,
+        "exit": exited,
+        "lost": max(0, step_at_signal - durable_step),
+        "after": durable_step - step_at_signal,
+    }
+
+
+def bench_tiny(name: str, make_uri: Callable[[str], str], root: Path, repeats: int) -> None:
+    results = [trial(root / f"tiny-{name}-{i}", make_uri(f"tiny-{i}")) for i in range(repeats)]
+    d = [r["durable"] for r in results]
+    e = [r["exit"] for r in results]
+    lost = [int(r["lost"]) for r in results]
+    after = [int(r["after"]) for r in results]
+    print(
+        f"tiny model, {name}: SIGTERM -> durable checkpoint {statistics.median(d):.2f} s median "
+        f"(min {min(d):.2f}, max {max(d):.2f}, n={repeats}); SIGTERM -> launcher exit {statistics.median(e):.2f} s median; "
+        f"steps lost per preemption {lost} (target 0); steps between the last /progress reading and the stop step {after}",
+        flush=True,
+    )
+
+
+def bench_padded(name: str, make_uri: Callable[[str], str], root: Path, sizes: list[int]) -> None:
+    points: list[tuple[int, float]] = []
+    for mb in sizes:
+        r = trial(root / f"pad-{name}-{mb}", make_uri(f"pad-{mb}"), pad_mb=mb, warm_steps=2, ckpt=100_000)
+        points.append((mb, r["durable"]))
+        print(f"padded state {mb} MiB (+ tiny model state), {name}: SIGTERM -> durable {r['durable']:.2f} s "
+              f"({mb / max(r['durable'], 1e-9):.0f} MiB/s), launcher exit {r['exit']:.2f} s", flush=True)  # fmt: skip
+        _cleanup(make_uri(f"pad-{mb}"))
+    # Least squares t = a + b * size: a is the fixed cost (finish the step, snapshot, manifest), b the per-MiB cost.
+    n = len(points)
+    mx = sum(p[0] for p in points) / n
+    my = sum(p[1] for p in points) / n
+    var = sum((p[0] - mx) ** 2 for p in points)
+    b = sum((p[0] - mx) * (p[1] - my) for p in points) / var if var else my / mx
+    a = my - b * mx
+    for budget in BUDGETS:
+        measured = max((mb for mb, t in points if t <= budget), default=None)
+        fit = (budget - a) / b if b > 0 else float("inf")
+        print(
+            f"largest state durable within {budget:.0f} s, {name}: measured {measured if measured else 'none'} MiB; "
+            f"~{fit / 1024:.1f} GiB extrapolated (t = {a:.2f} s + {b * 1024:.2f} s/GiB)",
+            flush=True,
+        )
+
+
+def _cleanup(uri: str) -> None:
+    from dreambooth_trainer.storage import open_store
+
+    store = open_store(uri)
+    if store.local_root() is not None:
+        import shutil
+
+        shutil.rmtree(store.local_root(), ignore_errors=True)
+    else:
+        store.delete_prefix("")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3, help="tiny-model trials per storage")
+    parser.add_argument("--sizes-mb", default="256,1024,2048", help="padded state sizes, MiB")
+    parser.add_argument("--no-s3", action="store_true", help="skip SeaweedFS")
+    parser.add_argument("--no-padded", action="store_true", help="only the tiny model")
+    args = parser.parse_args()
+    sizes = [int(x) for x in args.sizes_mb.split(",") if x]
+    os.environ.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    print(f"machine: {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M')}")
+    with tempfile.TemporaryDirectory(prefix="bench-preemption-") as tmp:
+        root = Path(tmp)
+        bench_tiny("local disk", lambda n: str(root / "out" / n), root, args.repeats)
+        if not args.no_padded:
+            bench_padded("local disk", lambda n: str(root / "out" / n), root, sizes)
+        if not args.no_s3:
+            server = _start_s3(root)
+            if server is not None:
+                try:
+                    bucket = server.make_bucket("bench-preemption")
+                    bench_tiny("SeaweedFS S3", lambda n: f"s3://{bucket}/{n}", root, args.repeats)
+                    if not args.no_padded:
+                        bench_padded("SeaweedFS S3", lambda n: f"s3://{bucket}/{n}", root, sizes)
+                finally:
+                    server.close()
+    return 0
+
+
+def _start_s3(root: Path):  # noqa: ANN202
+    try:
+        from s3server import SeaweedS3, find_weed
+
+        find_weed()
+    except (ImportError, FileNotFoundError) as exc:
+        print(f"SeaweedFS: skipped ({exc})")
+        return None
+    server = SeaweedS3()
+    server.start()
+    os.environ.update(server.env())
+    os.environ["DREAMBOOTH_CACHE"] = str(root / "cache")
+    print(f"SeaweedFS on {server.endpoint} (same machine: measures the protocol and the bytes, not a network)")
+    return server
+
+
+if __name__ == "__main__":
+    sys.exit(main())
