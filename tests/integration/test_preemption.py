@@ -204,6 +204,9 @@ def test_sigkill_after_the_grace_period_leaves_no_partial_checkpoint(tmp_path: P
     stop = run.wait_until("the emergency save", lambda s: s["phase"] == "Stopping")["step"]
     time.sleep(0.5)
     run.kill_tree()
+    # The launcher never got to its final word; its provisional message still tells the operator why.
+    term = run.termination()
+    assert term["reason"] == "Preempted" and "under way" in term["message"], term
     assert (out / f"checkpoint-{stop}").is_dir()
     _assert_nothing_partial(out.as_uri(), stop, 3)
 

@@ -346,6 +346,12 @@ class Launcher:
                         "%s: each worker finishes its step, then an emergency checkpoint; stop deadline %.0fs",
                         stop.signal_name, self.deadline,
                     )  # fmt: skip
+                    # Provisional: if the kubelet SIGKILLs us before the final word, the pod still says why.
+                    provisional = (
+                        f"{stop.signal_name}: emergency checkpoint under way (deadline {self.deadline:.0f}s); the "
+                        "launcher was killed before it finished, so the newest complete checkpoint (LATEST) stands"
+                    )
+                    write_termination_message(Outcome(EXIT_PREEMPTED, message=provisional), self.environ)
                 self._forward_stop(proc)
                 late = now - self.stop_at >= self.deadline
                 if (late or self.abort) and not (stop.killed_at_deadline or stop.aborted):
