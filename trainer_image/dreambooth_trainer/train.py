@@ -208,9 +208,15 @@ class Trainer:
         lr = cfg.learning_rate
         if cfg.scale_lr:
             lr = lr * self.accum * self.batch_size * self.world
-        self.optimizer = optimizer_class(cfg)(
-            params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon
-        )
+        self.params_to_clip = params  # built once: walking every module's parameters each step costs ms
+        opt_class = optimizer_class(cfg)
+        # On CPU torch's default AdamW loops over tensors in Python (~10x slower than its fused kernel, which CPU
+        # has had since torch 2.4); on GPU the default (foreach) is kept, as in the scripts.
+        fused = {"fused": True} if opt_class is torch.optim.AdamW and acc.device.type == "cpu" else {}
+        self.optimizer = opt_class(
+            params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+            eps=cfg.adam_epsilon, **fused,
+        )  # fmt: skip
         from diffusers.optimization import get_scheduler
 
         self.lr_scheduler = get_scheduler(
@@ -533,7 +539,7 @@ class Trainer:
                 if not sync:
                     continue
                 if cfg.max_grad_norm is not None:
-                    acc.clip_grad_norm_([p for mod in self.trained for p in mod.parameters() if p.requires_grad], cfg.max_grad_norm)
+                    acc.clip_grad_norm_(self.params_to_clip, cfg.max_grad_norm)
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 # train_dreambooth.py zeroes grads unless --set_grads_to_none; the LoRA script sets them to None.
