@@ -191,21 +191,32 @@ def test_prior_preservation_with_two_processes_generates_exactly_the_count(tmp_p
 
 
 @pytest.mark.slow
-def test_prior_preservation_class_folder_on_s3(tmp_path: Path, s3, bucket) -> None:
+def test_class_folder_and_output_on_s3(tmp_path: Path, s3, bucket) -> None:
+    """Class images generated into an s3:// folder; validation images, model card and TensorBoard logs in an
+    s3:// output."""
     from dreambooth_trainer.storage import open_store
 
     store = open_store(f"s3://{bucket}/class/")
     first = sorted(CLASS_DOG.iterdir())[0]
     store.upload_file(first, first.name)
-    out = tmp_path / "out"
+    out = f"s3://{bucket}/run/"
+    tracker = ["--report_to", "tensorboard"] if HAS_TENSORBOARD else ["--report_to", "none"]
     run_dreambooth(["train-lora", *tiny_args(out, steps=1, ckpt=1000, batch=1, extra=[
         "--with_prior_preservation", "--class_data_dir", f"s3://{bucket}/class/", "--class_prompt", "a photo of dog",
-        "--num_class_images", "3", "--report_to", "none"])], env=s3_env(s3))  # fmt: skip
+        "--num_class_images", "3", "--validation_prompt", PROMPT, "--num_validation_images", "1", *tracker])],
+        env=s3_env(s3))  # fmt: skip
     keys = sorted(o.key for o in store.list(""))
     generated = [k for k in keys if k.endswith(".jpg")]
     assert [k[:6] for k in generated] == ["00001-", "00002-"] and first.name in keys
     manifest = json.loads(store.read_text(".dreambooth-class-images.json"))
     assert [f["file"] for f in manifest["files"]] == generated
+
+    output = {o.key for o in open_store(out).list("")}
+    assert {"pytorch_lora_weights.safetensors", "README.md", "validation/step-1/image-0.png",
+            "validation/step-1/grid.png"} <= output  # fmt: skip
+    assert "![validation 0](validation/step-1/image-0.png)" in open_store(out).read_text("README.md")
+    if HAS_TENSORBOARD:
+        assert any(k.startswith("logs/dreambooth-lora/events.out.tfevents") for k in output), sorted(output)
 
 
 def s3_env(s3) -> dict[str, str]:
