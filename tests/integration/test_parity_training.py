@@ -86,9 +86,9 @@ def test_validation_saves_images_and_grid_and_leaves_training_bit_identical(tmp_
         assert {"loss", "lr"} <= set(events.Tags()["scalars"])
         assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
         assert "validation" in events.Tags()["images"]
-        assert not (plain / "logs").exists()
+        assert not (plain / "logs" / "dreambooth").exists()  # logs/ may hold per-rank logs, not TensorBoard
     else:
-        assert not (validated / "logs").exists()
+        assert not (validated / "logs" / "dreambooth").exists()
 
 
 def test_lora_validates_every_n_epochs_and_at_the_end_with_text_encoder_lora(tmp_path: Path) -> None:
