@@ -339,8 +339,12 @@ class _Planner:
         if self.w.progress is not None:
             self._merge_progress(self.w.progress)
         for v in views:
-            if v.termination and v.termination.get("checkpointUri") and isinstance(v.termination.get("step"), int):
-                self._checkpoint(v.termination["step"], str(v.termination["checkpointUri"]), v.finished_at)
+            term = v.termination or {}
+            # After a stop, checkpointUri is what the next attempt resumes from; after completion it is the
+            # final model, which is no checkpoint.
+            done = str(term.get("reason", "")).lower() == "completed" or v.exit_code == 0
+            if term.get("checkpointUri") and isinstance(term.get("step"), int) and not done:
+                self._checkpoint(term["step"], str(term["checkpointUri"]), v.finished_at)
         timing = Timing(rp.scheduling_timeout_seconds, rp.progress_deadline_seconds, S.parse_time(st.last_progress_time))
         outcome = policy.classify(views, expected, True, self.now, timing)
         decision = policy.decide(outcome, self._counters(), rp, self.opts.backoff_base_seconds)

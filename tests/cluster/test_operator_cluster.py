@@ -9,6 +9,7 @@ Helpers here (OperatorProcess, fake_job, JobWatcher) are imported by the other t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 import requests
 from k8s_harness import ApiError, Cluster, wait_until
-from k8s_harness.util import free_port
+from k8s_harness.util import WaitAbort, free_port
 
 pytestmark = pytest.mark.cluster
 
@@ -260,9 +261,17 @@ class Jobs:
         return next((c for c in self.status(name).get("conditions", []) if c["type"] == ctype), {})
 
     def wait(self, name: str, predicate: Callable[[dict[str, Any]], Any], timeout: float, what: str) -> dict[str, Any]:
+        def check() -> Any:
+            st = self.status(name)
+            if predicate(st):
+                return True
+            if st.get("phase") in ("Failed", "Succeeded"):
+                raise WaitAbort(f"{name} ended {st.get('phase')} while waiting for {what}")
+            return False
+
         try:
-            wait_until(lambda: predicate(self.status(name)), timeout, 0.25, what)
-        except TimeoutError as e:
+            wait_until(check, timeout, 0.25, what)
+        except (TimeoutError, WaitAbort) as e:
             raise AssertionError(self.explain(name, f"{e}")) from None
         return self.status(name)
 
@@ -274,8 +283,16 @@ class Jobs:
                 for p in self.pods(name)]  # fmt: skip
         events = [f"{e['type']} {e['reason']}: {e['message']}" for e in self.events(name)]
         op = self.operator.log() if self.operator else ""
+        logs = ""
+        for pod in self.pods(name):
+            with contextlib.suppress(Exception):
+                full = self.cluster.pod_log(self.ns, pod["metadata"]["name"])
+                if os.environ.get("DREAMBOOTH_TEST_LOG_DIR"):
+                    Path(os.environ["DREAMBOOTH_TEST_LOG_DIR"], f"{pod['metadata']['name']}.log").write_text(full)
+                tail = full[-3000:]
+                logs += f"\n----- {pod['metadata']['name']} log (tail) -----\n{tail}"
         return (f"{headline}\nstatus: {json.dumps(self.status(name), indent=1)}\npods: {pods}\nevents:\n  "
-                + "\n  ".join(events) + f"\noperator log:\n{op}")  # fmt: skip
+                + "\n  ".join(events) + f"\noperator log:\n{op}{logs}")  # fmt: skip
 
 
 @pytest.fixture

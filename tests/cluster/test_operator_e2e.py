@@ -34,9 +34,16 @@ WEIGHTS = "pytorch_lora_weights.safetensors"
 def storage(cluster: Cluster, namespace: str, s3: Any, bucket: str) -> dict[str, Any]:
     """The test's bucket, reachable from pods, with the dog images in it and a credentials Secret."""
     cluster.expose_host_port(s3.s3_port)
+    from dreambooth_trainer.tiny import ensure_tiny_model
+
     client = s3.client()
     for image in sorted(DOG.iterdir()):
         client.upload_file(str(image), bucket, f"data/dog/{image.name}")
+    # The model comes from S3 like a real one (each pod syncs it down). tiny:// would make it in each pod, and
+    # on a non-zero global rank that currently writes no weights (transformers' save_pretrained skips them).
+    model = ensure_tiny_model()
+    for f in sorted(p for p in model.rglob("*") if p.is_file()):
+        client.upload_file(str(f), bucket, f"models/tiny/{f.relative_to(model)}")
     cluster.kube_api.create(f"/api/v1/namespaces/{namespace}/secrets", {
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
         "data": {"AWS_ACCESS_KEY_ID": base64.b64encode(s3.access_key.encode()).decode(),
@@ -77,7 +84,7 @@ def real_job(name: str, storage: dict[str, Any], *, step_delay: float = 0.0, nod
         "spec": {
             "method": "lora",
             "training": {
-                "pretrainedModelNameOrPath": "tiny://",
+                "pretrainedModelNameOrPath": f"s3://{bucket}/models/tiny/",
                 "instanceDataDir": f"s3://{bucket}/data/dog/",
                 "instancePrompt": "a photo of sks dog",
                 "outputDir": f"s3://{bucket}/runs/{name}/",

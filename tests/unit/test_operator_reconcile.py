@@ -277,7 +277,8 @@ def test_happy_path_fills_every_status_field() -> None:
         env.kube.exit(pod, 0, done())
     st = env.reconcile()
     assert st["phase"] == "Succeeded" and st["completionTime"] == ts(env.clock.now)
-    assert st["step"] == 20 and st["lastCheckpoint"]["step"] == 20 and st["eta"] == "0s"
+    # The final model named by the completion message is not a checkpoint: the last polled one stands.
+    assert st["step"] == 20 and st["lastCheckpoint"]["step"] == 5 and st["eta"] == "0s"
     assert st["preemptions"] == 0 and st["restarts"] == 0 and st["observedGeneration"] == 1
     assert "Completed" in env.kube.event_reasons()
     # Finished pods stay for `kubectl logs`.
@@ -619,3 +620,19 @@ def test_metrics_count_requests_preemptions_and_writes() -> None:
     text = metrics.render().decode()
     assert "dreambooth_operator_preemptions_total 1.0" in text
     assert "dreambooth_operator_status_writes_total" in text
+
+
+def test_emergency_checkpoint_from_the_termination_message() -> None:
+    env = Env()
+    env.reconcile()
+    env.kube.run_all()
+    env.reconcile()
+    stopped = {"reason": "Preempted", "step": 9, "checkpointUri": "s3://runs/dog/checkpoint-9",
+               "message": "emergency checkpoint at step 9 published"}  # fmt: skip
+    for pod in env.kube.job_pods():
+        env.kube.exit(pod, 75, stopped)
+    st = env.reconcile()
+    assert st["preemptions"] == 1 and st["lastCheckpoint"]["step"] == 9
+    assert st["lastCheckpoint"]["uri"] == "s3://runs/dog/checkpoint-9"
+    assert env.cond("Preempted")["reason"] == S.R_LAUNCHER_PREEMPTED
+    assert "emergency checkpoint at step 9" in env.cond("Preempted")["message"]
