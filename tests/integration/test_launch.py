@@ -160,11 +160,10 @@ def test_sigterm_while_workers_start_exits_75_with_nothing_to_save(tmp_path: Pat
         time.sleep(0.05)
     time.sleep(1.0)  # the worker is importing torch and diffusers now
     run.signal()
-    t0 = time.monotonic()
     assert run.wait() == 75, run.log()
-    assert time.monotonic() - t0 < 30
     term = run.termination()
     assert term["reason"] == "Preempted" and term["checkpointUri"] is None, term
+    assert "deadline" not in term["message"], term  # the worker stopped by itself, it was not killed
     assert "before the first step" in term["message"] and "starts from step 0" in term["message"], term
     assert not (tmp_path / "out" / "LATEST").exists()
 
