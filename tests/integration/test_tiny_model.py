@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from dreambooth_trainer import tiny
 from dreambooth_trainer.data import DreamBoothDataset, EpochSampler, collate_fn, list_images
 

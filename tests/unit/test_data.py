@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torch.utils.data import DataLoader, DistributedSampler
+
 from dreambooth_trainer.data import (
     DataError,
     DreamBoothDataset,
@@ -19,8 +22,6 @@ from dreambooth_trainer.data import (
     load_image,
     transform_image,
 )
-from PIL import Image
-from torch.utils.data import DataLoader, DistributedSampler
 
 pytestmark = pytest.mark.unit
 torch.set_num_threads(1)
