@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -256,10 +256,13 @@ class Timing:
     last_progress: datetime | None = None
 
 
-def _strongest(verdicts: list[Outcome]) -> Outcome:
-    def rank(o: Outcome) -> tuple[int, int]:
+def _strongest(verdicts: list[Outcome], finished: dict[str, datetime]) -> Outcome:
+    """The root cause: the strongest kind, and among equals the pod that ended first (its peers die of it)."""
+    latest = datetime.max.replace(tzinfo=UTC)
+
+    def rank(o: Outcome) -> tuple[int, int, datetime]:
         sub = _FAILURE_PRIORITY.index(o.reason) if o.reason in _FAILURE_PRIORITY else len(_FAILURE_PRIORITY)
-        return _PRIORITY.index(o.kind), sub
+        return _PRIORITY.index(o.kind), sub, finished.get(o.pod or "", latest)
 
     return min(verdicts, key=rank)
 
@@ -272,7 +275,7 @@ def classify(pods: list[PodView], expected: int, gang_created: bool, now: dateti
         verdicts += [Outcome(Kind.PREEMPTED, S.R_POD_DELETED, f"pod {i} of the gang is gone (deleted, not by the operator).")
                      for i in range(expected) if i not in by_index]  # fmt: skip
     if verdicts:
-        top = _strongest(verdicts)
+        top = _strongest(verdicts, {p.name: p.finished_at for p in by_index.values() if p.finished_at})
         if top.kind == Kind.FAILED and top.reason == S.R_CRASH:
             crashed = next(p for p in by_index.values() if p.name == top.pod) if top.pod else None
             peers_active = any(p.active for p in by_index.values())

@@ -119,6 +119,15 @@ def test_classify(label: str, pods: list[PodView], kind: Kind, reason: str) -> N
     assert (outcome.kind, outcome.reason) == (kind, reason), outcome.message
 
 
+def test_the_pod_that_failed_first_is_the_root_cause() -> None:
+    first = PodView(name="p1", index=1, phase="Failed", exit_code=70, created=ago(100), finished_at=ago(30),
+                    termination=msg("crash", "OSError: no model.safetensors"))
+    echo = PodView(name="p0", index=0, phase="Failed", exit_code=70, created=ago(100), finished_at=ago(25),
+                   raw_message="gloo: Connection closed by peer")  # fmt: skip
+    outcome = classify([echo, first], 2, True, NOW, T)
+    assert outcome.pod == "p1" and "model.safetensors" in outcome.message
+
+
 def test_gang_not_yet_created_is_starting() -> None:
     assert classify([running(0)], 2, gang_created=False, now=NOW, timing=T).kind == Kind.STARTING
 
