@@ -133,21 +133,23 @@ def test_gpu_oom_on_one_rank_exits_71(tmp_path: Path) -> None:
     assert term["reason"] == "GPUOutOfMemory" and "local rank 1 exited 71" in term["message"], term
 
 
-def test_worker_killed_mid_training_exits_70_and_leaves_no_orphans(tmp_path: Path) -> None:
-    run = LaunchedRun(
-        tmp_path,
-        "full",
-        training(str(tmp_path / "out"), "full", steps=30, ckpt=100),
-        DREAMBOOTH_TEST_STEP_DELAY_SECONDS="0.2",
-    ).start()
+@pytest.mark.parametrize("victim", ["worker", "torchrun"])
+def test_process_killed_mid_training_exits_70_and_leaves_no_orphans(victim: str, tmp_path: Path) -> None:
+    """SIGKILL (the host's OOM killer) to the worker, or to torchrun, whose workers then live on in their own
+    sessions unless the launcher kills their process groups."""
+    train = training(str(tmp_path / "out"), "full", steps=30, ckpt=100)
+    run = LaunchedRun(tmp_path, "full", train, DREAMBOOTH_TEST_STEP_DELAY_SECONDS="0.2").start()
     run.wait_until("step 2", lambda s: s["step"] >= 2)
     tree = run.tree()
     workers = _workers(run)
     assert len(workers) == 1, workers
-    os.kill(workers[0], signal.SIGKILL)  # what the host's OOM killer does
+    os.kill(workers[0] if victim == "worker" else tree[1], signal.SIGKILL)
     assert run.wait() == 70, run.log()
     term = run.termination()
     assert term["reason"] == "Crashed" and "local rank 0 died without a result" in term["message"], term
+    if victim == "torchrun":
+        assert "torchrun died of signal 9" in term["message"], term
+    time.sleep(0.2)  # a SIGKILLed process is gone once the kernel has reaped it
     assert not [p for p in tree if alive(p)]
 
 

@@ -215,6 +215,8 @@ def decide(
             f"torchrun exited {torchrun_rc} before any worker reported (rendezvous or launch failure)",
         )
     code, failures = _rank_failures(codes)
+    if torchrun_rc is not None and torchrun_rc < 0:
+        failures = f"torchrun died of signal {-torchrun_rc}; its workers were killed; {failures}"
     if detail.get("exitCode") == code and detail.get("message"):
         message = f"{detail['message']} [{failures}]"
     else:
@@ -366,7 +368,10 @@ class Launcher:
                 time.sleep(POLL_SECONDS)
         if stop is not None and self.stop_at is not None:
             stop.seconds = time.monotonic() - self.stop_at
-        self._kill_orphans()
+        if rc is not None and rc < 0:
+            # torchrun died of a signal (ours at the deadline, or the OOM killer): it did not stop its workers.
+            # Otherwise it already waited for them, and a long-gone pid is not worth a kill (pids get reused).
+            self._kill_orphans()
         return rc, stop
 
     def _forward_stop(self, proc: subprocess.Popen[bytes]) -> None:
@@ -389,7 +394,6 @@ class Launcher:
             os.killpg(proc.pid, signal.SIGKILL)
 
     def _kill_orphans(self) -> None:
-        # torchrun normally reaps its workers; after a torchrun crash or our SIGKILL they may live on.
         for pgid in list(self.workers):
             if _group_alive(pgid):
                 logger.warning("worker process group %d outlived torchrun: killing it", pgid)
