@@ -9,7 +9,13 @@ GPU, fp32 on CPU by default), sharded across processes. Differences, each for co
 * each image is a function of ``(seed, index)`` alone: it has its own generator, so ranks never produce the
   same image (the scripts seed every rank alike) and a run with another world size writes the same files;
 * only readable images count as present, and the folder may be ``s3://``: images are generated locally and
-  uploaded, with a manifest (``.dreambooth-class-images.json``) recording what was generated and how.
+  uploaded batch by batch (an attempt preempted mid-stage keeps what it made), with a manifest
+  (``.dreambooth-class-images.json``: model, class prompt, resolution, count, seed, files) written last;
+* the folder is a stage of its own: a later attempt, or another job with the same model and class prompt, reuses
+  it and generates only what is missing (filling the indices an interrupted attempt left out); a folder whose
+  manifest names another model or class prompt is refused (exit 64) instead of silently mixing priors. The
+  training resolution is recorded but not part of that check: images are generated at the model's own size
+  and resized by the dataset like any user-supplied class image, as the scripts do.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -26,21 +33,64 @@ from typing import Any
 import torch
 
 from .config import ConfigError, _Common
-from .data import DataError, PromptDataset, list_images
+from .data import DataError, list_images
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = ".dreambooth-class-images.json"
+_GENERATED = re.compile(r"^(\d{5,})-[0-9a-f]{40}\.jpg$")
+
+
+def present_class_images(folder: Path) -> list[Path]:
+    """Readable images already in the class folder (a missing or empty folder has none)."""
+    if not folder.is_dir():
+        return []
+    try:
+        return list_images(folder, flag="class_data_dir")
+    except DataError:
+        return []
 
 
 def count_class_images(folder: Path) -> int:
-    """Readable images already in the class folder (a missing or empty folder has none)."""
-    if not folder.is_dir():
-        return 0
-    try:
-        return len(list_images(folder, flag="class_data_dir"))
-    except DataError:
-        return 0
+    return len(present_class_images(folder))
+
+
+def indices_to_generate(names: list[str], missing: int) -> list[int]:
+    """Indices of the `missing` images to make, given the image file names present.
+
+    Generated images are named by index; user images are not. New indices start after as many as there are
+    user images (the scripts' numbering) and skip those already generated, so the holes an interrupted attempt
+    left (one rank's share uploaded, another's not) are filled instead of an index being made twice.
+    """
+    taken = {int(m.group(1)) for m in map(_GENERATED.match, names) if m}
+    out, i = [], len(names) - len(taken)
+    while len(out) < missing:
+        if i not in taken:
+            out.append(i)
+        i += 1
+    return out
+
+
+def _norm_model(model: str | None) -> str:
+    return (model or "").rstrip("/")
+
+
+def manifest_conflict(manifest: dict[str, Any], cfg: _Common) -> str | None:
+    """Why class images made under `manifest` must not serve this config's prior, or None when they may."""
+    theirs = {
+        "model": _norm_model(manifest.get("model")),
+        "revision": manifest.get("revision"),
+        "variant": manifest.get("variant"),
+        "class prompt": manifest.get("classPrompt"),
+    }
+    ours = {
+        "model": _norm_model(cfg.pretrained_model_name_or_path),
+        "revision": cfg.revision,
+        "variant": cfg.variant,
+        "class prompt": cfg.class_prompt,
+    }
+    diffs = [f"{k} {theirs[k]!r} (this run: {ours[k]!r})" for k in ours if theirs[k] != ours[k]]
+    return ", ".join(diffs) or None
 
 
 def generation_dtype(cfg: _Common, device: torch.device) -> torch.dtype:
@@ -94,13 +144,28 @@ def ensure_class_images(
     from accelerate.utils import broadcast_object_list, gather_object
 
     rank, world = accelerator.process_index, accelerator.num_processes
-    present = count_class_images(class_dir) if accelerator.is_main_process else 0
+    names: list[str] = []
+    conflict = None
+    if accelerator.is_main_process:
+        names = [p.name for p in present_class_images(class_dir)]
+        conflict = _check_manifest(class_dir / MANIFEST, cfg)
+    present = len(names)
     if world > 1:
-        present = broadcast_object_list([present], from_process=0)[0]
+        # Every rank learns the verdict, so a refused folder fails all of them at once (no rank left waiting).
+        present, conflict, names = broadcast_object_list([present, conflict, names], from_process=0)
+    if conflict:
+        raise ConfigError(
+            "class_data_dir",
+            f"{cfg.class_data_dir} holds class images generated for {conflict}; they would teach the wrong prior. "
+            f"Point class_data_dir at a folder of its own, or delete {MANIFEST} there to use the images anyway.",
+        )
     missing = cfg.num_class_images - present
     if missing <= 0:
+        if accelerator.is_main_process:
+            logger.info("prior preservation: reusing %d class image(s) in %s", present, cfg.class_data_dir)
         return 0
-    mine = shard(missing, rank, world)
+    indices = indices_to_generate(names, missing)
+    mine = [indices[p] for p in shard(missing, rank, world)]
     logger.info(
         "prior preservation: %d class image(s) in %s, %d missing; this rank generates %d",
         present, cfg.class_data_dir, missing, len(mine),
@@ -116,19 +181,23 @@ def ensure_class_images(
             accelerator.device,
             model_dir,
             write_dir,
-            PromptDataset(cfg.class_prompt or "", missing),
             mine,
-            present,
             seed,
+            upload=None if local_root is not None else class_store,
         )
-        if local_root is None:
-            for entry in written:
-                class_store.upload_file(write_dir / entry["file"], entry["file"])
     everything = gather_object(written) if world > 1 else written
     if accelerator.is_main_process:
-        _write_manifest(class_store, cfg, seed, sorted(everything, key=lambda e: e["index"]))
+        _write_manifest(class_store, cfg, seed, sorted(everything, key=lambda e: e["index"]), present + missing)
     accelerator.wait_for_everyone()
     return missing
+
+
+def _check_manifest(path: Path, cfg: _Common) -> str | None:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # no manifest (user-supplied images) or an unreadable one: the scripts' rule, count files
+    return manifest_conflict(manifest, cfg) if isinstance(manifest, dict) else None
 
 
 def _generate(
@@ -136,10 +205,9 @@ def _generate(
     device: torch.device,
     model_dir: Path,
     write_dir: Path,
-    prompts: PromptDataset,
-    positions: list[int],
-    present: int,
+    indices_todo: list[int],
     seed: int,
+    upload: Any = None,
 ) -> list[dict[str, Any]]:
     from diffusers import DiffusionPipeline
 
@@ -152,16 +220,17 @@ def _generate(
     pipeline.to(device)
     written: list[dict[str, Any]] = []
     try:
-        for start in range(0, len(positions), cfg.sample_batch_size):
-            batch = [prompts[p] for p in positions[start : start + cfg.sample_batch_size]]
-            indices = [present + ex["index"] for ex in batch]
+        for start in range(0, len(indices_todo), cfg.sample_batch_size):
+            indices = indices_todo[start : start + cfg.sample_batch_size]
             generators = [torch.Generator(device=device).manual_seed(image_seed(seed, i)) for i in indices]
-            images = pipeline([ex["prompt"] for ex in batch], generator=generators).images
+            images = pipeline([cfg.class_prompt or ""] * len(indices), generator=generators).images
             for index, image in zip(indices, images, strict=True):
                 name = file_name(index, image.tobytes())
                 buf = io.BytesIO()
                 image.save(buf, format="JPEG")
                 (write_dir / name).write_bytes(buf.getvalue())
+                if upload is not None:
+                    upload.upload_file(write_dir / name, name)
                 written.append({"file": name, "index": index, "seed": image_seed(seed, index)})
     finally:
         # Free the sampling pipeline before the training models load.
@@ -173,7 +242,7 @@ def _generate(
     return written
 
 
-def _write_manifest(store: Any, cfg: _Common, seed: int, entries: list[dict[str, Any]]) -> None:
+def _write_manifest(store: Any, cfg: _Common, seed: int, entries: list[dict[str, Any]], count: int) -> None:
     """Record what was generated (appending to an earlier manifest), so a reused folder says where it came from."""
     previous: list[dict[str, Any]] = []
     try:
@@ -183,6 +252,8 @@ def _write_manifest(store: Any, cfg: _Common, seed: int, entries: list[dict[str,
     doc = {
         "classPrompt": cfg.class_prompt,
         "numClassImages": cfg.num_class_images,
+        "count": count,
+        "resolution": cfg.resolution,
         "model": cfg.pretrained_model_name_or_path,
         "revision": cfg.revision,
         "variant": cfg.variant,
@@ -193,4 +264,13 @@ def _write_manifest(store: Any, cfg: _Common, seed: int, entries: list[dict[str,
     store.write_text(MANIFEST, json.dumps(doc, indent=1))
 
 
-__all__ = ["MANIFEST", "count_class_images", "ensure_class_images", "generation_dtype", "image_seed", "shard"]
+__all__ = [
+    "MANIFEST",
+    "count_class_images",
+    "ensure_class_images",
+    "generation_dtype",
+    "image_seed",
+    "indices_to_generate",
+    "manifest_conflict",
+    "shard",
+]

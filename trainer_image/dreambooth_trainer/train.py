@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from . import hub
+from . import hub, logs
 from .classimages import ensure_class_images
 from .config import ConfigError, _Common, config_hash, flag_and_field
 from .data import CachedLatentsDataset, DreamBoothDataset, EpochSampler, collate_fn, list_images
@@ -41,7 +41,7 @@ from .model import (
 )
 from .modelcard import model_card, write_model_card
 from .progress import Progress, serve_progress
-from .storage import Store, local_cache_for, open_store
+from .storage import AccessDeniedError, BucketMissingError, NotFoundError, Store, local_cache_for, open_store
 from .validation import Trackers, Validator, trackers_for
 
 logger = logging.getLogger(__name__)
@@ -83,21 +83,35 @@ class TrainResult:
     validation_images: list[str]
 
 
-def stage_folder(uri: str, what: str) -> Path:
+@contextlib.contextmanager
+def naming_field(field: str):  # noqa: ANN201 - a context manager
+    """Storage errors a user fixes (credentials, bucket, a missing object) name the setting that points there."""
+    try:
+        yield
+    except (AccessDeniedError, BucketMissingError, NotFoundError) as exc:
+        raise type(exc)(f"{flag_and_field(field)}: {exc}") from exc
+
+
+def stage_folder(uri: str, what: str, field: str | None = None, *, may_be_empty: bool = False) -> Path:
     """A local folder holding the contents of `uri` (an s3:// prefix is synced into a cache).
 
     `tiny://epsilon` or `tiny://v_prediction` names the project's tiny test model, made once into a cache.
+    With `field`, storage errors and an s3:// prefix holding nothing (a typo reads as an empty prefix: S3 has no
+    folders) say which setting to fix, before any model loads.
     """
     if uri.startswith("tiny://"):
         from .tiny import ensure_tiny_model
 
         return ensure_tiny_model(prediction_type=uri.removeprefix("tiny://") or "epsilon")
-    store = open_store(uri)
-    root = store.local_root()
-    if root is not None:
-        return root
-    local = local_cache_for(uri)
-    store.sync_down("", local)
+    with naming_field(field) if field else contextlib.nullcontext():
+        store = open_store(uri)
+        root = store.local_root()
+        if root is not None:
+            return root
+        local = local_cache_for(uri)
+        store.sync_down("", local)
+    if field and not may_be_empty and not any(p.is_file() for p in local.rglob("*")):
+        raise ConfigError(field, f"{uri} holds no objects: upload the {what} there, or fix the bucket or prefix.")
     logger.info("%s %s synced to %s", what, uri, local)
     return local
 
@@ -156,15 +170,26 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
 
         self.out: Store = open_store(cfg.output_dir)
+        log_key = logs.log_key(self.env.attempt, self.rank)
+        # Captured from here on; uploaded only once the prefix is known to be this job's (never into another's).
+        self.rank_log = logs.RankLog(ckpt.scratch_dir(self.out.uri) / log_key)
         if acc.is_main_process:
-            self.out.check_writable()
+            with naming_field("output_dir"):
+                self.out.check_writable()
             ckpt.claim_output(self.out, self.env.job_uid)
+            self.rank_log.start_upload(self.out.uri, log_key)
         self.scratch = ckpt.scratch_dir(self.out.uri)
 
         with acc.local_main_process_first():
-            self.model_dir = hub.download_model(cfg) or stage_folder(cfg.pretrained_model_name_or_path, "model")
-            self.instance_dir = stage_folder(cfg.instance_data_dir, "instance images")
-            self.class_dir = stage_folder(cfg.class_data_dir, "class images") if cfg.with_prior_preservation else None
+            self.model_dir = hub.download_model(cfg) or stage_folder(
+                cfg.pretrained_model_name_or_path, "model", "pretrained_model_name_or_path"
+            )
+            self.instance_dir = stage_folder(cfg.instance_data_dir, "instance images", "instance_data_dir")
+            self.class_dir = (
+                stage_folder(cfg.class_data_dir, "class images", "class_data_dir", may_be_empty=True)
+                if cfg.with_prior_preservation
+                else None
+            )
         check_pipeline_dir(self.model_dir)
         # A missing or empty instance folder fails now, before any model loads.
         list_images(self.instance_dir, flag=flag_and_field("instance_data_dir"))
@@ -175,6 +200,7 @@ class Trainer:
         self.resumed: ckpt.Loaded | None = None
         with acc.main_process_first():
             loaded = ckpt.choose_resume(self.out, cfg.resume_from_checkpoint, self.hash, self.scratch / "resume")
+        self.rank_log.start_upload(self.out.uri, log_key)  # other ranks: rank 0's claim held (barrier above)
         steps = self._agree([loaded.step if loaded else -1])
         if steps[0] >= 0:
             self.resumed = loaded if loaded and loaded.step == steps[0] else ckpt.verify_and_fetch(
@@ -689,5 +715,15 @@ def run_training(cfg: _Common, env: RunEnv | None = None) -> TrainResult:
     env = env or RunEnv.from_environ()
     install_sigterm(env)
     trainer = Trainer(cfg, env)
-    trainer.setup()
-    return trainer.fit()
+    failure: BaseException | None = None
+    try:
+        trainer.setup()
+        return trainer.fit()
+    except BaseException as exc:
+        failure = exc
+        raise
+    finally:
+        # The per-rank log's last upload, on success, preemption and crash alike (bounded: S3 may be down).
+        rank_log: logs.RankLog | None = getattr(trainer, "rank_log", None)
+        if rank_log is not None:
+            rank_log.close(failure)
