@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import struct
 import tempfile
 import threading
 import time
@@ -96,9 +97,18 @@ class _HashingFile(io.RawIOBase):
         return True
 
     def write(self, b) -> int:  # type: ignore[override]
-        mv = memoryview(b)
-        self.sha.update(mv)
-        self._f.write(mv)
+        mv = memoryview(b).cast("B")
+        if mv.nbytes >= _PARALLEL_HASH_BYTES:
+            # Both release the GIL: hashing beside the write makes the emergency save's longest pass free.
+            hasher = threading.Thread(target=self.sha.update, args=(mv,), name="checkpoint-sha256")
+            hasher.start()
+            try:
+                self._f.write(mv)
+            finally:
+                hasher.join()
+        else:
+            self.sha.update(mv)
+            self._f.write(mv)
         self.size += mv.nbytes
         return mv.nbytes
 
@@ -108,6 +118,38 @@ class _HashingFile(io.RawIOBase):
             os.fsync(self._f.fileno())
             self._f.close()
         super().close()
+
+
+_PARALLEL_HASH_BYTES = 8 << 20
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], f: io.RawIOBase) -> None:
+    """The safetensors format, streamed from the tensors' own memory.
+
+    safetensors' `save` first builds the whole file as one bytes object: a copy of the state, and a pass over
+    it, that an emergency checkpoint cannot afford. Same layout rules (8-byte little-endian header length, JSON
+    header padded with spaces to 8 bytes, then the raw data at the header's offsets); safetensors loads it.
+    """
+    if any(t.dtype not in _SAFETENSORS_DTYPES or t.device.type != "cpu" for t in tensors.values()):
+        f.write(st_save(tensors))
+        return
+    items = sorted(tensors.items())
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, t in items:
+        end = offset + t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write(struct.pack("<Q", len(raw)) + raw)
+    for _, t in items:
+        if t.numel():
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def write_snapshot(snap: Snapshot, folder: Path) -> dict[str, dict[str, Any]]:
@@ -125,7 +167,7 @@ def write_snapshot(snap: Snapshot, folder: Path) -> dict[str, dict[str, Any]]:
         table[name] = {"size": f.size, "sha256": f.sha.hexdigest()}
 
     for name, tensors in snap.tensors.items():
-        emit(name, lambda f, t=tensors: f.write(st_save(t)))
+        emit(name, lambda f, t=tensors: write_safetensors(t, f))
     for name, obj in snap.objects.items():
         emit(name, lambda f, o=obj: torch.save(o, f))
     for name, text in snap.texts.items():
