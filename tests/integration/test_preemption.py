@@ -260,3 +260,32 @@ def test_auto_interval_limits() -> None:
     slow_upload.observe_publish(30.0)  # Daly alone says 17.5 s
     assert slow_upload.seconds() == 30.0  # never more often than an upload takes: they would queue
     assert CheckpointInterval(1).steps(0.001) == 1  # at least every step
+
+
+def test_streamed_safetensors_load_back_and_hash_what_was_written(tmp_path: Path) -> None:
+    """checkpoint.write_safetensors (the emergency save's zero-copy writer) against safetensors' own loader."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file
+
+    from dreambooth_trainer import checkpoint as ckpt
+
+    tensors = {
+        "w": torch.randn(3, 4),
+        "bf16": torch.randn(5).to(torch.bfloat16),
+        "scalar": torch.tensor(3),
+        "empty": torch.zeros(0),
+        "mask": torch.tensor([True, False]),
+        "strided": torch.arange(10, dtype=torch.int64)[::2],
+        "big": torch.randint(0, 256, (9 << 20,), dtype=torch.uint8),  # above the parallel-hash threshold
+    }
+    path = tmp_path / "t.safetensors"
+    f = ckpt._HashingFile(path)
+    ckpt.write_safetensors(tensors, f)
+    f.close()
+    back = load_file(path)
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    assert f.sha.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest() and f.size == path.stat().st_size
