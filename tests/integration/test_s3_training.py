@@ -114,8 +114,8 @@ class Trainer:
         assert code == 0, f"trainer exited {code}\n{self.log()[-4000:]}"
         return self.log()
 
-    def kill_when(self, what: str, check: Callable[[], bool], timeout: float = 240) -> None:
-        """SIGKILL the moment check() holds; fail if the run ends first."""
+    def wait_until(self, what: str, check: Callable[[], bool], timeout: float = 240) -> None:
+        """Poll check() (S3 reads) until it holds; fail if the run ends first."""
         end = time.monotonic() + timeout
         while not check():
             if self.proc.poll() is not None:
@@ -124,6 +124,10 @@ class Trainer:
                 self.proc.kill()
                 raise AssertionError(f"timed out waiting for {what}\n{self.log()[-4000:]}")
             time.sleep(0.05)
+
+    def kill_when(self, what: str, check: Callable[[], bool], timeout: float = 240) -> None:
+        """SIGKILL the moment check() holds."""
+        self.wait_until(what, check, timeout)
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
@@ -152,9 +156,26 @@ def test_full_all_on_s3_killed_mid_upload_resumes_exactly(inputs: Inputs, tmp_pa
                                   "--validation_steps", "3"))  # fmt: skip
 
     ref_uri, run_uri = inputs.uri("full-a/"), inputs.uri("full-b/")
-    log = Trainer(tmp_path, "a", "train", args(ref_uri)).ok()
-    assert "3 missing; this rank generates 3" in log, log[-3000:]
     class_store = open_store(classes)
+    a = Trainer(tmp_path, "a", "train", args(ref_uri))
+    # B starts once A's class-image stage is complete (it must reuse them, not make its own), then runs beside A.
+    a.wait_until("the class images", lambda: class_store.exists(".dreambooth-class-images.json"))
+    run = open_store(run_uri)
+    b = Trainer(
+        tmp_path, "b", "train", args(run_uri), DREAMBOOTH_JOB_UID="job-b",
+        DREAMBOOTH_TEST_SAVE_DELAY_SECONDS="4", DREAMBOOTH_TEST_SAVE_DELAY_KIND="periodic",
+    )  # fmt: skip
+    b.kill_when(
+        "checkpoint-4 uploading after checkpoint-2 is complete",
+        lambda: run.exists("checkpoint-2/manifest.json") and _has_files_without_manifest(run, "checkpoint-4"),
+    )
+    assert "reusing 3 class image(s)" in b.log(), b.log()[-3000:]
+    assert not run.exists("checkpoint-4/manifest.json") and run.read_text("LATEST").strip() == "checkpoint-2"
+    assert run.read_text(".owner").strip() == "job-b"
+    resume = Trainer(tmp_path, "b-resume", "train", args(run_uri), DREAMBOOTH_JOB_UID="job-b")
+
+    log = a.ok()
+    assert "3 missing; this rank generates 3" in log, log[-3000:]
     manifest = json.loads(class_store.read_text(".dreambooth-class-images.json"))
     assert manifest["count"] == 3 and manifest["resolution"] == 32 and manifest["classPrompt"] == "a photo of dog"
     assert manifest["model"] == inputs.uri("model/") and len(manifest["files"]) == 3
@@ -172,20 +193,7 @@ def test_full_all_on_s3_killed_mid_upload_resumes_exactly(inputs: Inputs, tmp_pa
     } <= keys
     assert "model saved to" in ref.read_text("logs/attempt-0/rank-0.log")
 
-    run = open_store(run_uri)
-    b = Trainer(
-        tmp_path, "b", "train", args(run_uri), DREAMBOOTH_JOB_UID="job-b",
-        DREAMBOOTH_TEST_SAVE_DELAY_SECONDS="4", DREAMBOOTH_TEST_SAVE_DELAY_KIND="periodic",
-    )  # fmt: skip
-    b.kill_when(
-        "checkpoint-4 uploading after checkpoint-2 is complete",
-        lambda: run.exists("checkpoint-2/manifest.json") and _has_files_without_manifest(run, "checkpoint-4"),
-    )
-    assert "reusing 3 class image(s)" in b.log(), b.log()[-3000:]
-    assert not run.exists("checkpoint-4/manifest.json") and run.read_text("LATEST").strip() == "checkpoint-2"
-    assert run.read_text(".owner").strip() == "job-b"
-
-    log = Trainer(tmp_path, "b-resume", "train", args(run_uri), DREAMBOOTH_JOB_UID="job-b").ok()
+    log = resume.ok()
     assert f"resumed from {run.url('checkpoint-2')} at step 2" in log, log[-3000:]
     assert "cannot resume from checkpoint-4" not in log  # no manifest: not a checkpoint at all
     assert_identical(_final_weights(ref, "full", tmp_path / "a"), _final_weights(run, "full", tmp_path / "b"))
@@ -337,3 +345,46 @@ def test_bad_s3_inputs_exit_64_before_training_naming_the_setting(s3, inputs: In
     assert not [o.key for o in failed.list("") if o.key.startswith("checkpoint-")]
     rank_log = failed.read_text("logs/attempt-3/rank-0.log")
     assert "run ended:" in rank_log and "holds no objects" in rank_log, rank_log
+
+
+def test_rank_log_uploads_periodically_and_never_waits_on_a_dead_s3(
+    inputs: Inputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dreambooth_trainer.logs import RankLog
+    from s3server import pick_base_port
+
+    log = logging.getLogger("dreambooth_trainer.test_rank_log")
+    monkeypatch.setenv("DREAMBOOTH_LOG_UPLOAD_SECONDS", "0.2")
+    store = open_store(inputs.uri("rank-log/"))
+    rank_log = RankLog(tmp_path / "up" / "rank-1.log")
+    rank_log.start_upload(store.uri, "logs/attempt-2/rank-1.log")
+    log.warning("first line")
+    end = time.monotonic() + 30
+    while "first line" not in (
+        store.read_text("logs/attempt-2/rank-1.log") if store.exists("logs/attempt-2/rank-1.log") else ""
+    ):
+        assert time.monotonic() < end, "no periodic upload"
+        time.sleep(0.1)
+    try:
+        raise RuntimeError("boom in the loop")
+    except RuntimeError as exc:
+        rank_log.close(exc)
+    text = store.read_text("logs/attempt-2/rank-1.log")
+    assert "run ended:" in text and "RuntimeError: boom in the loop" in text
+    assert rank_log.handler not in logging.getLogger().handlers
+
+    # Nothing listens on this endpoint: every upload fails, yet logging and close() return at once.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{pick_base_port(1)}")
+    monkeypatch.setenv("DREAMBOOTH_LOG_UPLOAD_DEADLINE_SECONDS", "1")
+    dead = RankLog(tmp_path / "dead" / "rank-0.log")
+    dead.start_upload(store.uri, "logs/attempt-0/rank-0.log")
+    t0 = time.monotonic()
+    for i in range(200):
+        log.warning("line %d", i)
+    assert time.monotonic() - t0 < 1.0
+    time.sleep(1.0)  # a few failed periodic uploads
+    t0 = time.monotonic()
+    dead.close()
+    assert time.monotonic() - t0 < 4.0  # bounded by the upload deadline, not the checkpoints' two minutes
+    text = (tmp_path / "dead" / "rank-0.log").read_text()
+    assert "line 199" in text and "per-rank log upload to" in text and "failed" in text

@@ -66,6 +66,7 @@ class RankLog:
         self._stop = threading.Event()
         self._uploaded_size = -1
         self._failing = False
+        self._closed = False
         self.deadline = _env_seconds("DREAMBOOTH_LOG_UPLOAD_DEADLINE_SECONDS", DEFAULT_DEADLINE_SECONDS)
         self.interval = _env_seconds("DREAMBOOTH_LOG_UPLOAD_SECONDS", DEFAULT_INTERVAL_SECONDS)
 
@@ -116,6 +117,9 @@ class RankLog:
 
     def close(self, exc: BaseException | None = None) -> None:
         """Write the failure (if any) into the file, upload it a last time (bounded wait), detach the handler."""
+        if self._closed:
+            return
+        self._closed = True
         if exc is not None:
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
             record = logging.LogRecord(__name__, logging.ERROR, __file__, 0, "run ended: %s", (text,), None)

@@ -637,6 +637,7 @@ class Trainer:
         self.trackers.finish()
         self.progress.update(phase="Succeeded")
         self.progress.close()
+        self.rank_log.close()  # here too, not only in run_training: in-process callers (tests, benchmarks) end here
         images = [uri for run in self.validator.runs for uri in run.uris]
         return TrainResult(self.out.uri, self.state.global_step, loss_value, [], images)
 
