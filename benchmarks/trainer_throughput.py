@@ -64,11 +64,13 @@ def _child(mode: str, steps: int, warmup: int) -> None:
         trainer = Trainer(cfg, RunEnv())
         trainer.setup()
         stamps: dict[int, float] = {}
+        cpu: dict[int, float] = {}
         update = trainer.progress.update
 
         def record(**fields):
             if "step" in fields:
                 stamps[fields["step"]] = time.perf_counter()
+                cpu[fields["step"]] = time.process_time()
             update(**fields)
 
         trainer.progress.update = record  # type: ignore[method-assign]
@@ -80,6 +82,8 @@ def _child(mode: str, steps: int, warmup: int) -> None:
     rate = (steps - warmup) / (stamps[steps] - stamps[warmup])
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(f"trainer mode={mode} steps_per_s={rate:.2f} peak_rss_mb={rss_mb:.0f}", flush=True)
+    # On a shared machine wall time also counts other processes; this process's CPU time does not.
+    print(f"# {mode}: {(steps - warmup) / (cpu[steps] - cpu[warmup]):.2f} steps per CPU second", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes.split(","):
         if mode not in MODES:
             parser.error(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-        rates, rss = [], []
+        rates, rss, notes = [], [], []
         for _ in range(args.repeats):
             proc = subprocess.run(
                 [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--warmup", str(args.warmup)],
@@ -113,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
             fields = dict(part.split("=", 1) for part in line.split()[1:])
             rates.append(float(fields["steps_per_s"]))
             rss.append(float(fields["peak_rss_mb"]))
+            notes += [ln for ln in proc.stderr.splitlines() if ln.startswith("# ")]
         print(f"trainer mode={mode} steps_per_s={statistics.median(rates):.2f} peak_rss_mb={max(rss):.0f}", flush=True)
+        print(f"{notes[len(notes) // 2]} (median); load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     return 0
 
 
