@@ -291,7 +291,7 @@ def test_servicemonitor_without_service_is_refused(chart: Helm) -> None:
 def test_notes_say_how_to_run_the_first_job() -> None:
     # `helm template` does not render NOTES.txt; the cluster tier renders it for real (helm install --dry-run).
     notes = (CHART / "templates" / "NOTES.txt").read_text()
-    for needle in ("kubectl apply -f", "examples/dog-lora.yaml", "kubectl get dbj", "kubectl apply -f crds/"):
+    for needle in ("apply -f dog-lora.yaml", "examples/dog-lora.yaml", "get dbj -w", "kubectl apply -f crds/"):
         assert needle in notes
     for example in ("examples/s3-secret-minio.yaml", "examples/irsa-service-account.yaml", "examples/dog-lora.yaml"):
         assert (REPO / example).exists(), example
