@@ -1,0 +1,196 @@
+"""How the operator scales: N DreamBoothJobs whose single pod just sleeps (podTemplate.command override).
+
+    sudo .venv/bin/python benchmarks/operator_scale.py [--jobs 100] [--attach STATE_DIR] [--output result.json]
+
+Starts the test cluster (v1.20 control plane + process kubelet, tests/cluster) unless --attach names a running
+one (tests/cluster/up.sh), runs `python -m dreambooth_operator` on one namespace, creates the jobs as fast as
+the API takes them and reports:
+
+- seconds from the first create until every pod exists, until every pod runs, until every job reads Running;
+- the operator's peak RSS and CPU seconds (process and children, sampled with psutil);
+- apiserver requests the reconciler made per job (its own counter, /metrics) up to "all Running", and per job
+  per minute in the steady state that follows (resync + progress polls); status writes per job.
+
+Target (issue): all pods within 10 s; status written only on change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "cluster"))
+
+GROUP_PATH = "/apis/dreambooth.dev/v1alpha1"
+
+
+def job(name: str, sleep: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "dreambooth.dev/v1alpha1",
+        "kind": "DreamBoothJob",
+        "metadata": {"name": name},
+        "spec": {
+            "method": "lora",
+            "training": {
+                "pretrainedModelNameOrPath": "s3://bench/model/",
+                "instanceDataDir": "s3://bench/dog/",
+                "instancePrompt": "a photo of sks dog",
+                "outputDir": f"s3://bench/runs/{name}/",
+                "maxTrainSteps": 100,
+                "checkpointingSteps": 10,
+            },
+            "resources": {"nodes": 1, "gpusPerNode": 0, "image": "dreambooth-test/python:local",
+                          "requests": {"cpu": "10m", "memory": "16Mi", "ephemeral-storage": "10Mi"}},
+            "podTemplate": {"command": ["sleep", str(sleep)]},
+            "runPolicy": {"terminationGracePeriodSeconds": 1},
+        },
+    }  # fmt: skip
+
+
+def metric_sum(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            m = re.match(rf"{re.escape(name)}(\{{[^}}]*\}})?\s+([0-9.e+-]+)$", line)
+            if m:
+                total += float(m.group(2))
+    return total
+
+
+class Sampler(threading.Thread):
+    """Peak RSS (process + children) of the operator, sampled every 100 ms."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self.peak_rss = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                procs = [self.proc, *self.proc.children(recursive=True)]
+                self.peak_rss = max(self.peak_rss, sum(p.memory_info().rss for p in procs))
+            except Exception:  # noqa: BLE001 - a child that just exited
+                pass
+            time.sleep(0.1)
+
+    def cpu_seconds(self) -> float:
+        t = self.proc.cpu_times()
+        return t.user + t.system + t.children_user + t.children_system
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=100)
+    parser.add_argument("--sleep", type=int, default=600, help="seconds each pod sleeps (longer than the run)")
+    parser.add_argument("--steady-seconds", type=float, default=60, help="steady-state window after all Running")
+    parser.add_argument("--attach", help="state folder of a cluster started by tests/cluster/up.sh")
+    parser.add_argument("--output", help="write the result as JSON here too")
+    args = parser.parse_args(argv)
+
+    from k8s_harness import Cluster, wait_until
+    from k8s_harness.util import free_port
+
+    real = Path(os.path.realpath(sys.executable))
+    if any(os.stat(d).st_mode & 0o005 != 0o005 for d in list(real.parents)[:-1] if d.exists()):
+        # Pods run as uid 1000; an interpreter in a root-only folder (pyenv under /root) cannot start for it.
+        os.environ.setdefault("DREAMBOOTH_KUBELET_IGNORE_RUN_AS_USER", "1")
+    cluster = Cluster.attach(args.attach) if args.attach else Cluster.start(crds=REPO / "crds")
+    api = cluster.kube_api
+    ns = cluster.ensure_namespace()
+    port = free_port()
+    log = Path(tempfile.mkdtemp(prefix="operator-scale-")) / "operator.log"
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "DREAMBOOTH_OPERATOR_NAMESPACES": ns,
+           "METRICS_PORT": str(port), "LOG_LEVEL": "WARNING"}  # fmt: skip
+    operator = subprocess.Popen([sys.executable, "-m", "dreambooth_operator"], env=env,
+                                stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    import requests
+
+    session = requests.Session()
+    session.trust_env = False
+
+    def metrics() -> str:
+        return session.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+
+    result: dict[str, Any] = {"jobs": args.jobs}
+    try:
+        wait_until(lambda: session.get(f"http://127.0.0.1:{port}/healthz", timeout=2).ok, 60, 0.2, "operator up")
+        sampler = Sampler(operator.pid)
+        sampler.start()
+        cpu0 = sampler.cpu_seconds()
+        base = f"{GROUP_PATH}/namespaces/{ns}/dreamboothjobs"
+        pods_path = f"/api/v1/namespaces/{ns}/pods"
+        selector = "app.kubernetes.io/managed-by=dreambooth-operator"
+        t0 = time.monotonic()
+        for i in range(args.jobs):
+            api.create(base, job(f"bench-{i:03d}", args.sleep))
+        result["create_seconds"] = round(time.monotonic() - t0, 2)
+
+        def count_pods(running: bool = False) -> int:
+            items = api.get(pods_path, labelSelector=selector)["items"]
+            return sum(1 for p in items if not running or p.get("status", {}).get("phase") == "Running")
+
+        wait_until(lambda: count_pods() >= args.jobs, 600, 0.2, "all pods exist")
+        result["all_pods_exist_seconds"] = round(time.monotonic() - t0, 2)
+        wait_until(lambda: count_pods(running=True) >= args.jobs, 600, 0.5, "all pods running")
+        result["all_pods_running_seconds"] = round(time.monotonic() - t0, 2)
+
+        def all_jobs_running() -> bool:
+            items = api.get(base)["items"]
+            return sum(1 for j in items if (j.get("status") or {}).get("phase") == "Running") >= args.jobs
+
+        wait_until(all_jobs_running, 600, 0.5, "all jobs Running")
+        result["all_jobs_running_seconds"] = round(time.monotonic() - t0, 2)
+        text = metrics()
+        reqs, writes = metric_sum(text, "dreambooth_operator_api_requests_total"), metric_sum(
+            text, "dreambooth_operator_status_writes_total"
+        )
+        result["api_requests_per_job_to_running"] = round(reqs / args.jobs, 1)
+        result["status_writes_per_job_to_running"] = round(writes / args.jobs, 1)
+        time.sleep(args.steady_seconds)
+        text = metrics()
+        steady_reqs = metric_sum(text, "dreambooth_operator_api_requests_total") - reqs
+        steady_writes = metric_sum(text, "dreambooth_operator_status_writes_total") - writes
+        minutes = args.steady_seconds / 60
+        result["steady_api_requests_per_job_per_minute"] = round(steady_reqs / args.jobs / minutes, 1)
+        result["steady_status_writes_per_job_per_minute"] = round(steady_writes / args.jobs / minutes, 2)
+        result["reconcile_seconds_mean"] = round(
+            metric_sum(text, "dreambooth_operator_reconcile_seconds_sum")
+            / max(1.0, metric_sum(text, "dreambooth_operator_reconcile_seconds_count")), 4)  # fmt: skip
+        result["operator_cpu_seconds"] = round(sampler.cpu_seconds() - cpu0, 1)
+        result["operator_peak_rss_mib"] = round(sampler.peak_rss / 2**20, 1)
+        sampler.stop.set()
+        result["target_all_pods_within_10s"] = result["all_pods_exist_seconds"] <= 10
+    finally:
+        os.killpg(operator.pid, signal.SIGTERM)
+        try:
+            operator.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(operator.pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):  # best-effort cleanup
+            api.delete(f"/api/v1/namespaces/{ns}")
+        if not args.attach:
+            cluster.stop()
+    print(json.dumps(result, indent=2))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
