@@ -91,11 +91,11 @@ def test_validation_saves_images_and_grid_and_leaves_training_bit_identical(tmp_
         assert not (validated / "logs" / "dreambooth").exists()
 
 
-def test_lora_validates_every_n_epochs_and_at_the_end_with_text_encoder_lora(tmp_path: Path) -> None:
+def test_lora_bf16_validates_every_n_epochs_and_at_the_end_with_text_encoder_lora(tmp_path: Path) -> None:
     out = tmp_path / "out"
     # 5 images, batch 1: epoch 0 ends at step 5 (validation_epochs 1), training ends at step 7 (final validation).
     proc = run_dreambooth(["train-lora", *tiny_args(out, steps=7, ckpt=1000, batch=1, extra=[
-        "--train_text_encoder", "--rank", "2", "--validation_prompt", PROMPT, "--validation_epochs", "1",
+        "--train_text_encoder", "--rank", "2", "--mixed_precision", "bf16", "--validation_prompt", PROMPT, "--validation_epochs", "1",
         "--num_validation_images", "2", "--report_to", "none"])])  # fmt: skip
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-5", "step-7"]
     assert (out / "validation" / "step-7" / "grid.png").is_file()

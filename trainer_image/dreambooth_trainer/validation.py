@@ -275,9 +275,11 @@ class Validator:
             args = {"prompt": cfg.validation_prompt}
         # Its own generator: validation must not advance any RNG that training reads.
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        # Mixed precision leaves frozen parts in half precision and trained ones in fp32: autocast reconciles them
+        # (the scripts autocast on CUDA only, so bf16 validation on CPU failed there).
         autocast = (
             torch.autocast(self.device.type, dtype=self.weight_dtype)
-            if self.device.type == "cuda" and self.weight_dtype != torch.float32
+            if self.weight_dtype != torch.float32
             else contextlib.nullcontext()
         )
         images: list[Image.Image] = []
