@@ -31,7 +31,12 @@ for tier in $TIERS; do
     cluster)
       run_tier k8s-build bash .ci/k8s-build.sh
       run_tier cluster python -m pytest tests/cluster -q "$@" ;;
-    packaging) run_tier packaging python -m pytest tests/packaging -q "$@" ;;
+    packaging)
+      # buildah + debootstrap build the operator image without a Docker engine (root only: skipped otherwise).
+      if [ "$(id -u)" = 0 ] && ! { command -v buildah && command -v debootstrap; } >/dev/null 2>&1; then
+        run_tier packaging-deps bash -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends buildah debootstrap >/dev/null'
+      fi
+      run_tier packaging python -m pytest tests/packaging -q "$@" ;;
     *) echo "unknown tier $tier"; failed+=("$tier") ;;
   esac
 done
