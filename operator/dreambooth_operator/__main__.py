@@ -18,7 +18,7 @@ class Settings:
     namespaces: tuple[str, ...] = ()  # empty = every namespace
     log_level: str = "INFO"
     metrics_port: int = 8080
-    workers: int = 8
+    workers: int = 16
     resync_seconds: float = 10.0
     backoff_base_seconds: int = 10
     cluster_domain: str = "cluster.local"
@@ -30,7 +30,7 @@ class Settings:
             namespaces=namespaces,
             log_level=env.get("LOG_LEVEL", "INFO").upper(),
             metrics_port=int(env.get("METRICS_PORT", "8080")),
-            workers=int(env.get("DREAMBOOTH_OPERATOR_WORKERS", "8")),
+            workers=int(env.get("DREAMBOOTH_OPERATOR_WORKERS", "16")),
             resync_seconds=float(env.get("DREAMBOOTH_OPERATOR_RESYNC_SECONDS", "10")),
             backoff_base_seconds=int(env.get("DREAMBOOTH_BACKOFF_BASE_SECONDS", "10")),
             cluster_domain=env.get("DREAMBOOTH_CLUSTER_DOMAIN", "cluster.local"),
@@ -76,9 +76,10 @@ async def serve(settings: Settings) -> None:
     from .resources import BuildOptions
 
     metrics = Metrics()
-    kube = Kube.from_environment(on_request=lambda verb: metrics.api_requests.labels(verb).inc())
+    kube = Kube.from_environment(on_request=lambda verb: metrics.api_requests.labels(verb).inc(),
+                                 connections=settings.workers + 4)  # fmt: skip
     opts = PlanOptions(BuildOptions(cluster_domain=settings.cluster_domain), settings.backoff_base_seconds)
-    controller = Controller(Reconciler(kube, opts, metrics=metrics), metrics,
+    controller = Controller(Reconciler(kube, opts, metrics=metrics, background_events=True), metrics,
                             workers=settings.workers, resync_seconds=settings.resync_seconds)  # fmt: skip
     registry = kopf.OperatorRegistry()
     handlers.register(registry, controller, settings.workers)

@@ -97,23 +97,27 @@ class Controller:
         self.queue: WorkQueue | None = None
         self.jobs: dict[Key, str] = {}  # key -> uid
         self.phases: dict[Key, str] = {}
+        self._own_writes: dict[Key, str] = {}  # key -> resourceVersion our last reconcile left the job at
         self._failures: Counter[Key] = Counter()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
         self._tasks: list[asyncio.Task[Any]] = []
 
     # ----- inputs (called from kopf's event handlers on the same loop) -----
 
-    def job_event(self, namespace: str, name: str, uid: str, deleted: bool) -> None:
+    def job_event(self, namespace: str, name: str, uid: str, deleted: bool, resource_version: str | None = None) -> None:
         key = (namespace, name)
         if deleted:
             self.jobs.pop(key, None)
             self.phases.pop(key, None)
+            self._own_writes.pop(key, None)
             self.reconciler.forget(uid)
             if self.queue is not None:
                 self.queue.forget(key)
             self._publish_phases()
             return
         self.jobs[key] = uid
+        if resource_version is not None and self._own_writes.get(key) == resource_version:
+            return  # the echo of our own status write: that reconcile already saw this version
         self._add(key)
 
     def pod_event(self, namespace: str, owners: list[dict[str, Any]] | None) -> None:
@@ -170,6 +174,8 @@ class Controller:
                     self.phases.pop(key, None)
                     self.queue.forget(key)
                 else:
+                    if result.resource_version:
+                        self._own_writes[key] = result.resource_version
                     if result.phase:
                         self.phases[key] = result.phase
                     interval = FINISHED_RESYNC_SECONDS if result.phase in (SUCCEEDED, FAILED) else self.resync_seconds

@@ -1,7 +1,7 @@
 """The few apiserver calls the reconciler makes, as plain dicts in and out, each one counted.
 
 Reads are live (no cache): a reconcile decides from what the apiserver says now, so a lost watch event or an
-operator restart can delay a decision but never base it on stale pods. Creates answer False on 409 (the
+operator restart can delay a decision but never base it on stale pods. Creates answer None on 409 (the
 deterministic name already exists), deletes ignore 404: every call is safe to repeat.
 """
 
@@ -33,7 +33,9 @@ class KubeApi(Protocol):
     def list_pods(self, namespace: str, job_uid: str) -> list[dict[str, Any]]: ...
     def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def get_node(self, name: str) -> dict[str, Any] | None: ...
-    def create(self, obj: dict[str, Any]) -> bool: ...
+    def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """The created object, or None when the name exists (409)."""
+        ...
     def delete_pod(self, namespace: str, name: str, grace_seconds: int | None = None) -> None: ...
     def create_event(self, namespace: str, event: dict[str, Any]) -> None: ...
 
@@ -59,14 +61,17 @@ class Kube:
         self._on_request = on_request
 
     @classmethod
-    def from_environment(cls, on_request: Callable[[str], None] | None = None) -> Kube:
-        from kubernetes import config
+    def from_environment(cls, on_request: Callable[[str], None] | None = None, connections: int = 20) -> Kube:
+        from kubernetes import client, config
 
+        configuration = client.Configuration()
         try:
-            config.load_incluster_config()
+            config.load_incluster_config(client_configuration=configuration)
         except config.ConfigException:
-            config.load_kube_config()
-        return cls(on_request=on_request)
+            config.load_kube_config(client_configuration=configuration)
+        # One connection per reconcile worker: the default (5 x CPUs) would make busy workers reconnect.
+        configuration.connection_pool_maxsize = connections
+        return cls(client.ApiClient(configuration), on_request=on_request)
 
     def _request(self, verb: str, method: str, path: str, body: Any = None, *,
                  query: dict[str, str] | None = None, content_type: str = "application/json") -> Any:  # fmt: skip
@@ -131,14 +136,13 @@ class Kube:
     def get_node(self, name: str) -> dict[str, Any] | None:
         return self._get_or_none(f"/api/v1/nodes/{name}")
 
-    def create(self, obj: dict[str, Any]) -> bool:
+    def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         plural = {"Pod": "pods", "Service": "services", "ConfigMap": "configmaps"}[obj["kind"]]
         try:
-            self._request("create", "POST", f"/api/v1/namespaces/{obj['metadata']['namespace']}/{plural}", obj)
-            return True
+            return self._request("create", "POST", f"/api/v1/namespaces/{obj['metadata']['namespace']}/{plural}", obj)
         except self._client.ApiException as exc:
             if is_status(exc, 409):
-                return False
+                return None
             raise
 
     def delete_pod(self, namespace: str, name: str, grace_seconds: int | None = None) -> None:

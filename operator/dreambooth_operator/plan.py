@@ -72,6 +72,10 @@ class Plan:
     actions: list[Action]
     events: list[Event]
     requeue_after: float | None = None
+    # Actions before the status write. Only for starting a new attempt: its pods carry the attempt number in
+    # their labels, so a crash between the creates and the write loses nothing (the next reconcile reads the
+    # attempt back from the pods), and the status can then say "attempt N, gang created" in one write.
+    act_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,7 @@ class _Planner:
         self.events: list[Event] = []
         self.requeue: float | None = None
         self.summary: str | None = None
+        self.act_first = False
         self.pods = world.pods
         self.views: list[tuple[int, PodView, dict[str, Any]]] = []
         for pod in world.pods:
@@ -132,7 +137,7 @@ class _Planner:
         st.observed_generation = self.meta.get("generation")
         st.phase = S.derive_phase(st)  # type: ignore[assignment]
         st.message = self.summary or self._condition_message(st.phase)
-        return Plan(st, self.actions, self.events, self.requeue)
+        return Plan(st, self.actions, self.events, self.requeue, self.act_first)
 
     # ----- small helpers -----
 
@@ -309,6 +314,8 @@ class _Planner:
         self._cond(S.RUNNING, False, S.R_GANG_CREATED, f"attempt {new} is starting.")
         self._event("Normal", "AttemptStarted", f"attempt {new} ({why}): creating {n} pod(s) x {nproc} process(es).")
         self._create_gang(job, new, range(n))
+        st.gang_created = new
+        self.act_first = True
 
     def _create_gang(self, job: ValidJob, attempt: int, indexes: range | list[int]) -> None:
         self.actions.append(Action("create", build_configmap(job)))

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -34,6 +35,8 @@ MAX_ROUNDS = 4
 class Result:
     phase: str | None
     requeue_after: float | None
+    # The job's resourceVersion after this reconcile's own write: the watch event it causes needs no reconcile.
+    resource_version: str | None = None
 
 
 class Reconciler:
@@ -47,8 +50,11 @@ class Reconciler:
         monotonic: Callable[[], float] = time.monotonic,
         poll_interval: float = POLL_INTERVAL_SECONDS,
         metrics: Metrics | None = None,
+        background_events: bool = False,
     ) -> None:
         self.kube = kube
+        # Events are best effort: off the reconcile's critical path when the operator runs for real.
+        self._event_pool = ThreadPoolExecutor(2, thread_name_prefix="events") if background_events else None
         self.opts = opts or PlanOptions()
         self.clock = clock
         self.fetch = fetch
@@ -72,26 +78,40 @@ class Reconciler:
         accepted = self._accepted_config(job)
         progress = self._poll_progress(job, pods)
         refused: str | None = None
-        result = Result(None, None)
+        result = Result(None, None, _rv(job))
         for _ in range(MAX_ROUNDS):
             now = self.clock()
             world = World(job, pods, now, progress, self._nodes(pods, now), accepted)
             progress = None  # merged into status by the first plan
             p = plan(world, self.opts) if refused is None else refuse(world, self.opts, refused)
-            refused = None
+            created: dict[str, dict[str, Any]] = {}
+            if p.act_first:
+                refused, created = self._execute(namespace, name, uid, p)
+                if refused is not None:
+                    pods = self.kube.list_pods(namespace, uid)
+                    continue  # the next round fails the job with the apiserver's words
             updated = self._write_status(namespace, name, job, p)
             if updated is None:
                 return None
             job = updated
             self._record_events(job, p, now)
-            result = Result(p.status.phase, p.requeue_after)
+            result = Result(p.status.phase, p.requeue_after, _rv(job))
             if not p.actions:
                 return result
-            refused = self._execute(namespace, name, uid, p)
+            if not p.act_first:
+                refused, created = self._execute(namespace, name, uid, p)
             if any(a.verb == "delete-job" for a in p.actions):
                 self.forget(uid)
                 return None
-            pods = self.kube.list_pods(namespace, uid)
+            if any(a.verb in ("delete", "force-delete") for a in p.actions):
+                # Nothing more to decide until those pods are gone, and their events will say when.
+                return result
+            wanted = [a.obj["metadata"]["name"] for a in p.actions if a.obj is not None and a.obj["kind"] == "Pod"]
+            if refused is None and all(n in created for n in wanted):
+                # Every pod we asked for came back from its create: no need to list to confirm them.
+                pods = pods + list(created.values())
+            else:
+                pods = self.kube.list_pods(namespace, uid)
         log.warning("%s/%s: still acting after %d rounds; continuing on the next reconcile", namespace, name, MAX_ROUNDS)
         return result
 
@@ -168,27 +188,40 @@ class Reconciler:
         ns = job["metadata"]["namespace"]
         for ev in p.events:
             log.info("%s/%s %s %s: %s", ns, job["metadata"]["name"], ev.type, ev.reason, ev.message)
-            self.kube.create_event(ns, event_object(job, ev.type, ev.reason, ev.message, now, COMPONENT))
+            obj = event_object(job, ev.type, ev.reason, ev.message, now, COMPONENT)
+            if self._event_pool is not None:
+                self._event_pool.submit(self.kube.create_event, ns, obj)
+            else:
+                self.kube.create_event(ns, obj)
 
-    def _execute(self, namespace: str, name: str, uid: str, p: Plan) -> str | None:
-        """Run the plan's actions; returns the apiserver's refusal of an object we built, if any."""
+    def _execute(self, namespace: str, name: str, uid: str, p: Plan) -> tuple[str | None, dict[str, dict[str, Any]]]:
+        """Run the plan's actions. Returns the apiserver's refusal of an object we built (if any) and the pods
+        created (by name)."""
+        created: dict[str, dict[str, Any]] = {}
         for action in p.actions:
             if action.verb == "create" and action.obj is not None:
                 try:
-                    self.kube.create(action.obj)
+                    obj = self.kube.create(action.obj)
                 except Exception as exc:
                     # 400/422: the object we built from the spec is invalid (e.g. a bad volume in podTemplate):
                     # retrying cannot help, so the job fails with the apiserver's own words.
                     if is_status(exc, 400, 422):
-                        return f"the apiserver refused {action.obj['kind']} {action.obj['metadata']['name']}: " + _reason(exc)
+                        what = f"{action.obj['kind']} {action.obj['metadata']['name']}"
+                        return f"the apiserver refused {what}: " + _reason(exc), created
                     raise
+                if obj is not None and action.obj["kind"] == "Pod":
+                    created[action.obj["metadata"]["name"]] = obj
             elif action.verb == "delete":
                 self.kube.delete_pod(namespace, action.name)
             elif action.verb == "force-delete":
                 self.kube.delete_pod(namespace, action.name, grace_seconds=0)
             elif action.verb == "delete-job":
                 self.kube.delete_job(namespace, name, uid)
-        return None
+        return None, created
+
+
+def _rv(job: dict[str, Any]) -> str | None:
+    return (job.get("metadata") or {}).get("resourceVersion")
 
 
 def _reason(exc: Exception) -> str:

@@ -57,6 +57,7 @@ class FakeKube:
         self.events: list[dict[str, Any]] = []
         self.calls: list[str] = []
         self.fail_next_create: int | None = None
+        self.fail_create_of: dict[str, int] = {}  # object name -> HTTP status, once
         self.created_pods: list[str] = []
 
     # KubeApi
@@ -90,26 +91,28 @@ class FakeKube:
         self.calls.append("get_node")
         return copy.deepcopy(self.nodes.get(name))
 
-    def create(self, obj: dict[str, Any]) -> bool:
+    def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         self.calls.append(f"create_{obj['kind']}")
         if self.fail_next_create is not None:
             code, self.fail_next_create = self.fail_next_create, None
             raise ApiError(code, "spec.volumes[4].persistentVolumeClaim.claimName: Required value")
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        if name in self.fail_create_of:
+            raise ApiError(self.fail_create_of.pop(name), "the operator died here")
         obj = copy.deepcopy(obj)
         obj["metadata"].update(uid=str(uuid.uuid4()), creationTimestamp=ts(self.clock.now))
         if obj["kind"] == "Pod":
             if (ns, name) in self.pods:
-                return False
+                return None
             obj["status"] = {"phase": "Pending"}
             self.pods[(ns, name)] = obj
             self.created_pods.append(name)
-            return True
+            return copy.deepcopy(obj)
         key = (obj["kind"], ns, name)
         if key in self.other:
-            return False
+            return None
         self.other[key] = obj
-        return True
+        return copy.deepcopy(obj)
 
     def delete_pod(self, namespace: str, name: str, grace_seconds: int | None = None) -> None:
         self.calls.append("delete_pod" if grace_seconds is None else "force_delete_pod")
@@ -257,6 +260,10 @@ def test_happy_path_fills_every_status_field() -> None:
     assert st["gangCreated"] == 1 and st["trainingHash"] and st["startTime"] == ts(START)
     assert st["outputUri"] == "s3://runs/dog/" and st["logsUri"] == "s3://runs/dog/logs/attempt-1/"
     assert "AttemptStarted" in env.kube.event_reasons()
+    # Pods first, then one status write saying "attempt 1, gang created"; the created pods are taken from the
+    # create responses, not listed again.
+    assert env.kube.calls.count("list_pods") == 1 and env.kube.calls.count("patch_status") == 1
+    assert env.kube.calls.index("create_Pod") < env.kube.calls.index("patch_status")
 
     env.kube.run_all()
     env.progress = {"phase": "training", "step": 7, "maxSteps": 20, "loss": 0.123, "stepsPerSecond": 2.0,
@@ -355,11 +362,11 @@ def test_pod_gone_without_trace_is_a_preemption() -> None:
 
 def test_operator_restart_creates_no_duplicates() -> None:
     env = Env()
-    # The first operator dies after writing status but before its creates went through.
-    env.kube.fail_next_create = 503
+    # The first operator dies half-way through creating the gang, before any status write.
+    env.kube.fail_create_of["dog-a1-1"] = 503
     with pytest.raises(ApiError):
         env.reconcile()
-    assert env.status()["attempt"] == 1 and env.kube.job_pods() == []
+    assert env.status() == {} and [p["metadata"]["name"] for p in env.kube.job_pods()] == ["dog-a1-0"]
     env.reconciler = env.new_reconciler()
     env.reconcile()
     env.reconciler = env.new_reconciler()

@@ -161,3 +161,25 @@ def test_kopf_wiring_adds_no_finalizer_and_no_change_handlers() -> None:
     settings = kopf.OperatorSettings()
     handlers.configure(settings)
     assert settings.posting.enabled is False and settings.peering.standalone is True
+
+
+def test_controller_skips_the_echo_of_its_own_status_write() -> None:
+    class Rec(StubReconciler):
+        def reconcile(self, namespace: str, name: str) -> Result | None:
+            self.calls.append((namespace, name))
+            return Result("Running", None, resource_version="5")
+
+    async def scenario() -> list[tuple[str, str]]:
+        rec = Rec()
+        c = Controller(rec, Metrics(), workers=1, resync_seconds=60)  # type: ignore[arg-type]
+        await c.start()
+        c.job_event("ns", "a", "uid-a", deleted=False, resource_version="4")
+        await asyncio.sleep(0.1)
+        c.job_event("ns", "a", "uid-a", deleted=False, resource_version="5")  # our own write coming back
+        await asyncio.sleep(0.1)
+        c.job_event("ns", "a", "uid-a", deleted=False, resource_version="6")  # someone else's change
+        await asyncio.sleep(0.1)
+        await c.stop()
+        return rec.calls
+
+    assert asyncio.run(scenario()) == [("ns", "a"), ("ns", "a")]
