@@ -344,7 +344,7 @@ def test_bad_s3_inputs_exit_64_before_training_naming_the_setting(s3, inputs: In
     failed = open_store(inputs.uri("bad-4/"))
     assert not [o.key for o in failed.list("") if o.key.startswith("checkpoint-")]
     rank_log = failed.read_text("logs/attempt-3/rank-0.log")
-    assert "run ended:" in rank_log and "holds no objects" in rank_log, rank_log
+    assert "run ended (exit 64):" in rank_log and "holds no objects" in rank_log, rank_log
 
 
 def test_rank_log_uploads_periodically_and_never_waits_on_a_dead_s3(
@@ -370,7 +370,7 @@ def test_rank_log_uploads_periodically_and_never_waits_on_a_dead_s3(
     except RuntimeError as exc:
         rank_log.close(exc)
     text = store.read_text("logs/attempt-2/rank-1.log")
-    assert "run ended:" in text and "RuntimeError: boom in the loop" in text
+    assert "run ended (exit 70):" in text and "RuntimeError: boom in the loop" in text
     assert rank_log.handler not in logging.getLogger().handlers
 
     # Nothing listens on this endpoint: every upload fails, yet logging and close() return at once.

@@ -121,8 +121,16 @@ class RankLog:
             return
         self._closed = True
         if exc is not None:
-            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
-            record = logging.LogRecord(__name__, logging.ERROR, __file__, 0, "run ended: %s", (text,), None)
+            from .errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, classify
+
+            code = classify(exc)
+            # A bad input or a preemption is fully said by its message; a crash needs its traceback.
+            if code in (EXIT_BAD_INPUT, EXIT_PREEMPTED):
+                text = str(exc)
+            else:
+                text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+            level = logging.WARNING if code == EXIT_PREEMPTED else logging.ERROR
+            record = logging.LogRecord(__name__, level, __file__, 0, "run ended (exit %d): %s", (code, text), None)
             record.created = time.time()
             # Into the file only: the console already gets the traceback from the CLI.
             self.handler.handle(record)

@@ -396,20 +396,23 @@ class Trainer:
         return ["unet", "text_encoder"][: len(self.trained)]
 
     def snapshot(self) -> ckpt.Snapshot:
+        # The copies reuse the previous checkpoint's buffers, so its upload must be over (submit waits anyway).
+        self.publisher.wait()
+        reuse = self.publisher.staging
         snap = ckpt.Snapshot(state=ckpt.TrainState(**vars(self.state)))
         for name, mod in zip(self._trained_names(), self.trained, strict=True):
-            snap.tensors[f"training/{name}.safetensors"] = ckpt.cpu_clone(trainable_state(mod))
+            snap.tensors[f"training/{name}.safetensors"] = ckpt.cpu_clone(trainable_state(mod), reuse, name)
             if self.cfg.method == "full":
                 snap.texts[f"{name}/config.json"] = json.dumps(dict(mod.config), indent=1, default=str)
         if self.cfg.method == "lora":
             snap.tensors["pytorch_lora_weights.safetensors"] = self._lora_layers(cpu=True)
-        snap.objects["training/optimizer.pt"] = ckpt.cpu_clone(self.optimizer.state_dict())
+        snap.objects["training/optimizer.pt"] = ckpt.cpu_clone(self.optimizer.state_dict(), reuse, "optimizer")
         snap.objects["training/scheduler.pt"] = self.lr_scheduler.state_dict()
         if self.accelerator.scaler is not None:
             snap.objects["training/scaler.pt"] = self.accelerator.scaler.state_dict()
         padding = ckpt.padding_for_tests()  # DREAMBOOTH_TEST_PAD_STATE_MB: benchmarks a bigger state
         if padding is not None:
-            snap.tensors["training/test-padding.safetensors"] = ckpt.cpu_clone(padding)
+            snap.tensors["training/test-padding.safetensors"] = ckpt.cpu_clone(padding, reuse, "padding")
         return snap
 
     def _lora_layers(self, cpu: bool) -> dict[str, torch.Tensor]:
