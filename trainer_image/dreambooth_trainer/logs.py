@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import threading
-import time
 import traceback
 from pathlib import Path
 
@@ -131,7 +130,6 @@ class RankLog:
                 text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
             level = logging.WARNING if code == EXIT_PREEMPTED else logging.ERROR
             record = logging.LogRecord(__name__, level, __file__, 0, "run ended (exit %d): %s", (code, text), None)
-            record.created = time.time()
             # Into the file only: the console already gets the traceback from the CLI.
             self.handler.handle(record)
         self._stop.set()
