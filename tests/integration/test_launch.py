@@ -76,7 +76,7 @@ def test_preempted_says_which_checkpoint_stands() -> None:
     )  # fmt: skip
     assert (published.code, published.step, published.checkpoint_uri) == (75, 7, "s3://b/r/checkpoint-7")
     late = decide(
-        nproc=2, rank_codes={0: None, 1: None}, detail=None, torchrun_rc=-9,
+        nproc=2, rank_codes={0: None, 1: None}, detail=None, torchrun_rc=-9, workers_seen=2,
         stop=StopInfo("SIGTERM", 13, killed_at_deadline=True), latest=lambda: (400, "s3://b/r/checkpoint-400"),
     )  # fmt: skip
     assert (late.code, late.step, late.checkpoint_uri) == (75, 400, "s3://b/r/checkpoint-400")
@@ -168,6 +168,18 @@ def test_sigterm_while_workers_start_exits_75_with_nothing_to_save(tmp_path: Pat
     assert "deadline" not in term["message"], term  # the worker stopped by itself, it was not killed
     assert "before the first step" in term["message"] and "starts from step 0" in term["message"], term
     assert not (tmp_path / "out" / "LATEST").exists()
+
+
+def test_sigterm_before_any_worker_exits_75(tmp_path: Path) -> None:
+    run = LaunchedRun(tmp_path, "full", training(str(tmp_path / "out"), "full", steps=4, ckpt=100)).start()
+    time.sleep(0.5)  # torchrun is still importing torch
+    tree = run.tree()
+    run.signal()
+    assert run.wait() == 75, run.log()
+    term = run.termination()
+    assert term["reason"] == "Preempted" and term["checkpointUri"] is None, term
+    time.sleep(0.2)
+    assert not [p for p in tree if alive(p)] and not (tmp_path / "out" / "LATEST").exists()
 
 
 def _workers(run: LaunchedRun) -> list[int]:

@@ -195,6 +195,10 @@ def decide(
             # Every worker stopped cleanly before it trained a step: there was nothing new to save.
             what = detail.get("message") or "the workers stopped before training"
             return Outcome(EXIT_PREEMPTED, step, uri, f"preempted{took}: {what}; {stands}")
+        if not workers_seen:
+            return Outcome(
+                EXIT_PREEMPTED, step, uri, f"preempted{took} before any worker started: nothing to save; {stands}"
+            )
         if stop.killed_at_deadline:
             why = f"the workers were killed at the {stop.deadline:.0f}s stop deadline"
         elif stop.aborted:
@@ -273,6 +277,34 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+class StopRequest:
+    """SIGTERM/SIGINT, recorded from the launcher's first moment (the handler only records; the loop acts)."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+        self.signum: int | None = None
+        self.abort = False  # a second Ctrl-C
+
+    def __call__(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        if self.at is None:
+            self.at, self.signum = time.monotonic(), signum
+        elif signum == signal.SIGINT and self.signum == signal.SIGINT:
+            self.abort = True
+
+    def install(self) -> Callable[[], None]:
+        """Handle SIGTERM and SIGINT; returns what puts the previous handlers back."""
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("not on the main thread: SIGTERM is not forwarded (run the launcher as the main program)")
+            return lambda: None
+        old = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def restore() -> None:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+        return restore
+
+
 @dataclass
 class Launcher:
     config: Path
@@ -280,22 +312,28 @@ class Launcher:
     deadline: float
     environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     output_dir: str | None = None
+    request: StopRequest = field(default_factory=StopRequest)
 
     def __post_init__(self) -> None:
-        self.stop_at: float | None = None
-        self.stop_signal: int | None = None
-        self.abort = False
         self.workers: dict[int, bool] = {}  # worker pid (= its process group) -> SIGTERM sent
+        self.signalled_torchrun = False
         self.proc: subprocess.Popen[bytes] | None = None
 
-    # signal handlers only record; the loop acts within POLL_SECONDS
-    def _on_signal(self, signum: int, frame: Any) -> None:  # noqa: ARG002
-        if self.stop_at is None:
-            self.stop_at, self.stop_signal = time.monotonic(), signum
-        elif signum == signal.SIGINT and self.stop_signal == signal.SIGINT:
-            self.abort = True
-
     def run(self) -> Outcome:
+        """Run torchrun to its end (handlers: the caller's `request.install()`, or installed here)."""
+        restore = self.request.install() if signal.getsignal(signal.SIGTERM) is not self.request else lambda: None
+        try:
+            if self.request.at is not None:
+                # The stop came while the launcher read its config: no worker to stop, nothing to save.
+                stop = StopInfo(signal.Signals(self.request.signum or signal.SIGTERM).name, self.deadline)
+                return decide(
+                    nproc=self.nproc, rank_codes={}, detail=None, torchrun_rc=None, stop=stop, latest=self._latest
+                )
+            return self._run()
+        finally:
+            restore()
+
+    def _run(self) -> Outcome:
         with tempfile.TemporaryDirectory(prefix="dreambooth-launch-") as tmp:
             results = Path(tmp)
             env = dict(self.environ)
@@ -303,11 +341,7 @@ class Launcher:
             env["DREAMBOOTH_RESULT_FILE"] = str(results / "detail.json")
             argv = torchrun_argv(self.config, self.nproc, self.deadline, env)
             logger.info("launching %d worker(s): %s", self.nproc, " ".join(argv[1:]))
-            restore = self._install_handlers()
-            try:
-                rc, stop = self._supervise(argv, env)
-            finally:
-                restore()
+            rc, stop = self._supervise(argv, env)
             rank_codes = {r: _read_rank_code(results / f"rank-{r}.json") for r in range(self.nproc)}
             detail = _read_json(results / "detail.json")
         return decide(
@@ -315,18 +349,6 @@ class Launcher:
             node_rank=int(self.environ.get("PET_NODE_RANK", "0") or 0), workers_seen=len(self.workers),
             latest=self._latest,
         )  # fmt: skip
-
-    def _install_handlers(self) -> Callable[[], None]:
-        if threading.current_thread() is not threading.main_thread():
-            logger.warning("not on the main thread: SIGTERM is not forwarded (run the launcher as the main program)")
-            return lambda: None
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-
-        def restore() -> None:
-            for s, h in old.items():
-                signal.signal(s, h)
-
-        return restore
 
     def _supervise(self, argv: list[str], env: dict[str, str]) -> tuple[int | None, StopInfo | None]:
         # Its own session: a terminal's Ctrl-C reaches the launcher only, which stops the workers gracefully.
@@ -337,13 +359,13 @@ class Launcher:
         next_scan = 0.0
         while rc is None:
             now = time.monotonic()
-            if now >= next_scan or self.stop_at is not None:
+            if now >= next_scan or self.request.at is not None:
                 for child in _children_of(proc.pid):
                     self.workers.setdefault(child, False)
                 next_scan = now + 1.0
-            if self.stop_at is not None:
+            if self.request.at is not None:
                 if stop is None:
-                    stop = StopInfo(signal.Signals(self.stop_signal or signal.SIGTERM).name, self.deadline)
+                    stop = StopInfo(signal.Signals(self.request.signum or signal.SIGTERM).name, self.deadline)
                     logger.warning(
                         "%s: each worker finishes its step, then an emergency checkpoint; stop deadline %.0fs",
                         stop.signal_name, self.deadline,
@@ -355,9 +377,9 @@ class Launcher:
                     )
                     write_termination_message(Outcome(EXIT_PREEMPTED, message=provisional), self.environ)
                 self._forward_stop(proc)
-                late = now - self.stop_at >= self.deadline
-                if (late or self.abort) and not (stop.killed_at_deadline or stop.aborted):
-                    stop.killed_at_deadline, stop.aborted = late, self.abort and not late
+                late = now - self.request.at >= self.deadline
+                if (late or self.request.abort) and not (stop.killed_at_deadline or stop.aborted):
+                    stop.killed_at_deadline, stop.aborted = late, self.request.abort and not late
                     logger.error(
                         "%s: killing the workers; a checkpoint cut short has no manifest, so it does not exist",
                         "stop deadline passed" if late else "second interrupt",
@@ -366,19 +388,23 @@ class Launcher:
             rc = self._reap(proc, pid1)
             if rc is None:
                 time.sleep(POLL_SECONDS)
-        if stop is not None and self.stop_at is not None:
-            stop.seconds = time.monotonic() - self.stop_at
-        if rc is not None and rc < 0:
-            # torchrun died of a signal (ours at the deadline, or the OOM killer): it did not stop its workers.
-            # Otherwise it already waited for them, and a long-gone pid is not worth a kill (pids get reused).
+        if stop is not None and self.request.at is not None:
+            stop.seconds = time.monotonic() - self.request.at
+        if (rc is not None and rc < 0) or self.signalled_torchrun:
+            # torchrun died of a signal (ours at the deadline, or the OOM killer), or was stopped mid-launch: it
+            # may not have stopped every worker. Otherwise it waited for them, and a long-gone pid is not worth
+            # a kill (pids get reused).
             self._kill_orphans()
         return rc, stop
 
     def _forward_stop(self, proc: subprocess.Popen[bytes]) -> None:
         if not self.workers:
-            # Still in rendezvous: no worker to checkpoint; torchrun stops itself on SIGTERM.
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
+            # Still in rendezvous: no worker to checkpoint; torchrun stops itself on SIGTERM. Once only: its
+            # handler raises, and a second signal would cut its own shutdown short.
+            if not self.signalled_torchrun:
+                self.signalled_torchrun = True
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
             return
         for pid, sent in self.workers.items():
             if not sent:
@@ -504,15 +530,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.worker:
         return _worker_main(args.config)
-    _setup_logging()
-    outcome = _launch(args)
-    write_termination_message(outcome)
+    request = StopRequest()
+    restore = request.install()  # before anything slow: a SIGTERM now must not kill the launcher unreported
+    try:
+        _setup_logging()
+        outcome = _launch(args, request)
+        write_termination_message(outcome)
+    finally:
+        restore()
     log = logger.info if outcome.code == EXIT_OK else logger.error
     log("exit %d (%s): %s", outcome.code, outcome.reason, outcome.message)
     return outcome.code
 
 
-def _launch(args: argparse.Namespace) -> Outcome:
+def _launch(args: argparse.Namespace, request: StopRequest) -> Outcome:
     from .config import ConfigError, parse_training
 
     config = Path(args.config)
@@ -528,7 +559,7 @@ def _launch(args: argparse.Namespace) -> Outcome:
     if nproc < 1:
         return Outcome(EXIT_BAD_INPUT, message=f"--nproc-per-node must be at least 1, not {nproc}")
     try:
-        return Launcher(config.resolve(), nproc, deadline, output_dir=cfg.output_dir).run()
+        return Launcher(config.resolve(), nproc, deadline, output_dir=cfg.output_dir, request=request).run()
     except Exception as exc:  # noqa: BLE001 - the launcher's own failure still needs an exit code and a message
         logger.exception("the launcher failed")
         return Outcome(EXIT_CRASH, message=f"the launcher failed: {exc!r}")
