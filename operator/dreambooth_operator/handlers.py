@@ -49,7 +49,7 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, workers: i
     @kopf.on.event(API_GROUP, API_VERSION, PLURAL, registry=registry)
     async def job_event(event: kopf.RawEvent, meta: kopf.Meta, **_: Any) -> None:
         controller.job_event(str(meta.namespace), str(meta.name), str(meta.uid), deleted=event.get("type") == "DELETED",
-                             resource_version=meta.resource_version)  # fmt: skip
+                             resource_version=meta.get("resourceVersion"))  # fmt: skip
 
     @kopf.on.event("", "v1", "pods", labels={LABEL_MANAGED_BY: MANAGER, LABEL_JOB_UID: kopf.PRESENT}, registry=registry)
     async def pod_event(meta: kopf.Meta, **_: Any) -> None:

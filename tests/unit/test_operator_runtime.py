@@ -183,3 +183,32 @@ def test_controller_skips_the_echo_of_its_own_status_write() -> None:
         return rec.calls
 
     assert asyncio.run(scenario()) == [("ns", "a"), ("ns", "a")]
+
+
+def test_kopf_handlers_route_events_to_the_controller() -> None:
+    class Recorder:
+        def __init__(self) -> None:
+            self.jobs: list[tuple[Any, ...]] = []
+            self.pods: list[tuple[Any, ...]] = []
+
+        def job_event(self, *args: Any, **kwargs: Any) -> None:
+            self.jobs.append((*args, kwargs))
+
+        def pod_event(self, *args: Any) -> None:
+            self.pods.append(args)
+
+    rec = Recorder()
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, rec)  # type: ignore[arg-type]
+    by_id = {h.id: h.fn for h in registry._watching.get_all_handlers()}
+    job = kopf.Body({"metadata": {"name": "j", "namespace": "ns", "uid": "u", "resourceVersion": "7"}})
+    pod = kopf.Body({"metadata": {"name": "j-a1-0", "namespace": "ns",
+                                  "ownerReferences": [{"kind": "DreamBoothJob", "name": "j", "controller": True}]}})  # fmt: skip
+    job_fn = next(fn for i, fn in by_id.items() if "job_event" in i)
+    pod_fn = next(fn for i, fn in by_id.items() if "pod_event" in i)
+    asyncio.run(job_fn(event={"type": "DELETED", "object": {}}, meta=job.metadata))
+    asyncio.run(job_fn(event={"type": None, "object": {}}, meta=job.metadata))
+    asyncio.run(pod_fn(meta=pod.metadata))
+    assert rec.jobs == [("ns", "j", "u", {"deleted": True, "resource_version": "7"}),
+                        ("ns", "j", "u", {"deleted": False, "resource_version": "7"})]  # fmt: skip
+    assert rec.pods == [("ns", [{"kind": "DreamBoothJob", "name": "j", "controller": True}])]
