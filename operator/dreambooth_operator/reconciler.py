@@ -55,6 +55,7 @@ class Reconciler:
         self.kube = kube
         # Events are best effort: off the reconcile's critical path when the operator runs for real.
         self._event_pool = ThreadPoolExecutor(2, thread_name_prefix="events") if background_events else None
+        self._io = ThreadPoolExecutor(8, thread_name_prefix="create")
         self.opts = opts or PlanOptions()
         self.clock = clock
         self.fetch = fetch
@@ -196,28 +197,33 @@ class Reconciler:
 
     def _execute(self, namespace: str, name: str, uid: str, p: Plan) -> tuple[str | None, dict[str, dict[str, Any]]]:
         """Run the plan's actions. Returns the apiserver's refusal of an object we built (if any) and the pods
-        created (by name)."""
+        created (by name). Creates go out together: a pod may exist before its ConfigMap (the kubelet waits)."""
         created: dict[str, dict[str, Any]] = {}
+        creates = [a.obj for a in p.actions if a.verb == "create" and a.obj is not None]
+        results = list(self._io.map(self._create, creates)) if len(creates) > 1 else [self._create(c) for c in creates]
+        for obj, (made, refusal) in zip(creates, results, strict=True):
+            if refusal is not None:
+                return refusal, created
+            if made is not None and obj["kind"] == "Pod":
+                created[obj["metadata"]["name"]] = made
         for action in p.actions:
-            if action.verb == "create" and action.obj is not None:
-                try:
-                    obj = self.kube.create(action.obj)
-                except Exception as exc:
-                    # 400/422: the object we built from the spec is invalid (e.g. a bad volume in podTemplate):
-                    # retrying cannot help, so the job fails with the apiserver's own words.
-                    if is_status(exc, 400, 422):
-                        what = f"{action.obj['kind']} {action.obj['metadata']['name']}"
-                        return f"the apiserver refused {what}: " + _reason(exc), created
-                    raise
-                if obj is not None and action.obj["kind"] == "Pod":
-                    created[action.obj["metadata"]["name"]] = obj
-            elif action.verb == "delete":
+            if action.verb == "delete":
                 self.kube.delete_pod(namespace, action.name)
             elif action.verb == "force-delete":
                 self.kube.delete_pod(namespace, action.name, grace_seconds=0)
             elif action.verb == "delete-job":
                 self.kube.delete_job(namespace, name, uid)
         return None, created
+
+    def _create(self, obj: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+        try:
+            return self.kube.create(obj), None
+        except Exception as exc:
+            # 400/422: the object we built from the spec is invalid (e.g. a bad volume in podTemplate):
+            # retrying cannot help, so the job fails with the apiserver's own words.
+            if is_status(exc, 400, 422):
+                return None, f"the apiserver refused {obj['kind']} {obj['metadata']['name']}: " + _reason(exc)
+            raise
 
 
 def _rv(job: dict[str, Any]) -> str | None:

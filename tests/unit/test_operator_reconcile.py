@@ -56,7 +56,6 @@ class FakeKube:
         self.nodes: dict[str, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
         self.calls: list[str] = []
-        self.fail_next_create: int | None = None
         self.fail_create_of: dict[str, int] = {}  # object name -> HTTP status, once
         self.created_pods: list[str] = []
 
@@ -93,12 +92,9 @@ class FakeKube:
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         self.calls.append(f"create_{obj['kind']}")
-        if self.fail_next_create is not None:
-            code, self.fail_next_create = self.fail_next_create, None
-            raise ApiError(code, "spec.volumes[4].persistentVolumeClaim.claimName: Required value")
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         if name in self.fail_create_of:
-            raise ApiError(self.fail_create_of.pop(name), "the operator died here")
+            raise ApiError(self.fail_create_of.pop(name), "spec.volumes[4].persistentVolumeClaim.claimName: Required value")
         obj = copy.deepcopy(obj)
         obj["metadata"].update(uid=str(uuid.uuid4()), creationTimestamp=ts(self.clock.now))
         if obj["kind"] == "Pod":
@@ -441,7 +437,7 @@ def test_invalid_spec_fails_naming_the_field_without_pods() -> None:
 
 def test_apiserver_refusal_of_a_built_pod_fails_the_job() -> None:
     env = Env()
-    env.kube.fail_next_create = 422
+    env.kube.fail_create_of["dog-config"] = 422
     st = env.reconcile()
     assert st["phase"] == "Failed" and "refused ConfigMap" in st["message"] and "claimName" in st["message"]
 
