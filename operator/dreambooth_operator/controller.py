@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -26,31 +26,49 @@ Key = tuple[str, str]  # namespace, name
 # Finished jobs only wait for their TTL (scheduled precisely through requeue_after): look rarely.
 FINISHED_RESYNC_SECONDS = 300.0
 MAX_ERROR_BACKOFF_SECONDS = 60.0
+POD_EVENT_COALESCE_SECONDS = 0.5
 
 
 class WorkQueue:
-    """client-go's workqueue semantics on asyncio: dedupe, one worker per key, delayed re-adds."""
+    """client-go's workqueue semantics on asyncio: dedupe, one worker per key, delayed re-adds — plus an
+    urgent lane, so a job nobody has looked at yet is not stuck behind the routine re-checks of running ones."""
 
     def __init__(self) -> None:
-        self._ready: asyncio.Queue[Hashable] = asyncio.Queue()
+        self._items = asyncio.Semaphore(0)
+        self._urgent: deque[Hashable] = deque()
+        self._normal: deque[Hashable] = deque()
         self._queued: set[Hashable] = set()
         self._processing: set[Hashable] = set()
         self._dirty: set[Hashable] = set()
-        self._timers: dict[Hashable, asyncio.TimerHandle] = {}
+        self._timers: dict[Hashable, tuple[float, asyncio.TimerHandle]] = {}
 
-    def add(self, key: Hashable) -> None:
+    def add(self, key: Hashable, urgent: bool = False) -> None:
         if key in self._processing:
             self._dirty.add(key)
-        elif key not in self._queued:
+        elif key in self._queued:
+            if urgent and key in self._normal:
+                self._normal.remove(key)
+                self._urgent.append(key)
+        else:
             self._queued.add(key)
-            self._ready.put_nowait(key)
+            (self._urgent if urgent else self._normal).append(key)
+            self._items.release()
 
     def schedule(self, key: Hashable, delay: float) -> None:
         """(Re)place the key's timer: one pending timer per key, the latest request wins."""
-        old = self._timers.pop(key, None)
-        if old is not None:
-            old.cancel()
-        self._timers[key] = asyncio.get_running_loop().call_later(max(0.0, delay), self._fire, key)
+        self.forget(key)
+        loop = asyncio.get_running_loop()
+        self._timers[key] = (loop.time() + delay, loop.call_later(max(0.0, delay), self._fire, key))
+
+    def add_soon(self, key: Hashable, delay: float) -> None:
+        """Add after ``delay`` unless it is due sooner anyway: a burst of events becomes one reconcile."""
+        if key in self._queued or key in self._processing:
+            self.add(key)
+            return
+        due = asyncio.get_running_loop().time() + delay
+        if key in self._timers and self._timers[key][0] <= due:
+            return
+        self.schedule(key, delay)
 
     def _fire(self, key: Hashable) -> None:
         self._timers.pop(key, None)
@@ -59,13 +77,14 @@ class WorkQueue:
     def forget(self, key: Hashable) -> None:
         timer = self._timers.pop(key, None)
         if timer is not None:
-            timer.cancel()
+            timer[1].cancel()
 
     def scheduled(self, key: Hashable) -> bool:
         return key in self._timers or key in self._queued or key in self._processing
 
     async def get(self) -> Hashable:
-        key = await self._ready.get()
+        await self._items.acquire()
+        key = self._urgent.popleft() if self._urgent else self._normal.popleft()
         self._queued.discard(key)
         self._processing.add(key)
         return key
@@ -118,23 +137,22 @@ class Controller:
         self.jobs[key] = uid
         if resource_version is not None and self._own_writes.get(key) == resource_version:
             return  # the echo of our own status write: that reconcile already saw this version
-        self._add(key)
+        if self.queue is not None:
+            # A job never reconciled (new, or new to this operator process) goes ahead of routine re-checks.
+            self.queue.add(key, urgent=key not in self.phases)
 
     def pod_event(self, namespace: str, owners: list[dict[str, Any]] | None) -> None:
         for ref in owners or []:
-            if ref.get("kind") == KIND and ref.get("controller"):
-                self._add((namespace, str(ref.get("name"))))
-
-    def _add(self, key: Key) -> None:
-        if self.queue is not None:
-            self.queue.add(key)
+            if ref.get("kind") == KIND and ref.get("controller") and self.queue is not None:
+                # A pod changes several times in a row (scheduled, started, ...): one look after the burst.
+                self.queue.add_soon((namespace, str(ref.get("name"))), POD_EVENT_COALESCE_SECONDS)
 
     # ----- the loop -----
 
     async def start(self) -> None:
         self.queue = WorkQueue()
         for key in self.jobs:
-            self.queue.add(key)
+            self.queue.add(key, urgent=True)
         self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.workers)]
         self._tasks.append(asyncio.create_task(self._safety_net()))
 

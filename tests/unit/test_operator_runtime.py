@@ -13,7 +13,7 @@ from aiohttp.test_utils import make_mocked_request
 from dreambooth_operator import handlers, torchrun
 from dreambooth_operator import status as S
 from dreambooth_operator.__main__ import Settings, parse_args
-from dreambooth_operator.controller import Controller, WorkQueue
+from dreambooth_operator.controller import POD_EVENT_COALESCE_SECONDS, Controller, WorkQueue
 from dreambooth_operator.metrics import Heartbeat, Metrics, make_app
 from dreambooth_operator.reconciler import Result
 
@@ -102,6 +102,25 @@ def test_work_queue_dedupes_and_reprocesses_dirty_keys() -> None:
     assert asyncio.run(scenario()) == ["a", "b", "a", "c"]
 
 
+def test_work_queue_urgent_lane_and_coalescing() -> None:
+    async def scenario() -> list[Any]:
+        q = WorkQueue()
+        q.add("old-1")
+        q.add("old-2")
+        q.add("new", urgent=True)
+        q.add("old-2", urgent=True)  # promoted
+        order = [await q.get() for _ in range(3)]
+        for key in order:
+            q.done(key)
+        q.add_soon("burst", 0.05)
+        q.add_soon("burst", 0.5)  # a later request does not postpone the pending one
+        got = await asyncio.wait_for(q.get(), 0.3)
+        q.done(got)
+        return [*order, got]
+
+    assert asyncio.run(scenario()) == ["new", "old-2", "old-1", "burst"]
+
+
 class StubReconciler:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
@@ -123,7 +142,7 @@ def test_controller_reconciles_on_events_and_counts_phases() -> None:
         c.job_event("ns", "a", "uid-a", deleted=False)
         await c.start()
         c.pod_event("ns", [{"kind": "DreamBoothJob", "name": "b", "controller": True}, {"kind": "Other", "name": "z"}])
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2 + POD_EVENT_COALESCE_SECONDS)
         c.job_event("ns", "a", "uid-a", deleted=True)
         await c.stop()
         return rec, metrics
