@@ -76,8 +76,7 @@ async def serve(settings: Settings) -> None:
     from .resources import BuildOptions
 
     metrics = Metrics()
-    kube = Kube.from_environment(on_request=lambda verb: metrics.api_requests.labels(verb).inc(),
-                                 connections=settings.workers + 4)  # fmt: skip
+    kube = Kube.from_environment(on_request=metrics.api_request, connections=settings.workers + 4)
     opts = PlanOptions(BuildOptions(cluster_domain=settings.cluster_domain), settings.backoff_base_seconds)
     controller = Controller(Reconciler(kube, opts, metrics=metrics, background_events=True), metrics,
                             workers=settings.workers, resync_seconds=settings.resync_seconds)  # fmt: skip

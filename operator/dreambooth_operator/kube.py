@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -51,7 +52,7 @@ class Kube:
     accepts (an int GPU count, fields newer than the client): objects go out exactly as the builders made them.
     """
 
-    def __init__(self, api_client: Any = None, on_request: Callable[[str], None] | None = None) -> None:
+    def __init__(self, api_client: Any = None, on_request: Callable[[str, float], None] | None = None) -> None:
         from kubernetes import client
 
         self._client = client
@@ -61,7 +62,7 @@ class Kube:
         self._on_request = on_request
 
     @classmethod
-    def from_environment(cls, on_request: Callable[[str], None] | None = None, connections: int = 20) -> Kube:
+    def from_environment(cls, on_request: Callable[[str, float], None] | None = None, connections: int = 20) -> Kube:
         from kubernetes import client, config
 
         configuration = client.Configuration()
@@ -77,8 +78,14 @@ class Kube:
                  query: dict[str, str] | None = None, content_type: str = "application/json") -> Any:  # fmt: skip
         with self._lock:
             self.requests[verb] += 1
-        if self._on_request is not None:
-            self._on_request(verb)
+        started = time.perf_counter()
+        try:
+            return self._send(method, path, body, query, content_type)
+        finally:
+            if self._on_request is not None:
+                self._on_request(verb, time.perf_counter() - started)
+
+    def _send(self, method: str, path: str, body: Any, query: dict[str, str] | None, content_type: str) -> Any:
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type

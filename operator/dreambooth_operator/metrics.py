@@ -30,10 +30,18 @@ class Metrics:
         self.api_requests = Counter(
             "dreambooth_operator_api_requests_total", "Apiserver requests made by the reconciler.", ["verb"], registry=r
         )
+        self.api_seconds = Histogram(
+            "dreambooth_operator_api_request_seconds", "Latency of the reconciler's apiserver requests.", ["verb"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r,
+        )  # fmt: skip
         self.status_writes = Counter("dreambooth_operator_status_writes_total", "Status patches written.", registry=r)
         self.progress_polls = Counter(
             "dreambooth_operator_progress_polls_total", "GET /progress calls to rank 0.", ["result"], registry=r
         )
+
+    def api_request(self, verb: str, seconds: float) -> None:
+        self.api_requests.labels(verb).inc()
+        self.api_seconds.labels(verb).observe(seconds)
 
     def set_phases(self, counts: dict[str, int]) -> None:
         for phase in PHASES:
