@@ -620,6 +620,7 @@ class Trainer:
                 logger.error("the checkpoint in flight at SIGTERM failed (%s); saving step %d anyway", exc, st.global_step)
             self.save_checkpoint(background=False)
             uri = self.out.url(f"checkpoint-{st.global_step}")
+            self.trackers.flush()  # after the checkpoint: TensorBoard otherwise holds up to 2 min of events
         self.accelerator.wait_for_everyone()
         self.progress.update(phase="Preempted")
         seconds = time.monotonic() - t0
