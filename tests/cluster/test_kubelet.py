@@ -280,17 +280,49 @@ def test_graceful_node_shutdown_fails_pods_with_reason_terminated(cluster: Clust
         wait_until(lambda: cluster._node_ready(node), 30)
 
 
-def test_node_lost_kills_processes_and_stops_reporting(cluster: Cluster, namespace: str) -> None:
-    node = cluster.nodes[0].name
-    cluster.apply(python_pod("on-lost-node", "import time\nwhile True: time.sleep(0.2)", node=node), namespace)
-    cluster.wait_pod_phase(namespace, "on-lost-node", "Running")
+def test_node_lost_kills_processes_silently_and_stops_reporting(cluster: Cluster, namespace: str) -> None:
+    node, other = cluster.nodes[0].name, cluster.nodes[1].name
+    server = """
+        import socket, time
+        s = socket.socket()
+        s.bind(("0.0.0.0", 7070))
+        s.listen(1)
+        c, _ = s.accept()
+        c.sendall(b"hello")
+        time.sleep(1000)
+    """
+    cluster.apply(python_pod("on-lost-node", server, node=node), namespace)
+    ip = cluster.wait_pod_phase(namespace, "on-lost-node", "Running")["status"]["podIP"]
+    peer = f"""
+        import socket, sys, time
+        for _ in range(100):
+            try:
+                s = socket.create_connection(("{ip}", 7070), timeout=5)
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert s.recv(5) == b"hello"
+        print("connected", flush=True)
+        s.settimeout(8)
+        try:
+            data = s.recv(100)
+            verdict = "closed" if not data else "data"
+        except TimeoutError:
+            verdict = "silence"
+        except OSError as e:
+            verdict = f"error {{e}}"
+        open("/dev/termination-log", "w").write(verdict)
+    """
+    cluster.apply(python_pod("peer", peer, node=other), namespace)
+    cluster.wait_pod(namespace, "peer", lambda p: "connected" in cluster.pod_log(namespace, "peer"), 60)
     pids = cluster.pod_info(namespace, "on-lost-node")["containers"]["main"]["processes"]
     cluster.node_lost(node)
     try:
         n = cluster.kube_api.get(f"/api/v1/nodes/{node}")
         assert condition(n, "Ready")["status"] == "Unknown"
         wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids), 10, 0.1, "processes gone")
-        time.sleep(1)
+        # A dead machine sends no FIN/RST: its peer hears nothing (and would hit its own timeout).
+        assert terminated(cluster.wait_pod_phase(namespace, "peer", "Succeeded", timeout=30))["message"] == "silence"
         # Nobody reports for a dead node: the API still says Running.
         assert cluster.pod(namespace, "on-lost-node")["status"]["phase"] == "Running"
         # Deleting the pod leaves it Terminating: no kubelet completes the deletion.

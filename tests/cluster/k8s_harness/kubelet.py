@@ -993,7 +993,10 @@ class PodWorker(threading.Thread):
         init_idx = 0
         while True:
             if self.lost:
-                # The node is gone: its processes die with it and nobody tells the API anything.
+                # The node is gone: its processes die with it and nobody tells the API anything. Cut the wire
+                # first: a dead machine sends no FIN/RST, so peers see silence (timeouts), not "connection closed".
+                if self.net is not None:
+                    self.k.network.cut(self.net)
                 self._kill_all()
                 while self.lost and not self.gone:
                     self._wait(0.5)

@@ -137,6 +137,10 @@ class PodNetwork:
             raise
         return PodNet(ns, ip, veth)
 
+    def cut(self, pn: PodNet) -> None:
+        """Pull the pod's cable: the host end of its veth goes down, so nothing it sends reaches anyone."""
+        _ip("link", "set", pn.veth, "down", check=False)
+
     def remove_pod(self, pn: PodNet) -> None:
         # Deleting the namespace deletes eth0 and with it the host end of the veth pair.
         _ip("netns", "del", pn.netns, check=False)
