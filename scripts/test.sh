@@ -8,7 +8,7 @@ TIERS=${TIERS:-"lint unit integration cluster packaging"}
 bash scripts/setup.sh || exit 1
 . .venv/bin/activate
 # One intra-op thread per process: default threading on a shared 2-core machine is up to 100x slower.
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 failed=()
 summary=()
 run_tier() {
