@@ -140,8 +140,9 @@ def test_real_trainer_happy_path_fills_every_status_field(jobs: Jobs, storage: d
     final_weights(storage, "dog", tmp_path / "w")
 
 
-def test_deleted_pod_resumes_bit_identical(
-    jobs: Jobs, cluster: Cluster, storage: dict[str, Any], tmp_path: Path
+@pytest.mark.parametrize("how", ["pod-deleted", "disruption-target"])
+def test_preempted_pod_resumes_bit_identical(
+    how: str, jobs: Jobs, cluster: Cluster, storage: dict[str, Any], tmp_path: Path
 ) -> None:
     jobs.create(real_job("base", storage))
     jobs.wait_phase("base", "Succeeded", 600)
@@ -149,8 +150,13 @@ def test_deleted_pod_resumes_bit_identical(
 
     jobs.create(real_job("pre", storage, step_delay=1.5))
     jobs.wait("pre", lambda s: (s.get("step") or 0) >= 3, 300, "step 3")
-    cluster.kube_api.delete(f"/api/v1/namespaces/{jobs.ns}/pods/pre-a1-1")
+    if how == "pod-deleted":
+        cluster.kube_api.delete(f"/api/v1/namespaces/{jobs.ns}/pods/pre-a1-1")
+    else:
+        cluster.preempt(jobs.ns, "pre-a1-1")  # DisruptionTarget/PreemptionByScheduler, then the delete
     st = jobs.wait("pre", lambda s: s.get("preemptions") == 1, 60, "preemption counted")
+    expected = {"pod-deleted": "PodDeleted", "disruption-target": "DisruptionTarget"}[how]
+    assert jobs.condition("pre", "Preempted")["reason"] == expected
     st = jobs.wait_phase("pre", "Succeeded", 600)
     assert (st["preemptions"], st["restarts"], st["attempt"]) == (1, 0, 2)
     assert st["logsUri"].endswith("/logs/attempt-2/")
@@ -175,3 +181,13 @@ def test_node_loss_resumes_from_the_periodic_checkpoint_bit_identical(
         cluster.node_recover(node)
     assert st["restarts"] == 0 and st["attempt"] == 2
     _assert_identical(final_weights(storage, "lost", tmp_path / "lost"), reference)
+
+
+def test_bad_input_fails_at_once_naming_the_field(jobs: Jobs, storage: dict[str, Any]) -> None:
+    job = real_job("empty", storage)
+    job["spec"]["training"]["instanceDataDir"] = f"s3://{storage['bucket']}/data/nothing-here/"
+    jobs.create(job)
+    st = jobs.wait_phase("empty", "Failed", 300)
+    failed = jobs.condition("empty", "Failed")
+    assert failed["reason"] == "BadInput" and "instanceDataDir" in failed["message"], failed
+    assert st["restarts"] == 0 and st["attempt"] == 1
