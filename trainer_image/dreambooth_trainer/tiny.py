@@ -216,6 +216,16 @@ def make_tiny_model(out_dir: Path, seed: int = 0, prediction_type: str = "epsilo
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    # transformers skips a model's weights when torch.distributed says this is not rank 0, which left the
+    # tiny model of a non-zero rank (e.g. the second pod of a gang) without text-encoder weights.
+    te_dir = out_dir / "text_encoder"
+    if not (te_dir / "model.safetensors").exists():
+        from safetensors.torch import save_file
+
+        te_dir.mkdir(parents=True, exist_ok=True)
+        pipe.text_encoder.config.to_json_file(te_dir / "config.json")
+        state = {k: v.contiguous() for k, v in pipe.text_encoder.state_dict().items()}
+        save_file(state, te_dir / "model.safetensors", metadata={"format": "pt"})
     # The tokenizer's save may write only tokenizer.json; the files the project itself builds are written
     # last so the folder always holds them (older transformers and other tools read them).
     write_tokenizer_files(out_dir / "tokenizer")
