@@ -130,6 +130,9 @@ class _Planner:
             self._finished()
         else:
             self._active()
+            if S.is_finished(self.st):
+                # The reconcile that finishes the job must start its TTL clock: no later event may come.
+                self._ttl()
         return self.result()
 
     def result(self) -> Plan:
@@ -185,6 +188,9 @@ class _Planner:
 
     def _finished(self) -> None:
         self._stop([v for _, v, _ in self.views if v.active], remove_finished=False)
+        self._ttl()
+
+    def _ttl(self) -> None:
         ttl = (self.spec_raw.get("runPolicy") or {}).get("ttlSecondsAfterFinished")
         done = S.parse_time(self.st.completion_time)
         if isinstance(ttl, int) and done is not None:
