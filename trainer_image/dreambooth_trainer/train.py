@@ -79,7 +79,6 @@ class TrainResult:
     output_uri: str
     global_step: int
     final_loss: float | None
-    checkpoints: list[str]
     validation_images: list[str]
 
 
@@ -643,7 +642,7 @@ class Trainer:
         self.progress.close()
         self.rank_log.close()  # here too, not only in run_training: in-process callers (tests, benchmarks) end here
         images = [uri for run in self.validator.runs for uri in run.uris]
-        return TrainResult(self.out.uri, self.state.global_step, loss_value, [], images)
+        return TrainResult(self.out.uri, self.state.global_step, loss_value, images)
 
     def _save_final(self) -> None:
         cfg = self.cfg
