@@ -53,12 +53,17 @@ def _latest_reader(uri: str) -> Callable[[], int | None]:
     return read
 
 
-def trial(work: Path, uri: str, *, pad_mb: int = 0, warm_steps: int = 6, ckpt: int = 4) -> dict[str, float]:
-    """One preemption: train, SIGTERM at a step, time until durable and until exit."""
+def trial(
+    work: Path, uri: str, *, pad_mb: int = 0, warm_steps: int = 6, ckpt: int = 4, **train_extra: object
+) -> dict[str, float]:
+    """One preemption: train, SIGTERM at a step, time until durable and until exit.
+
+    ``train_extra`` overrides spec.training fields (another model, resolution, mixed precision).
+    """
     env = {"DREAMBOOTH_STOP_DEADLINE_SECONDS": "900"}
     if pad_mb:
         env["DREAMBOOTH_TEST_PAD_STATE_MB"] = str(pad_mb)
-    run = LaunchedRun(work, "full", training(uri, "full", steps=100_000, ckpt=ckpt), **env).start()
+    run = LaunchedRun(work, "full", training(uri, "full", steps=100_000, ckpt=ckpt, **train_extra), **env).start()
     latest = _latest_reader(uri)
     try:
         run.wait_until(f"step {warm_steps}", lambda s: s["step"] >= warm_steps, timeout=600)
