@@ -30,8 +30,9 @@ def make_sd15_shaped(out: Path, *, small: bool = False) -> Path:
     """Write a random pipeline with SD 1.5's component shapes (``small``: a scaled-down one to test this script)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from dreambooth_trainer.tiny import MAX_LENGTH, make_tokenizer
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dreambooth_trainer.tiny import MAX_LENGTH, make_tokenizer
 
     tokenizer = make_tokenizer()
     width = 768 if not small else 32

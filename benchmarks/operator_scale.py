@@ -177,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         wait_until(all_jobs_running, 600, 0.5, "all jobs Running")
         result["all_jobs_running_seconds"] = round(time.monotonic() - t0, 2)
         text = metrics()
-        reqs, writes = metric_sum(text, "dreambooth_operator_api_requests_total"), metric_sum(
-            text, "dreambooth_operator_status_writes_total"
+        reqs, writes = (
+            metric_sum(text, "dreambooth_operator_api_requests_total"),
+            metric_sum(text, "dreambooth_operator_status_writes_total"),
         )
         result["api_requests_per_job_to_running"] = round(reqs / args.jobs, 1)
         result["status_writes_per_job_to_running"] = round(writes / args.jobs, 1)
