@@ -16,7 +16,14 @@ import pytest
 from tests.preemption_utils import LaunchedRun, alive, descendants, training
 
 from dreambooth_trainer import launch
-from dreambooth_trainer.launch import Outcome, StopInfo, decide, stop_deadline, torchrun_argv
+from dreambooth_trainer.launch import (
+    Outcome,
+    StopInfo,
+    decide,
+    stop_deadline,
+    torchrun_argv,
+    torchrun_has_shutdown_timeout,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -41,6 +48,15 @@ def test_torchrun_argv_single_node_and_gang() -> None:
     assert "--standalone" in local and "--nproc-per-node=2" in local
     # torchrun must not SIGKILL the workers before the launcher's deadline.
     assert "--shutdown-timeout=115" in local
+    # An older torchrun (torch 2.11) exits 2 on the flag: it is left out there.
+    older = torchrun_argv(Path("/c.json"), 2, 110.0, {}, shutdown_timeout_flag=False)
+    assert not [a for a in older if a.startswith("--shutdown-timeout")]
+    assert [a for a in local if not a.startswith("--shutdown-timeout")] == older
+    # The torch installed here is probed from its torchrun's source, without importing torch.
+    import torch.distributed.run as run_module
+
+    parser_flags = {o for a in run_module.get_args_parser()._actions for o in a.option_strings}
+    assert torchrun_has_shutdown_timeout() == ("--shutdown-timeout" in parser_flags)
     gang = torchrun_argv(
         Path("/c.json"),
         8,

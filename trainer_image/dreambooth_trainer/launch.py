@@ -19,8 +19,9 @@ What the launcher adds to torchrun (DESIGN.md, launcher contract):
   launcher's own exit. When it passes, the launcher SIGKILLs every worker's process group (torchrun starts
   workers in their own sessions, so killing torchrun alone would orphan them) and torchrun's. torchrun's own
   shutdown timeout (30 s by default, after which it SIGKILLs the workers) is raised past the deadline so that
-  only the launcher decides. If the launcher itself dies, torchrun gets SIGTERM (PR_SET_PDEATHSIG) and stops
-  the workers the same graceful way.
+  only the launcher decides (where torchrun has --shutdown-timeout: torch 2.11's has not, and keeps its 30 s).
+  If the launcher itself dies, torchrun gets SIGTERM (PR_SET_PDEATHSIG) and stops the workers the same
+  graceful way.
 - Exit codes: 0 done, 64 bad input, 70 crash, 71 GPU out of memory, 75 preempted (emergency checkpoint
   published, or none possible in time). torchrun exits 1 for any worker failure, so each worker leaves its own
   exit code in a per-rank result file and the launcher picks the root cause (bad input > GPU OOM > preempted >
@@ -38,6 +39,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
+import importlib.util
 import json
 import logging
 import math
@@ -83,12 +86,35 @@ def stop_deadline(environ: dict[str, str] | os._Environ[str] | None = None) -> f
     return max(1.0, grace - margin)
 
 
-def torchrun_argv(config: Path, nproc: int, deadline: float, environ: dict[str, str] | os._Environ[str]) -> list[str]:
-    argv = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc-per-node={nproc}",
-        f"--shutdown-timeout={math.ceil(deadline) + TORCHRUN_SHUTDOWN_SLACK_SECONDS}",
-    ]  # fmt: skip
+@functools.cache
+def torchrun_has_shutdown_timeout() -> bool:
+    """Whether this torch's torchrun takes --shutdown-timeout (newer releases; 2.11 refuses it and exits 2).
+
+    Read from torchrun's source rather than by importing torch: the launcher stays light and starts fast.
+    """
+    spec = importlib.util.find_spec("torch")
+    if spec is None or spec.origin is None:
+        return False
+    try:
+        return "--shutdown-timeout" in (Path(spec.origin).parent / "distributed" / "run.py").read_text()
+    except OSError:
+        return False
+
+
+def torchrun_argv(
+    config: Path,
+    nproc: int,
+    deadline: float,
+    environ: dict[str, str] | os._Environ[str],
+    *,
+    shutdown_timeout_flag: bool = True,
+) -> list[str]:
+    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    if shutdown_timeout_flag:
+        argv.append(f"--shutdown-timeout={math.ceil(deadline) + TORCHRUN_SHUTDOWN_SLACK_SECONDS}")
+    # Without the flag an older torchrun SIGKILLs its workers 30 s after torchrun itself is signalled. The
+    # launcher signals the workers, not torchrun, once they run, so only a stop during rendezvous (no state
+    # yet) or the launcher's own death (PDEATHSIG) meets that 30 s limit.
     nnodes = environ.get("PET_NNODES", "1").strip() or "1"
     if not environ.get("PET_MASTER_ADDR") and nnodes in ("1", "1:1"):
         argv.append("--standalone")
@@ -339,7 +365,9 @@ class Launcher:
             env = dict(self.environ)
             env[RANK_RESULT_DIR_ENV] = str(results)
             env["DREAMBOOTH_RESULT_FILE"] = str(results / "detail.json")
-            argv = torchrun_argv(self.config, self.nproc, self.deadline, env)
+            argv = torchrun_argv(
+                self.config, self.nproc, self.deadline, env, shutdown_timeout_flag=torchrun_has_shutdown_timeout()
+            )
             logger.info("launching %d worker(s): %s", self.nproc, " ".join(argv[1:]))
             rc, stop = self._supervise(argv, env)
             rank_codes = {r: _read_rank_code(results / f"rank-{r}.json") for r in range(self.nproc)}
