@@ -45,7 +45,7 @@ def test_cli_and_manifest_give_the_same_config(model) -> None:
 def test_each_script_keeps_its_own_defaults() -> None:
     full = parse_cli(FullConfig, REQUIRED, "t")
     lora = parse_cli(LoraConfig, REQUIRED, "t")
-    assert (full.learning_rate, full.output_dir) == (5e-6, "text-inversion-model")
+    assert (full.learning_rate, full.output_dir) == (5e-6, "dreambooth-model")
     assert (lora.learning_rate, lora.output_dir, lora.rank, lora.validation_epochs) == (5e-4, "lora-dreambooth-model", 4, 50)
     assert not hasattr(lora, "validation_steps") and full.validation_steps == 100
 

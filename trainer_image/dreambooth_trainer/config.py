@@ -69,7 +69,7 @@ class _Common(BaseModel):
     num_class_images: int = _f(
         100, "Minimal number of class images; missing ones are generated with class_prompt.", ge=1
     )
-    output_dir: str = _f("text-inversion-model", "Where the model, checkpoints and images are written (local or s3://).")
+    output_dir: str = _f("dreambooth-model", "Where the model, checkpoints and images are written (local or s3://).")
     seed: int | None = _f(None, "Seed for reproducible training. Exact resume is guaranteed with or without it.")
     resolution: int = _f(512, "Resolution of the training images (multiple of 8).", ge=8)
     center_crop: bool = _f(False, "Center crop the images instead of random crops.")
@@ -91,6 +91,8 @@ class _Common(BaseModel):
     gradient_checkpointing: bool = _f(False, "Trade compute for memory with activation checkpointing.")
     learning_rate: float = _f(5e-6, "Initial learning rate (after warmup).", gt=0)
     scale_lr: bool = _f(False, "Scale the learning rate by processes x accumulation x batch size.")
+    # The scripts take any string and let diffusers' get_scheduler reject it mid-setup; these are the names that
+    # work there (piecewise_constant also parses, but the scripts pass it no step rules, so it crashes).
     lr_scheduler: LrScheduler = _f("constant", "Learning-rate schedule.")
     lr_warmup_steps: int = _f(500, "Warmup steps of the learning-rate schedule.", ge=0)
     lr_num_cycles: int = _f(1, "Hard resets of cosine_with_restarts.", ge=1)
