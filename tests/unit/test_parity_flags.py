@@ -8,7 +8,8 @@ Upstream source of the tables: the newest copy of both scripts reachable from he
 "0.37.0.dev0")``, in the diffusers fork ChrisColeTech/diffusers at commit 725959a41dab7fe82d92cac23db7f6e469cca971
 (a fork's copy of main, with no local edits seen in parse_args; the pinned 0.42.1 sdist ships no examples and
 huggingface/diffusers itself is indexed here only at its 0.22-era commit). Changes since 0.22 that these tables record: train_dreambooth.py's output_dir
-default became ``dreambooth-model`` (0.25 already had it).
+default became ``dreambooth-model`` (0.25 already had it), and train_dreambooth_lora.py gained ``--lora_dropout``
+and ``--image_interpolation_mode`` (default lanczos; the full script still resizes with bilinear).
 """
 
 from __future__ import annotations
@@ -101,9 +102,12 @@ TRAIN_DREAMBOOTH_LORA = {
     "learning_rate": 5e-4,
     "validation_epochs": 50,
     "rank": 4,
+    "lora_dropout": 0.0,
+    "image_interpolation_mode": "lanczos",
 }
 
-# The flags whose upstream declaration has ``choices``, with them. lr_scheduler and report_to take any string there.
+# The flags whose upstream declaration has ``choices``, with them (torchvision's InterpolationMode names for
+# image_interpolation_mode). lr_scheduler and report_to take any string there.
 CHOICES = {
     "full": {
         "mixed_precision": ["no", "fp16", "bf16"],
@@ -113,6 +117,7 @@ CHOICES = {
     "lora": {
         "mixed_precision": ["no", "fp16", "bf16"],
         "prior_generation_precision": ["no", "fp32", "fp16", "bf16"],
+        "image_interpolation_mode": ["bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact"],
     },
 }
 
@@ -178,7 +183,7 @@ def test_each_script_keeps_its_own_flags() -> None:
         "offset_noise",
         "skip_save_text_encoder",
     }
-    only_lora = {"validation_epochs", "rank"}
+    only_lora = {"validation_epochs", "rank", "lora_dropout", "image_interpolation_mode"}
     assert only_full.isdisjoint(LoraConfig.model_fields) and only_lora.isdisjoint(FullConfig.model_fields)
     with pytest.raises(ConfigError, match=r"--rank \(spec.training.rank\): applies only to method 'lora'"):
         parse_training(

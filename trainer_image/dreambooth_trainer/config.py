@@ -20,6 +20,9 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 PriorPrecision = Literal["no", "fp32", "fp16", "bf16"]
 LrScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 ValidationScheduler = Literal["DPMSolverMultistepScheduler", "DDPMScheduler"]
+# train_dreambooth_lora.py offers torchvision's InterpolationMode names, lower-cased; train_dreambooth.py always
+# resizes with bilinear.
+InterpolationMode = Literal["bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact"]
 
 
 class ConfigError(ValueError):
@@ -139,6 +142,11 @@ class _Common(BaseModel):
         return self
 
     # ----- derived views -----
+    @property
+    def resize_interpolation(self) -> InterpolationMode:
+        """The filter that resizes training images: train_dreambooth.py hard-codes bilinear."""
+        return "bilinear"
+
     def cli_args(self) -> list[str]:
         """The flags that reproduce this config (only non-default values), for torchrun command lines."""
         out: list[str] = []
@@ -205,6 +213,14 @@ class LoraConfig(_Common):
     learning_rate: float = _f(5e-4, "Initial learning rate (after warmup).", gt=0)
     validation_epochs: int = _f(50, "Run validation every N epochs.", ge=1)
     rank: int = _f(4, "Dimension of the LoRA update matrices.", ge=1)
+    lora_dropout: float = _f(0.0, "Dropout probability of the LoRA layers (UNet and text encoder).", ge=0, le=1)
+    image_interpolation_mode: InterpolationMode = _f(
+        "lanczos", "Filter that resizes the training images (instance and class) to the resolution."
+    )
+
+    @property
+    def resize_interpolation(self) -> InterpolationMode:
+        return self.image_interpolation_mode
 
 
 TrainingConfig = FullConfig | LoraConfig
