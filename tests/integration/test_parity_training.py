@@ -110,6 +110,26 @@ def test_lora_bf16_validates_every_n_epochs_and_at_the_end_with_text_encoder_lor
     assert "validation at step 5" in proc.stderr and "validation at step 7" in proc.stderr
 
 
+def test_lora_dropout_and_interpolation_reach_the_adapters_and_the_data(tmp_path: Path, in_process) -> None:
+    from peft.tuners.lora import LoraLayer
+
+    def lora_layers(module: torch.nn.Module) -> list[LoraLayer]:
+        return [m for m in module.modules() if isinstance(m, LoraLayer)]
+
+    asked, _ = _fit("lora", tmp_path / "asked", ["--train_text_encoder", "--rank", "2", "--lora_dropout", "0.25",
+                                                 "--image_interpolation_mode", "bicubic"], steps=1)  # fmt: skip
+    for module in (asked.models.unet, asked.models.text_encoder):
+        layers = lora_layers(module)
+        assert layers and all(layer.lora_dropout["default"].p == 0.25 for layer in layers)
+    assert asked.dataset.interpolation == "bicubic"
+    # The scripts' defaults: no dropout (an identity), lanczos for LoRA and bilinear for the full script.
+    lora, _ = _fit("lora", tmp_path / "lora", [], steps=1)
+    assert all(isinstance(layer.lora_dropout["default"], torch.nn.Identity) for layer in lora_layers(lora.models.unet))
+    assert lora.dataset.interpolation == "lanczos"
+    full, _ = _fit("full", tmp_path / "full", [], steps=1)
+    assert full.dataset.interpolation == "bilinear"
+
+
 def test_full_text_encoder_training_changes_the_saved_text_encoder(tmp_path: Path, in_process) -> None:
     from dreambooth_trainer.tiny import ensure_tiny_model
 

@@ -45,8 +45,11 @@ def test_cli_and_manifest_give_the_same_config(model) -> None:
 def test_each_script_keeps_its_own_defaults() -> None:
     full = parse_cli(FullConfig, REQUIRED, "t")
     lora = parse_cli(LoraConfig, REQUIRED, "t")
-    assert (full.learning_rate, full.output_dir) == (5e-6, "text-inversion-model")
+    assert (full.learning_rate, full.output_dir) == (5e-6, "dreambooth-model")
     assert (lora.learning_rate, lora.output_dir, lora.rank, lora.validation_epochs) == (5e-4, "lora-dreambooth-model", 4, 50)
+    assert (lora.lora_dropout, lora.image_interpolation_mode) == (0.0, "lanczos")
+    # Each script resizes training images its own way: the full one always bilinear, LoRA by the flag.
+    assert (full.resize_interpolation, lora.resize_interpolation) == ("bilinear", "lanczos")
     assert not hasattr(lora, "validation_steps") and full.validation_steps == 100
 
 

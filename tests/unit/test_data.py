@@ -144,6 +144,45 @@ def test_resize_shorter_side_then_center_crop_takes_the_middle():
     assert big.shape == (3, 32, 32)
 
 
+@pytest.mark.parametrize(
+    ("mode", "pil_filter"),
+    [
+        ("bilinear", Image.Resampling.BILINEAR),
+        ("lanczos", Image.Resampling.LANCZOS),
+        ("bicubic", Image.Resampling.BICUBIC),
+        ("box", Image.Resampling.BOX),
+        ("hamming", Image.Resampling.HAMMING),
+        ("nearest", Image.Resampling.NEAREST),
+        # torchvision maps NEAREST_EXACT to PIL's nearest for PIL images.
+        ("nearest_exact", Image.Resampling.NEAREST),
+    ],
+)
+def test_resize_uses_the_asked_filter_like_torchvision_on_pil(mode, pil_filter):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, size=(50, 70, 3), dtype=np.uint8))
+    # 70x50 → shorter side 32: 44x32, then the middle 32 columns (6..38).
+    resized = image.resize((44, 32), resample=pil_filter).crop((6, 0, 38, 32))
+    expected = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
+    assert torch.equal(transform_image(image, 32, center_crop=True, interpolation=mode), expected)
+
+
+def test_lanczos_and_bilinear_give_different_pixels_and_unknown_filters_are_refused(tmp_path: Path):
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, size=(50, 70, 3), dtype=np.uint8))
+    lanczos = transform_image(image, 32, center_crop=True, interpolation="lanczos")
+    assert not torch.equal(lanczos, transform_image(image, 32, center_crop=True))  # bilinear by default
+    with pytest.raises(ValueError, match="interpolation"):
+        transform_image(image, 32, center_crop=True, interpolation="cubic")
+    noise_images(tmp_path / "inst", 2, size=(56, 40))
+    # The dataset passes its filter on: the same item differs between lanczos and the bilinear default.
+    item = make_dataset(tmp_path, center_crop=True)[0]["instance_images"]
+    assert not torch.equal(
+        item, make_dataset(tmp_path, center_crop=True, interpolation="lanczos")[0]["instance_images"]
+    )
+    with pytest.raises(DataError, match="interpolation"):
+        make_dataset(tmp_path, center_crop=True, interpolation="cubic")
+
+
 def test_random_crop_needs_a_generator():
     with pytest.raises(ValueError, match="generator"):
         transform_image(Image.new("RGB", (40, 48)), 32, center_crop=False)

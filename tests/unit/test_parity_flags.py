@@ -1,8 +1,15 @@
 """Every flag of diffusers' DreamBooth scripts exists here with the same name and default, each script its own.
 
-The tables are written from the scripts' ``parse_args`` (huggingface/diffusers, examples/dreambooth/
-train_dreambooth.py and train_dreambooth_lora.py), never derived from our config: a changed default in
-config.py fails here. REQUIRED marks ``required=True`` flags.
+The tables are written from the scripts' ``parse_args`` (examples/dreambooth/train_dreambooth.py and
+train_dreambooth_lora.py), never derived from our config: a changed default in config.py fails here. REQUIRED
+marks ``required=True`` flags.
+
+Upstream source of the tables: the newest copy of both scripts reachable from here, ``check_min_version(
+"0.37.0.dev0")``, in the diffusers fork ChrisColeTech/diffusers at commit 725959a41dab7fe82d92cac23db7f6e469cca971
+(a fork's copy of main, with no local edits seen in parse_args; the pinned 0.42.1 sdist ships no examples and
+huggingface/diffusers itself is indexed here only at its 0.22-era commit). Changes since 0.22 that these tables record: train_dreambooth.py's output_dir
+default became ``dreambooth-model`` (0.25 already had it), and train_dreambooth_lora.py gained ``--lora_dropout``
+and ``--image_interpolation_mode`` (default lanczos; the full script still resizes with bilinear).
 """
 
 from __future__ import annotations
@@ -79,7 +86,7 @@ _SHARED = {
 
 TRAIN_DREAMBOOTH = {
     **_SHARED,
-    "output_dir": "text-inversion-model",
+    "output_dir": "dreambooth-model",
     "learning_rate": 5e-6,
     "validation_steps": 100,
     "set_grads_to_none": False,
@@ -95,6 +102,23 @@ TRAIN_DREAMBOOTH_LORA = {
     "learning_rate": 5e-4,
     "validation_epochs": 50,
     "rank": 4,
+    "lora_dropout": 0.0,
+    "image_interpolation_mode": "lanczos",
+}
+
+# The flags whose upstream declaration has ``choices``, with them (torchvision's InterpolationMode names for
+# image_interpolation_mode). lr_scheduler and report_to take any string there.
+CHOICES = {
+    "full": {
+        "mixed_precision": ["no", "fp16", "bf16"],
+        "prior_generation_precision": ["no", "fp32", "fp16", "bf16"],
+        "validation_scheduler": ["DPMSolverMultistepScheduler", "DDPMScheduler"],
+    },
+    "lora": {
+        "mixed_precision": ["no", "fp16", "bf16"],
+        "prior_generation_precision": ["no", "fp32", "fp16", "bf16"],
+        "image_interpolation_mode": ["bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact"],
+    },
 }
 
 # Settings that are ours, not the scripts' (each keeps the script's behaviour at its default).
@@ -137,6 +161,20 @@ def test_cli_takes_the_scripts_flag_spellings(model, table, method) -> None:
     assert {f"--{n}" for n in table} <= flags
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_cli_offers_the_scripts_choices(method) -> None:
+    model = FullConfig if method == "full" else LoraConfig
+    choices = {a.dest: a.choices for a in build_parser(model, "x")._actions if a.choices}
+    # No other flag is narrowed to a list the script does not have.
+    assert set(choices) == set(CHOICES[method]) | {"lr_scheduler"}
+    for name, expected in CHOICES[method].items():
+        assert sorted(choices[name]) == sorted(expected), name
+    # The scripts' free-text lr_scheduler: ours lists the names diffusers' get_scheduler builds without step rules.
+    assert set(choices["lr_scheduler"]) == {
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    }  # fmt: skip
+
+
 def test_each_script_keeps_its_own_flags() -> None:
     only_full = {
         "validation_steps",
@@ -145,7 +183,7 @@ def test_each_script_keeps_its_own_flags() -> None:
         "offset_noise",
         "skip_save_text_encoder",
     }
-    only_lora = {"validation_epochs", "rank"}
+    only_lora = {"validation_epochs", "rank", "lora_dropout", "image_interpolation_mode"}
     assert only_full.isdisjoint(LoraConfig.model_fields) and only_lora.isdisjoint(FullConfig.model_fields)
     with pytest.raises(ConfigError, match=r"--rank \(spec.training.rank\): applies only to method 'lora'"):
         parse_training(

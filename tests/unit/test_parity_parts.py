@@ -123,7 +123,7 @@ def test_model_card_for_a_full_model_from_a_path() -> None:
     meta = _front_matter(text)
     # The Hub rejects a base_model that is not a model id.
     assert "base_model" not in meta and "lora" not in meta["tags"]
-    assert "# DreamBooth - text-inversion-model" in text and "s3://models/sd15/" in text
+    assert "# DreamBooth - dreambooth-model" in text and "s3://models/sd15/" in text
     assert "Validation images" not in text
 
 

@@ -20,6 +20,9 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 PriorPrecision = Literal["no", "fp32", "fp16", "bf16"]
 LrScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 ValidationScheduler = Literal["DPMSolverMultistepScheduler", "DDPMScheduler"]
+# train_dreambooth_lora.py offers torchvision's InterpolationMode names, lower-cased; train_dreambooth.py always
+# resizes with bilinear.
+InterpolationMode = Literal["bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact"]
 
 
 class ConfigError(ValueError):
@@ -69,7 +72,7 @@ class _Common(BaseModel):
     num_class_images: int = _f(
         100, "Minimal number of class images; missing ones are generated with class_prompt.", ge=1
     )
-    output_dir: str = _f("text-inversion-model", "Where the model, checkpoints and images are written (local or s3://).")
+    output_dir: str = _f("dreambooth-model", "Where the model, checkpoints and images are written (local or s3://).")
     seed: int | None = _f(None, "Seed for reproducible training. Exact resume is guaranteed with or without it.")
     resolution: int = _f(512, "Resolution of the training images (multiple of 8).", ge=8)
     center_crop: bool = _f(False, "Center crop the images instead of random crops.")
@@ -91,6 +94,8 @@ class _Common(BaseModel):
     gradient_checkpointing: bool = _f(False, "Trade compute for memory with activation checkpointing.")
     learning_rate: float = _f(5e-6, "Initial learning rate (after warmup).", gt=0)
     scale_lr: bool = _f(False, "Scale the learning rate by processes x accumulation x batch size.")
+    # The scripts take any string and let diffusers' get_scheduler reject it mid-setup; these are the names that
+    # work there (piecewise_constant also parses, but the scripts pass it no step rules, so it crashes).
     lr_scheduler: LrScheduler = _f("constant", "Learning-rate schedule.")
     lr_warmup_steps: int = _f(500, "Warmup steps of the learning-rate schedule.", ge=0)
     lr_num_cycles: int = _f(1, "Hard resets of cosine_with_restarts.", ge=1)
@@ -137,6 +142,11 @@ class _Common(BaseModel):
         return self
 
     # ----- derived views -----
+    @property
+    def resize_interpolation(self) -> InterpolationMode:
+        """The filter that resizes training images: train_dreambooth.py hard-codes bilinear."""
+        return "bilinear"
+
     def cli_args(self) -> list[str]:
         """The flags that reproduce this config (only non-default values), for torchrun command lines."""
         out: list[str] = []
@@ -203,6 +213,14 @@ class LoraConfig(_Common):
     learning_rate: float = _f(5e-4, "Initial learning rate (after warmup).", gt=0)
     validation_epochs: int = _f(50, "Run validation every N epochs.", ge=1)
     rank: int = _f(4, "Dimension of the LoRA update matrices.", ge=1)
+    lora_dropout: float = _f(0.0, "Dropout probability of the LoRA layers (UNet and text encoder).", ge=0, le=1)
+    image_interpolation_mode: InterpolationMode = _f(
+        "lanczos", "Filter that resizes the training images (instance and class) to the resolution."
+    )
+
+    @property
+    def resize_interpolation(self) -> InterpolationMode:
+        return self.image_interpolation_mode
 
 
 TrainingConfig = FullConfig | LoraConfig

@@ -10,7 +10,7 @@ PromptDataset) with two deliberate differences that the exact-resume promise nee
   non-image files are skipped with a warning instead of crashing mid-run.
 
 No torchvision: PyPI's torchvision wheels do not match our torch build, so the transforms are written with
-PIL and torch, reproducing torchvision's Resize(bilinear) / CenterCrop / RandomCrop / ToTensor / Normalize.
+PIL and torch, reproducing torchvision's Resize / CenterCrop / RandomCrop / ToTensor / Normalize.
 """
 
 from __future__ import annotations
@@ -118,6 +118,19 @@ def item_generator(seed: int, epoch: int, index: int, stream: int = 0) -> torch.
     return generator
 
 
+# torchvision's InterpolationMode (lower-cased, as train_dreambooth_lora.py's --image_interpolation_mode takes it)
+# → the PIL filter its Resize uses on PIL images (its pil_modes_mapping: nearest_exact is PIL's nearest).
+PIL_FILTERS: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "nearest_exact": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
 def transform_image(
     image: Image.Image,
     size: int,
@@ -125,13 +138,17 @@ def transform_image(
     center_crop: bool,
     generator: torch.Generator | None = None,
     random_flip: bool = False,
+    interpolation: str = "bilinear",
 ) -> torch.Tensor:
-    """Resize the shorter side to ``size`` (bilinear), crop ``size`` x ``size``, → float CHW in [-1, 1].
+    """Resize the shorter side to ``size``, crop ``size`` x ``size``, → float CHW in [-1, 1].
 
-    Matches torchvision's Resize(size, BILINEAR) + CenterCrop/RandomCrop + ToTensor + Normalize([0.5],[0.5])
-    on PIL images. The random crop (and flip) draw from ``generator``, which must be given unless
-    ``center_crop`` is set and ``random_flip`` is not.
+    Matches torchvision's Resize(size, interpolation) + CenterCrop/RandomCrop + ToTensor + Normalize([0.5],[0.5])
+    on PIL images (train_dreambooth.py resizes with bilinear, train_dreambooth_lora.py with
+    ``--image_interpolation_mode``). The random crop (and flip) draw from ``generator``, which must be given
+    unless ``center_crop`` is set and ``random_flip`` is not.
     """
+    if interpolation not in PIL_FILTERS:
+        raise ValueError(f"unknown interpolation {interpolation!r}; one of {sorted(PIL_FILTERS)}")
     width, height = image.size
     # torchvision's rule: the shorter side becomes `size`, the longer one int(size * long / short).
     if width <= height:
@@ -139,7 +156,7 @@ def transform_image(
     else:
         new_w, new_h = int(size * width / height), size
     if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), resample=Image.Resampling.BILINEAR)
+        image = image.resize((new_w, new_h), resample=PIL_FILTERS[interpolation])
 
     if center_crop:
         top = int(round((new_h - size) / 2.0))
@@ -205,10 +222,14 @@ class DreamBoothDataset(Dataset):
         *,
         seed: int = 0,
         random_flip: bool = False,
+        interpolation: str = "bilinear",
     ) -> None:
         if size <= 0:
             raise DataError(f"resolution must be positive, not {size}")
+        if interpolation not in PIL_FILTERS:
+            raise DataError(f"unknown interpolation {interpolation!r}; one of {sorted(PIL_FILTERS)}")
         self.size = size
+        self.interpolation = interpolation
         self.center_crop = center_crop
         self.random_flip = random_flip
         self.seed = seed
@@ -273,6 +294,7 @@ class DreamBoothDataset(Dataset):
             center_crop=self.center_crop,
             generator=generator,
             random_flip=self.random_flip,
+            interpolation=self.interpolation,
         )
 
     def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:

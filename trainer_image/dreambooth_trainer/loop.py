@@ -21,6 +21,17 @@ def step_generator(seed: int, epoch: int, micro_step: int, rank: int, device: to
     return gen
 
 
+def seed_global_rng(seed: int, epoch: int, micro_step: int, rank: int) -> None:
+    """Seed torch's global RNG (CPU and every GPU) from where training is.
+
+    For what must draw from the global RNG (LoRA dropout inside peft's layers): a resumed run then draws what an
+    uninterrupted one drew at the same step without checkpointing RNG state. Its own stream, so the step
+    generator's draws are unchanged.
+    """
+    digest = hashlib.sha256(f"global:{seed}:{epoch}:{micro_step}:{rank}".encode()).digest()
+    torch.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
 def sample_noise(latents: torch.Tensor, gen: torch.Generator, offset_noise: bool) -> torch.Tensor:
     noise = torch.randn(latents.shape, generator=gen, device=latents.device, dtype=latents.dtype)
     if offset_noise:

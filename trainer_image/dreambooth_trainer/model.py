@@ -69,14 +69,18 @@ def add_lora(models: Models, cfg: _Common) -> None:
     """LoRA on the UNet's attention (and the text encoder's when it trains), as train_dreambooth_lora.py does."""
     from peft import LoraConfig
 
-    rank = cfg.rank  # type: ignore[attr-defined]
-    models.unet.add_adapter(
-        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS)
-    )
-    if cfg.train_text_encoder:
-        models.text_encoder.add_adapter(
-            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TEXT_LORA_TARGETS)
+    rank: int = cfg.rank  # type: ignore[attr-defined]
+    # The script gives both adapters the same dropout; at 0.0 peft uses an identity (no RNG draw).
+    dropout: float = cfg.lora_dropout  # type: ignore[attr-defined]
+
+    def adapter(targets: list[str]) -> LoraConfig:
+        return LoraConfig(
+            r=rank, lora_alpha=rank, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=targets
         )
+
+    models.unet.add_adapter(adapter(UNET_LORA_TARGETS))
+    if cfg.train_text_encoder:
+        models.text_encoder.add_adapter(adapter(TEXT_LORA_TARGETS))
 
 
 def set_trainable(models: Models, cfg: _Common) -> list[torch.nn.Module]:

@@ -27,7 +27,7 @@ from . import hub, logs
 from .classimages import ensure_class_images
 from .config import ConfigError, _Common, config_hash, flag_and_field
 from .data import CachedLatentsDataset, DreamBoothDataset, EpochSampler, collate_fn, list_images
-from .loop import dreambooth_loss, sample_noise, sample_timesteps, step_generator, target_for
+from .loop import dreambooth_loss, sample_noise, sample_timesteps, seed_global_rng, step_generator, target_for
 from .model import (
     add_lora,
     check_optional_libraries,
@@ -347,6 +347,7 @@ class Trainer:
             class_prompt_encoder_hidden_states=class_enc,
             tokenizer_max_length=cfg.tokenizer_max_length,
             seed=self.run_seed,
+            interpolation=cfg.resize_interpolation,
         )
         if cfg.cache_latents:
             self.dataset = CachedLatentsDataset(self.dataset, self._encode_latent_parameters)
@@ -554,6 +555,9 @@ class Trainer:
                 micro = st.micro_in_epoch
                 sync = (micro + 1) % self.accum == 0 or micro + 1 == self.batches_per_epoch
                 gen = step_generator(self.run_seed, st.epoch, micro, self.rank, acc.device)
+                if getattr(cfg, "lora_dropout", 0.0):
+                    # Dropout draws from the global RNG, which checkpoints do not hold: reseed it per position.
+                    seed_global_rng(self.run_seed, st.epoch, micro, self.rank)
                 with contextlib.ExitStack() as stack:
                     if not sync:
                         for mod in self.trained_wrapped:
