@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tests.trainer_utils import (
     DOG,
     REPO,
@@ -104,6 +105,7 @@ def test_loss_falls_on_a_fixed_set(tmp_path: Path, tiny_model_dir: Path) -> None
         ("lora", 4, ["--lora_dropout", "0.2"]),  # dropout draws from the RNG that checkpoints restore
         ("full", 3, []),  # an epoch boundary
         ("full", 3, ["--gradient_accumulation_steps", "2", "--train_batch_size", "1"]),  # mid-epoch, accumulation
+        ("full", 4, ["--train_text_encoder"]),  # the text encoder's state is checkpointed too (mid-epoch)
     ],
 )
 def test_resume_from_a_checkpoint_is_bit_exact(method: str, resume_step: int, extra: list[str], tmp_path: Path) -> None:
@@ -113,6 +115,9 @@ def test_resume_from_a_checkpoint_is_bit_exact(method: str, resume_step: int, ex
     proc = run_dreambooth([CMD[method], *tiny_args(resumed, steps=8, ckpt=resume_step, extra=extra)])
     assert f"resumed from {resumed.as_uri()}/checkpoint-{resume_step}" in proc.stderr
     assert_identical(weights(ref, method), weights(resumed, method))
+    if "--train_text_encoder" in extra:
+        te = "text_encoder/model.safetensors"
+        assert_identical(load_file(ref / te), load_file(resumed / te))
 
 
 def test_kill_9_mid_run_then_same_command_resumes_exactly(tmp_path: Path) -> None:

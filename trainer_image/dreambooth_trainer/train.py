@@ -403,7 +403,9 @@ class Trainer:
         for name, mod in zip(self._trained_names(), self.trained, strict=True):
             snap.tensors[f"training/{name}.safetensors"] = ckpt.cpu_clone(trainable_state(mod), reuse, name)
             if self.cfg.method == "full":
-                snap.texts[f"{name}/config.json"] = json.dumps(dict(mod.config), indent=1, default=str)
+                # diffusers' config is a dict; transformers' (the text encoder's) is an object with to_dict().
+                config = mod.config.to_dict() if hasattr(mod.config, "to_dict") else dict(mod.config)
+                snap.texts[f"{name}/config.json"] = json.dumps(config, indent=1, default=str)
         if self.cfg.method == "lora":
             snap.tensors["pytorch_lora_weights.safetensors"] = self._lora_layers(cpu=True)
         snap.objects["training/optimizer.pt"] = ckpt.cpu_clone(self.optimizer.state_dict(), reuse, "optimizer")
