@@ -106,6 +106,7 @@ def test_loss_falls_on_a_fixed_set(tmp_path: Path, tiny_model_dir: Path) -> None
         ("full", 3, []),  # an epoch boundary
         ("full", 3, ["--gradient_accumulation_steps", "2", "--train_batch_size", "1"]),  # mid-epoch, accumulation
         ("full", 4, ["--train_text_encoder"]),  # the text encoder's state is checkpointed too (mid-epoch)
+        ("lora", 4, ["--cache_latents", "--center_crop", "--pre_compute_text_embeddings"]),  # VAE/encoder freed
     ],
 )
 def test_resume_from_a_checkpoint_is_bit_exact(method: str, resume_step: int, extra: list[str], tmp_path: Path) -> None:

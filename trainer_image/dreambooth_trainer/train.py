@@ -362,6 +362,13 @@ class Trainer:
         if cfg.pre_compute_text_embeddings:
             # The text encoder is no longer needed: free it, as diffusers does.
             m.text_encoder = None  # type: ignore[assignment]
+        # Kept apart from the VAE: with cached latents this factor is all the loop needs of it.
+        self.latent_scale: float = m.vae.config.scaling_factor
+        if cfg.cache_latents and not cfg.validation_prompt:
+            # Every latent is cached and nothing decodes (no validation; the final save loads the VAE from the
+            # model folder): free the VAE, as diffusers' train_dreambooth_lora_sdxl.py does with --cache_latents
+            # (SD's VAE: 83.6M parameters, 335 MB in fp32, on the GPU on a GPU run).
+            m.vae = None  # type: ignore[assignment]
 
     def _encode_latent_parameters(self, pixels: torch.Tensor) -> torch.Tensor:
         """VAE latent-distribution parameters (mean and log-variance) of a batch of images, for cache_latents."""
@@ -474,7 +481,7 @@ class Trainer:
             pixel_values = batch["pixel_values"].to(acc.device, dtype=wdtype)
             with torch.no_grad():
                 latents = m.vae.encode(pixel_values).latent_dist.sample(generator=gen)
-        latents = latents * m.vae.config.scaling_factor
+        latents = latents * self.latent_scale
         noise = sample_noise(latents, gen, getattr(cfg, "offset_noise", False))
         timesteps = sample_timesteps(latents.shape[0], m.noise_scheduler.config.num_train_timesteps, gen, latents.device)
         noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
