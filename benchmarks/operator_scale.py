@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,31 +31,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "cluster"))
-
-GROUP_PATH = "/apis/dreambooth.dev/v1alpha1"
-
-
-def job(name: str, sleep: int) -> dict[str, Any]:
-    return {
-        "apiVersion": "dreambooth.dev/v1alpha1",
-        "kind": "DreamBoothJob",
-        "metadata": {"name": name},
-        "spec": {
-            "method": "lora",
-            "training": {
-                "pretrainedModelNameOrPath": "s3://bench/model/",
-                "instanceDataDir": "s3://bench/dog/",
-                "instancePrompt": "a photo of sks dog",
-                "outputDir": f"s3://bench/runs/{name}/",
-                "maxTrainSteps": 100,
-                "checkpointingSteps": 10,
-            },
-            "resources": {"nodes": 1, "gpusPerNode": 0, "image": "dreambooth-test/python:local",
-                          "requests": {"cpu": "10m", "memory": "16Mi", "ephemeral-storage": "10Mi"}},
-            "podTemplate": {"command": ["sleep", str(sleep)]},
-            "runPolicy": {"terminationGracePeriodSeconds": 1},
-        },
-    }  # fmt: skip
 
 
 def metric_sum(text: str, name: str) -> float:
@@ -106,36 +78,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from k8s_harness import Cluster, wait_until
-    from k8s_harness.util import free_port
+    from operator_support import Jobs, OperatorProcess, sleep_job
 
-    real = Path(os.path.realpath(sys.executable))
-    if any(os.stat(d).st_mode & 0o005 != 0o005 for d in list(real.parents)[:-1] if d.exists()):
-        # Pods run as uid 1000; an interpreter in a root-only folder (pyenv under /root) cannot start for it.
-        os.environ.setdefault("DREAMBOOTH_KUBELET_IGNORE_RUN_AS_USER", "1")
     cluster = Cluster.attach(args.attach) if args.attach else Cluster.start(crds=REPO / "crds")
     api = cluster.kube_api
     ns = cluster.ensure_namespace()
-    port = free_port()
-    log = Path(tempfile.mkdtemp(prefix="operator-scale-")) / "operator.log"
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "DREAMBOOTH_OPERATOR_NAMESPACES": ns,
-           "METRICS_PORT": str(port), "LOG_LEVEL": "WARNING"}  # fmt: skip
-    operator = subprocess.Popen([sys.executable, "-m", "dreambooth_operator"], env=env,
-                                stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    import requests
-
-    session = requests.Session()
-    session.trust_env = False
-
-    def metrics() -> str:
-        return session.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-
+    # The operator's own defaults (resync, backoff): what a user runs.
+    operator = OperatorProcess(cluster, ns, Path(tempfile.mkdtemp(prefix="operator-scale-")), test_timings=False,
+                               LOG_LEVEL="WARNING")  # fmt: skip
+    jobs = Jobs(cluster, ns, operator)
     result: dict[str, Any] = {"jobs": args.jobs}
     try:
-        wait_until(lambda: session.get(f"http://127.0.0.1:{port}/healthz", timeout=2).ok, 60, 0.2, "operator up")
-        sampler = Sampler(operator.pid)
+        operator.start()
+        assert operator.proc is not None
+        sampler = Sampler(operator.proc.pid)
         sampler.start()
         cpu0 = sampler.cpu_seconds()
-        base = f"{GROUP_PATH}/namespaces/{ns}/dreamboothjobs"
         pods_path = f"/api/v1/namespaces/{ns}/pods"
         selector = "app.kubernetes.io/managed-by=dreambooth-operator"
         created_at: dict[str, float] = {}
@@ -143,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def create(i: int) -> None:
             name = f"bench-{i:03d}"
-            api.create(base, job(name, args.sleep))
+            jobs.create(sleep_job(name, args.sleep))
             created_at[name] = time.monotonic()
 
         t0 = time.monotonic()
@@ -171,12 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         result["all_pods_running_seconds"] = round(time.monotonic() - t0, 2)
 
         def all_jobs_running() -> bool:
-            items = api.get(base)["items"]
+            items = api.get(jobs.base)["items"]
             return sum(1 for j in items if (j.get("status") or {}).get("phase") == "Running") >= args.jobs
 
         wait_until(all_jobs_running, 600, 0.5, "all jobs Running")
         result["all_jobs_running_seconds"] = round(time.monotonic() - t0, 2)
-        text = metrics()
+        text = operator.metrics()
         reqs, writes = (
             metric_sum(text, "dreambooth_operator_api_requests_total"),
             metric_sum(text, "dreambooth_operator_status_writes_total"),
@@ -184,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         result["api_requests_per_job_to_running"] = round(reqs / args.jobs, 1)
         result["status_writes_per_job_to_running"] = round(writes / args.jobs, 1)
         time.sleep(args.steady_seconds)
-        text = metrics()
+        text = operator.metrics()
         steady_reqs = metric_sum(text, "dreambooth_operator_api_requests_total") - reqs
         steady_writes = metric_sum(text, "dreambooth_operator_status_writes_total") - writes
         minutes = args.steady_seconds / 60
@@ -202,11 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler.stop.set()
         result["target_all_pods_within_10s"] = result["all_pods_exist_seconds"] <= 10
     finally:
-        os.killpg(operator.pid, signal.SIGTERM)
-        try:
-            operator.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(operator.pid, signal.SIGKILL)
+        operator.stop()
         with contextlib.suppress(Exception):  # best-effort cleanup
             api.delete(f"/api/v1/namespaces/{ns}")
         if not args.attach:

@@ -1,4 +1,5 @@
-"""Cluster tier: fixtures `cluster` (session) and `namespace` come from k8s_harness.fixtures (see there).
+"""Cluster tier: fixtures `cluster` (session) and `namespace` come from k8s_harness.fixtures (see there);
+`operator` (the operator as a process, watching the test's namespace) and `jobs` from operator_support.
 
 To use them from another test folder::
 
@@ -16,3 +17,4 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from k8s_harness.fixtures import cluster, namespace, pytest_terminal_summary  # noqa: E402, F401
+from operator_support import jobs, operator  # noqa: E402, F401

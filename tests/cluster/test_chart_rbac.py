@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 from k8s_harness import ApiError, Cluster, wait_until
-from test_operator_cluster import Jobs, OperatorProcess, fake_job
+from operator_support import Jobs, OperatorProcess, fake_job
 
 pytestmark = [pytest.mark.cluster, pytest.mark.packaging]
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import base64
 import importlib.util
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from k8s_harness import Cluster
-from test_operator_cluster import IMAGE, Jobs, OperatorProcess
+from operator_support import Jobs, dreambooth_job
 
 pytestmark = [
     pytest.mark.cluster,
@@ -57,54 +56,41 @@ def storage(cluster: Cluster, namespace: str, s3: Any, bucket: str) -> dict[str,
     }  # fmt: skip
 
 
-@pytest.fixture
-def operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(cluster, namespace, tmp_path).start()
-    try:
-        yield op
-    finally:
-        op.stop()
-
-
-@pytest.fixture
-def jobs(cluster: Cluster, namespace: str, operator: OperatorProcess) -> Jobs:
-    return Jobs(cluster, namespace, operator)
-
-
 def real_job(name: str, storage: dict[str, Any], *, step_delay: float = 0.0, nodes: int = 2) -> dict[str, Any]:
     bucket = storage["bucket"]
     env = {"MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if step_delay:
         # The trainer's test knob: slow steps so a preemption lands mid-run (never changes the math).
         env["DREAMBOOTH_TEST_STEP_DELAY_SECONDS"] = str(step_delay)
-    return {
-        "apiVersion": "dreambooth.dev/v1alpha1",
-        "kind": "DreamBoothJob",
-        "metadata": {"name": name},
-        "spec": {
-            "method": "lora",
-            "training": {
-                "pretrainedModelNameOrPath": f"s3://{bucket}/models/tiny/",
-                "instanceDataDir": f"s3://{bucket}/data/dog/",
-                "instancePrompt": "a photo of sks dog",
-                "outputDir": f"s3://{bucket}/runs/{name}/",
-                "resolution": 32,
-                "trainBatchSize": 1,
-                "maxTrainSteps": STEPS,
-                "checkpointingSteps": 2,
-                "seed": 7,
-                "validationPrompt": "a photo of sks dog",
-                "validationEpochs": 1,
-                "numValidationImages": 1,
-            },
-            "storage": storage["spec"],
-            "resources": {"nodes": nodes, "gpusPerNode": 0, "image": IMAGE,
-                          "requests": {"cpu": "500m", "memory": "512Mi", "ephemeral-storage": "1Gi"}},
-            "podTemplate": {"env": [{"name": k, "value": v} for k, v in env.items()]},
-            "runPolicy": {"terminationGracePeriodSeconds": 60, "backoffLimit": 0, "maxPreemptions": 3,
-                          "schedulingTimeoutSeconds": 300, "progressDeadlineSeconds": 600},
-        },
-    }  # fmt: skip
+    training = {
+        "pretrainedModelNameOrPath": f"s3://{bucket}/models/tiny/",
+        "instanceDataDir": f"s3://{bucket}/data/dog/",
+        "instancePrompt": "a photo of sks dog",
+        "outputDir": f"s3://{bucket}/runs/{name}/",
+        "resolution": 32,
+        "trainBatchSize": 1,
+        "maxTrainSteps": STEPS,
+        "checkpointingSteps": 2,
+        "seed": 7,
+        "validationPrompt": "a photo of sks dog",
+        "validationEpochs": 1,
+        "numValidationImages": 1,
+    }
+    return dreambooth_job(
+        name,
+        training,
+        nodes=nodes,
+        requests_={"cpu": "500m", "memory": "512Mi", "ephemeral-storage": "1Gi"},
+        pod_template={"env": [{"name": k, "value": v} for k, v in env.items()]},
+        run_policy={
+            "terminationGracePeriodSeconds": 60,
+            "backoffLimit": 0,
+            "maxPreemptions": 3,
+            "schedulingTimeoutSeconds": 300,
+            "progressDeadlineSeconds": 600,
+        },  # fmt: skip
+        storage=storage["spec"],
+    )
 
 
 def final_weights(storage: dict[str, Any], name: str, scratch: Path) -> dict[str, Any]:
