@@ -24,18 +24,6 @@ import requests
 from k8s_harness import ApiError, Cluster, wait_until
 from k8s_harness.util import WaitAbort, free_port
 
-
-def _interpreter_readable_by_others() -> bool:
-    """Can a non-root uid run this venv's Python (its stdlib may live under a private /root/.pyenv)?"""
-    real = Path(os.path.realpath(sys.executable))
-    return all(os.stat(p).st_mode & 0o005 == 0o005 for p in [*real.parents][:-1] if p.exists())
-
-
-# Trainer pods run as uid 1000 (restricted security context). On this machine the interpreter may sit in a
-# root-only folder; then the process kubelet (started by the session fixture, after collection) must ignore
-# runAsUser, or no pod of ours can even start Python.
-if not _interpreter_readable_by_others():
-    os.environ.setdefault("DREAMBOOTH_KUBELET_IGNORE_RUN_AS_USER", "1")
 GROUP_PATH = "/apis/dreambooth.dev/v1alpha1"
 IMAGE = "dreambooth-test/python:local"
 # Shortened clocks for tests: the operator retries after 1 s, 2 s ... and re-reads every job every 2 s.

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -334,3 +336,26 @@ def test_node_lost_kills_processes_silently_and_stops_reporting(cluster: Cluster
     # Back online, the kubelet finishes the deletion.
     cluster.wait_pod_gone(namespace, "on-lost-node", timeout=30)
     wait_until(lambda: cluster._node_ready(node), 30)
+
+
+def test_run_as_user_is_ignored_only_when_other_uids_cannot_start_python() -> None:
+    from k8s_harness.kubelet import ignore_run_as_user
+
+    # Not pytest's tmp_path: it lies below a root-only folder.
+    with tempfile.TemporaryDirectory() as tmp:
+        _check_run_as_user_decision(Path(tmp), ignore_run_as_user)
+
+
+def _check_run_as_user_decision(tmp_path: Path, ignore_run_as_user: Callable[[str | None, list[str]], bool]) -> None:
+    open_dir = tmp_path / "open" / "bin"
+    open_dir.mkdir(parents=True)
+    closed = tmp_path / "closed"
+    (closed / "bin").mkdir(parents=True)
+    tmp_path.chmod(0o755)
+    (tmp_path / "open").chmod(0o755)
+    closed.chmod(0o700)
+    assert ignore_run_as_user(None, [str(open_dir / "python")]) is False
+    assert ignore_run_as_user("auto", [str(open_dir), str(closed / "bin" / "python")]) is True
+    # The environment decides when it says so either way.
+    assert ignore_run_as_user("0", [str(closed / "bin" / "python")]) is False
+    assert ignore_run_as_user("1", [str(open_dir)]) is True

@@ -88,6 +88,28 @@ class NodeConfig:
         return cls(**{k.replace("-", "_"): v for k, v in d.items()})
 
 
+def readable_by_others(paths: list[str]) -> bool:
+    """Could a non-root uid reach these paths: every existing folder above them (and they) world-r-x?"""
+    for path in paths:
+        real = Path(os.path.realpath(path))
+        for d in [real, *real.parents][:-1]:
+            if d.is_dir() and d.stat().st_mode & 0o005 != 0o005:
+                return False
+    return True
+
+
+def ignore_run_as_user(setting: str | None, python_paths: list[str]) -> bool:
+    """Whether pods' runAsUser/runAsGroup are dropped (their containers then run as root).
+
+    DREAMBOOTH_KUBELET_IGNORE_RUN_AS_USER: "1" always, "0" never, unset or "auto": only when a non-root uid
+    could not even start this interpreter (e.g. a pyenv Python under a root-only /root): images are not pulled,
+    every container runs this machine's Python, and a pod asking for uid 1000 would die before its first line.
+    """
+    if setting in ("0", "1"):
+        return setting == "1"
+    return not readable_by_others(python_paths)
+
+
 def _find_cgroup_root() -> Path | None:
     """A writable cgroup v2 hierarchy (pure v2 at /sys/fs/cgroup, or the hybrid's /sys/fs/cgroup/unified)."""
     try:
@@ -1225,7 +1247,12 @@ class ProcessKubelet:
         env_map = os.environ.get("DREAMBOOTH_KUBELET_IMAGE_COMMANDS")
         if env_map:
             self.image_commands.update(json.loads(env_map))
-        self.ignore_run_as_user = os.environ.get("DREAMBOOTH_KUBELET_IGNORE_RUN_AS_USER") == "1"
+        self.ignore_run_as_user = ignore_run_as_user(
+            os.environ.get("DREAMBOOTH_KUBELET_IGNORE_RUN_AS_USER"), [sys.executable, sys.prefix, sys.base_prefix]
+        )
+        if self.ignore_run_as_user:
+            log.warning("runAsUser/runAsGroup are ignored: pods run as root (DREAMBOOTH_KUBELET_IGNORE_RUN_AS_USER=%s)",
+                        os.environ.get("DREAMBOOTH_KUBELET_IGNORE_RUN_AS_USER", "auto: this Python is not readable by other users"))  # fmt: skip
         self.keep_pod_dirs = keep_pod_dirs
         self.heartbeat_seconds = heartbeat_seconds
         self.python = sys.executable
