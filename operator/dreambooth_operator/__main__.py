@@ -67,6 +67,7 @@ async def serve(settings: Settings) -> None:
     import kopf
 
     from . import handlers
+    from .cache import Informer
     from .controller import Controller
     from .kube import Kube
     from .metrics import Metrics, make_app
@@ -78,8 +79,10 @@ async def serve(settings: Settings) -> None:
     metrics = Metrics()
     kube = Kube.from_environment(on_request=metrics.api_request, connections=settings.workers + 4)
     opts = PlanOptions(BuildOptions(cluster_domain=settings.cluster_domain), settings.backoff_base_seconds)
-    controller = Controller(Reconciler(kube, opts, metrics=metrics, background_events=True), metrics,
-                            workers=settings.workers, resync_seconds=settings.resync_seconds)  # fmt: skip
+    cache = Informer()
+    reconciler = Reconciler(kube, opts, metrics=metrics, background_events=True, cache=cache)
+    controller = Controller(reconciler, metrics, workers=settings.workers, resync_seconds=settings.resync_seconds,
+                            cache=cache)  # fmt: skip
     registry = kopf.OperatorRegistry()
     handlers.register(registry, controller, settings.workers)
     runner = await serve_metrics(make_app(metrics, controller.heartbeat.check), settings.metrics_port)

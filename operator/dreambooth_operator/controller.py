@@ -17,6 +17,7 @@ from typing import Any
 
 from dreambooth_trainer.manifest import KIND
 
+from .cache import Informer
 from .metrics import Heartbeat, Metrics
 from .reconciler import Reconciler
 from .status import FAILED, SUCCEEDED
@@ -107,8 +108,11 @@ class Controller:
         *,
         workers: int = 8,
         resync_seconds: float = 10.0,
+        cache: Informer | None = None,
     ) -> None:
         self.reconciler = reconciler
+        # Fed by the watch events below; the reconciler reads it (the same object, or none).
+        self.cache = cache
         self.metrics = metrics
         self.workers = workers
         self.resync_seconds = resync_seconds
@@ -123,9 +127,14 @@ class Controller:
 
     # ----- inputs (called from kopf's event handlers on the same loop) -----
 
-    def job_event(self, namespace: str, name: str, uid: str, deleted: bool, resource_version: str | None = None) -> None:
+    def job_event(self, namespace: str, name: str, uid: str, deleted: bool, resource_version: str | None = None,
+                  body: dict[str, Any] | None = None) -> None:  # fmt: skip
         key = (namespace, name)
+        if self.cache is not None and body is not None:
+            self.cache.job_seen(body, deleted)
         if deleted:
+            if self.cache is not None:
+                self.cache.forget_job(namespace, name, uid)
             self.jobs.pop(key, None)
             self.phases.pop(key, None)
             self._own_writes.pop(key, None)
@@ -141,7 +150,10 @@ class Controller:
             # A job never reconciled (new, or new to this operator process) goes ahead of routine re-checks.
             self.queue.add(key, urgent=key not in self.phases)
 
-    def pod_event(self, namespace: str, owners: list[dict[str, Any]] | None) -> None:
+    def pod_event(self, namespace: str, owners: list[dict[str, Any]] | None, body: dict[str, Any] | None = None,
+                  deleted: bool = False) -> None:  # fmt: skip
+        if self.cache is not None and body is not None:
+            self.cache.pod_seen(body, deleted)
         for ref in owners or []:
             if ref.get("kind") == KIND and ref.get("controller") and self.queue is not None:
                 # A pod changes several times in a row (scheduled, started, ...): one look after the burst.

@@ -49,8 +49,9 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, workers: i
     @kopf.on.event(API_GROUP, API_VERSION, PLURAL, registry=registry)
     async def job_event(event: kopf.RawEvent, meta: kopf.Meta, **_: Any) -> None:
         controller.job_event(str(meta.namespace), str(meta.name), str(meta.uid), deleted=event.get("type") == "DELETED",
-                             resource_version=meta.get("resourceVersion"))  # fmt: skip
+                             resource_version=meta.get("resourceVersion"), body=event.get("object"))  # fmt: skip
 
     @kopf.on.event("", "v1", "pods", labels={LABEL_MANAGED_BY: MANAGER, LABEL_JOB_UID: kopf.PRESENT}, registry=registry)
-    async def pod_event(meta: kopf.Meta, **_: Any) -> None:
-        controller.pod_event(str(meta.namespace), list(meta.get("ownerReferences") or []))
+    async def pod_event(event: kopf.RawEvent, meta: kopf.Meta, **_: Any) -> None:
+        controller.pod_event(str(meta.namespace), list(meta.get("ownerReferences") or []), body=event.get("object"),
+                             deleted=event.get("type") == "DELETED")  # fmt: skip

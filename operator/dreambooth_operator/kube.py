@@ -1,8 +1,9 @@
 """The few apiserver calls the reconciler makes, as plain dicts in and out, each one counted.
 
-Reads are live (no cache): a reconcile decides from what the apiserver says now, so a lost watch event or an
-operator restart can delay a decision but never base it on stale pods. Creates answer None on 409 (the
-deterministic name already exists), deletes ignore 404: every call is safe to repeat.
+These are the live reads (``cache.Informer`` holds what the watches showed; ``cache.live_reads_needed`` says
+when a reconcile must come here instead) and every write. Creates answer None on 409 (the deterministic name
+already exists), deletes ignore 404: every call is safe to repeat. A status patch may carry the resourceVersion
+it was computed from; a 409 then means "re-read", never "retry blindly".
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class KubeApi(Protocol):
     """What the reconciler needs from the apiserver (a fake implements it in the unit tests)."""
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None: ...
-    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None: ...
+    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any],
+                         resource_version: str | None = None) -> dict[str, Any] | None: ...  # fmt: skip
     def delete_job(self, namespace: str, name: str, uid: str) -> None: ...
     def list_pods(self, namespace: str, job_uid: str) -> list[dict[str, Any]]: ...
     def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None: ...
@@ -113,9 +115,14 @@ class Kube:
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._get_or_none(self._job_path(namespace, name))
 
-    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
+    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any],
+                         resource_version: str | None = None) -> dict[str, Any] | None:  # fmt: skip
+        body: dict[str, Any] = {"status": status}
+        if resource_version is not None:
+            # Optimistic concurrency: 409 Conflict unless the job is still at the version the patch was made from.
+            body["metadata"] = {"resourceVersion": resource_version}
         try:
-            return self._request("patch", "PATCH", self._job_path(namespace, name) + "/status", {"status": status},
+            return self._request("patch", "PATCH", self._job_path(namespace, name) + "/status", body,
                                  content_type="application/merge-patch+json")  # fmt: skip
         except self._client.ApiException as exc:
             if is_status(exc, 404):

@@ -1,8 +1,10 @@
 """The impure half of a reconcile: read the world, ask ``plan``, write status first, then act.
 
-Each reconcile reads the job and its pods live, looks at Nodes only for pods that look orphaned, polls rank 0's
-``/progress`` at most every 10 s per job, and then loops plan → patch status (only the changed keys) → Events →
-actions until a plan asks for nothing more (a created gang is re-read so the next plan can confirm it).
+Each reconcile reads the job and its pods from the watch cache when it has one (``cache.Informer``; live
+otherwise), looks at Nodes only for pods that look orphaned, polls rank 0's ``/progress`` at most every 10 s
+per job, and then loops plan → patch status (only the changed keys) → Events → actions until a plan asks for
+nothing more. A plan made from cached objects that would delete, start an attempt or change the attempt
+bookkeeping is made again from live reads before anything is carried out (``cache.live_reads_needed``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from . import status as S
+from .cache import Informer, live_reads_needed
 from .kube import KubeApi, event_object, is_status
 from .metrics import Metrics
 from .plan import EPOCH, Plan, PlanOptions, World, plan, pod_attempt, refuse
@@ -27,8 +30,9 @@ from .spec import training_hash
 
 log = logging.getLogger(__name__)
 COMPONENT = "dreambooth-operator"
-# Plenty for the longest chain (status → create gang → confirm it); a plan that keeps asking is a bug, not work.
-MAX_ROUNDS = 4
+# Plenty for the longest chain (live re-read → status → create gang → confirm it, or a stale write's 409 and
+# its re-read); a plan that keeps asking is a bug, not work.
+MAX_ROUNDS = 6
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,10 @@ class Reconciler:
         poll_interval: float = POLL_INTERVAL_SECONDS,
         metrics: Metrics | None = None,
         background_events: bool = False,
+        cache: Informer | None = None,
     ) -> None:
         self.kube = kube
+        self.cache = cache
         # Events are best effort: off the reconcile's critical path when the operator runs for real.
         self._event_pool = ThreadPoolExecutor(2, thread_name_prefix="events") if background_events else None
         self._io = ThreadPoolExecutor(8, thread_name_prefix="create")
@@ -71,11 +77,11 @@ class Reconciler:
 
     def reconcile(self, namespace: str, name: str) -> Result | None:
         """Bring one job one step closer to its spec. None when the job is gone."""
-        job = self.kube.get_job(namespace, name)
+        job, live_job = self._read_job(namespace, name)
         if job is None or (job.get("metadata") or {}).get("deletionTimestamp"):
             return None
         uid = job["metadata"]["uid"]
-        pods = self.kube.list_pods(namespace, uid)
+        pods, live_pods = self._read_pods(namespace, uid, job)
         accepted = self._accepted_config(job)
         progress = self._poll_progress(job, pods)
         refused: str | None = None
@@ -83,15 +89,38 @@ class Reconciler:
         for _ in range(MAX_ROUNDS):
             now = self.clock()
             world = World(job, pods, now, progress, self._nodes(pods, now), accepted)
-            progress = None  # merged into status by the first plan
             p = plan(world, self.opts) if refused is None else refuse(world, self.opts, refused)
+            need = live_reads_needed(job.get("status") or {}, p)
+            if ("job" in need and not live_job) or ("pods" in need and not live_pods):
+                # Planned from the cache: decide again from what the apiserver says now before acting on it.
+                if not live_job:
+                    job, live_job = self._get_job(namespace, name), True
+                    if job is None or (job.get("metadata") or {}).get("deletionTimestamp"):
+                        return None
+                if "pods" in need:
+                    pods, live_pods = self._list_pods(namespace, uid), True
+                continue
+            progress = None  # merged into status by this plan
             created: dict[str, dict[str, Any]] = {}
             if p.act_first:
                 refused, created = self._execute(namespace, name, uid, p)
                 if refused is not None:
-                    pods = self.kube.list_pods(namespace, uid)
+                    pods, live_pods = self._list_pods(namespace, uid), True
                     continue  # the next round fails the job with the apiserver's words
-            updated = self._write_status(namespace, name, job, p)
+                if not (job.get("status") or {}).get("attempt") and len(created) == sum(
+                    1 for a in p.actions if a.obj is not None and a.obj["kind"] == "Pod"
+                ):
+                    self._mark_complete(uid)
+            try:
+                updated = self._write_status(namespace, name, job, p, precondition=not live_job)
+            except Exception as exc:
+                if not is_status(exc, 409):
+                    raise
+                # The cached job was behind (a spec edit, or our own write not yet echoed): re-read and re-plan.
+                job, live_job = self._get_job(namespace, name), True
+                if job is None:
+                    return None
+                continue
             if updated is None:
                 return None
             job = updated
@@ -112,11 +141,46 @@ class Reconciler:
                 # Every pod we asked for came back from its create: no need to list to confirm them.
                 pods = pods + list(created.values())
             else:
-                pods = self.kube.list_pods(namespace, uid)
+                pods, live_pods = self._list_pods(namespace, uid), True
         log.warning("%s/%s: still acting after %d rounds; continuing on the next reconcile", namespace, name, MAX_ROUNDS)
         return result
 
     # ----- reads -----
+
+    def _read_job(self, namespace: str, name: str) -> tuple[dict[str, Any] | None, bool]:
+        """The job and whether it was read live (rather than from the cache)."""
+        cached = self.cache.job(namespace, name) if self.cache is not None else None
+        if cached is not None:
+            return cached, False
+        return self._get_job(namespace, name), True
+
+    def _get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        job = self.kube.get_job(namespace, name)
+        if self.cache is not None and job is not None:
+            self.cache.job_read(job)
+        return job
+
+    def _read_pods(self, namespace: str, uid: str, job: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
+        """The job's pods and whether they were listed live."""
+        if self.cache is not None:
+            # A job that never started an attempt has no pods to find (a crash between its first creates and
+            # the status write leaves some: the creates then answer 409, and that is listed live).
+            cached = self.cache.pods(uid, complete=bool((job.get("status") or {}).get("attempt")))
+            if cached is not None:
+                return cached, False
+        return self._list_pods(namespace, uid), True
+
+    def _list_pods(self, namespace: str, uid: str) -> list[dict[str, Any]]:
+        token = self.cache.list_token() if self.cache is not None else 0
+        pods = self.kube.list_pods(namespace, uid)
+        if self.cache is not None:
+            self.cache.pods_listed(uid, pods, token)
+        return pods
+
+    def _mark_complete(self, uid: str) -> None:
+        if self.cache is not None:
+            self.cache.mark_complete(uid)
+
 
     def _accepted_config(self, job: dict[str, Any]) -> dict[str, Any] | None:
         """The config the job was accepted with, read only once spec.training was edited."""
@@ -172,13 +236,17 @@ class Reconciler:
 
     # ----- writes -----
 
-    def _write_status(self, namespace: str, name: str, job: dict[str, Any], p: Plan) -> dict[str, Any] | None:
+    def _write_status(self, namespace: str, name: str, job: dict[str, Any], p: Plan,
+                      precondition: bool = False) -> dict[str, Any] | None:  # fmt: skip
+        """Patch the changed status keys; with ``precondition``, only onto the job version they were made from."""
         old = job.get("status") or {}
         new = S.dump(p.status)
         patch = S.status_patch(old, new)
         if not patch:
             return job
-        updated = self.kube.patch_job_status(namespace, name, patch)
+        updated = self.kube.patch_job_status(namespace, name, patch, _rv(job) if precondition else None)
+        if self.cache is not None and updated is not None:
+            self.cache.job_read(updated, written=True)
         if self.metrics is not None and updated is not None:
             self.metrics.status_writes.inc()
             self.metrics.preemptions.inc(max(0, p.status.preemptions - int(old.get("preemptions") or 0)))
@@ -206,6 +274,8 @@ class Reconciler:
                 return refusal, created
             if made is not None and obj["kind"] == "Pod":
                 created[obj["metadata"]["name"]] = made
+                if self.cache is not None:
+                    self.cache.pod_created(made)
         for action in p.actions:
             if action.verb == "delete":
                 self.kube.delete_pod(namespace, action.name)

@@ -58,6 +58,7 @@ class FakeKube:
         self.calls: list[str] = []
         self.fail_create_of: dict[str, int] = {}  # object name -> HTTP status, once
         self.created_pods: list[str] = []
+        self.rv = 1
 
     # KubeApi
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -65,13 +66,21 @@ class FakeKube:
         job = self.jobs.get((namespace, name))
         return copy.deepcopy(job) if job else None
 
-    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
+    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any],
+                         resource_version: str | None = None) -> dict[str, Any] | None:  # fmt: skip
         self.calls.append("patch_status")
         job = self.jobs.get((namespace, name))
         if job is None:
             return None
+        if resource_version is not None and resource_version != job["metadata"].get("resourceVersion"):
+            raise ApiError(409, "the object has been modified")
         job["status"] = merge(job.get("status") or {}, status)
+        self.bump(job)
         return copy.deepcopy(job)
+
+    def bump(self, obj: dict[str, Any]) -> None:
+        self.rv += 1
+        obj["metadata"]["resourceVersion"] = str(self.rv)
 
     def delete_job(self, namespace: str, name: str, uid: str) -> None:
         self.calls.append("delete_job")
@@ -241,6 +250,7 @@ class Env:
         job = self.kube.jobs[("ns", "dog")]
         job["spec"] = job_manifest(**spec)
         job["metadata"]["generation"] += 1
+        self.kube.bump(job)
 
 
 def done(step: int = 20) -> dict[str, Any]:

@@ -213,8 +213,8 @@ def test_kopf_handlers_route_events_to_the_controller() -> None:
         def job_event(self, *args: Any, **kwargs: Any) -> None:
             self.jobs.append((*args, kwargs))
 
-        def pod_event(self, *args: Any) -> None:
-            self.pods.append(args)
+        def pod_event(self, *args: Any, **kwargs: Any) -> None:
+            self.pods.append((*args, kwargs))
 
     rec = Recorder()
     registry = kopf.OperatorRegistry()
@@ -225,9 +225,13 @@ def test_kopf_handlers_route_events_to_the_controller() -> None:
                                   "ownerReferences": [{"kind": "DreamBoothJob", "name": "j", "controller": True}]}})  # fmt: skip
     job_fn = next(fn for i, fn in by_id.items() if "job_event" in i)
     pod_fn = next(fn for i, fn in by_id.items() if "pod_event" in i)
-    asyncio.run(job_fn(event={"type": "DELETED", "object": {}}, meta=job.metadata))
-    asyncio.run(job_fn(event={"type": None, "object": {}}, meta=job.metadata))
-    asyncio.run(pod_fn(meta=pod.metadata))
-    assert rec.jobs == [("ns", "j", "u", {"deleted": True, "resource_version": "7"}),
-                        ("ns", "j", "u", {"deleted": False, "resource_version": "7"})]  # fmt: skip
-    assert rec.pods == [("ns", [{"kind": "DreamBoothJob", "name": "j", "controller": True}])]
+    asyncio.run(job_fn(event={"type": "DELETED", "object": {"j": 1}}, meta=job.metadata))
+    asyncio.run(job_fn(event={"type": None, "object": {"j": 2}}, meta=job.metadata))
+    asyncio.run(pod_fn(event={"type": "MODIFIED", "object": {"p": 1}}, meta=pod.metadata))
+    asyncio.run(pod_fn(event={"type": "DELETED", "object": {"p": 2}}, meta=pod.metadata))
+    # The raw objects go along: they feed the controller's cache.
+    assert rec.jobs == [("ns", "j", "u", {"deleted": True, "resource_version": "7", "body": {"j": 1}}),
+                        ("ns", "j", "u", {"deleted": False, "resource_version": "7", "body": {"j": 2}})]  # fmt: skip
+    owners = [{"kind": "DreamBoothJob", "name": "j", "controller": True}]
+    assert rec.pods == [("ns", owners, {"body": {"p": 1}, "deleted": False}),
+                        ("ns", owners, {"body": {"p": 2}, "deleted": True})]  # fmt: skip
