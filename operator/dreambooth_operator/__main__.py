@@ -18,7 +18,7 @@ class Settings:
     namespaces: tuple[str, ...] = ()  # empty = every namespace
     log_level: str = "INFO"
     metrics_port: int = 8080
-    workers: int = 16
+    workers: int = 32
     resync_seconds: float = 10.0
     backoff_base_seconds: int = 10
     cluster_domain: str = "cluster.local"
@@ -30,7 +30,7 @@ class Settings:
             namespaces=namespaces,
             log_level=env.get("LOG_LEVEL", "INFO").upper(),
             metrics_port=int(env.get("METRICS_PORT", "8080")),
-            workers=int(env.get("DREAMBOOTH_OPERATOR_WORKERS", "16")),
+            workers=int(env.get("DREAMBOOTH_OPERATOR_WORKERS", "32")),
             resync_seconds=float(env.get("DREAMBOOTH_OPERATOR_RESYNC_SECONDS", "10")),
             backoff_base_seconds=int(env.get("DREAMBOOTH_BACKOFF_BASE_SECONDS", "10")),
             cluster_domain=env.get("DREAMBOOTH_CLUSTER_DOMAIN", "cluster.local"),
@@ -77,10 +77,13 @@ async def serve(settings: Settings) -> None:
     from .resources import BuildOptions
 
     metrics = Metrics()
-    kube = Kube.from_environment(on_request=metrics.api_request, connections=settings.workers + 4)
+    # Each worker may fan a plan's creates out to the shared pool: enough threads (and pooled connections, or
+    # urllib3 drops the extras and every burst pays new TLS handshakes) for most workers to do so at once.
+    io_threads = 2 * settings.workers
+    kube = Kube.from_environment(on_request=metrics.api_request, connections=settings.workers + io_threads + 4)
     opts = PlanOptions(BuildOptions(cluster_domain=settings.cluster_domain), settings.backoff_base_seconds)
     cache = Informer()
-    reconciler = Reconciler(kube, opts, metrics=metrics, background_events=True, cache=cache)
+    reconciler = Reconciler(kube, opts, metrics=metrics, background_events=True, cache=cache, io_threads=io_threads)
     controller = Controller(reconciler, metrics, workers=settings.workers, resync_seconds=settings.resync_seconds,
                             cache=cache)  # fmt: skip
     registry = kopf.OperatorRegistry()

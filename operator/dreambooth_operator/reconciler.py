@@ -56,12 +56,14 @@ class Reconciler:
         metrics: Metrics | None = None,
         background_events: bool = False,
         cache: Informer | None = None,
+        io_threads: int = 8,
     ) -> None:
         self.kube = kube
         self.cache = cache
         # Events are best effort: off the reconcile's critical path when the operator runs for real.
         self._event_pool = ThreadPoolExecutor(2, thread_name_prefix="events") if background_events else None
-        self._io = ThreadPoolExecutor(8, thread_name_prefix="create")
+        # The creates of one plan go out in parallel; every worker shares these threads.
+        self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="create")
         self.opts = opts or PlanOptions()
         self.clock = clock
         self.fetch = fetch
@@ -267,7 +269,9 @@ class Reconciler:
         """Run the plan's actions. Returns the apiserver's refusal of an object we built (if any) and the pods
         created (by name). Creates go out together: a pod may exist before its ConfigMap (the kubelet waits)."""
         created: dict[str, dict[str, Any]] = {}
-        creates = [a.obj for a in p.actions if a.verb == "create" and a.obj is not None]
+        # Pods first: the pool is shared by every worker, and under a burst of new jobs the pods are what waits.
+        creates = sorted((a.obj for a in p.actions if a.verb == "create" and a.obj is not None),
+                         key=lambda o: o["kind"] != "Pod")  # fmt: skip
         results = list(self._io.map(self._create, creates)) if len(creates) > 1 else [self._create(c) for c in creates]
         for obj, (made, refusal) in zip(creates, results, strict=True):
             if refusal is not None:
