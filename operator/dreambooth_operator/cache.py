@@ -115,6 +115,10 @@ class Informer:
             entry = self._jobs.get(key)
             if entry is None:
                 self._jobs[key] = entry = _JobEntry(copy.deepcopy(obj))
+            elif entry.trusted and rv in entry.seen_rvs and entry.seen_rvs[-1] != rv:
+                # The answer came back after the watch had shown this version *and a newer one*: keep the newer.
+                entry.live_at = self._clock()
+                return
             entry.obj, entry.trusted, entry.live_at = copy.deepcopy(obj), True, self._clock()
             # Wait for the echo of our write unless the watch has already shown it.
             entry.pending_rv = rv if written and rv not in entry.seen_rvs else None
@@ -148,8 +152,16 @@ class Informer:
             self._pods.setdefault(uid, {})[_key(obj)] = (self._seq, None if deleted else copy.deepcopy(obj))
 
     def pod_created(self, obj: dict[str, Any]) -> None:
-        """The apiserver's answer to our create: as good as a watch event, and usually earlier."""
-        self.pod_seen(obj)
+        """The apiserver's answer to our create: the pod's first version, so only where the watch has shown
+        nothing of it yet (its events may well come first: then they are newer, e.g. Unschedulable)."""
+        uid = ((obj.get("metadata") or {}).get("labels") or {}).get(LABEL_JOB_UID)
+        if not uid:
+            return
+        with self._lock:
+            pods = self._pods.setdefault(uid, {})
+            if _key(obj) not in pods:
+                self._seq += 1
+                pods[_key(obj)] = (self._seq, copy.deepcopy(obj))
 
     def list_token(self) -> int:
         """Take before a live LIST; hand to ``pods_listed`` with its result."""

@@ -109,6 +109,22 @@ def test_own_write_whose_echo_came_first_does_not_wait_for_it() -> None:
     assert (c.job("ns", "dog") or {})["status"] == {"attempt": 1, "step": 1}
 
 
+def test_answers_that_arrive_after_newer_watch_events_do_not_replace_them() -> None:
+    c = Informer(clock=Tick())
+    c.job_read(_job("5"))
+    c.job_seen(_job("7", attempt=1))  # our write's echo ...
+    c.job_seen(_job("8", attempt=1, suspend=True))  # ... and a user's edit, both before the patch response
+    c.job_read(_job("7", attempt=1), written=True)
+    assert (c.job("ns", "dog") or {})["status"] == {"attempt": 1, "suspend": True}
+    # A pod's watch events (here: the scheduler's verdict) before its create response came back.
+    c.mark_complete("u")
+    c.pod_seen(_pod("dog-a1-0", "Unschedulable"))
+    c.pod_created(_pod("dog-a1-0"))
+    c.pod_seen(_pod("dog-a1-1"), deleted=True)
+    c.pod_created(_pod("dog-a1-1"))  # already deleted: not brought back
+    assert [(p["metadata"]["name"], p["status"]["phase"]) for p in c.pods("u") or []] == [("dog-a1-0", "Unschedulable")]
+
+
 def test_pods_need_one_live_list_and_a_list_never_undoes_a_newer_watch_event() -> None:
     tick = Tick()
     c = Informer(clock=tick, refresh_seconds=60)
