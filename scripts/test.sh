@@ -25,7 +25,7 @@ run_tier() {
 }
 for tier in $TIERS; do
   case $tier in
-    lint) run_tier lint ruff check . ;;
+    lint) run_tier lint bash -c "ruff check . && ruff format --check ." ;;
     unit) run_tier unit python -m pytest tests/unit -q "$@" ;;
     integration) run_tier integration python -m pytest tests/integration -q "$@" ;;
     cluster)

@@ -23,7 +23,9 @@ def trainer_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def tiny_args(output: Path | str, *, steps: int = 8, ckpt: int = 4, batch: int = 2, extra: list[str] | None = None) -> list[str]:
+def tiny_args(
+    output: Path | str, *, steps: int = 8, ckpt: int = 4, batch: int = 2, extra: list[str] | None = None
+) -> list[str]:
     return [
         "--pretrained_model_name_or_path", "tiny://",
         "--instance_data_dir", str(DOG),
@@ -38,7 +40,9 @@ def tiny_args(output: Path | str, *, steps: int = 8, ckpt: int = 4, batch: int =
     ]  # fmt: skip
 
 
-def run_dreambooth(args: list[str], *, timeout: float = 300, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run_dreambooth(
+    args: list[str], *, timeout: float = 300, env: dict[str, str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "dreambooth_trainer", *args],
         capture_output=True, text=True, timeout=timeout, env=env or trainer_env(), cwd=REPO,
@@ -48,7 +52,9 @@ def run_dreambooth(args: list[str], *, timeout: float = 300, env: dict[str, str]
     return proc
 
 
-def torchrun_worker(method: str, training: dict, nproc: int, tmp: Path, *, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+def torchrun_worker(
+    method: str, training: dict, nproc: int, tmp: Path, *, timeout: float = 600, check: bool = True
+) -> subprocess.CompletedProcess:
     """World size `nproc` on CPU: torchrun with gloo (accelerate launch --cpu would silently run one process)."""
     cfg = tmp / f"config-{nproc}.json"
     cfg.write_text(json.dumps({"method": method, "training": training}))

@@ -63,9 +63,7 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         if types == {"integer", "string"}:
             # int | Literal["auto"]: int-or-string; minimum only constrains numbers, pattern only strings.
             out.update(copy.deepcopy(_QUANTITY))
-            literals = [v["const"] for v in non_null if "const" in v] + [
-                e for v in non_null for e in v.get("enum", [])
-            ]
+            literals = [v["const"] for v in non_null if "const" in v] + [e for v in non_null for e in v.get("enum", [])]
             if literals:
                 out["pattern"] = "^(" + "|".join(literals) + ")$"
         elif len(non_null) == 1:

@@ -39,6 +39,7 @@ class KubeApi(Protocol):
     def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         """The created object, or None when the name exists (409)."""
         ...
+
     def delete_pod(self, namespace: str, name: str, grace_seconds: int | None = None) -> None: ...
     def create_event(self, namespace: str, event: dict[str, Any]) -> None: ...
 
@@ -177,7 +178,9 @@ class Kube:
             log.warning("could not record event %s: %s", event.get("reason"), exc.status)
 
 
-def event_object(job: dict[str, Any], type_: str, reason: str, message: str, now: datetime, component: str) -> dict[str, Any]:
+def event_object(
+    job: dict[str, Any], type_: str, reason: str, message: str, now: datetime, component: str
+) -> dict[str, Any]:
     """A core/v1 Event about the job (what `kubectl describe dbj` lists)."""
     meta = job.get("metadata") or {}
     stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -185,7 +188,10 @@ def event_object(job: dict[str, Any], type_: str, reason: str, message: str, now
         "apiVersion": "v1",
         "kind": "Event",
         # kubectl's naming: <object>.<unique hex>.
-        "metadata": {"name": f"{meta.get('name', 'dreamboothjob')}.{uuid.uuid4().hex[:16]}", "namespace": meta.get("namespace")},
+        "metadata": {
+            "name": f"{meta.get('name', 'dreamboothjob')}.{uuid.uuid4().hex[:16]}",
+            "namespace": meta.get("namespace"),
+        },
         "involvedObject": {
             "apiVersion": f"{API_GROUP}/{API_VERSION}",
             "kind": job.get("kind", "DreamBoothJob"),

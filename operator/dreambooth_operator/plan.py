@@ -303,7 +303,9 @@ class _Planner:
             ended_at = S.parse_time(st.ended_time) or self.now
             left = delay - (self.now - ended_at).total_seconds()
             if left > 0:
-                self.summary = f"attempt {attempt} failed ({st.ended_reason}); the next attempt starts in {int(left)} s."
+                self.summary = (
+                    f"attempt {attempt} failed ({st.ended_reason}); the next attempt starts in {int(left)} s."
+                )
                 self._after(left)
                 return
         resumed = S.is_true(st, S.SUSPENDED)
@@ -358,7 +360,9 @@ class _Planner:
             done = str(term.get("reason", "")).lower() == "completed" or v.exit_code == 0
             if term.get("checkpointUri") and isinstance(term.get("step"), int) and not done:
                 self._checkpoint(term["step"], str(term["checkpointUri"]), v.finished_at)
-        timing = Timing(rp.scheduling_timeout_seconds, rp.progress_deadline_seconds, S.parse_time(st.last_progress_time))
+        timing = Timing(
+            rp.scheduling_timeout_seconds, rp.progress_deadline_seconds, S.parse_time(st.last_progress_time)
+        )
         outcome = policy.classify(views, expected, True, self.now, timing)
         decision = policy.decide(outcome, self._counters(), rp, self.opts.backoff_base_seconds)
         if decision.action == "wait":
@@ -410,7 +414,12 @@ class _Planner:
     def _retry(self, attempt: int, outcome: policy.Outcome, decision: policy.Decision, views: list[PodView]) -> None:
         st = self.st
         st.ended_attempt, st.ended_reason, st.ended_time = attempt, outcome.reason, S.timestamp(self.now)
-        self._cond(S.CREATED, False, S.R_ATTEMPT_ENDED, f"attempt {attempt} ended ({outcome.reason}); its pods are being removed.")
+        self._cond(
+            S.CREATED,
+            False,
+            S.R_ATTEMPT_ENDED,
+            f"attempt {attempt} ended ({outcome.reason}); its pods are being removed.",
+        )
         self._cond(S.RUNNING, False, outcome.reason, f"attempt {attempt} ended: {decision.message}")
         self._cond(S.WAITING, False, outcome.reason, f"attempt {attempt} ended.")
         if outcome.kind == Kind.PREEMPTED:
@@ -460,7 +469,9 @@ def _with_node(view: PodView, since: datetime) -> PodView:
 
 
 def _int(value: Any) -> int | None:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) else None
+    return (
+        int(value) if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) else None
+    )
 
 
 def _float(value: Any) -> float | None:

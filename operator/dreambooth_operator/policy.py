@@ -210,7 +210,9 @@ def pod_verdict(p: PodView, now: datetime) -> Outcome | None:
     if p.exit_code == EXIT_BAD_INPUT:
         return Outcome(Kind.BAD_INPUT, S.R_BAD_INPUT, f"{who}: bad input: {_term_text(p) or 'exit code 64'}", p.name)
     if p.disruption_reason in PREEMPTION_DISRUPTIONS:
-        msg = f"{who} was disrupted ({p.disruption_reason}){': ' + p.disruption_message if p.disruption_message else ''}"
+        msg = (
+            f"{who} was disrupted ({p.disruption_reason}){': ' + p.disruption_message if p.disruption_message else ''}"
+        )
         return Outcome(Kind.PREEMPTED, S.R_DISRUPTION, msg, p.name)
     if p.disruption_reason == KUBELET_EVICTION or p.pod_reason == "Evicted":
         detail = p.disruption_message or p.pod_message
@@ -218,7 +220,9 @@ def pod_verdict(p: PodView, now: datetime) -> Outcome | None:
                        f"{who} was evicted by its node for resource pressure ({detail or 'no detail'}): "
                        f"{_eviction_advice(detail)}.", p.name)  # fmt: skip
     if p.pod_reason in NODE_SHUTDOWN_REASONS:
-        return Outcome(Kind.PREEMPTED, S.R_NODE_SHUTDOWN, f"{who}: its node shut down ({p.pod_message or p.pod_reason}).", p.name)
+        return Outcome(
+            Kind.PREEMPTED, S.R_NODE_SHUTDOWN, f"{who}: its node shut down ({p.pod_message or p.pod_reason}).", p.name
+        )
     if p.pod_reason in NODE_LOST_REASONS:
         return Outcome(Kind.PREEMPTED, S.R_NODE_LOST, f"{who}: its node {p.node_name} was lost.", p.name)
     if p.node_not_ready_since is not None and (now - p.node_not_ready_since).total_seconds() > NODE_LOST_AFTER_SECONDS:
@@ -227,19 +231,30 @@ def pod_verdict(p: PodView, now: datetime) -> Outcome | None:
     if p.deleting:
         return Outcome(Kind.PREEMPTED, S.R_POD_DELETED, f"{who} was deleted (not by the operator).", p.name)
     if p.exit_code == EXIT_PREEMPTED:
-        return Outcome(Kind.PREEMPTED, S.R_LAUNCHER_PREEMPTED, f"{who}: the trainer was stopped: {_term_text(p) or 'exit code 75'}", p.name)
+        return Outcome(
+            Kind.PREEMPTED,
+            S.R_LAUNCHER_PREEMPTED,
+            f"{who}: the trainer was stopped: {_term_text(p) or 'exit code 75'}",
+            p.name,
+        )
     if p.exit_code == EXIT_GPU_OOM:
-        return Outcome(Kind.GPU_OOM, S.R_GPU_OOM, f"{who}: GPU out of memory: {_term_text(p) or 'exit code 71'}", p.name)
+        return Outcome(
+            Kind.GPU_OOM, S.R_GPU_OOM, f"{who}: GPU out of memory: {_term_text(p) or 'exit code 71'}", p.name
+        )
     if p.terminated_reason == "OOMKilled":
         return Outcome(Kind.FAILED, S.R_HOST_OOM,
                        f"{who} was OOMKilled (host memory, not GPU memory): raise spec.resources.limits.memory (and "
                        "requests.memory), or lower spec.training.dataloaderNumWorkers.", p.name)  # fmt: skip
     if p.waiting_reason in FATAL_WAITING:
-        return Outcome(Kind.BAD_INPUT, S.R_IMAGE, f"{who} cannot start: {p.waiting_reason}: {p.waiting_message}", p.name)
+        return Outcome(
+            Kind.BAD_INPUT, S.R_IMAGE, f"{who} cannot start: {p.waiting_reason}: {p.waiting_message}", p.name
+        )
     if p.phase == "Failed":
         if p.exit_code is not None:
             text = _term_text(p)
-            return Outcome(Kind.FAILED, S.R_CRASH, f"{who} exited with code {p.exit_code}{': ' + text if text else ''}", p.name)
+            return Outcome(
+                Kind.FAILED, S.R_CRASH, f"{who} exited with code {p.exit_code}{': ' + text if text else ''}", p.name
+            )
         return Outcome(Kind.FAILED, S.R_CRASH, f"{who} failed: {p.pod_reason or ''} {p.pod_message}".rstrip(), p.name)
     return None
 

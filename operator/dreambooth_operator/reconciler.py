@@ -144,7 +144,9 @@ class Reconciler:
                 pods = pods + list(created.values())
             else:
                 pods, live_pods = self._list_pods(namespace, uid), True
-        log.warning("%s/%s: still acting after %d rounds; continuing on the next reconcile", namespace, name, MAX_ROUNDS)
+        log.warning(
+            "%s/%s: still acting after %d rounds; continuing on the next reconcile", namespace, name, MAX_ROUNDS
+        )
         return result
 
     # ----- reads -----
@@ -182,7 +184,6 @@ class Reconciler:
     def _mark_complete(self, uid: str) -> None:
         if self.cache is not None:
             self.cache.mark_complete(uid)
-
 
     def _accepted_config(self, job: dict[str, Any]) -> dict[str, Any] | None:
         """The config the job was accepted with, read only once spec.training was edited."""

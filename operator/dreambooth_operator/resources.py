@@ -256,11 +256,15 @@ def _volumes(job: ValidJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
     ]
     for i, vol in enumerate(job.spec.pod_template.volumes):
         if vol.get("name") in _OUR_VOLUMES:
-            raise SpecError(f"spec.podTemplate.volumes[{i}].name", f"{vol.get('name')!r} is used by the operator; rename it.")
+            raise SpecError(
+                f"spec.podTemplate.volumes[{i}].name", f"{vol.get('name')!r} is used by the operator; rename it."
+            )
     for i, mount in enumerate(job.spec.pod_template.volume_mounts):
         path = str(mount.get("mountPath", "")).rstrip("/")
         if path in _OUR_VOLUMES.values():
-            raise SpecError(f"spec.podTemplate.volumeMounts[{i}].mountPath", f"{path} is mounted by the operator; use another path.")
+            raise SpecError(
+                f"spec.podTemplate.volumeMounts[{i}].mountPath", f"{path} is mounted by the operator; use another path."
+            )
     return volumes + [dict(v) for v in job.spec.pod_template.volumes], mounts + [
         dict(m) for m in job.spec.pod_template.volume_mounts
     ]

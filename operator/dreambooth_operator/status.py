@@ -26,9 +26,7 @@ CONDITION_TYPES = (CREATED, WAITING, RUNNING, PREEMPTED, SUSPENDED, SUCCEEDED, F
 
 # "Pending" covers the moments with no gang at all: just accepted, or waiting out the backoff after a failure.
 PENDING = "Pending"
-Phase = Literal[
-    "Pending", "Created", "WaitingForResources", "Running", "Preempted", "Suspended", "Succeeded", "Failed"
-]
+Phase = Literal["Pending", "Created", "WaitingForResources", "Running", "Preempted", "Suspended", "Succeeded", "Failed"]
 PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
 
 # ----- reasons (CamelCase, as Kubernetes conventions ask) -----
@@ -72,7 +70,9 @@ class _Status(BaseModel):
 
 
 class Condition(_Status):
-    type: str = Field(description="Created, WaitingForResources, Running, Preempted, Suspended, Succeeded, Failed or SpecChangeRefused.")
+    type: str = Field(
+        description="Created, WaitingForResources, Running, Preempted, Suspended, Succeeded, Failed or SpecChangeRefused."
+    )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field("", description="Machine-readable CamelCase reason.")
     message: str = Field("", description="What happened and what to do, in words.")
@@ -91,11 +91,15 @@ class JobStatus(_Status):
     phase: Phase | None = Field(None, description="Derived from the conditions: " + ", ".join(PHASES) + ".")
     message: str | None = Field(None, description="The most important thing to know right now, in words.")
     observed_generation: int | None = Field(None, description="metadata.generation this status describes.")
-    conditions: list[Condition] = Field(default_factory=list, description="Standard conditions with reasons and messages.")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Standard conditions with reasons and messages."
+    )
     attempt: int | None = Field(None, description="Current attempt (gang) number, from 1.")
     restarts: int = Field(0, description="Attempts ended by failures counted against runPolicy.backoffLimit.")
     preemptions: int = Field(0, description="Attempts ended by preemption (never counted against backoffLimit).")
-    preemptions_without_progress: int = Field(0, description="Consecutive preemptions with no step progress between them.")
+    preemptions_without_progress: int = Field(
+        0, description="Consecutive preemptions with no step progress between them."
+    )
     step: int | None = Field(None, description="Last optimizer step reported by rank 0.")
     max_steps: int | None = Field(None, description="Total optimizer steps of the run.")
     loss: float | None = Field(None, description="Last training loss reported by rank 0.")
@@ -112,7 +116,9 @@ class JobStatus(_Status):
     last_progress_time: str | None = Field(None, description="When the trainer last reported a new step or phase.")
     memory_savers: bool = Field(False, description="True after a GPU out-of-memory retry switched memory savers on.")
     training_hash: str | None = Field(None, description="Hash of the accepted spec.training; edits are refused.")
-    ended_attempt: int | None = Field(None, description="Last attempt the operator judged ended; its pods are being removed.")
+    ended_attempt: int | None = Field(
+        None, description="Last attempt the operator judged ended; its pods are being removed."
+    )
     ended_reason: str | None = Field(None, description="Why that attempt ended (a reason constant).")
     ended_time: str | None = Field(None, description="When that attempt was judged ended (backoff counts from here).")
     gang_created: int | None = Field(None, description="Last attempt whose pods were all created.")

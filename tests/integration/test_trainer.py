@@ -51,7 +51,8 @@ def test_output_loads_in_diffusers_and_generates(method: str, tmp_path: Path, ti
         pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
         base = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
         changed = any(
-            not torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), base.unet.state_dict().values(), strict=True)
+            not torch.equal(a, b)
+            for a, b in zip(pipe.unet.state_dict().values(), base.unet.state_dict().values(), strict=True)
         )
         assert changed, "training left the UNet unchanged"
     else:
@@ -77,7 +78,9 @@ def _fixed_loss(unet, tiny_model_dir: Path) -> float:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         latents = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
-        ids = tok(["a photo of sks dog"] * len(images), padding="max_length", max_length=77, return_tensors="pt").input_ids
+        ids = tok(
+            ["a photo of sks dog"] * len(images), padding="max_length", max_length=77, return_tensors="pt"
+        ).input_ids
         states = te(ids)[0]
         total = 0.0
         for _ in range(8):

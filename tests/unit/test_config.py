@@ -46,7 +46,12 @@ def test_each_script_keeps_its_own_defaults() -> None:
     full = parse_cli(FullConfig, REQUIRED, "t")
     lora = parse_cli(LoraConfig, REQUIRED, "t")
     assert (full.learning_rate, full.output_dir) == (5e-6, "dreambooth-model")
-    assert (lora.learning_rate, lora.output_dir, lora.rank, lora.validation_epochs) == (5e-4, "lora-dreambooth-model", 4, 50)
+    assert (lora.learning_rate, lora.output_dir, lora.rank, lora.validation_epochs) == (
+        5e-4,
+        "lora-dreambooth-model",
+        4,
+        50,
+    )
     assert (lora.lora_dropout, lora.image_interpolation_mode) == (0.0, "lanczos")
     # Each script resizes training images its own way: the full one always bilinear, LoRA by the flag.
     assert (full.resize_interpolation, lora.resize_interpolation) == ("bilinear", "lanczos")
@@ -60,7 +65,11 @@ def test_each_script_keeps_its_own_defaults() -> None:
         ({"maxTrainSteps": 0}, "--max_train_steps (spec.training.maxTrainSteps)", "greater than or equal to 1"),
         ({"maxTrainSteps": -5}, "--max_train_steps (spec.training.maxTrainSteps)", "greater than or equal to 1"),
         ({"withPriorPreservation": True}, "--class_data_dir (spec.training.classDataDir)", "is required"),
-        ({"withPriorPreservation": True, "classDataDir": "c"}, "--class_prompt (spec.training.classPrompt)", "is required"),
+        (
+            {"withPriorPreservation": True, "classDataDir": "c"},
+            "--class_prompt (spec.training.classPrompt)",
+            "is required",
+        ),
         ({"rank": 8}, "--rank (spec.training.rank)", "only to method 'lora'"),
         ({"validationImages": ["a.png"]}, "--validation_images", "DeepFloyd IF"),
         ({"learningRat": 1e-4}, "--learning_rat ", "check the spelling"),
@@ -82,14 +91,24 @@ def test_missing_required_flag_names_it() -> None:
 
 def test_manifest_errors_name_the_path() -> None:
     with pytest.raises(ManifestError, match=r"spec.runPolicy.backoffLimit"):
-        parse_job({"apiVersion": "dreambooth.dev/v1alpha1", "kind": "DreamBoothJob", "spec": {"training": {}, "runPolicy": {"backoffLimit": -1}}})
+        parse_job(
+            {
+                "apiVersion": "dreambooth.dev/v1alpha1",
+                "kind": "DreamBoothJob",
+                "spec": {"training": {}, "runPolicy": {"backoffLimit": -1}},
+            }
+        )
     with pytest.raises(ManifestError, match="apiVersion: must be dreambooth.dev/v1alpha1"):
         parse_job({"apiVersion": "v1", "kind": "DreamBoothJob", "spec": {}})
 
 
 def test_config_hash_ignores_operational_settings_only() -> None:
     base = parse_cli(LoraConfig, REQUIRED, "t")
-    same = parse_cli(LoraConfig, [*REQUIRED, "--output_dir", "elsewhere", "--checkpointing_steps", "7", "--gradient_checkpointing"], "t")
+    same = parse_cli(
+        LoraConfig,
+        [*REQUIRED, "--output_dir", "elsewhere", "--checkpointing_steps", "7", "--gradient_checkpointing"],
+        "t",
+    )
     other = parse_cli(LoraConfig, [*REQUIRED, "--rank", "8"], "t")
     assert config_hash(base) == config_hash(same)
     assert config_hash(base) != config_hash(other)

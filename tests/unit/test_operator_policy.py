@@ -84,9 +84,13 @@ def test_advice_names_the_limit_to_raise() -> None:
     assert oom is not None and "limits.memory" in oom.message and "dataloaderNumWorkers" in oom.message
     disk = pod_verdict(exited(0, 137, pod_reason="Evicted", pod_message="low on resource: ephemeral-storage"), NOW)
     assert disk is not None and "ephemeral-storage" in disk.message
-    mem = pod_verdict(running(disruption_reason="TerminationByKubelet", disruption_message="low on resource: memory"), NOW)
+    mem = pod_verdict(
+        running(disruption_reason="TerminationByKubelet", disruption_message="low on resource: memory"), NOW
+    )
     assert mem is not None and "requests.memory" in mem.message
-    bad = pod_verdict(exited(0, 64, termination=msg("bad-input", "--instance_data_dir (spec.training.instanceDataDir): empty")), NOW)
+    bad = pod_verdict(
+        exited(0, 64, termination=msg("bad-input", "--instance_data_dir (spec.training.instanceDataDir): empty")), NOW
+    )
     assert bad is not None and "spec.training.instanceDataDir" in bad.message
 
 
@@ -120,8 +124,15 @@ def test_classify(label: str, pods: list[PodView], kind: Kind, reason: str) -> N
 
 
 def test_the_pod_that_failed_first_is_the_root_cause() -> None:
-    first = PodView(name="p1", index=1, phase="Failed", exit_code=70, created=ago(100), finished_at=ago(30),
-                    termination=msg("crash", "OSError: no model.safetensors"))
+    first = PodView(
+        name="p1",
+        index=1,
+        phase="Failed",
+        exit_code=70,
+        created=ago(100),
+        finished_at=ago(30),
+        termination=msg("crash", "OSError: no model.safetensors"),
+    )
     echo = PodView(name="p0", index=0, phase="Failed", exit_code=70, created=ago(100), finished_at=ago(25),
                    raw_message="gloo: Connection closed by peer")  # fmt: skip
     outcome = classify([echo, first], 2, True, NOW, T)
@@ -135,12 +146,21 @@ def test_gang_not_yet_created_is_starting() -> None:
 def test_crash_waits_briefly_for_a_peer_preemption_reason() -> None:
     crash = PodView(name="p0", index=0, phase="Failed", exit_code=70, created=ago(100), finished_at=ago(5))
     assert classify([crash, running(1)], 2, True, NOW, T).kind == Kind.RUNNING
-    late = PodView(name="p0", index=0, phase="Failed", exit_code=70, created=ago(100), finished_at=ago(policy.CRASH_SETTLE_SECONDS + 1))
+    late = PodView(
+        name="p0",
+        index=0,
+        phase="Failed",
+        exit_code=70,
+        created=ago(100),
+        finished_at=ago(policy.CRASH_SETTLE_SECONDS + 1),
+    )
     assert classify([late, running(1)], 2, True, NOW, T).reason == S.R_CRASH
 
 
 def test_hung_gang_after_progress_deadline() -> None:
-    pods = [PodView(name=f"p{i}", index=i, phase="Running", created=ago(2000), running_since=ago(1900)) for i in range(2)]
+    pods = [
+        PodView(name=f"p{i}", index=i, phase="Running", created=ago(2000), running_since=ago(1900)) for i in range(2)
+    ]
     assert classify(pods, 2, True, NOW, Timing(600, 900, last_progress=ago(901))).reason == S.R_HUNG
     assert classify(pods, 2, True, NOW, Timing(600, 900, last_progress=ago(100))).kind == Kind.RUNNING
     # A fresh attempt gets the full deadline from when its pods started, whatever the old progress time.
@@ -231,9 +251,36 @@ def test_observe_pod_from_the_api() -> None:
     assert v.disruption_reason == "PreemptionByScheduler" and v.pod_reason == "Terminated"
     assert v.termination == msg("preempted", "emergency checkpoint published", 40)
     assert v.finished_at == ago(10) and v.node_name == "n1" and v.pod_ip == "10.0.0.5"
-    pending = observe_pod({"metadata": {"name": "x"}, "status": {"phase": "Pending", "conditions": [
-        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "Insufficient cpu"}]}}, "idx")
+    pending = observe_pod(
+        {
+            "metadata": {"name": "x"},
+            "status": {
+                "phase": "Pending",
+                "conditions": [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": "Insufficient cpu",
+                    }
+                ],
+            },
+        },
+        "idx",
+    )
     assert pending.unschedulable == "Insufficient cpu" and pending.index == 0
-    log_tail = observe_pod({"metadata": {"name": "x"}, "status": {"phase": "Failed", "containerStatuses": [
-        {"state": {"terminated": {"exitCode": 1, "message": "Traceback ...\nValueError: boom"}}}]}}, "idx")
-    assert log_tail.termination is None and "boom" in (pod_verdict(log_tail, NOW) or policy.Outcome(Kind.RUNNING)).message
+    log_tail = observe_pod(
+        {
+            "metadata": {"name": "x"},
+            "status": {
+                "phase": "Failed",
+                "containerStatuses": [
+                    {"state": {"terminated": {"exitCode": 1, "message": "Traceback ...\nValueError: boom"}}}
+                ],
+            },
+        },
+        "idx",
+    )
+    assert (
+        log_tail.termination is None and "boom" in (pod_verdict(log_tail, NOW) or policy.Outcome(Kind.RUNNING)).message
+    )

@@ -103,7 +103,9 @@ class FakeKube:
         self.calls.append(f"create_{obj['kind']}")
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         if name in self.fail_create_of:
-            raise ApiError(self.fail_create_of.pop(name), "spec.volumes[4].persistentVolumeClaim.claimName: Required value")
+            raise ApiError(
+                self.fail_create_of.pop(name), "spec.volumes[4].persistentVolumeClaim.claimName: Required value"
+            )
         obj = copy.deepcopy(obj)
         obj["metadata"].update(uid=str(uuid.uuid4()), creationTimestamp=ts(self.clock.now))
         if obj["kind"] == "Pod":

@@ -344,9 +344,7 @@ def _matches(path: Path, meta: dict[str, Any]) -> bool:
     return sha.hexdigest() == meta["sha256"]
 
 
-def choose_resume(
-    store: Store, request: str | None, config_hash: str, cache: Path
-) -> Loaded | None:
+def choose_resume(store: Store, request: str | None, config_hash: str, cache: Path) -> Loaded | None:
     """Pick the checkpoint to resume from, falling back past corrupt ones, or None to start fresh.
 
     `request` is resume_from_checkpoint: None (automatic when checkpoints exist), 'latest', or 'checkpoint-N'.
@@ -355,7 +353,9 @@ def choose_resume(
     if request not in (None, "latest"):
         m = _CKPT.match(Path(str(request)).name)
         if not m:
-            raise ConfigError("resume_from_checkpoint", f"{request!r} is not 'latest' or a folder name like 'checkpoint-400'.")
+            raise ConfigError(
+                "resume_from_checkpoint", f"{request!r} is not 'latest' or a folder name like 'checkpoint-400'."
+            )
         wanted = int(m.group(1))
         if wanted not in steps:
             logger.warning("%s has no complete %s; looking for an older one", store.uri, request)

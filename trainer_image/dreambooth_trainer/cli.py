@@ -136,4 +136,3 @@ def main(argv: list[str] | None = None) -> int:
         return operator_main(rest)
     print(f"unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
-

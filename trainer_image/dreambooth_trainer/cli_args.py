@@ -50,8 +50,9 @@ def build_parser(model: type[_Common], prog: str) -> argparse.ArgumentParser:
         if kwargs.get("action") != "store_true":
             default = None if info.is_required() else info.get_default(call_default_factory=True)
             help_text += f" (default: {default})"
-        parser.add_argument(f"--{name}", dest=name, required=info.is_required(), default=argparse.SUPPRESS,
-                            help=help_text, **kwargs)
+        parser.add_argument(
+            f"--{name}", dest=name, required=info.is_required(), default=argparse.SUPPRESS, help=help_text, **kwargs
+        )
     return parser
 
 

@@ -65,7 +65,9 @@ class _Common(BaseModel):
     tokenizer_name: str | None = _f(None, "Tokenizer name or path if not the same as the model's.")
     instance_data_dir: str = Field(..., description="Folder (local or s3://) holding the instance images.")
     class_data_dir: str | None = _f(None, "Folder (local or s3://) holding the class images for prior preservation.")
-    instance_prompt: str = Field(..., description="Prompt with the identifier of the instance, e.g. 'a photo of sks dog'.")
+    instance_prompt: str = Field(
+        ..., description="Prompt with the identifier of the instance, e.g. 'a photo of sks dog'."
+    )
     class_prompt: str | None = _f(None, "Prompt of the class, e.g. 'a photo of dog'; used to generate class images.")
     with_prior_preservation: bool = _f(False, "Add the prior-preservation loss on class images.")
     prior_loss_weight: float = _f(1.0, "Weight of the prior-preservation loss.")
@@ -236,11 +238,14 @@ def check_rules(cfg: _Common) -> None:
     if cfg.resolution % 8:
         lower = cfg.resolution - cfg.resolution % 8
         raise ConfigError(
-            "resolution", f"{cfg.resolution} is not a multiple of 8 (the VAE downsamples by 8); use {lower} or {lower + 8}."
+            "resolution",
+            f"{cfg.resolution} is not a multiple of 8 (the VAE downsamples by 8); use {lower} or {lower + 8}.",
         )
     if cfg.with_prior_preservation:
         if not cfg.class_data_dir:
-            raise ConfigError("class_data_dir", "is required with --with_prior_preservation: a folder for class images.")
+            raise ConfigError(
+                "class_data_dir", "is required with --with_prior_preservation: a folder for class images."
+            )
         if not cfg.class_prompt:
             raise ConfigError("class_prompt", "is required with --with_prior_preservation, e.g. 'a photo of dog'.")
     if cfg.train_text_encoder and cfg.pre_compute_text_embeddings:
@@ -248,7 +253,9 @@ def check_rules(cfg: _Common) -> None:
             "pre_compute_text_embeddings", "cannot be used with --train_text_encoder; drop one of the two."
         )
     if isinstance(cfg.checkpointing_steps, int) and cfg.checkpointing_steps < 1:
-        raise ConfigError("checkpointing_steps", f"must be a positive number of steps or 'auto', not {cfg.checkpointing_steps}.")
+        raise ConfigError(
+            "checkpointing_steps", f"must be a positive number of steps or 'auto', not {cfg.checkpointing_steps}."
+        )
     if cfg.cache_latents and not cfg.center_crop:
         raise ConfigError("cache_latents", "needs --center_crop (random crops change the latents every epoch).")
 
@@ -278,13 +285,23 @@ def from_validation_error(exc: ValidationError, model: type[_Common]) -> ConfigE
     if kind == "extra_forbidden":
         other = next((m for m in MODELS.values() if m is not model and name in m.model_fields), None)
         if other is not None:
-            return ConfigError(name, f"applies only to method '{other.method}' ({other.script}); remove it or change spec.method.")
-        return ConfigError(name, f"is not a setting of {model.script}; check the spelling (see `dreambooth {_cmd(model)} --help`).")
+            return ConfigError(
+                name, f"applies only to method '{other.method}' ({other.script}); remove it or change spec.method."
+            )
+        return ConfigError(
+            name, f"is not a setting of {model.script}; check the spelling (see `dreambooth {_cmd(model)} --help`)."
+        )
     ctx = err.get("ctx") or {}
     if kind in ("greater_than_equal", "greater_than"):
         # Zero or negative counts (steps, epochs, batch sizes): say the bound and the fix, not pydantic's wording.
-        bound = f"greater than or equal to {ctx.get('ge')}" if kind == "greater_than_equal" else f"greater than {ctx.get('gt')}"
-        return ConfigError(name, f"must be {bound}, not {err.get('input')!r}; set a value in range or remove the setting.")
+        bound = (
+            f"greater than or equal to {ctx.get('ge')}"
+            if kind == "greater_than_equal"
+            else f"greater than {ctx.get('gt')}"
+        )
+        return ConfigError(
+            name, f"must be {bound}, not {err.get('input')!r}; set a value in range or remove the setting."
+        )
     return ConfigError(name, f"{err['msg']} (got {err.get('input')!r}).")
 
 

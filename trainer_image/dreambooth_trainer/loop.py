@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 
-def step_generator(seed: int, epoch: int, micro_step: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
+def step_generator(
+    seed: int, epoch: int, micro_step: int, rank: int, device: torch.device | str = "cpu"
+) -> torch.Generator:
     """A generator that is a pure function of where training is, so resume needs no RNG state to be exact."""
     digest = hashlib.sha256(f"{seed}:{epoch}:{micro_step}:{rank}".encode()).digest()
     gen = torch.Generator(device=device)
@@ -36,7 +38,9 @@ def sample_noise(latents: torch.Tensor, gen: torch.Generator, offset_noise: bool
     noise = torch.randn(latents.shape, generator=gen, device=latents.device, dtype=latents.dtype)
     if offset_noise:
         # Offset noise (crosslabs): a per-channel constant shift lets the model learn very dark/bright images.
-        shift = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen, device=latents.device, dtype=latents.dtype)
+        shift = torch.randn(
+            (latents.shape[0], latents.shape[1], 1, 1), generator=gen, device=latents.device, dtype=latents.dtype
+        )
         noise = noise + 0.1 * shift
     return noise
 
@@ -99,7 +103,9 @@ def dreambooth_loss(
         instance = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
     else:
         weights = min_snr_weights(snr(scheduler, timesteps), snr_gamma, scheduler.config.prediction_type)
-        per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=list(range(1, model_pred.ndim)))
+        per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(
+            dim=list(range(1, model_pred.ndim))
+        )
         instance = (per_sample * weights).mean()
     total = instance if prior_loss is None else instance + prior_loss_weight * prior_loss
     return LossParts(total, instance.detach(), None if prior_loss is None else prior_loss.detach())

@@ -61,41 +61,67 @@ class Resources(_Spec):
     image: str = Field(
         "ghcr.io/dreambooth-operator/trainer:0.1.0", description="Trainer container image (Dockerfile target trainer)."
     )
-    requests: dict[str, Any] = Field(default_factory=dict, description="Container resource requests (cpu, memory, ...).")
-    limits: dict[str, Any] = Field(default_factory=dict, description="Container resource limits; nvidia.com/gpu is set for you.")
+    requests: dict[str, Any] = Field(
+        default_factory=dict, description="Container resource requests (cpu, memory, ...)."
+    )
+    limits: dict[str, Any] = Field(
+        default_factory=dict, description="Container resource limits; nvidia.com/gpu is set for you."
+    )
 
 
 class PodTemplate(_Spec):
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match.")
-    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Extra tolerations (e.g. for spot or GPU taints).")
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, description="Extra tolerations (e.g. for spot or GPU taints)."
+    )
     affinity: dict[str, Any] = Field(default_factory=dict, description="Pod affinity/anti-affinity.")
     priority_class_name: str = Field("", description="PriorityClass of the pods.")
     service_account_name: str = Field("", description="ServiceAccount of the pods (e.g. one annotated for IRSA).")
     image_pull_secrets: list[dict[str, Any]] = Field(default_factory=list, description="Secrets to pull the image.")
-    env: list[dict[str, Any]] = Field(default_factory=list, description="Extra container env vars (not trainer settings).")
-    volumes: list[dict[str, Any]] = Field(default_factory=list, description="Extra volumes (mounted via volumeMounts in env-free form).")
+    env: list[dict[str, Any]] = Field(
+        default_factory=list, description="Extra container env vars (not trainer settings)."
+    )
+    volumes: list[dict[str, Any]] = Field(
+        default_factory=list, description="Extra volumes (mounted via volumeMounts in env-free form)."
+    )
     volume_mounts: list[dict[str, Any]] = Field(default_factory=list, description="Mounts for the extra volumes.")
-    command: list[str] = Field(default_factory=list, description="Override the container command (debugging, benchmarks).")
+    command: list[str] = Field(
+        default_factory=list, description="Override the container command (debugging, benchmarks)."
+    )
     args: list[str] = Field(default_factory=list, description="Override the container args.")
 
 
 class RunPolicy(_Spec):
-    backoff_limit: int = Field(3, ge=0, description="Failed attempts (crashes, hung gangs) before the job fails; preemptions do not count.")
+    backoff_limit: int = Field(
+        3, ge=0, description="Failed attempts (crashes, hung gangs) before the job fails; preemptions do not count."
+    )
     max_preemptions: int = Field(20, ge=0, description="Preemptions tolerated before the job fails.")
-    active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the job (DeadlineExceeded) after this long.")
-    ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the job this long after it finished.")
-    suspend: bool = Field(False, description="true: checkpoint and stop the pods; false again: resume from the checkpoint.")
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="Fail the job (DeadlineExceeded) after this long."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the job this long after it finished."
+    )
+    suspend: bool = Field(
+        False, description="true: checkpoint and stop the pods; false again: resume from the checkpoint."
+    )
     termination_grace_period_seconds: int = Field(
         120, ge=1, description="Pod grace period: the time the emergency checkpoint has on SIGTERM."
     )
-    progress_deadline_seconds: int = Field(1800, ge=1, description="No step progress this long while Running = hung gang.")
-    scheduling_timeout_seconds: int = Field(1800, ge=1, description="How long pods may wait for capacity before the attempt is retried.")
+    progress_deadline_seconds: int = Field(
+        1800, ge=1, description="No step progress this long while Running = hung gang."
+    )
+    scheduling_timeout_seconds: int = Field(
+        1800, ge=1, description="How long pods may wait for capacity before the attempt is retried."
+    )
     queue_name: str = Field("", description="Kueue LocalQueue; empty = no Kueue.")
 
 
 class JobSpec(_Spec):
     method: Method = Field("full", description="full (train_dreambooth.py) or lora (train_dreambooth_lora.py).")
-    training: dict[str, Any] = Field(..., description="Every trainer setting: the flags of the method's script, in camelCase.")
+    training: dict[str, Any] = Field(
+        ..., description="Every trainer setting: the flags of the method's script, in camelCase."
+    )
     storage: Storage = Field(default_factory=Storage, description="S3 endpoint and credentials.")
     resources: Resources = Field(default_factory=Resources, description="Gang size, GPUs and image.")
     pod_template: PodTemplate = Field(default_factory=PodTemplate, description="Pod-level overrides.")

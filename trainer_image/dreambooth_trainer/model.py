@@ -29,8 +29,14 @@ class Models:
 def check_pipeline_dir(path: Path) -> None:
     """A model folder must be a diffusers pipeline; say so before anything loads."""
     if not path.is_dir():
-        raise ConfigError("pretrained_model_name_or_path", f"{path} does not exist; point it at a diffusers pipeline folder.")
-    missing = [p for p in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / p).exists()]
+        raise ConfigError(
+            "pretrained_model_name_or_path", f"{path} does not exist; point it at a diffusers pipeline folder."
+        )
+    missing = [
+        p
+        for p in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
+        if not (path / p).exists()
+    ]
     if missing:
         raise ConfigError(
             "pretrained_model_name_or_path",

@@ -119,7 +119,9 @@ def _check_device_precision(cfg: _Common) -> None:
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision", "fp16 needs a GPU; on CPU use bf16 or no.")
     if cfg.with_prior_preservation and cfg.prior_generation_precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("prior_generation_precision", "fp16 needs a GPU; on CPU use fp32 (the default there) or bf16.")
+        raise ConfigError(
+            "prior_generation_precision", "fp16 needs a GPU; on CPU use fp32 (the default there) or bf16."
+        )
 
 
 def _weight_dtype(accelerator) -> torch.dtype:
@@ -202,8 +204,10 @@ class Trainer:
         self.rank_log.start_upload(self.out.uri, log_key)  # other ranks: rank 0's claim held (barrier above)
         steps = self._agree([loaded.step if loaded else -1])
         if steps[0] >= 0:
-            self.resumed = loaded if loaded and loaded.step == steps[0] else ckpt.verify_and_fetch(
-                self.out, steps[0], self.scratch / "resume"
+            self.resumed = (
+                loaded
+                if loaded and loaded.step == steps[0]
+                else ckpt.verify_and_fetch(self.out, steps[0], self.scratch / "resume")
             )
         seed = cfg.seed if cfg.seed is not None else secrets.randbits(31)
         self.run_seed = self.resumed.state.run_seed if self.resumed else self._agree([seed])[0]
@@ -258,7 +262,11 @@ class Trainer:
         self.trained_wrapped = list(prepared[:n])
         self.optimizer, self.lr_scheduler = prepared[n], prepared[n + 1]
         self.state = ckpt.TrainState(
-            run_seed=self.run_seed, world_size=self.world, config_hash=self.hash, method=cfg.method, job_uid=self.env.job_uid
+            run_seed=self.run_seed,
+            world_size=self.world,
+            config_hash=self.hash,
+            method=cfg.method,
+            job_uid=self.env.job_uid,
         )
         if self.resumed:
             self._restore(self.resumed)
@@ -483,7 +491,9 @@ class Trainer:
                 latents = m.vae.encode(pixel_values).latent_dist.sample(generator=gen)
         latents = latents * self.latent_scale
         noise = sample_noise(latents, gen, getattr(cfg, "offset_noise", False))
-        timesteps = sample_timesteps(latents.shape[0], m.noise_scheduler.config.num_train_timesteps, gen, latents.device)
+        timesteps = sample_timesteps(
+            latents.shape[0], m.noise_scheduler.config.num_train_timesteps, gen, latents.device
+        )
         noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
         if cfg.pre_compute_text_embeddings:
             states = batch["input_ids"].to(acc.device)
@@ -556,7 +566,9 @@ class Trainer:
             # SIGTERM during setup: nothing was trained since the checkpoint this run started from.
             uri = self.out.url(f"checkpoint-{self.resumed.step}") if self.resumed else None
             self.progress.update(phase="Preempted")
-            raise Preempted(st.global_step, uri, f"SIGTERM before the first step: nothing new to save (step {st.global_step})")
+            raise Preempted(
+                st.global_step, uri, f"SIGTERM before the first step: nothing new to save (step {st.global_step})"
+            )
         t_start = time.monotonic()
         while st.global_step < self.max_steps:
             loader = self._loader(st.epoch, st.micro_in_epoch)
@@ -629,7 +641,9 @@ class Trainer:
             try:
                 self.publisher.wait()  # the upload in flight must land first: LATEST only moves forward
             except Exception as exc:  # noqa: BLE001 - an older checkpoint's failure must not cost the emergency one
-                logger.error("the checkpoint in flight at SIGTERM failed (%s); saving step %d anyway", exc, st.global_step)
+                logger.error(
+                    "the checkpoint in flight at SIGTERM failed (%s); saving step %d anyway", exc, st.global_step
+                )
             self.save_checkpoint(background=False)
             uri = self.out.url(f"checkpoint-{st.global_step}")
             self.trackers.flush()  # after the checkpoint: TensorBoard otherwise holds up to 2 min of events
