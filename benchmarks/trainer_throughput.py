@@ -16,7 +16,8 @@ the first step (``#rss``, of the repeat with the highest peak). The opt-in mode 
 built on these libraries starts from: diffusers' ``train_dreambooth.py`` imports (pipelines, Hub, accelerate,
 transformers), the same tiny model, default AdamW and the bare DreamBooth step on the instance images, none of
 our machinery (config, storage, checkpoints, progress), batch 1 in fp32; its rate is not comparable (no data
-loader, the unfused AdamW the script uses).
+loader, the unfused AdamW the script uses). ``bare-lora`` is the same for train_dreambooth_lora.py (frozen UNet,
+the script's rank-4 peft adapter): the example-style LoRA rate on this machine, to set beside ``lora``.
 
 ``--model/--resolution/--batch/--mixed-precision`` run the same modes on another pipeline (benchmarks/gpu.py
 uses them for a Stable-Diffusion-1.5-shaped model at 512 px); on a CUDA machine each line also gives the
@@ -51,6 +52,7 @@ MODES: dict[str, tuple[str, list[str]]] = {
     "full-cached": ("full", CACHED),
     "lora-cached": ("lora", CACHED),
 }
+BARE = ("bare", "bare-lora")
 
 
 def _rss_mb() -> float:
@@ -142,8 +144,12 @@ def _report(
     )
 
 
-def _bare(steps: int, warmup: int, opts: argparse.Namespace) -> None:
-    """The floor: train_dreambooth.py's imports and its step on the same model, none of our machinery."""
+def _bare(steps: int, warmup: int, opts: argparse.Namespace, lora: bool = False) -> None:
+    """The floor: train_dreambooth.py's imports and its step on the same model, none of our machinery.
+
+    ``lora``: train_dreambooth_lora.py's instead: the UNet frozen, a rank-4 peft adapter on its attention
+    projections (the script's LoraConfig), AdamW over the adapter only at its default learning rate.
+    """
     import torch
 
     torch.set_num_threads(1)
@@ -176,7 +182,16 @@ def _bare(steps: int, warmup: int, opts: argparse.Namespace) -> None:
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=5e-6, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    lr = 5e-6
+    if lora:
+        from peft import LoraConfig as PeftLoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(PeftLoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                        target_modules=["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]))  # fmt: skip
+        lr = 5e-4
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     lr_scheduler = get_scheduler("constant", optimizer=optimizer)
     unet, optimizer, lr_scheduler = acc.prepare(unet, optimizer, lr_scheduler)
     ids = tokenizer(
@@ -202,14 +217,14 @@ def _bare(steps: int, warmup: int, opts: argparse.Namespace) -> None:
         pred = unet(noisy, timesteps, states, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
         acc.backward(loss)
-        acc.clip_grad_norm_(unet.parameters(), 1.0)
+        acc.clip_grad_norm_(params, 1.0)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=False)
         stamps[step], cpu[step] = time.perf_counter(), time.process_time()
         if step == 1:
             rss["first_step"] = _rss_mb()
-    _report("bare", stamps, cpu, steps, warmup, rss, None)
+    _report("bare-lora" if lora else "bare", stamps, cpu, steps, warmup, rss, None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.warmup >= args.steps:
         parser.error("--warmup must be below --steps")
-    if args.child == "bare":
-        _bare(args.steps, args.warmup, args)
+    if args.child in BARE:
+        _bare(args.steps, args.warmup, args, lora=args.child == "bare-lora")
         return 0
     if args.child:
         _child(args.child, args.steps, args.warmup, args)
@@ -235,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PROGRESS_PORT="off", LOG_LEVEL="WARNING")  # fmt: skip
     for mode in args.modes.split(","):
-        if mode not in MODES and mode != "bare":
-            parser.error(f"unknown mode {mode!r}; choose from {', '.join(MODES)}, bare")
+        if mode not in MODES and mode not in BARE:
+            parser.error(f"unknown mode {mode!r}; choose from {', '.join([*MODES, *BARE])}")
         rates, rss, gpu, notes = [], [], [], []
         stages: list[str] = []
         for _ in range(args.repeats):

@@ -35,6 +35,8 @@ LIVE_REFRESH_SECONDS = 60.0
 BOOKKEEPING = ("attempt", "restarts", "preemptions", "preemptionsWithoutProgress", "memorySavers", "endedAttempt",
                "endedReason", "gangCreated", "completionTime")  # fmt: skip
 DESTRUCTIVE = frozenset({"delete", "force-delete", "delete-job"})
+# Deleted pods whose last words (a termination message) are kept per job: a few attempts' worth of gangs.
+GONE_PODS_PER_JOB = 32
 
 
 def live_reads_needed(old_status: dict[str, Any], p: Plan) -> frozenset[str]:
@@ -88,6 +90,8 @@ class Informer:
         # job uid -> pod key -> (sequence, pod or None for a deletion)
         self._pods: dict[str, dict[Key, tuple[int, dict[str, Any] | None]]] = {}
         self._primed: dict[str, float] = {}  # job uid -> when its pod set was last known complete
+        # job uid -> pod key -> the pod as its DELETED event showed it, for pods that left a termination message
+        self._gone: dict[str, dict[Key, dict[str, Any]]] = {}
 
     # ----- jobs -----
 
@@ -139,6 +143,7 @@ class Informer:
             if uid:
                 self._pods.pop(uid, None)
                 self._primed.pop(uid, None)
+                self._gone.pop(uid, None)
 
     # ----- pods -----
 
@@ -150,6 +155,21 @@ class Informer:
         with self._lock:
             self._seq += 1
             self._pods.setdefault(uid, {})[_key(obj)] = (self._seq, None if deleted else copy.deepcopy(obj))
+            if deleted and _has_termination_message(obj):
+                gone = self._gone.setdefault(uid, {})
+                gone.pop(_key(obj), None)
+                gone[_key(obj)] = copy.deepcopy(obj)
+                while len(gone) > GONE_PODS_PER_JOB:
+                    gone.pop(next(iter(gone)))
+
+    def gone_pods(self, uid: str) -> list[dict[str, Any]]:
+        """The job's pods deleted since this process started, as last seen, if they left a termination message.
+
+        A stopped gang writes its emergency checkpoint into the termination message and is deleted soon after:
+        often before any reconcile lists it, so this is the only place that checkpoint is still known.
+        """
+        with self._lock:
+            return [copy.deepcopy(pod) for pod in self._gone.get(uid, {}).values()]
 
     def pod_created(self, obj: dict[str, Any]) -> None:
         """The apiserver's answer to our create: the pod's first version, so only where the watch has shown
@@ -196,3 +216,8 @@ class Informer:
                 return None
             found = [pod for _, pod in self._pods.get(uid, {}).values() if pod is not None]
         return sorted(found, key=lambda p: p["metadata"]["name"])
+
+
+def _has_termination_message(pod: dict[str, Any]) -> bool:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return any(((c.get("state") or {}).get("terminated") or {}).get("message") for c in statuses)

@@ -50,6 +50,9 @@ class World:
     node_not_ready_since: dict[str, datetime] = field(default_factory=dict)
     # The accepted {"method", "training"} (the job's ConfigMap), read only when spec.training was edited.
     accepted_config: dict[str, Any] | None = None
+    # Pods deleted since the operator started, as last seen, that left a termination message: a stopped
+    # gang's emergency checkpoint is named there, and the pods are often gone before any reconcile sees them.
+    gone_pods: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,7 @@ class _Planner:
             self._fail(S.R_INVALID_SPEC, f"{exc.field}: {exc.message}")
             return
         st.output_uri = job.config.output_dir
+        self._merge_termination_checkpoints()
         rp = job.spec.run_policy
         start = S.parse_time(st.start_time)
         if rp.active_deadline_seconds and start is not None and not rp.suspend:
@@ -353,13 +357,6 @@ class _Planner:
             return
         if self.w.progress is not None:
             self._merge_progress(self.w.progress)
-        for v in views:
-            term = v.termination or {}
-            # After a stop, checkpointUri is what the next attempt resumes from; after completion it is the
-            # final model, which is no checkpoint.
-            done = str(term.get("reason", "")).lower() == "completed" or v.exit_code == 0
-            if term.get("checkpointUri") and isinstance(term.get("step"), int) and not done:
-                self._checkpoint(term["step"], str(term["checkpointUri"]), v.finished_at)
         timing = Timing(
             rp.scheduling_timeout_seconds, rp.progress_deadline_seconds, S.parse_time(st.last_progress_time)
         )
@@ -452,6 +449,17 @@ class _Planner:
         images = doc.get("validationImages")
         if isinstance(images, list):
             st.validation_images = [str(u) for u in images]
+
+    def _merge_termination_checkpoints(self) -> None:
+        """Checkpoints named by pods on their way out, from any attempt, whether the pod is still listed or gone."""
+        gone = [policy.observe_pod(pod, LABEL_INDEX) for pod in self.w.gone_pods]
+        for v in [v for _, v, _ in self.views] + gone:
+            term = v.termination or {}
+            # After a stop, checkpointUri is what the next attempt resumes from; after completion it is the
+            # final model, which is no checkpoint.
+            done = str(term.get("reason", "")).lower() == "completed" or v.exit_code == 0
+            if term.get("checkpointUri") and isinstance(term.get("step"), int) and not done:
+                self._checkpoint(term["step"], str(term["checkpointUri"]), v.finished_at)
 
     def _checkpoint(self, step: int, uri: str, when: datetime | None, when_text: Any = None) -> None:
         st = self.st

@@ -86,11 +86,12 @@ class Reconciler:
         pods, live_pods = self._read_pods(namespace, uid, job)
         accepted = self._accepted_config(job)
         progress = self._poll_progress(job, pods)
+        gone = self.cache.gone_pods(uid) if self.cache is not None else []
         refused: str | None = None
         result = Result(None, None, _rv(job))
         for _ in range(MAX_ROUNDS):
             now = self.clock()
-            world = World(job, pods, now, progress, self._nodes(pods, now), accepted)
+            world = World(job, pods, now, progress, self._nodes(pods, now), accepted, gone)
             p = plan(world, self.opts) if refused is None else refuse(world, self.opts, refused)
             need = live_reads_needed(job.get("status") or {}, p)
             if ("job" in need and not live_job) or ("pods" in need and not live_pods):

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from k8s_harness import Cluster
-from operator_support import Jobs, dreambooth_job
+from operator_support import Jobs, OperatorProcess, dreambooth_job
 
 pytestmark = [
     pytest.mark.cluster,
@@ -107,6 +108,25 @@ def _assert_identical(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert_identical(a, b)
 
 
+_REFERENCE: dict[str, Any] = {}
+
+
+def reference_weights(jobs: Jobs, storage: dict[str, Any], scratch: Path) -> dict[str, Any]:
+    """The final weights of an uninterrupted run of real_job, trained once per test session (the math does not
+    depend on the job's name, namespace or bucket, so every test compares against the same run)."""
+    if "weights" not in _REFERENCE:
+        jobs.create(real_job("base", storage))
+        jobs.wait_phase("base", "Succeeded", 600)
+        _REFERENCE["weights"] = final_weights(storage, "base", scratch)
+    return _REFERENCE["weights"]
+
+
+def latest_checkpoint(storage: dict[str, Any], name: str) -> str:
+    """What the next attempt resumes from: the checkpoint LATEST names in the job's output prefix."""
+    obj = storage["client"].get_object(Bucket=storage["bucket"], Key=f"runs/{name}/LATEST")
+    return obj["Body"].read().decode().strip()
+
+
 def test_real_trainer_happy_path_fills_every_status_field(jobs: Jobs, storage: dict[str, Any], tmp_path: Path) -> None:
     jobs.create(real_job("dog", storage, step_delay=1.5))
     jobs.wait_phase("dog", "Running", 120)
@@ -123,16 +143,15 @@ def test_real_trainer_happy_path_fills_every_status_field(jobs: Jobs, storage: d
     keys = {o["Key"] for o in storage["client"].list_objects_v2(Bucket=bucket, Prefix="runs/dog/")["Contents"]}
     assert f"runs/dog/{WEIGHTS}" in keys
     assert any(k.startswith("runs/dog/logs/attempt-1/") for k in keys)
-    final_weights(storage, "dog", tmp_path / "w")
+    # An uninterrupted run: the reference for the recovery tests below (step_delay never changes the math).
+    _REFERENCE.setdefault("weights", final_weights(storage, "dog", tmp_path / "w"))
 
 
 @pytest.mark.parametrize("how", ["pod-deleted", "disruption-target"])
 def test_preempted_pod_resumes_bit_identical(
     how: str, jobs: Jobs, cluster: Cluster, storage: dict[str, Any], tmp_path: Path
 ) -> None:
-    jobs.create(real_job("base", storage))
-    jobs.wait_phase("base", "Succeeded", 600)
-    reference = final_weights(storage, "base", tmp_path / "base")
+    reference = reference_weights(jobs, storage, tmp_path / "base")
 
     jobs.create(real_job("pre", storage, step_delay=1.5))
     jobs.wait("pre", lambda s: (s.get("step") or 0) >= 3, 300, "step 3")
@@ -152,9 +171,7 @@ def test_preempted_pod_resumes_bit_identical(
 def test_node_loss_resumes_from_the_periodic_checkpoint_bit_identical(
     jobs: Jobs, cluster: Cluster, storage: dict[str, Any], tmp_path: Path
 ) -> None:
-    jobs.create(real_job("base", storage))
-    jobs.wait_phase("base", "Succeeded", 600)
-    reference = final_weights(storage, "base", tmp_path / "base")
+    reference = reference_weights(jobs, storage, tmp_path / "base")
 
     jobs.create(real_job("lost", storage, step_delay=2.0))
     jobs.wait("lost", lambda s: (s.get("lastCheckpoint") or {}).get("step", 0) >= 2, 300, "a periodic checkpoint")
@@ -167,6 +184,37 @@ def test_node_loss_resumes_from_the_periodic_checkpoint_bit_identical(
         cluster.node_recover(node)
     assert st["restarts"] == 0 and st["attempt"] == 2
     _assert_identical(final_weights(storage, "lost", tmp_path / "lost"), reference)
+
+
+def test_operator_restart_then_suspend_and_resume_bit_identical(
+    jobs: Jobs, operator: OperatorProcess, storage: dict[str, Any], tmp_path: Path
+) -> None:
+    reference = reference_weights(jobs, storage, tmp_path / "base")
+
+    jobs.create(real_job("sus", storage, step_delay=2.5))
+    seen = jobs.wait("sus", lambda s: (s.get("step") or 0) >= 1, 300, "step 1")["step"]
+    operator.kill()  # a crash mid-run: the gang keeps training, the new operator must adopt it
+    time.sleep(2)
+    operator.start()
+    before = jobs.wait("sus", lambda s: (s.get("step") or 0) > seen, 120, "progress read by the new operator")["step"]
+    assert [p["metadata"]["name"] for p in jobs.pods("sus")] == ["sus-a1-0", "sus-a1-1"]
+
+    jobs.patch_spec("sus", {"runPolicy": {"suspend": True}})
+    st = jobs.wait("sus", lambda s: s.get("phase") == "Suspended"
+                   and jobs.condition("sus", "Suspended").get("reason") == "Suspended", 120, "suspended")  # fmt: skip
+    assert jobs.pods("sus") == []
+    assert (st["attempt"], st["preemptions"], st["restarts"]) == (1, 0, 0)
+    # The status names the emergency checkpoint the pods wrote on SIGTERM, the one a resume starts from.
+    ck = st["lastCheckpoint"]
+    assert latest_checkpoint(storage, "sus") == f"checkpoint-{ck['step']}", ck
+    assert ck["step"] >= before, (ck, before)
+    assert ck["uri"].rstrip("/").endswith(f"/runs/sus/checkpoint-{ck['step']}"), ck
+    assert f"step {ck['step']}" in jobs.condition("sus", "Suspended")["message"]
+
+    jobs.patch_spec("sus", {"runPolicy": {"suspend": False}})
+    st = jobs.wait_phase("sus", "Succeeded", 600)
+    assert (st["attempt"], st["preemptions"], st["restarts"]) == (2, 0, 0)
+    _assert_identical(final_weights(storage, "sus", tmp_path / "sus"), reference)
 
 
 def test_bad_input_fails_at_once_naming_the_field(jobs: Jobs, storage: dict[str, Any]) -> None:

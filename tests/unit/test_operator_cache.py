@@ -9,7 +9,7 @@ import pytest
 from test_operator_reconcile import Env
 
 from dreambooth_operator import status as S
-from dreambooth_operator.cache import Informer, live_reads_needed
+from dreambooth_operator.cache import GONE_PODS_PER_JOB, Informer, live_reads_needed
 from dreambooth_operator.plan import Action, Plan
 from dreambooth_operator.reconciler import Reconciler
 from dreambooth_operator.resources import LABEL_JOB_UID
@@ -146,6 +146,34 @@ def test_pods_need_one_live_list_and_a_list_never_undoes_a_newer_watch_event() -
     assert c.pods("u") == []
 
 
+def _stopped(name: str, step: int | None) -> dict[str, Any]:
+    pod = _pod(name, "Failed")
+    message = (
+        ""
+        if step is None
+        else f'{{"reason": "preempted", "step": {step}, "checkpointUri": "s3://r/checkpoint-{step}"}}'
+    )
+    pod["status"]["containerStatuses"] = [{"name": "trainer", "state": {"terminated": {"exitCode": 75,
+                                                                                       "message": message}}}]  # fmt: skip
+    return pod
+
+
+def test_deleted_pods_keep_their_termination_message_and_nothing_else() -> None:
+    c = Informer(clock=Tick(), refresh_seconds=60)
+    c.pod_seen(_stopped("dog-a1-0", 7), deleted=True)
+    c.pod_seen(_stopped("dog-a1-1", None), deleted=True)  # no message: nothing to remember
+    c.pod_seen(_pod("dog-a1-2", "Running"), deleted=True)
+    c.mark_complete("u")
+    assert c.pods("u") == []  # gone is gone for the plan's pod set
+    assert [p["metadata"]["name"] for p in c.gone_pods("u")] == ["dog-a1-0"]
+    for i in range(GONE_PODS_PER_JOB + 5):
+        c.pod_seen(_stopped(f"dog-a{i + 2}-0", i), deleted=True)
+    gone = [p["metadata"]["name"] for p in c.gone_pods("u")]
+    assert len(gone) == GONE_PODS_PER_JOB and gone[-1] == f"dog-a{GONE_PODS_PER_JOB + 6}-0"  # the newest kept
+    c.forget_job("ns", "dog", "u")
+    assert c.gone_pods("u") == []
+
+
 # ----- the reconciler on the cache -----
 
 
@@ -220,3 +248,29 @@ def test_a_status_write_from_a_stale_job_is_refused_and_made_again_from_a_live_r
     st = env.reconcile()
     assert env.kube.calls[:3] == ["patch_status", "get_job", "patch_status"]  # 409, re-read, write again
     assert st["phase"] == "Running"
+
+
+def test_suspended_job_names_the_emergency_checkpoint_of_pods_already_gone() -> None:
+    env = CachedEnv()
+    env.watch()
+    env.reconcile()
+    env.kube.run_all()
+    env.watch()
+    env.reconcile()
+    env.edit_spec(runPolicy={"suspend": True})
+    env.watch()
+    assert env.reconcile()["phase"] == "Suspended"
+    # SIGTERM: each pod writes the emergency checkpoint, names it in its termination message, exits 75, and is
+    # removed; the watch shows the terminated pod only in its DELETED event.
+    stopped = {"reason": "preempted", "step": 7, "checkpointUri": "s3://runs/dog/checkpoint-7", "message": "saved"}
+    for pod in env.kube.job_pods():
+        env.kube.exit(pod, 75, stopped)
+        env.cache.pod_seen(env.kube.pods.pop(("ns", pod["metadata"]["name"])), deleted=True)
+    st = env.reconcile()
+    assert env.cond("Suspended")["reason"] == S.R_SUSPENDED
+    assert st["lastCheckpoint"]["step"] == 7 and st["lastCheckpoint"]["uri"] == "s3://runs/dog/checkpoint-7"
+    assert "last checkpoint (step 7)" in env.cond("Suspended")["message"]
+    env.edit_spec(runPolicy={"suspend": False})
+    env.watch()
+    st = env.reconcile()
+    assert st["attempt"] == 2 and st["lastCheckpoint"]["step"] == 7  # an older attempt's message never moves it back
