@@ -72,7 +72,8 @@ def test_each_script_keeps_its_own_defaults() -> None:
         ),
         ({"rank": 8}, "--rank (spec.training.rank)", "only to method 'lora'"),
         ({"validationImages": ["a.png"]}, "--validation_images", "DeepFloyd IF"),
-        ({"learningRat": 1e-4}, "--learning_rat ", "check the spelling"),
+        ({"learningRat": 1e-4}, "--learning_rat ", "did you mean --learning_rate (spec.training.learningRate)?"),
+        ({"zzzTop": 1}, "--zzz_top ", "check the spelling"),
         ({"trainTextEncoder": True, "preComputeTextEmbeddings": True}, "--pre_compute_text_embeddings", "drop one"),
         ({"lrScheduler": "steps"}, "--lr_scheduler (spec.training.lrScheduler)", "cosine"),
     ],
@@ -82,6 +83,15 @@ def test_bad_values_name_flag_field_and_fix(training: dict, field: str, fix: str
     with pytest.raises(ConfigError) as err:
         parse_training("full", {**base, **training})
     assert field in str(err.value) and fix in str(err.value)
+
+
+def test_misspelt_cli_flags_get_the_nearest_real_one(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        parse_cli(LoraConfig, [*REQUIRED, "--rnak", "8", "--seeds=3", "--zzz"], "t")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --rnak 8 --seeds=3 --zzz" in err
+    assert "did you mean: --rnak -> --rank, --seeds -> --seed?" in err
 
 
 def test_missing_required_flag_names_it() -> None:

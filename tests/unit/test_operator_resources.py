@@ -267,7 +267,10 @@ def test_spec_rules_name_the_field() -> None:
     assert err.value.field == "spec.training.classPrompt"
     with pytest.raises(SpecError) as err:
         valid({"training": {**training, "maxTrainStep": 3}})
-    assert err.value.field == "spec.training.maxTrainStep" and "spelling" in err.value.message
+    assert (
+        err.value.field == "spec.training.maxTrainStep"
+        and "did you mean --max_train_steps (spec.training.maxTrainSteps)?" in err.value.message
+    )
     with pytest.raises(SpecError) as err:
         valid({"resources": {"nodes": 1, "gpuPerNode": 2}})
     assert err.value.field == "spec.resources.gpuPerNode"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import types
 import typing
 from typing import Any, Literal
@@ -58,11 +59,25 @@ def build_parser(model: type[_Common], prog: str) -> argparse.ArgumentParser:
 
 def parse_cli(model: type[_Common], argv: list[str], prog: str) -> _Common:
     """Parse flags into a validated config; bad values raise ConfigError naming the flag and manifest field."""
-    ns = build_parser(model, prog).parse_args(argv)
+    parser = build_parser(model, prog)
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{_suggestions(unknown, model)}")
     try:
         return model.model_validate(vars(ns))
     except ValidationError as exc:
         raise from_validation_error(exc, model) from None
+
+
+def _suggestions(unknown: list[str], model: type[_Common]) -> str:
+    """' (did you mean --rank?)' for misspelt flags: the scripts have ~70 flags and one typo is the usual cause."""
+    flags = [f"--{name}" for name in model.model_fields]
+    hints = []
+    for token in unknown:
+        if token.startswith("--"):
+            close = difflib.get_close_matches(token.split("=", 1)[0], flags, n=1, cutoff=0.75)
+            hints += [f"{token.split('=', 1)[0]} -> {close[0]}"] if close else []
+    return f" (did you mean: {', '.join(hints)}?)" if hints else ""
 
 
 __all__ = ["ConfigError", "build_parser", "parse_cli"]

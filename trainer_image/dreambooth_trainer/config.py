@@ -8,6 +8,7 @@ manifest uses the same fields in camelCase. Importable without torch: the operat
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from typing import Any, ClassVar, Literal
@@ -288,9 +289,9 @@ def from_validation_error(exc: ValidationError, model: type[_Common]) -> ConfigE
             return ConfigError(
                 name, f"applies only to method '{other.method}' ({other.script}); remove it or change spec.method."
             )
-        return ConfigError(
-            name, f"is not a setting of {model.script}; check the spelling (see `dreambooth {_cmd(model)} --help`)."
-        )
+        close = difflib.get_close_matches(name, list(model.model_fields), n=1, cutoff=0.75)
+        hint = f"did you mean {flag_and_field(close[0])}?" if close else "check the spelling"
+        return ConfigError(name, f"is not a setting of {model.script}; {hint} (see `dreambooth {_cmd(model)} --help`).")
     ctx = err.get("ctx") or {}
     if kind in ("greater_than_equal", "greater_than"):
         # Zero or negative counts (steps, epochs, batch sizes): say the bound and the fix, not pydantic's wording.
