@@ -99,6 +99,23 @@ def test_missing_required_flag_names_it() -> None:
         parse_training("lora", {"pretrainedModelNameOrPath": "m", "instanceDataDir": "d"})
 
 
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"runPolicy": {"backofLimit": 2}}, "spec.runPolicy.backofLimit: is not a field here; did you mean spec.runPolicy.backoffLimit?"),
+        ({"resources": {"node": 2}}, "spec.resources.node: is not a field here; did you mean spec.resources.nodes?"),
+        ({"podTemplat": {}}, "spec.podTemplat: is not a field here; did you mean spec.podTemplate?"),
+        ({"storage": {"zzz": 1}}, "spec.storage.zzz: is not a field here; the fields are endpoint, region, pathStyle, credentialsSecret."),
+    ],
+)  # fmt: skip
+def test_unknown_manifest_fields_name_the_nearest_real_one(spec: dict, message: str) -> None:
+    training = {"pretrainedModelNameOrPath": "m", "instanceDataDir": "d", "instancePrompt": "p"}
+    with pytest.raises(ManifestError) as err:
+        parse_job({"apiVersion": "dreambooth.dev/v1alpha1", "kind": "DreamBoothJob",
+                   "spec": {"training": training, **spec}})  # fmt: skip
+    assert message in str(err.value)
+
+
 def test_manifest_errors_name_the_path() -> None:
     with pytest.raises(ManifestError, match=r"spec.runPolicy.backoffLimit"):
         parse_job(

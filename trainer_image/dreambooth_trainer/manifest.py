@@ -6,6 +6,7 @@ say where and how the trainer runs. Importable without torch.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -157,6 +158,8 @@ def parse_job(obj: dict[str, Any]) -> tuple[Job, _Common]:
     except ValidationError as exc:
         err = exc.errors()[0]
         path = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise ManifestError(path, _unknown_field(err["loc"])) from None
         raise ManifestError(path, f"{err['msg']} (got {err.get('input')!r}).") from None
     return job, job.spec.training_config()
 
@@ -171,6 +174,21 @@ def load_job(path: str | Path) -> tuple[Job, _Common]:
     if len(jobs) != 1:
         raise ManifestError("kind", f"{path} must hold exactly one {KIND} (found {len(jobs)}).")
     return parse_job(jobs[0])
+
+
+def _unknown_field(loc: tuple[Any, ...]) -> str:
+    """The message for a field no section has: the nearest real one, or the section's fields."""
+    model: Any = Job
+    for part in loc[:-1]:
+        field = next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None)
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return "is not a field here; check the spelling."
+    known = [f.alias or n for n, f in model.model_fields.items()]
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.75)
+    if close:
+        return f"is not a field here; did you mean {'.'.join(map(str, loc[:-1]))}.{close[0]}?"
+    return f"is not a field here; the fields are {', '.join(known)}."
 
 
 class ManifestError(ConfigError):
