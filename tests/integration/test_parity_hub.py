@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -132,3 +133,19 @@ def test_a_refused_token_fails_before_training_and_hub_token_is_discouraged(tmp_
     assert "[dreambooth] step" not in proc.stderr and "Loading weights" not in proc.stderr
     (create,) = stub.posts("/api/repos/create")
     assert {k.lower(): v for k, v in create[2].items()}["authorization"] == "Bearer hf_bad"
+
+
+def test_an_unreachable_hub_fails_before_training_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nothing listens on: connection refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "out"
+    env = trainer_env(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_TOKEN="hf_from_env", HF_HUB_DISABLE_TELEMETRY="1",
+                      HF_HOME=str(tmp_path / "hf"), PROGRESS_PORT="off")  # fmt: skip
+    proc = run_dreambooth(
+        ["train-lora", *tiny_args(out, steps=2, ckpt=100, batch=1, extra=["--push_to_hub"])], env=env, check=False
+    )
+    # Not bad input (the Hub may be back on the next attempt), but explained: no traceback to read through.
+    assert proc.returncode == 70, proc.stderr[-3000:]
+    assert f"error: could not create the repository out on http://127.0.0.1:{port}: ConnectError" in proc.stderr
+    assert "Traceback" not in proc.stderr and "[dreambooth] step" not in proc.stderr

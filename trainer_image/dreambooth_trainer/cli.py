@@ -48,7 +48,8 @@ def _train(cfg: _Common) -> int:
         result = run_training(cfg)
     except BaseException as exc:  # noqa: BLE001 - every failure must become an exit code
         code = errors.classify(exc)
-        if code == errors.EXIT_BAD_INPUT:
+        debug = logging.getLogger().isEnabledFor(logging.DEBUG)
+        if code == errors.EXIT_BAD_INPUT or (errors.explained(exc) and not debug):
             print(f"error: {exc}", file=sys.stderr)
         elif code != errors.EXIT_PREEMPTED:
             traceback.print_exc()

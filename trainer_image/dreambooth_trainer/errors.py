@@ -43,3 +43,14 @@ def classify(exc: BaseException) -> int:
     if name == "OutOfMemoryError" or "CUDA out of memory" in str(exc):
         return EXIT_GPU_OOM
     return EXIT_CRASH
+
+
+def explained(exc: BaseException) -> bool:
+    """A failure whose message already says what went wrong and what to do (the Hub or S3 unreachable after
+    retries): one line for the user, no traceback. It still ends the run as a crash, which the operator retries."""
+    try:
+        from .hub import HubError
+        from .storage import StorageError
+    except ImportError:  # torch-free callers
+        return False
+    return isinstance(exc, HubError | StorageError)

@@ -48,7 +48,10 @@ def _translate(exc: Exception, what: str) -> Exception:
         )
     from huggingface_hub import constants
 
-    return HubError(f"could not {what} on {constants.ENDPOINT}: {type(exc).__name__}: {exc}")
+    return HubError(
+        f"could not {what} on {constants.ENDPOINT}: {type(exc).__name__}: {exc}; check the network (or "
+        "HF_ENDPOINT) and run again, or drop --push_to_hub and upload the output folder later."
+    )
 
 
 def create_hub_repo(cfg: _Common) -> str:
