@@ -110,7 +110,13 @@ def test_sigterm_mid_epoch_with_a_second_sigterm_resumes_bit_exact(tmp_path: Pat
     assert run.wait() == 75, run.log()
     stop = _assert_emergency_checkpoint(run, out.as_uri(), 1)
     assert seen <= stop < 5, (seen, stop)  # the step running when SIGTERM came is finished, not abandoned
-    _resume_and_compare(tmp_path, "full", train, 1, baseline("full", 1), stop)
+    # From its first report the resumed run names the checkpoint it started from (the operator's lastCheckpoint).
+    again = LaunchedRun(tmp_path, "full", train, name="resume-progress", DREAMBOOTH_TEST_STEP_DELAY_SECONDS=STEP_DELAY)
+    first = again.start().wait_until("the resumed run's progress", lambda s: s["step"] >= stop)
+    assert (first["lastCheckpoint"] or {}).get("step", -1) >= stop, first
+    assert again.wait() == 0, again.log()
+    assert f"/checkpoint-{stop} at step {stop}" in again.log(20000), again.log()
+    assert_identical(weights(baseline("full", 1), "full"), weights(out, "full"))
 
 
 @pytest.mark.slow

@@ -273,6 +273,11 @@ class Trainer:
         self.publisher = ckpt.Publisher(self.out, self.scratch / "publish", cfg.checkpoints_total_limit)
         self.progress = Progress(self.max_steps, enabled=acc.is_main_process)
         self.progress.update(step=self.state.global_step, phase="Running")
+        if self.resumed:
+            # The checkpoint this run started from is the newest durable one until the next is published.
+            step = self.resumed.step
+            info = {"step": step, "uri": self.out.url(f"checkpoint-{step}"), "time": self.resumed.manifest.get("time")}
+            self.progress.record_publish(info, None)
         self.interval = ckpt.CheckpointInterval(
             cfg.expected_preemption_interval_seconds, self.state.global_step, log=acc.is_main_process
         )
