@@ -36,7 +36,7 @@ BOOKKEEPING = ("attempt", "restarts", "preemptions", "preemptionsWithoutProgress
                "endedReason", "gangCreated", "completionTime")  # fmt: skip
 DESTRUCTIVE = frozenset({"delete", "force-delete", "delete-job"})
 # Deleted pods whose last words (a termination message) are kept per job: a few attempts' worth of gangs.
-GONE_PODS_PER_JOB = 32
+GONE_PODS_PER_JOB = 16
 
 
 def live_reads_needed(old_status: dict[str, Any], p: Plan) -> frozenset[str]:
@@ -155,10 +155,11 @@ class Informer:
         with self._lock:
             self._seq += 1
             self._pods.setdefault(uid, {})[_key(obj)] = (self._seq, None if deleted else copy.deepcopy(obj))
-            if deleted and _has_termination_message(obj):
+            last_words = _last_words(obj) if deleted else None
+            if last_words is not None:
                 gone = self._gone.setdefault(uid, {})
                 gone.pop(_key(obj), None)
-                gone[_key(obj)] = copy.deepcopy(obj)
+                gone[_key(obj)] = last_words
                 while len(gone) > GONE_PODS_PER_JOB:
                     gone.pop(next(iter(gone)))
 
@@ -218,6 +219,19 @@ class Informer:
         return sorted(found, key=lambda p: p["metadata"]["name"])
 
 
-def _has_termination_message(pod: dict[str, Any]) -> bool:
-    statuses = (pod.get("status") or {}).get("containerStatuses") or []
-    return any(((c.get("state") or {}).get("terminated") or {}).get("message") for c in statuses)
+def _last_words(pod: dict[str, Any]) -> dict[str, Any] | None:
+    """What a deleted pod said on its way out (name, labels, phase, terminated containers), or None when it left
+    no termination message: a few hundred bytes per pod, however long a finished job is kept."""
+    status = pod.get("status") or {}
+    terminated = [
+        {"name": c.get("name"), "state": {"terminated": copy.deepcopy(c["state"]["terminated"])}}
+        for c in status.get("containerStatuses") or []
+        if ((c.get("state") or {}).get("terminated") or {}).get("message")
+    ]
+    if not terminated:
+        return None
+    meta = pod.get("metadata") or {}
+    return {
+        "metadata": {k: copy.deepcopy(meta[k]) for k in ("name", "namespace", "labels") if k in meta},
+        "status": {"phase": status.get("phase"), "containerStatuses": terminated},
+    }

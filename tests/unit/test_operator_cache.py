@@ -148,6 +148,9 @@ def test_pods_need_one_live_list_and_a_list_never_undoes_a_newer_watch_event() -
 
 def _stopped(name: str, step: int | None) -> dict[str, Any]:
     pod = _pod(name, "Failed")
+    pod["spec"] = {
+        "containers": [{"name": "trainer", "env": [{"name": f"V{i}", "value": "x" * 100} for i in range(50)]}]
+    }
     message = (
         ""
         if step is None
@@ -165,7 +168,9 @@ def test_deleted_pods_keep_their_termination_message_and_nothing_else() -> None:
     c.pod_seen(_pod("dog-a1-2", "Running"), deleted=True)
     c.mark_complete("u")
     assert c.pods("u") == []  # gone is gone for the plan's pod set
-    assert [p["metadata"]["name"] for p in c.gone_pods("u")] == ["dog-a1-0"]
+    (kept,) = c.gone_pods("u")
+    assert kept["metadata"]["name"] == "dog-a1-0" and "spec" not in kept  # only what the plan reads
+    assert '"step": 7' in kept["status"]["containerStatuses"][0]["state"]["terminated"]["message"]
     for i in range(GONE_PODS_PER_JOB + 5):
         c.pod_seen(_stopped(f"dog-a{i + 2}-0", i), deleted=True)
     gone = [p["metadata"]["name"] for p in c.gone_pods("u")]
