@@ -223,7 +223,8 @@ class Trainer:
         self.trained = set_trainable(m, cfg)
         enable_memory_savers(m, cfg, self.grad_ckpt)
         wdtype = _weight_dtype(acc)
-        m.vae.to(acc.device, dtype=wdtype)
+        # In fp32 only the device changes: diffusers warns on every to(dtype=...) of a model, even a no-op one.
+        m.vae.to(acc.device, **({"dtype": wdtype} if wdtype != torch.float32 else {}))
         if not cfg.train_text_encoder:
             m.text_encoder.to(acc.device, dtype=wdtype)
         if cfg.method == "lora" and wdtype != torch.float32:
