@@ -125,7 +125,7 @@ def test_bad_config_exits_64_before_any_worker_starts(tmp_path: Path) -> None:
     run = LaunchedRun(tmp_path, "full", training(str(tmp_path / "out"), resolution="big"))
     t0 = time.monotonic()
     assert run.run() == 64, run.log()
-    assert time.monotonic() - t0 < 30 and "torch.distributed.run" not in run.log()
+    assert time.monotonic() - t0 < 30 and launch.TORCHRUN_MODULE not in run.log()
     term = run.termination()
     assert term["reason"] == "BadInput" and "resolution" in term["message"]
 
@@ -135,6 +135,10 @@ def test_missing_instance_data_exits_64_from_the_worker(tmp_path: Path) -> None:
     assert run.run() == 64, run.log()
     term = run.termination()
     assert term["reason"] == "BadInput" and "nope" in term["message"], term
+    # The log ends with the cause in one line each from the worker and the launcher, not torchrun's banner.
+    log = run.log()
+    assert "ChildFailedError" not in log and "Traceback" not in log, log
+    assert "torchrun: worker(s) failed: local rank 0 exit 64" in log, log
 
 
 @pytest.mark.slow
@@ -206,7 +210,7 @@ def _workers(run: LaunchedRun) -> list[int]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"--worker" in cmd and b"torch.distributed.run" not in cmd:
+        if b"--worker" in cmd and launch.TORCHRUN_MODULE.encode() not in cmd:
             out.append(pid)
     return out
 

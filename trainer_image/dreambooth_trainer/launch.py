@@ -86,6 +86,10 @@ def stop_deadline(environ: dict[str, str] | os._Environ[str] | None = None) -> f
     return max(1.0, grace - margin)
 
 
+# torchrun itself (torch.distributed.run), quiet about failures the launcher reports.
+TORCHRUN_MODULE = "dreambooth_trainer.torchrun"
+
+
 @functools.cache
 def torchrun_has_shutdown_timeout() -> bool:
     """Whether this torch's torchrun takes --shutdown-timeout (newer releases; 2.11 refuses it and exits 2).
@@ -109,7 +113,7 @@ def torchrun_argv(
     *,
     shutdown_timeout_flag: bool = True,
 ) -> list[str]:
-    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    argv = [sys.executable, "-m", TORCHRUN_MODULE, f"--nproc-per-node={nproc}"]
     if shutdown_timeout_flag:
         argv.append(f"--shutdown-timeout={math.ceil(deadline) + TORCHRUN_SHUTDOWN_SLACK_SECONDS}")
     # Without the flag an older torchrun SIGKILLs its workers 30 s after torchrun itself is signalled. The
