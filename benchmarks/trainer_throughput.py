@@ -144,10 +144,10 @@ def _report(
     )
 
 
-def _bare(steps: int, warmup: int, opts: argparse.Namespace, lora: bool = False) -> None:
+def _bare(mode: str, steps: int, warmup: int, opts: argparse.Namespace) -> None:
     """The floor: train_dreambooth.py's imports and its step on the same model, none of our machinery.
 
-    ``lora``: train_dreambooth_lora.py's instead: the UNet frozen, a rank-4 peft adapter on its attention
+    ``bare-lora``: train_dreambooth_lora.py's instead: the UNet frozen, a rank-4 peft adapter on its attention
     projections (the script's LoraConfig), AdamW over the adapter only at its default learning rate.
     """
     import torch
@@ -183,7 +183,7 @@ def _bare(steps: int, warmup: int, opts: argparse.Namespace, lora: bool = False)
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     lr = 5e-6
-    if lora:
+    if mode == "bare-lora":
         from peft import LoraConfig as PeftLoraConfig
 
         unet.requires_grad_(False)
@@ -224,7 +224,7 @@ def _bare(steps: int, warmup: int, opts: argparse.Namespace, lora: bool = False)
         stamps[step], cpu[step] = time.perf_counter(), time.process_time()
         if step == 1:
             rss["first_step"] = _rss_mb()
-    _report("bare-lora" if lora else "bare", stamps, cpu, steps, warmup, rss, None)
+    _report(mode, stamps, cpu, steps, warmup, rss, None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup >= args.steps:
         parser.error("--warmup must be below --steps")
     if args.child in BARE:
-        _bare(args.steps, args.warmup, args, lora=args.child == "bare-lora")
+        _bare(args.child, args.steps, args.warmup, args)
         return 0
     if args.child:
         _child(args.child, args.steps, args.warmup, args)

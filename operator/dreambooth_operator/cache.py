@@ -152,14 +152,15 @@ class Informer:
         uid = ((obj.get("metadata") or {}).get("labels") or {}).get(LABEL_JOB_UID)
         if not uid:
             return
+        key = _key(obj)
         with self._lock:
             self._seq += 1
-            self._pods.setdefault(uid, {})[_key(obj)] = (self._seq, None if deleted else copy.deepcopy(obj))
+            self._pods.setdefault(uid, {})[key] = (self._seq, None if deleted else copy.deepcopy(obj))
             last_words = _last_words(obj) if deleted else None
             if last_words is not None:
                 gone = self._gone.setdefault(uid, {})
-                gone.pop(_key(obj), None)
-                gone[_key(obj)] = last_words
+                gone.pop(key, None)  # re-inserted last: the oldest entry is the one dropped
+                gone[key] = last_words
                 while len(gone) > GONE_PODS_PER_JOB:
                     gone.pop(next(iter(gone)))
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import types
 import typing
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from .config import ConfigError, _Common, from_validation_error
+from .config import ConfigError, _Common, from_validation_error, nearest
 
 
 def _int_or_auto(text: str) -> int | str:
@@ -73,10 +72,9 @@ def _suggestions(unknown: list[str], model: type[_Common]) -> str:
     """' (did you mean --rank?)' for misspelt flags: the scripts have ~70 flags and one typo is the usual cause."""
     flags = [f"--{name}" for name in model.model_fields]
     hints = []
-    for token in unknown:
-        if token.startswith("--"):
-            close = difflib.get_close_matches(token.split("=", 1)[0], flags, n=1, cutoff=0.75)
-            hints += [f"{token.split('=', 1)[0]} -> {close[0]}"] if close else []
+    for flag in (token.split("=", 1)[0] for token in unknown if token.startswith("--")):
+        close = nearest(flag, flags)
+        hints += [f"{flag} -> {close}"] if close else []
     return f" (did you mean: {', '.join(hints)}?)" if hints else ""
 
 

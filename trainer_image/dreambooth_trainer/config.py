@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -289,8 +290,8 @@ def from_validation_error(exc: ValidationError, model: type[_Common]) -> ConfigE
             return ConfigError(
                 name, f"applies only to method '{other.method}' ({other.script}); remove it or change spec.method."
             )
-        close = difflib.get_close_matches(name, list(model.model_fields), n=1, cutoff=0.75)
-        hint = f"did you mean {flag_and_field(close[0])}?" if close else "check the spelling"
+        close = nearest(name, model.model_fields)
+        hint = f"did you mean {flag_and_field(close)}?" if close else "check the spelling"
         return ConfigError(name, f"is not a setting of {model.script}; {hint} (see `dreambooth {_cmd(model)} --help`).")
     ctx = err.get("ctx") or {}
     if kind in ("greater_than_equal", "greater_than"):
@@ -304,6 +305,12 @@ def from_validation_error(exc: ValidationError, model: type[_Common]) -> ConfigE
             name, f"must be {bound}, not {err.get('input')!r}; set a value in range or remove the setting."
         )
     return ConfigError(name, f"{err['msg']} (got {err.get('input')!r}).")
+
+
+def nearest(name: str, known: Iterable[str]) -> str | None:
+    """The known name a misspelt ``name`` most likely meant (flags, fields), or None when none is close."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def _cmd(model: type[_Common]) -> str:

@@ -6,7 +6,6 @@ say where and how the trainer runs. Importable without torch.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from .config import ConfigError, Method, _Common, parse_training
+from .config import ConfigError, Method, _Common, nearest, parse_training
 
 API_GROUP = "dreambooth.dev"
 API_VERSION = "v1alpha1"
@@ -185,9 +184,9 @@ def _unknown_field(loc: tuple[Any, ...]) -> str:
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return "is not a field here; check the spelling."
     known = [f.alias or n for n, f in model.model_fields.items()]
-    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.75)
+    close = nearest(str(loc[-1]), known)
     if close:
-        return f"is not a field here; did you mean {'.'.join(map(str, loc[:-1]))}.{close[0]}?"
+        return f"is not a field here; did you mean {'.'.join(map(str, loc[:-1]))}.{close}?"
     return f"is not a field here; the fields are {', '.join(known)}."
 
 
