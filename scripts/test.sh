@@ -23,6 +23,19 @@ run_tier() {
   summary+=("$name ${dt}s rc=$rc")
   [ $rc -eq 0 ] || failed+=("$name")
 }
+# Debian's tools the cluster and packaging tiers use (root only; a non-root run skips what needs them):
+# buildah + debootstrap build images without a Docker engine, docker-registry is the real OCI registry,
+# crun runs containers from images.
+SYSTEM_PKGS=(buildah debootstrap docker-registry crun)
+case " $TIERS " in *" cluster "*|*" packaging "*)
+  missing=()
+  for p in "${SYSTEM_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  if [ "$(id -u)" = 0 ] && [ ${#missing[@]} -gt 0 ]; then
+    run_tier system-deps bash -c "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ${missing[*]} >/dev/null"
+  fi ;;
+esac
 for tier in $TIERS; do
   case $tier in
     lint) run_tier lint bash -c "ruff check . && ruff format --check ." ;;
@@ -32,10 +45,6 @@ for tier in $TIERS; do
       run_tier k8s-build bash .ci/k8s-build.sh
       run_tier cluster python -m pytest tests/cluster -q "$@" ;;
     packaging)
-      # buildah + debootstrap build the operator image without a Docker engine (root only: skipped otherwise).
-      if [ "$(id -u)" = 0 ] && ! { command -v buildah && command -v debootstrap; } >/dev/null 2>&1; then
-        run_tier packaging-deps bash -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends buildah debootstrap >/dev/null'
-      fi
       run_tier packaging python -m pytest tests/packaging -q "$@" ;;
     *) echo "unknown tier $tier"; failed+=("$tier") ;;
   esac

@@ -24,6 +24,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from registry import Registry, find_registry  # noqa: E402
 from s3server import SeaweedS3, find_weed  # noqa: E402
 
 
@@ -66,3 +67,18 @@ def bucket(s3: SeaweedS3) -> Iterator[str]:
 def aws_env(s3: SeaweedS3) -> dict[str, str]:
     """os.environ plus the S3 settings, for subprocess.run(env=...)."""
     return {**os.environ, **s3.env()}
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A real OCI registry (docker-registry) on 127.0.0.1 for the whole session."""
+    try:
+        find_registry()
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc))
+    reg = Registry(tmp_path_factory.mktemp("registry"))
+    reg.start()
+    try:
+        yield reg
+    finally:
+        reg.stop()
