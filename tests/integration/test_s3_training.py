@@ -388,3 +388,54 @@ def test_rank_log_uploads_periodically_and_never_waits_on_a_dead_s3(
     assert time.monotonic() - t0 < 4.0  # bounded by the upload deadline, not the checkpoints' two minutes
     text = (tmp_path / "dead" / "rank-0.log").read_text()
     assert "line 199" in text and "per-rank log upload to" in text and "failed" in text
+
+
+MODEL_FILES = {
+    "full": ["model_index.json", "unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"],
+    "lora": ["pytorch_lora_weights.safetensors"],
+}
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_second_run_to_an_emptied_s3_output_uploads_the_whole_model(
+    method: str, inputs: Inputs, tmp_path: Path
+) -> None:
+    """Issue #15: a second run to the same s3:// output on one machine found the first run's files in a scratch
+    folder keyed by the output, uploaded none of its model and still said "model saved"."""
+    out = inputs.uri(f"again-{method}/")
+    store = open_store(out)
+    scratch = tmp_path / "scratch"  # one machine: both runs share the scratch base, as they would in $TMPDIR
+    args = inputs.args(out, steps=2, ckpt_every=100, class_dir=inputs.uri("data/class-dog/"), num_class=4)
+    args[args.index("--report_to") + 1] = "tensorboard"
+    events: list[set[str]] = []
+    for attempt in (1, 2):
+        Trainer(tmp_path, f"{method}-{attempt}", CMD[method], args, DREAMBOOTH_SCRATCH=str(scratch)).ok()
+        keys = {o.key for o in store.list("")}
+        missing = [f for f in MODEL_FILES[method] if f not in keys]
+        assert not missing, f"run {attempt}: {missing} not in {out}: {sorted(keys)}"
+        events.append({k for k in keys if "tfevents" in k})
+        assert events[-1], f"run {attempt} uploaded no TensorBoard events: {sorted(keys)}"
+        for key in keys:
+            store.delete(key)
+    assert not events[0] & events[1], "the second run uploaded the first run's TensorBoard files"
+    # Each run's scratch folder is its own and is removed at its end.
+    assert not [p for p in scratch.rglob("*") if p.is_file()], sorted(scratch.rglob("*"))
+
+
+def test_final_upload_that_fails_is_not_reported_as_saved(s3, inputs: Inputs, tmp_path: Path) -> None:  # noqa: ANN001
+    out = inputs.uri("final-fails/")
+    args = inputs.args(out, steps=2, ckpt_every=100, class_dir=inputs.uri("data/class-dog/"), num_class=4)
+    run = Trainer(
+        tmp_path, "final-fails", "train-lora", args,
+        DREAMBOOTH_TEST_FINAL_UPLOAD_DELAY_SECONDS="3", DREAMBOOTH_S3_RETRY_DEADLINE_S="5",
+    )  # fmt: skip
+    try:
+        run.wait_until("the final upload", lambda: "uploading the final model" in run.log())
+        s3.stop()
+        code = run.wait(240)
+    finally:
+        s3.start()
+    log = run.log()
+    assert code != 0, log[-3000:]
+    assert code == 70, f"exit {code}\n{log[-3000:]}"
+    assert "model saved to" not in log and "\ndone: " not in log, log[-3000:]

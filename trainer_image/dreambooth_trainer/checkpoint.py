@@ -18,7 +18,6 @@ import re
 import shutil
 import signal
 import struct
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -396,11 +395,6 @@ def claim_output(store: Store, job_uid: str) -> None:
             f"{store.uri} belongs to another job (UID {owner}); give this job its own output_dir, or delete "
             f"{store.url(OWNER)} if that job is gone.",
         )
-
-
-def scratch_dir(output_uri: str) -> Path:
-    base = os.environ.get("DREAMBOOTH_SCRATCH") or os.path.join(tempfile.gettempdir(), "dreambooth-scratch")
-    return Path(base) / hashlib.sha256(output_uri.encode()).hexdigest()[:12]
 
 
 class CheckpointInterval:

@@ -260,6 +260,17 @@ def _load_sync_record(path: Path) -> dict[str, dict[str, Any]]:
         return {}
 
 
+def file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 * MiB), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+SHA256_METADATA = "sha256"  # x-amz-meta-sha256 on verified uploads: a multipart ETag is not a content hash
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The interface
 
@@ -297,6 +308,31 @@ class Store(ABC):
 
     @abstractmethod
     def download_file(self, key: str, local: Path) -> None: ...
+
+    def upload_verified(self, items: list[tuple[Path, str]]) -> None:
+        """Upload (local path, key) pairs, then check that each landed with its size and sha256.
+
+        Raises StorageError naming the first file that is missing or differs: a caller says "saved" only after
+        this returns."""
+        hashes = {key: file_sha256(Path(path)) for path, key in items}
+        self._upload_with_sha256(items, hashes)
+        for path, key in items:
+            size, sha = self._stored_size_and_sha256(key)
+            if size is None:
+                raise StorageError(f"{self.url(key)} is missing after its upload")
+            if size != Path(path).stat().st_size or sha != hashes[key]:
+                raise StorageError(
+                    f"{self.url(key)} does not match what was uploaded (size {size} vs {Path(path).stat().st_size}, "
+                    f"sha256 {sha} vs {hashes[key]})"
+                )
+
+    def _upload_with_sha256(self, items: list[tuple[Path, str]], hashes: dict[str, str]) -> None:
+        for path, key in items:
+            self.upload_file(path, key)
+
+    @abstractmethod
+    def _stored_size_and_sha256(self, key: str) -> tuple[int | None, str | None]:
+        """The stored object's size and the sha256 it carries (None, None when it does not exist)."""
 
     @abstractmethod
     def upload_dir(self, local_dir: Path, prefix: str) -> list[ObjectInfo]: ...
@@ -474,6 +510,12 @@ class LocalStore(Store):
         with ThreadPoolExecutor(max_workers=4) as pool:
             futs = [pool.submit(self.upload_file, path, join_key(base, rel)) for rel, path in files]
             return sorted((f.result() for f in futs), key=lambda o: o.key)
+
+    def _stored_size_and_sha256(self, key: str) -> tuple[int | None, str | None]:
+        path = self._path(key)
+        if not path.is_file():
+            return None, None
+        return path.stat().st_size, file_sha256(path)
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -924,19 +966,45 @@ class S3Store(Store):
         self.upload_files([(Path(local), key)])
         return self._head(key)
 
-    def upload_files(self, items: list[tuple[Path, str]]) -> None:
-        """Upload (local path, key) pairs in parallel. Failed files are retried (whole file) until the deadline."""
+    def upload_files(self, items: list[tuple[Path, str]], sha256: dict[str, str] | None = None) -> None:
+        """Upload (local path, key) pairs in parallel. Failed files are retried (whole file) until the deadline.
+        With `sha256` (key -> hex digest) each object carries its hash as metadata."""
         for path, key in items:
             normalize_key(key, self.uri)
             if not Path(path).is_file():
                 raise NotFoundError(f"local file {path} to upload to {self.url(key)} does not exist")
         pending: dict[str, Any] = {key: Path(path) for path, key in items}
         url = self.url(items[0][1]) if len(items) == 1 else self.uri
+
+        def extra(key: str) -> dict[str, Any] | None:
+            return {"Metadata": {SHA256_METADATA: sha256[key]}} if sha256 and key in sha256 else None
+
         self._transfer_all(
             pending,
-            lambda tm, key, path, subs: tm.upload(str(path), self.bucket, self._full(key), subscribers=subs),
+            lambda tm, key, path, subs: tm.upload(
+                str(path), self.bucket, self._full(key), extra_args=extra(key), subscribers=subs
+            ),
             url,
         )
+
+    def _upload_with_sha256(self, items: list[tuple[Path, str]], hashes: dict[str, str]) -> None:
+        if items:
+            self.upload_files(items, hashes)
+
+    def _stored_size_and_sha256(self, key: str) -> tuple[int | None, str | None]:
+        full = self._full(key)
+
+        def head() -> tuple[int | None, str | None]:
+            try:
+                resp = self.client.head_object(Bucket=self.bucket, Key=full)
+            except Exception as exc:
+                err = _client_error(exc)
+                if err is not None and (_error_code(err)[1] == 404 or _error_code(err)[0] in _NOT_FOUND_CODES):
+                    return None, None
+                raise
+            return int(resp["ContentLength"]), (resp.get("Metadata") or {}).get(SHA256_METADATA)
+
+        return self._retry(head, self.url(key))
 
     def download_file(self, key: str, local: Path) -> None:
         self._download_many([(key, Path(local))])

@@ -41,6 +41,7 @@ from .model import (
 )
 from .modelcard import model_card, write_model_card
 from .progress import Progress, serve_progress
+from .scratch import Scratch, new_run_id
 from .storage import AccessDeniedError, BucketMissingError, NotFoundError, Store, local_cache_for, open_store
 from .validation import Trackers, Validator, trackers_for
 
@@ -172,14 +173,14 @@ class Trainer:
 
         self.out: Store = open_store(cfg.output_dir)
         log_key = logs.log_key(self.env.attempt, self.rank)
+        self.scratch = Scratch(self.out.uri, self._agree([new_run_id()])[0], self.rank)
         # Captured from here on; uploaded only once the prefix is known to be this job's (never into another's).
-        self.rank_log = logs.RankLog(ckpt.scratch_dir(self.out.uri) / log_key)
+        self.rank_log = logs.RankLog(self.scratch / log_key)
         if acc.is_main_process:
             with naming_field("output_dir"):
                 self.out.check_writable()
             ckpt.claim_output(self.out, self.env.job_uid)
             self.rank_log.start_upload(self.out.uri, log_key)
-        self.scratch = ckpt.scratch_dir(self.out.uri)
 
         with acc.local_main_process_first():
             self.model_dir = hub.download_model(cfg) or stage_folder(
@@ -707,11 +708,15 @@ class Trainer:
             written = [w for w in written if not w.startswith("checkpoint-")]
         written.append(self._final_validation_and_card(local))
         if self.out.local_root() is None:
-            for rel in written:
-                self.out.upload_file(local / rel, rel)
             if self.trackers.active and self.trackers.local_dir.is_relative_to(local):
                 self.trackers.flush()
-                self.out.upload_dir(self.trackers.local_dir, str(self.trackers.local_dir.relative_to(local)))
+                written += [
+                    str(p.relative_to(local)) for p in sorted(self.trackers.local_dir.rglob("*")) if p.is_file()
+                ]
+            logger.info("uploading the final model: %d file(s) to %s", len(written), self.out.uri)
+            _test_hook_before_final_upload()
+            # Every file this run wrote, each checked where it landed: "saved" is said only of a model in S3.
+            self.out.upload_verified([(local / rel, rel) for rel in dict.fromkeys(written)])
         logger.info("model saved to %s", self.out.uri)
         if cfg.push_to_hub and self.hub_repo:
             hub.push_folder(cfg, self.hub_repo, local)
@@ -727,6 +732,13 @@ class Trainer:
             validation_step=last.step if last else None,
         )  # fmt: skip
         return write_model_card(local, text).name
+
+
+def _test_hook_before_final_upload() -> None:
+    # Test-only: DREAMBOOTH_TEST_FINAL_UPLOAD_DELAY_SECONDS holds the final upload, so a test can stop S3 there.
+    delay = float(os.environ.get("DREAMBOOTH_TEST_FINAL_UPLOAD_DELAY_SECONDS", "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
 
 
 def install_sigterm(env: RunEnv) -> None:
@@ -764,3 +776,6 @@ def run_training(cfg: _Common, env: RunEnv | None = None) -> TrainResult:
         rank_log: logs.RankLog | None = getattr(trainer, "rank_log", None)
         if rank_log is not None:
             rank_log.close(failure)
+        scratch: Scratch | None = getattr(trainer, "scratch", None)
+        if scratch is not None:
+            scratch.release()
