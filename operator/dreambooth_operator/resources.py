@@ -173,6 +173,7 @@ def omp_threads(job: ValidJob) -> int:
 # Names the operator may set, whatever the job says: a user value would be silently shadowed or shadow ours.
 STORAGE_ENV = tuple(Storage(endpoint="x", region="x", path_style=True).env())
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+HUB_TOKEN_ENV = "HF_TOKEN"  # huggingface_hub reads it; spec.hub.tokenSecretRef sets it
 _ENV_OWNERS: dict[str, str] = {
     **{n: "spec.storage" for n in STORAGE_ENV},
     **{n: "spec.storage.credentialsSecret" for n in CREDENTIAL_ENV},
@@ -192,6 +193,11 @@ def _user_env(job: ValidJob) -> list[dict[str, Any]]:
         name = var.get("name")
         if not isinstance(name, str) or not name:
             raise SpecError(f"spec.podTemplate.env[{i}].name", "is required.")
+        if name == HUB_TOKEN_ENV and job.spec.hub.token_secret_ref is not None:
+            raise SpecError(
+                f"spec.podTemplate.env[{i}].name",
+                f"{name} is set from spec.hub.tokenSecretRef; keep one of the two.",
+            )
         if name in _ENV_OWNERS:
             raise SpecError(
                 f"spec.podTemplate.env[{i}].name",
@@ -230,6 +236,10 @@ def _env(job: ValidJob, attempt: int, index: int, memory_savers: bool, opts: Bui
     if secret:
         # By reference only: the operator never reads Secret data.
         env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": secret, "key": k}}} for k in CREDENTIAL_ENV]
+    ref = job.spec.hub.token_secret_ref
+    if ref is not None:
+        # By reference only, like the S3 credentials: the operator never reads the token.
+        env.append({"name": HUB_TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     env += _value_env(
         {
             "HF_HOME": f"{CACHE_DIR}/huggingface",

@@ -73,6 +73,14 @@ def validate(body: dict[str, Any]) -> ValidJob:
 
 def check_operator_rules(config: _Common) -> None:
     """Rules that hold only for a job run by the operator (dreambooth run accepts what diffusers accepts)."""
+    if config.hub_token:
+        # Never echo the value: this message reaches the job's status and Events.
+        raise SpecError(
+            _training_field("hub_token"),
+            "a token in the manifest would be stored in plain text in the job, its ConfigMap, status and "
+            "Events; remove it, put the token in a Secret (kubectl create secret generic hf-token "
+            "--from-literal=token=...) and reference it with spec.hub.tokenSecretRef: {name: hf-token, key: token}.",
+        )
     steps, every = config.max_train_steps, config.checkpointing_steps
     if isinstance(every, int) and steps is not None and every > steps:
         raise SpecError(

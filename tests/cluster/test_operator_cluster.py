@@ -211,3 +211,56 @@ def test_node_lost_recovers_on_another_node(jobs: Jobs, cluster: Cluster) -> Non
         assert new_node != node and st["restarts"] == 0
     finally:
         cluster.node_recover(node)
+
+
+HUB_TOKEN = "hf_clusterTestTokenNeverInPlainText42"
+_CHECK_HUB_TOKEN = (
+    "import hashlib, os\n"
+    "if hashlib.sha256(os.environ.get('HF_TOKEN', '').encode()).hexdigest() != os.environ['WANT_TOKEN_SHA256']:\n"
+    "    os.environ['FAKE_CODE'] = '70'\n"
+)
+
+
+def test_hub_token_from_a_secret_never_appears_in_plain_text(jobs: Jobs, cluster: Cluster) -> None:
+    """Issue #15: spec.training.hubToken was copied into the job's ConfigMap. The token now comes from a Secret
+    by reference; a token in the manifest is refused (InvalidSpec) without being echoed anywhere."""
+    import hashlib
+    import json
+
+    from operator_support import FAKE_TRAINER
+
+    ns = jobs.ns
+    cluster.kube_api.create(
+        f"/api/v1/namespaces/{ns}/secrets",
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf-token"}, "stringData": {"token": HUB_TOKEN}},
+    )
+    good = fake_job(
+        "hubref", nodes=1, seconds=2, command=["python", "-u", "-c", _CHECK_HUB_TOKEN + FAKE_TRAINER],
+        env={"WANT_TOKEN_SHA256": hashlib.sha256(HUB_TOKEN.encode()).hexdigest()},
+    )  # fmt: skip
+    good["spec"]["hub"] = {"tokenSecretRef": {"name": "hf-token", "key": "token"}}
+    jobs.create(good)
+    jobs.wait("hubref", lambda s: s.get("attempt"), 60, "the first attempt")
+    cm = cluster.kube_api.get(f"/api/v1/namespaces/{ns}/configmaps/hubref-config")
+    pod = jobs.pods("hubref")[0]
+    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}}}
+    st = jobs.wait_phase("hubref", "Succeeded", 90)  # the pod checked that HF_TOKEN holds the Secret's token
+    bad = fake_job("hubtoken", nodes=1, seconds=1)
+    bad["spec"]["training"]["hubToken"] = HUB_TOKEN
+    jobs.create(bad)
+    bad_st = jobs.wait_phase("hubtoken", "Failed", 30)
+    assert "spec.training.hubToken" in bad_st["message"] and "spec.hub.tokenSecretRef" in bad_st["message"]
+    assert "InvalidSpec" in _reasons(jobs, "hubtoken") and jobs.pods("hubtoken") == []
+    assert not cluster.kube_api.exists(f"/api/v1/namespaces/{ns}/configmaps/hubtoken-config")
+
+    seen = {
+        "configmap": json.dumps(cm),
+        "pod spec": json.dumps(pod),
+        "status": json.dumps([st, bad_st]),
+        "events": json.dumps(jobs.events("hubref") + jobs.events("hubtoken")),
+        "pod log": cluster.pod_log(ns, pod["metadata"]["name"]),
+        "operator log": jobs.operator.log(100000),  # type: ignore[union-attr]
+    }
+    leaked = [where for where, text in seen.items() if HUB_TOKEN in text]
+    assert not leaked, f"the Hub token appears in: {leaked}"

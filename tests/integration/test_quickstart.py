@@ -50,6 +50,20 @@ def test_print_config_shows_the_equivalent_flags() -> None:
     assert "--instance_prompt 'a photo of sks dog'" in proc.stdout
 
 
+def test_print_config_masks_the_hub_token(tmp_path: Path) -> None:
+    token = "hf_notARealTokenButSecret0123456789"
+    manifest = tmp_path / "with-token.yaml"
+    text = (REPO / "examples" / "quickstart.yaml").read_text()
+    manifest.write_text(text.replace("    instancePrompt:", f"    hubToken: {token}\n    instancePrompt:", 1))
+    proc = subprocess.run(
+        [sys.executable, "-m", "dreambooth_trainer", "run", str(manifest), "--print-config"],
+        capture_output=True, text=True, timeout=120, cwd=REPO, env=trainer_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "--hub_token '***'" in proc.stdout or "--hub_token ***" in proc.stdout, proc.stdout
+    assert token not in proc.stdout + proc.stderr
+
+
 def test_bad_manifest_exits_64_naming_the_field(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     text = (REPO / "examples" / "quickstart.yaml").read_text().replace("resolution: 32", "resolution: 30")

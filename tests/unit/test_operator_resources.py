@@ -275,3 +275,33 @@ def test_spec_rules_name_the_field() -> None:
         valid({"resources": {"nodes": 1, "gpuPerNode": 2}})
     assert err.value.field == "spec.resources.gpuPerNode"
     valid({"training": {**training, "checkpointingSteps": "auto"}})
+
+
+HUB_TOKEN = "hf_notARealTokenButSecret0123456789"
+
+
+def test_hub_token_in_the_manifest_is_refused_without_echoing_it() -> None:
+    body = job_body()
+    body["spec"]["training"]["hubToken"] = HUB_TOKEN
+    with pytest.raises(SpecError) as err:
+        validate(body)
+    assert err.value.field == "spec.training.hubToken"
+    assert "spec.hub.tokenSecretRef" in err.value.message and HUB_TOKEN not in str(err.value)
+
+
+def test_hub_token_secret_reaches_the_pods_by_reference_only() -> None:
+    import json
+
+    job = valid({"hub": {"tokenSecretRef": {"name": "hf-token", "key": "token"}}})
+    pod = build_pod(job, 1, 0)
+    assert _env(pod)["HF_TOKEN"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+    config = json.loads(build_configmap(job)["data"]["config.json"])
+    assert "hubToken" not in config["training"] and "hf-token" not in json.dumps(config)
+    # The key defaults to "token"; a second HF_TOKEN from podTemplate.env is refused, not silently shadowed.
+    job = valid({"hub": {"tokenSecretRef": {"name": "hf"}}})
+    assert _env(build_pod(job, 1, 0))["HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    both = valid(
+        {"hub": {"tokenSecretRef": {"name": "hf"}}, "podTemplate": {"env": [{"name": "HF_TOKEN", "value": "x"}]}}
+    )
+    with pytest.raises(SpecError, match="spec.hub.tokenSecretRef"):
+        build_pod(both, 1, 0)

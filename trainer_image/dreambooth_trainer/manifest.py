@@ -91,6 +91,20 @@ class PodTemplate(_Spec):
     args: list[str] = Field(default_factory=list, description="Override the container args.")
 
 
+class SecretKeyRef(_Spec):
+    name: str = Field(..., min_length=1, description="Name of a Secret in the job's namespace.")
+    key: str = Field("token", min_length=1, description="Key in that Secret holding the value.")
+
+
+class Hub(_Spec):
+    """Hugging Face Hub access. The token comes from a Secret: a manifest (and so the job's ConfigMap, status
+    and Events) never holds it."""
+
+    token_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding the Hub token; the pods get it as HF_TOKEN (read by reference only)."
+    )
+
+
 class RunPolicy(_Spec):
     backoff_limit: int = Field(
         3, ge=0, description="Failed attempts (crashes, hung gangs) before the job fails; preemptions do not count."
@@ -126,6 +140,7 @@ class JobSpec(_Spec):
     resources: Resources = Field(default_factory=Resources, description="Gang size, GPUs and image.")
     pod_template: PodTemplate = Field(default_factory=PodTemplate, description="Pod-level overrides.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, preemptions, deadlines, suspend.")
+    hub: Hub = Field(default_factory=Hub, description="Hugging Face Hub access (the token from a Secret).")
 
     def training_config(self) -> _Common:
         return parse_training(self.method, self.training)

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 64
     cmd = "train" if cfg.method == "full" else "train-lora"
     if args.print_config:
-        print(f"dreambooth {cmd} " + " ".join(_quote(a) for a in cfg.cli_args()))
+        print(f"dreambooth {cmd} " + " ".join(_quote(a) for a in _masked(cfg.cli_args())))
         return 0
     if job.spec.resources.nodes > 1:
         print(f"note: spec.resources.nodes={job.spec.resources.nodes} applies on a cluster; running one node here.")
@@ -86,6 +86,19 @@ def _summary(cfg, code: int) -> None:
             print(f"validation images: {out.url('validation')} ({len(images)} files)")
     except Exception:  # noqa: BLE001
         pass
+
+
+def _masked(args: list[str]) -> list[str]:
+    """The flags with secret values hidden: --print-config output ends up in terminals, CI logs and tickets."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        name = arg.split("=", 1)[0]
+        if name == "--hub_token":
+            if "=" in arg:
+                out[i] = f"{name}=***"
+            elif i + 1 < len(out):
+                out[i + 1] = "***"
+    return out
 
 
 def _quote(arg: str) -> str:
