@@ -100,8 +100,8 @@ def _measured_trainer_class() -> type:
 
 
 def _run(bucket: str, label: str, *, synchronous: bool, every: int, n: int, pad_mb: int) -> Any:
+    from dreambooth_api.config import FullConfig
     from dreambooth_trainer.cli_args import parse_cli
-    from dreambooth_trainer.config import FullConfig
     from dreambooth_trainer.train import RunEnv
 
     os.environ["DREAMBOOTH_TEST_PAD_STATE_MB"] = str(pad_mb)

@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             import boto3
             from botocore.config import Config
 
-            from dreambooth_trainer.storage import DEFAULT_MULTIPART_CHUNKSIZE, open_store
+            from dreambooth_trainer.storage import open_store
+            from dreambooth_trainer.storage.s3 import DEFAULT_MULTIPART_CHUNKSIZE
 
             bucket = f"bench-{uuid.uuid4().hex[:8]}"
             plain = boto3.session.Session().client(

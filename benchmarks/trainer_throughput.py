@@ -73,8 +73,8 @@ def _child(mode: str, steps: int, warmup: int, opts: argparse.Namespace) -> None
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
+    from dreambooth_api.config import FullConfig, LoraConfig
     from dreambooth_trainer.cli_args import parse_cli
-    from dreambooth_trainer.config import FullConfig, LoraConfig
     from dreambooth_trainer.train import RunEnv, Trainer
 
     del Accelerator, AutoencoderKL, DDPMScheduler, UNet2DConditionModel, AutoTokenizer, CLIPTextModel

@@ -15,7 +15,7 @@ from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from dreambooth_trainer.manifest import KIND
+from dreambooth_api.manifest import KIND
 
 from .cache import Informer
 from .metrics import Heartbeat, Metrics

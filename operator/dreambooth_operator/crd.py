@@ -1,7 +1,7 @@
 """The DreamBoothJob CRD, generated from the typed models so the manifest, the CLI and the trainer never disagree.
 
 ``spec.training`` is the union of FullConfig and LoraConfig (defaults only where both scripts agree);
-the other spec sections come from ``dreambooth_trainer.manifest``, the status from ``status.JobStatus``.
+the other spec sections come from ``dreambooth_api.manifest``, the status from ``status.JobStatus``.
 The schema is structural and uses nothing newer than apiextensions.k8s.io/v1 on Kubernetes 1.20 (no CEL).
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from dreambooth_trainer.config import FullConfig, LoraConfig
-from dreambooth_trainer.manifest import API_GROUP, API_VERSION, KIND, PLURAL, SHORT_NAME, JobSpec
+from dreambooth_api.config import FullConfig, LoraConfig
+from dreambooth_api.manifest import API_GROUP, API_VERSION, KIND, PLURAL, SHORT_NAME, JobSpec
 
 from .status import JobStatus
 

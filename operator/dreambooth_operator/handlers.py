@@ -12,7 +12,7 @@ from typing import Any
 
 import kopf
 
-from dreambooth_trainer.manifest import API_GROUP, API_VERSION, PLURAL
+from dreambooth_api.manifest import API_GROUP, API_VERSION, PLURAL
 
 from .controller import Controller
 from .resources import LABEL_JOB_UID, LABEL_MANAGED_BY, MANAGER

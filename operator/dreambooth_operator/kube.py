@@ -18,7 +18,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol
 
-from dreambooth_trainer.manifest import API_GROUP, API_VERSION, PLURAL
+from dreambooth_api.manifest import API_GROUP, API_VERSION, PLURAL
 
 from .resources import LABEL_JOB_UID
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from dreambooth_trainer.config import parse_training
+from dreambooth_api.config import parse_training
 
 from . import policy
 from . import status as S

@@ -14,16 +14,10 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from dreambooth_trainer.manifest import RunPolicy
+from dreambooth_api.contract import EXIT_BAD_INPUT, EXIT_GPU_OOM, EXIT_PREEMPTED
+from dreambooth_api.manifest import RunPolicy
 
 from . import status as S
-
-# Launcher exit codes (DESIGN.md, launcher contract).
-EXIT_OK = 0
-EXIT_BAD_INPUT = 64
-EXIT_CRASH = 70
-EXIT_GPU_OOM = 71
-EXIT_PREEMPTED = 75
 
 # DisruptionTarget reasons that mean someone else took the node or the pod away.
 PREEMPTION_DISRUPTIONS = frozenset({"PreemptionByScheduler", "PreemptionByKubeScheduler", "DeletionByTaintManager",

@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from dreambooth_trainer.config import config_hash
-from dreambooth_trainer.manifest import API_GROUP, API_VERSION, KIND, Storage
+from dreambooth_api.config import config_hash
+from dreambooth_api.manifest import API_GROUP, API_VERSION, KIND, Storage
 
 from . import torchrun
 from .spec import SpecError, ValidJob

@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic.alias_generators import to_camel
 
-from dreambooth_trainer.config import ConfigError, _Common
-from dreambooth_trainer.manifest import JobSpec, parse_job
+from dreambooth_api.config import CommonConfig, ConfigError
+from dreambooth_api.manifest import JobSpec, parse_job
 
 # Where the trainer reads and writes: a relative path would resolve inside a pod's throwaway filesystem.
 _PATH_FIELDS = ("output_dir", "instance_data_dir", "class_data_dir")
@@ -36,7 +36,7 @@ class ValidJob:
     namespace: str
     uid: str
     spec: JobSpec
-    config: _Common
+    config: CommonConfig
     training_hash: str
 
 
@@ -71,7 +71,7 @@ def validate(body: dict[str, Any]) -> ValidJob:
     )
 
 
-def check_operator_rules(config: _Common) -> None:
+def check_operator_rules(config: CommonConfig) -> None:
     """Rules that hold only for a job run by the operator (dreambooth run accepts what diffusers accepts)."""
     if config.hub_token:
         # Never echo the value: this message reaches the job's status and Events.

@@ -32,8 +32,8 @@ def in_process(monkeypatch):
 
 
 def _fit(method: str, out: Path, extra: list[str], steps: int = 6):
+    from dreambooth_api.config import FullConfig, LoraConfig
     from dreambooth_trainer.cli_args import parse_cli
-    from dreambooth_trainer.config import FullConfig, LoraConfig
     from dreambooth_trainer.train import RunEnv, Trainer
 
     model = LoraConfig if method == "lora" else FullConfig

@@ -148,8 +148,8 @@ def test_kill_9_mid_run_then_same_command_resumes_exactly(tmp_path: Path) -> Non
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_world_size_2_resume_is_bit_exact(method: str, tmp_path: Path) -> None:
+    from dreambooth_api.config import MODELS
     from dreambooth_trainer.cli_args import parse_cli
-    from dreambooth_trainer.config import MODELS
 
     def training(out: Path) -> dict:
         return parse_cli(MODELS[method], tiny_args(out, steps=6, ckpt=2, batch=1), "t").to_training_spec()

@@ -20,8 +20,8 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 from pkg_support import CHART, REPO
 
+from dreambooth_api.manifest import Resources
 from dreambooth_operator import resources
-from dreambooth_trainer.manifest import Resources
 
 pytestmark = pytest.mark.packaging
 

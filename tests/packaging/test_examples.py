@@ -18,8 +18,8 @@ import pytest
 import yaml
 from pkg_support import EXAMPLES, KUBE_VERSIONS, crd_openapi_schema
 
+from dreambooth_api.manifest import KIND, parse_job
 from dreambooth_operator import resources, spec
-from dreambooth_trainer.manifest import KIND, parse_job
 
 pytestmark = pytest.mark.packaging
 

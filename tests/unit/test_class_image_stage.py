@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from dreambooth_api.config import FullConfig
 from dreambooth_trainer.classimages import file_name, indices_to_generate, manifest_conflict
-from dreambooth_trainer.config import FullConfig
 
 pytestmark = pytest.mark.unit
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from dreambooth_trainer.cli_args import build_parser, parse_cli
-from dreambooth_trainer.config import (
+from dreambooth_api.config import (
     ConfigError,
     FullConfig,
     LoraConfig,
     config_hash,
     parse_training,
 )
-from dreambooth_trainer.manifest import ManifestError, parse_job
+from dreambooth_api.manifest import ManifestError, parse_job
+from dreambooth_trainer.cli_args import build_parser, parse_cli
 
 pytestmark = pytest.mark.unit
 

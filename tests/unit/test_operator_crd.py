@@ -8,8 +8,8 @@ import pytest
 import yaml
 from pydantic.alias_generators import to_camel
 
+from dreambooth_api.config import FullConfig, LoraConfig
 from dreambooth_operator import crd
-from dreambooth_trainer.config import FullConfig, LoraConfig
 
 pytestmark = pytest.mark.unit
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
+from dreambooth_api.manifest import RunPolicy
 from dreambooth_operator import policy
 from dreambooth_operator import status as S
 from dreambooth_operator.policy import Counters, Kind, PodView, Timing, classify, decide, observe_pod, pod_verdict
-from dreambooth_trainer.manifest import RunPolicy
 
 pytestmark = pytest.mark.unit
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)

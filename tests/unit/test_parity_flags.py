@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from dreambooth_api.config import IF_ONLY_FIELDS, ConfigError, FullConfig, LoraConfig, parse_training
 from dreambooth_trainer.cli_args import build_parser
-from dreambooth_trainer.config import IF_ONLY_FIELDS, ConfigError, FullConfig, LoraConfig, parse_training
 
 pytestmark = pytest.mark.unit
 

@@ -14,15 +14,13 @@ from dreambooth_trainer.storage import (
     LocalStore,
     S3Store,
     StorageError,
-    _is_transient,
-    _Progress,
-    _s3_client_config,
     local_cache_for,
-    normalize_key,
-    normalize_prefix,
     open_store,
     parse_uri,
 )
+from dreambooth_trainer.storage.s3 import _Progress, _s3_client_config
+from dreambooth_trainer.storage.s3errors import _is_transient
+from dreambooth_trainer.storage.uri import normalize_key, normalize_prefix
 
 pytestmark = pytest.mark.unit
 

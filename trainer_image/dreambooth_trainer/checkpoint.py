@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from safetensors.torch import save as st_save
 
-from .config import ConfigError
+from dreambooth_api.config import ConfigError
+
 from .storage import NotFoundError, Store
 
 logger = logging.getLogger(__name__)

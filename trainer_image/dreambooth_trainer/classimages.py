@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, _Common
+from dreambooth_api.config import CommonConfig, ConfigError
+
 from .data import DataError, list_images
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def _norm_model(model: str | None) -> str:
     return (model or "").rstrip("/")
 
 
-def manifest_conflict(manifest: dict[str, Any], cfg: _Common) -> str | None:
+def manifest_conflict(manifest: dict[str, Any], cfg: CommonConfig) -> str | None:
     """Why class images made under `manifest` must not serve this config's prior, or None when they may."""
     theirs = {
         "model": _norm_model(manifest.get("model")),
@@ -93,7 +94,7 @@ def manifest_conflict(manifest: dict[str, Any], cfg: _Common) -> str | None:
     return ", ".join(diffs) or None
 
 
-def generation_dtype(cfg: _Common, device: torch.device) -> torch.dtype:
+def generation_dtype(cfg: CommonConfig, device: torch.device) -> torch.dtype:
     """The scripts' rule: fp16 on GPU, fp32 elsewhere, unless --prior_generation_precision says otherwise."""
     choice = cfg.prior_generation_precision
     if choice == "fp16":
@@ -126,7 +127,7 @@ def file_name(index: int, image_bytes: bytes) -> str:
 
 
 def ensure_class_images(
-    cfg: _Common,
+    cfg: CommonConfig,
     *,
     accelerator: Any,
     model_dir: Path,
@@ -192,7 +193,7 @@ def ensure_class_images(
     return missing
 
 
-def _check_manifest(path: Path, cfg: _Common) -> str | None:
+def _check_manifest(path: Path, cfg: CommonConfig) -> str | None:
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -201,7 +202,7 @@ def _check_manifest(path: Path, cfg: _Common) -> str | None:
 
 
 def _generate(
-    cfg: _Common,
+    cfg: CommonConfig,
     device: torch.device,
     model_dir: Path,
     write_dir: Path,
@@ -242,7 +243,7 @@ def _generate(
     return written
 
 
-def _write_manifest(store: Any, cfg: _Common, seed: int, entries: list[dict[str, Any]], count: int) -> None:
+def _write_manifest(store: Any, cfg: CommonConfig, seed: int, entries: list[dict[str, Any]], count: int) -> None:
     """Record what was generated (appending to an earlier manifest), so a reused folder says where it came from."""
     previous: list[dict[str, Any]] = []
     try:

@@ -10,7 +10,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from .config import ConfigError, FullConfig, LoraConfig, _Common
+from dreambooth_api.config import CommonConfig, ConfigError, FullConfig, LoraConfig
+from dreambooth_api.contract import EXIT_BAD_INPUT, EXIT_PREEMPTED
 
 USAGE = """usage: dreambooth COMMAND [ARGS]
 
@@ -38,7 +39,7 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _train(cfg: _Common) -> int:
+def _train(cfg: CommonConfig) -> int:
     """Run training in this process (one rank); map the outcome to the launcher's exit codes."""
     from . import errors
 
@@ -49,9 +50,9 @@ def _train(cfg: _Common) -> int:
     except BaseException as exc:  # noqa: BLE001 - every failure must become an exit code
         code = errors.classify(exc)
         debug = logging.getLogger().isEnabledFor(logging.DEBUG)
-        if code == errors.EXIT_BAD_INPUT or (errors.explained(exc) and not debug):
+        if code == EXIT_BAD_INPUT or (errors.explained(exc) and not debug):
             print(f"error: {exc}", file=sys.stderr)
-        elif code != errors.EXIT_PREEMPTED:
+        elif code != EXIT_PREEMPTED:
             traceback.print_exc()
         else:
             print(f"preempted: {exc}", file=sys.stderr)
@@ -66,7 +67,7 @@ def _write_result(code: int, exc: BaseException | None, step: int | None = None,
     path = os.environ.get("DREAMBOOTH_RESULT_FILE")
     if not path or os.environ.get("LOCAL_RANK", "0") != "0":
         return
-    from .errors import REASONS
+    from dreambooth_api.contract import REASONS
 
     doc = {
         "exitCode": code,
@@ -78,20 +79,20 @@ def _write_result(code: int, exc: BaseException | None, step: int | None = None,
     Path(path).write_text(json.dumps(doc))
 
 
-def _train_command(model: type[_Common], argv: list[str], prog: str) -> int:
+def _train_command(model: type[CommonConfig], argv: list[str], prog: str) -> int:
     from .cli_args import parse_cli
 
     try:
         cfg = parse_cli(model, argv, prog)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 64
+        return EXIT_BAD_INPUT
     return _train(cfg)
 
 
 def _worker(argv: list[str]) -> int:
     """What the launcher runs under torchrun: the trainer config from a JSON file."""
-    from .config import parse_training
+    from dreambooth_api.config import parse_training
 
     parser = argparse.ArgumentParser(prog="dreambooth worker")
     parser.add_argument("--config", required=True)
@@ -101,8 +102,8 @@ def _worker(argv: list[str]) -> int:
         cfg = parse_training(doc.get("method", "full"), doc["training"])
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        _write_result(64, exc)
-        return 64
+        _write_result(EXIT_BAD_INPUT, exc)
+        return EXIT_BAD_INPUT
     return _train(cfg)
 
 

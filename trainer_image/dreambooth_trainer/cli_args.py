@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from .config import ConfigError, _Common, from_validation_error, nearest
+from dreambooth_api.config import CommonConfig, ConfigError, from_validation_error, nearest
 
 
 def _int_or_auto(text: str) -> int | str:
@@ -38,7 +38,7 @@ def _flag_kwargs(annotation: Any) -> dict[str, Any]:
     return {"type": str}
 
 
-def build_parser(model: type[_Common], prog: str) -> argparse.ArgumentParser:
+def build_parser(model: type[CommonConfig], prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description=f"DreamBooth {model.method} training with {model.script}'s flags and defaults. "
@@ -56,7 +56,7 @@ def build_parser(model: type[_Common], prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_cli(model: type[_Common], argv: list[str], prog: str) -> _Common:
+def parse_cli(model: type[CommonConfig], argv: list[str], prog: str) -> CommonConfig:
     """Parse flags into a validated config; bad values raise ConfigError naming the flag and manifest field."""
     parser = build_parser(model, prog)
     ns, unknown = parser.parse_known_args(argv)
@@ -68,7 +68,7 @@ def parse_cli(model: type[_Common], argv: list[str], prog: str) -> _Common:
         raise from_validation_error(exc, model) from None
 
 
-def _suggestions(unknown: list[str], model: type[_Common]) -> str:
+def _suggestions(unknown: list[str], model: type[CommonConfig]) -> str:
     """' (did you mean --rank?)' for misspelt flags: the scripts have ~70 flags and one typo is the usual cause."""
     flags = [f"--{name}" for name in model.model_fields]
     hints = []

@@ -26,6 +26,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
+from dreambooth_api.contract import BadInputError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -47,7 +49,7 @@ _STREAM_INSTANCE = 0
 _STREAM_CLASS = 1
 
 
-class DataError(ValueError):
+class DataError(ValueError, BadInputError):
     """Bad training data (missing folder, no images): the launcher maps it to exit 64, bad input."""
 
 

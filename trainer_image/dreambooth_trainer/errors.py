@@ -1,46 +1,31 @@
-"""The launcher's exit codes (DESIGN.md contract) and how a failure maps to one."""
+"""How a failure that ended a worker maps to the launcher's exit code (docs/design.md, launcher contract).
+
+The exception types carry their class: input errors derive from `BadInputError`, failures whose message is
+already the whole story from `ExplainedError`, a stop on SIGTERM from `PreemptedError` (all in
+dreambooth_api.contract). So this module imports none of the modules whose errors it classifies.
+"""
 
 from __future__ import annotations
 
-EXIT_OK = 0
-EXIT_BAD_INPUT = 64  # config, data, model path, credentials: retrying cannot help
-EXIT_CRASH = 70
-EXIT_GPU_OOM = 71
-EXIT_PREEMPTED = 75  # SIGTERM: emergency checkpoint published, or none possible in time
-
-REASONS = {
-    EXIT_OK: "Completed",
-    EXIT_BAD_INPUT: "BadInput",
-    EXIT_CRASH: "Crashed",
-    EXIT_GPU_OOM: "GPUOutOfMemory",
-    EXIT_PREEMPTED: "Preempted",
-}
+from dreambooth_api.contract import (
+    EXIT_BAD_INPUT,
+    EXIT_CRASH,
+    EXIT_GPU_OOM,
+    EXIT_PREEMPTED,
+    BadInputError,
+    ExplainedError,
+    PreemptedError,
+)
 
 
 def classify(exc: BaseException) -> int:
     """Exit code for an exception that ended a worker."""
-    from .config import ConfigError
-
-    if isinstance(exc, ConfigError):
+    if isinstance(exc, BadInputError):
         return EXIT_BAD_INPUT
-    try:
-        from .data import DataError
-
-        if isinstance(exc, DataError):
-            return EXIT_BAD_INPUT
-    except ImportError:  # torch-free callers
-        pass
-    try:
-        from .storage import AccessDeniedError, BucketMissingError, NotFoundError
-
-        if isinstance(exc, AccessDeniedError | BucketMissingError | NotFoundError):
-            return EXIT_BAD_INPUT
-    except ImportError:
-        pass
-    name = type(exc).__name__
-    if name == "Preempted":
+    if isinstance(exc, PreemptedError):
         return EXIT_PREEMPTED
-    if name == "OutOfMemoryError" or "CUDA out of memory" in str(exc):
+    # torch.OutOfMemoryError (CUDA), matched by name: the launcher side of this package never imports torch.
+    if type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc):
         return EXIT_GPU_OOM
     return EXIT_CRASH
 
@@ -48,9 +33,4 @@ def classify(exc: BaseException) -> int:
 def explained(exc: BaseException) -> bool:
     """A failure whose message already says what went wrong and what to do (the Hub or S3 unreachable after
     retries): one line for the user, no traceback. It still ends the run as a crash, which the operator retries."""
-    try:
-        from .hub import HubError
-        from .storage import StorageError
-    except ImportError:  # torch-free callers
-        return False
-    return isinstance(exc, HubError | StorageError)
+    return isinstance(exc, ExplainedError)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .config import ConfigError, _Common
+from dreambooth_api.config import CommonConfig, ConfigError
+from dreambooth_api.contract import ExplainedError
+
 from .modelcard import is_hub_id
 
 logger = logging.getLogger(__name__)
@@ -20,16 +22,16 @@ logger = logging.getLogger(__name__)
 UPLOAD_IGNORE = ["checkpoint-*", "checkpoint-*/**", "LATEST", ".owner", "logs/attempt-*/**", "step_*", "epoch_*"]
 
 
-class HubError(RuntimeError):
+class HubError(RuntimeError, ExplainedError):
     """The Hub could not be reached or refused an operation for a reason other than the token."""
 
 
-def repo_id_for(cfg: _Common) -> str:
+def repo_id_for(cfg: CommonConfig) -> str:
     """--hub_model_id, else the output folder's name, as the scripts do."""
     return cfg.hub_model_id or Path(cfg.output_dir.rstrip("/")).name
 
 
-def _token(cfg: _Common) -> str | None:
+def _token(cfg: CommonConfig) -> str | None:
     if cfg.hub_token:
         logger.warning(
             "--hub_token (spec.training.hubToken) puts the token in command lines and manifests; prefer the "
@@ -54,7 +56,7 @@ def _translate(exc: Exception, what: str) -> Exception:
     )
 
 
-def create_hub_repo(cfg: _Common) -> str:
+def create_hub_repo(cfg: CommonConfig) -> str:
     """Create (or reuse) the model repository; the full repo id ("user/name") is returned."""
     from huggingface_hub import create_repo
 
@@ -65,7 +67,7 @@ def create_hub_repo(cfg: _Common) -> str:
         raise _translate(exc, f"create the repository {name}") from exc
 
 
-def push_folder(cfg: _Common, repo_id: str, folder: Path) -> str:
+def push_folder(cfg: CommonConfig, repo_id: str, folder: Path) -> str:
     """Upload the output folder (model, model card, validation images, TensorBoard logs) in one commit."""
     from huggingface_hub import upload_folder
 
@@ -83,7 +85,7 @@ def push_folder(cfg: _Common, repo_id: str, folder: Path) -> str:
     return str(info)
 
 
-def download_model(cfg: _Common) -> Path | None:
+def download_model(cfg: CommonConfig) -> Path | None:
     """A Hub model id as a local pipeline folder (only the files from_pretrained needs); None for paths."""
     name = cfg.pretrained_model_name_or_path
     if not is_hub_id(name) or "/" not in name:

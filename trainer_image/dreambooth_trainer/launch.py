@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_GPU_OOM, EXIT_OK, EXIT_PREEMPTED, REASONS
+from dreambooth_api.contract import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_GPU_OOM, EXIT_OK, EXIT_PREEMPTED, REASONS
 
 logger = logging.getLogger("dreambooth_trainer.launch")
 
@@ -576,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _launch(args: argparse.Namespace, request: StopRequest) -> Outcome:
-    from .config import ConfigError, parse_training
+    from dreambooth_api.config import ConfigError, parse_training
 
     config = Path(args.config)
     try:

@@ -120,7 +120,9 @@ class RankLog:
             return
         self._closed = True
         if exc is not None:
-            from .errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, classify
+            from dreambooth_api.contract import EXIT_BAD_INPUT, EXIT_PREEMPTED
+
+            from .errors import classify
 
             code = classify(exc)
             # A bad input or a preemption is fully said by its message; a crash needs its traceback.

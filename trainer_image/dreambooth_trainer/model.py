@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, _Common
+from dreambooth_api.config import CommonConfig, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def check_pipeline_dir(path: Path) -> None:
         )
 
 
-def check_optional_libraries(cfg: _Common) -> None:
+def check_optional_libraries(cfg: CommonConfig) -> None:
     """Fail on a missing optional library before any model loads, naming the flag and the install command."""
     if cfg.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
         raise ConfigError(
@@ -56,7 +56,7 @@ def check_optional_libraries(cfg: _Common) -> None:
         raise ConfigError("use_8bit_adam", "needs bitsandbytes: `pip install bitsandbytes`, or drop the flag.")
 
 
-def load_models(cfg: _Common, model_dir: Path) -> Models:
+def load_models(cfg: CommonConfig, model_dir: Path) -> Models:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
@@ -71,7 +71,7 @@ def load_models(cfg: _Common, model_dir: Path) -> Models:
     return Models(tokenizer, text_encoder, vae, unet, noise_scheduler)
 
 
-def add_lora(models: Models, cfg: _Common) -> None:
+def add_lora(models: Models, cfg: CommonConfig) -> None:
     """LoRA on the UNet's attention (and the text encoder's when it trains), as train_dreambooth_lora.py does."""
     from peft import LoraConfig
 
@@ -89,7 +89,7 @@ def add_lora(models: Models, cfg: _Common) -> None:
         models.text_encoder.add_adapter(adapter(TEXT_LORA_TARGETS))
 
 
-def set_trainable(models: Models, cfg: _Common) -> list[torch.nn.Module]:
+def set_trainable(models: Models, cfg: CommonConfig) -> list[torch.nn.Module]:
     """Freeze what does not train; return the modules whose parameters the optimizer gets."""
     models.vae.requires_grad_(False)
     if cfg.method == "lora":
@@ -104,7 +104,7 @@ def set_trainable(models: Models, cfg: _Common) -> list[torch.nn.Module]:
     return trained
 
 
-def enable_memory_savers(models: Models, cfg: _Common, gradient_checkpointing: bool) -> None:
+def enable_memory_savers(models: Models, cfg: CommonConfig, gradient_checkpointing: bool) -> None:
     if gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
@@ -129,7 +129,7 @@ def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]
             params[name].copy_(value)
 
 
-def optimizer_class(cfg: _Common):
+def optimizer_class(cfg: CommonConfig):
     if cfg.use_8bit_adam:
         import bitsandbytes as bnb
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import _Common, flag_and_field
+from dreambooth_api.config import CommonConfig, flag_and_field
 
 # A Hub model id ("org/name" or "name"); the Hub rejects any other base_model in the card's metadata.
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
@@ -30,7 +30,7 @@ def is_hub_id(name: str) -> bool:
     )
 
 
-def _front_matter(cfg: _Common) -> str:
+def _front_matter(cfg: CommonConfig) -> str:
     tags = ["text-to-image", "dreambooth", "diffusers-training", "stable-diffusion", "stable-diffusion-diffusers"]
     if cfg.method == "lora":
         tags.append("lora")
@@ -44,7 +44,7 @@ def _front_matter(cfg: _Common) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
-def _settings_table(cfg: _Common) -> str:
+def _settings_table(cfg: CommonConfig) -> str:
     rows = []
     for name, value in cfg.model_dump(mode="json", exclude_defaults=True).items():
         if name in SECRET_FIELDS:
@@ -57,7 +57,7 @@ def _settings_table(cfg: _Common) -> str:
 
 
 def model_card(
-    cfg: _Common,
+    cfg: CommonConfig,
     *,
     steps: int,
     repo_id: str | None = None,

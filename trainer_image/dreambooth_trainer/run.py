@@ -9,8 +9,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import ConfigError
-from .manifest import Job, load_job
+from dreambooth_api.config import ConfigError
+from dreambooth_api.contract import EXIT_BAD_INPUT
+from dreambooth_api.manifest import Job, load_job
 
 
 def process_count(job: Job, override: int | None) -> int:
@@ -43,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         job, cfg = load_job(args.manifest)
     except ConfigError as exc:
         print(f"error: {args.manifest}: {exc}", file=sys.stderr)
-        return 64
+        return EXIT_BAD_INPUT
     except FileNotFoundError:
         print(f"error: {args.manifest} does not exist", file=sys.stderr)
-        return 64
+        return EXIT_BAD_INPUT
     cmd = "train" if cfg.method == "full" else "train-lora"
     if args.print_config:
         print(f"dreambooth {cmd} " + " ".join(_quote(a) for a in _masked(cfg.cli_args())))

@@ -22,10 +22,12 @@ from typing import Any
 
 import torch
 
+from dreambooth_api.config import CommonConfig, ConfigError, config_hash, flag_and_field
+from dreambooth_api.contract import PreemptedError
+
 from . import checkpoint as ckpt
 from . import hub, logs
 from .classimages import ensure_class_images
-from .config import ConfigError, _Common, config_hash, flag_and_field
 from .data import CachedLatentsDataset, DreamBoothDataset, EpochSampler, collate_fn, list_images
 from .loop import dreambooth_loss, sample_noise, sample_timesteps, seed_global_rng, step_generator, target_for
 from .model import (
@@ -48,13 +50,8 @@ from .validation import Trackers, Validator, trackers_for
 logger = logging.getLogger(__name__)
 
 
-class Preempted(Exception):
+class Preempted(PreemptedError):
     """SIGTERM arrived: the emergency checkpoint (if any) is published; the process should exit 75."""
-
-    def __init__(self, step: int, checkpoint_uri: str | None, message: str) -> None:
-        super().__init__(message)
-        self.step = step
-        self.checkpoint_uri = checkpoint_uri
 
 
 @dataclass
@@ -116,7 +113,7 @@ def stage_folder(uri: str, what: str, field: str | None = None, *, may_be_empty:
     return local
 
 
-def _check_device_precision(cfg: _Common) -> None:
+def _check_device_precision(cfg: CommonConfig) -> None:
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision", "fp16 needs a GPU; on CPU use bf16 or no.")
     if cfg.with_prior_preservation and cfg.prior_generation_precision == "fp16" and not torch.cuda.is_available():
@@ -130,7 +127,7 @@ def _weight_dtype(accelerator) -> torch.dtype:
 
 
 class Trainer:
-    def __init__(self, cfg: _Common, env: RunEnv | None = None) -> None:
+    def __init__(self, cfg: CommonConfig, env: RunEnv | None = None) -> None:
         self.cfg = cfg
         self.env = env or RunEnv.from_environ()
         self.hash = config_hash(cfg)
@@ -760,7 +757,7 @@ def install_sigterm(env: RunEnv) -> None:
         env.stop.set()
 
 
-def run_training(cfg: _Common, env: RunEnv | None = None) -> TrainResult:
+def run_training(cfg: CommonConfig, env: RunEnv | None = None) -> TrainResult:
     env = env or RunEnv.from_environ()
     install_sigterm(env)
     trainer = Trainer(cfg, env)

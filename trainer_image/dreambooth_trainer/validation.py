@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .config import ConfigError, _Common
+from dreambooth_api.config import CommonConfig, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def resolve_trackers(
     return chosen, warning
 
 
-def trackers_for(cfg: _Common) -> list[str]:
+def trackers_for(cfg: CommonConfig) -> list[str]:
     """The trackers this config asks for, checked before any work starts (raises ConfigError)."""
     names, warning = resolve_trackers(cfg.report_to, explicit="report_to" in cfg.model_fields_set)
     if warning:
@@ -189,7 +189,7 @@ class Validator:
 
     def __init__(
         self,
-        cfg: _Common,
+        cfg: CommonConfig,
         *,
         device: torch.device,
         weight_dtype: torch.dtype,

@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from .config import ConfigError, Method, _Common, nearest, parse_training
+from .config import CommonConfig, ConfigError, Method, nearest, parse_training
 
 API_GROUP = "dreambooth.dev"
 API_VERSION = "v1alpha1"
@@ -142,7 +142,7 @@ class JobSpec(_Spec):
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, preemptions, deadlines, suspend.")
     hub: Hub = Field(default_factory=Hub, description="Hugging Face Hub access (the token from a Secret).")
 
-    def training_config(self) -> _Common:
+    def training_config(self) -> CommonConfig:
         return parse_training(self.method, self.training)
 
 
@@ -159,7 +159,7 @@ class Job(BaseModel):
         return str(self.metadata.get("name", "dreambooth-job"))
 
 
-def parse_job(obj: dict[str, Any]) -> tuple[Job, _Common]:
+def parse_job(obj: dict[str, Any]) -> tuple[Job, CommonConfig]:
     """Validate a manifest and its trainer config. Errors name the manifest field and the fix."""
     if not isinstance(obj, dict):
         raise ConfigError("manifest", "must be a YAML mapping with apiVersion, kind, metadata and spec.")
@@ -178,7 +178,7 @@ def parse_job(obj: dict[str, Any]) -> tuple[Job, _Common]:
     return job, job.spec.training_config()
 
 
-def load_job(path: str | Path) -> tuple[Job, _Common]:
+def load_job(path: str | Path) -> tuple[Job, CommonConfig]:
     text = Path(path).read_text()
     try:
         docs = [d for d in yaml.safe_load_all(text) if d]

@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from .contract import BadInputError
+
 Method = Literal["full", "lora"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 PriorPrecision = Literal["no", "fp32", "fp16", "bf16"]
@@ -27,7 +29,7 @@ ValidationScheduler = Literal["DPMSolverMultistepScheduler", "DDPMScheduler"]
 InterpolationMode = Literal["bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact"]
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, BadInputError):
     """Bad trainer input, found before any work starts. Maps to the launcher's bad-input exit code (64)."""
 
     def __init__(self, field: str, message: str) -> None:
@@ -44,7 +46,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return Field(default, description=help, **kw)
 
 
-class _Common(BaseModel):
+class CommonConfig(BaseModel):
     """Flags shared by both scripts, with the defaults both scripts give them."""
 
     model_config = ConfigDict(
@@ -141,7 +143,7 @@ class _Common(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _cross_field_rules(self) -> _Common:
+    def _cross_field_rules(self) -> CommonConfig:
         check_rules(self)
         return self
 
@@ -187,14 +189,14 @@ OPERATIONAL_FIELDS = frozenset(
 )  # fmt: skip
 
 
-def config_hash(config: _Common) -> str:
+def config_hash(config: CommonConfig) -> str:
     """Identity of a training run's math: two configs with the same hash resume each other's checkpoints."""
     data = {k: v for k, v in config.model_dump(mode="json").items() if k not in OPERATIONAL_FIELDS}
     data["method"] = config.method
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class FullConfig(_Common):
+class FullConfig(CommonConfig):
     """``train_dreambooth.py``: full fine-tune of the UNet (and optionally the text encoder)."""
 
     method: ClassVar[Method] = "full"
@@ -207,7 +209,7 @@ class FullConfig(_Common):
     skip_save_text_encoder: bool = _f(False, "Do not save the text encoder in the final pipeline.")
 
 
-class LoraConfig(_Common):
+class LoraConfig(CommonConfig):
     """``train_dreambooth_lora.py``: LoRA adapters on the UNet (and optionally the text encoder)."""
 
     method: ClassVar[Method] = "lora"
@@ -228,11 +230,11 @@ class LoraConfig(_Common):
 
 
 TrainingConfig = FullConfig | LoraConfig
-MODELS: dict[str, type[_Common]] = {"full": FullConfig, "lora": LoraConfig}
+MODELS: dict[str, type[CommonConfig]] = {"full": FullConfig, "lora": LoraConfig}
 IF_ONLY_FIELDS = ("validation_images", "class_labels_conditioning")
 
 
-def check_rules(cfg: _Common) -> None:
+def check_rules(cfg: CommonConfig) -> None:
     """Rules the field types cannot express. Each names the flag, the manifest field and the fix."""
     for name in IF_ONLY_FIELDS:
         if getattr(cfg, name) is not None:
@@ -262,7 +264,7 @@ def check_rules(cfg: _Common) -> None:
         raise ConfigError("cache_latents", "needs --center_crop (random crops change the latents every epoch).")
 
 
-def parse_training(method: str, training: dict[str, Any]) -> _Common:
+def parse_training(method: str, training: dict[str, Any]) -> CommonConfig:
     """Build a config from a manifest's ``spec.training`` (camelCase; snake_case accepted), or raise ConfigError."""
     if method not in MODELS:
         raise ConfigError("method", f"spec.method must be 'full' or 'lora', not {method!r}.")
@@ -273,7 +275,7 @@ def parse_training(method: str, training: dict[str, Any]) -> _Common:
         raise from_validation_error(exc, model) from None
 
 
-def from_validation_error(exc: ValidationError, model: type[_Common]) -> ConfigError:
+def from_validation_error(exc: ValidationError, model: type[CommonConfig]) -> ConfigError:
     """Turn pydantic's error into one that names the flag, the manifest field and the fix."""
     err = exc.errors()[0]
     ctx_error = (err.get("ctx") or {}).get("error")
@@ -313,7 +315,7 @@ def nearest(name: str, known: Iterable[str]) -> str | None:
     return close[0] if close else None
 
 
-def _cmd(model: type[_Common]) -> str:
+def _cmd(model: type[CommonConfig]) -> str:
     return "train" if model.method == "full" else "train-lora"
 
 

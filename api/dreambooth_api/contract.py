@@ -1,0 +1,64 @@
+"""The launcher contract (docs/design.md): what a trainer pod tells the operator, and how.
+
+Exit codes and their reasons, the termination message's keys, the /progress document's keys, the environment
+the operator sets, and the error types a failure is classified by. Both sides import this module; it imports
+nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+# ------------------------------------------------------------------------------------------------ exit codes
+EXIT_OK = 0
+EXIT_BAD_INPUT = 64  # config, data, model path, credentials: retrying cannot help
+EXIT_CRASH = 70  # anything else: the operator retries (backoffLimit)
+EXIT_GPU_OOM = 71  # the operator retries once with memory savers
+EXIT_PREEMPTED = 75  # SIGTERM: emergency checkpoint published, or none possible in time
+
+REASONS = {
+    EXIT_OK: "Completed",
+    EXIT_BAD_INPUT: "BadInput",
+    EXIT_CRASH: "Crashed",
+    EXIT_GPU_OOM: "GPUOutOfMemory",
+    EXIT_PREEMPTED: "Preempted",
+}
+
+# -------------------------------------------------------------------------------------- termination message
+# The launcher writes {"reason", "step", "checkpointUri", "message"} as JSON, at most MESSAGE_LIMIT bytes.
+TERMINATION_KEYS = ("reason", "step", "checkpointUri", "message")
+MESSAGE_LIMIT = 4096  # the kubelet truncates a termination message beyond 4096 bytes
+TERMINATION_LOG = "/dev/termination-log"
+
+# ---------------------------------------------------------------------------------------------- /progress
+PROGRESS_KEYS = (
+    "phase", "step", "maxSteps", "loss", "stepsPerSecond", "etaSeconds", "lastCheckpoint", "validationImages",
+)  # fmt: skip
+DEFAULT_PROGRESS_PORT = 8080
+
+# ------------------------------------------------------------------------------- environment of a trainer pod
+ENV_JOB_NAME = "DREAMBOOTH_JOB_NAME"
+ENV_JOB_UID = "DREAMBOOTH_JOB_UID"
+ENV_ATTEMPT = "DREAMBOOTH_ATTEMPT"
+ENV_GRACE_SECONDS = "DREAMBOOTH_GRACE_SECONDS"
+ENV_MEMORY_SAVERS = "DREAMBOOTH_MEMORY_SAVERS"
+ENV_TERMINATION_MESSAGE_PATH = "TERMINATION_MESSAGE_PATH"
+ENV_PROGRESS_PORT = "PROGRESS_PORT"
+ENV_SCRATCH = "DREAMBOOTH_SCRATCH"
+ENV_CACHE = "DREAMBOOTH_CACHE"
+
+
+# ---------------------------------------------------------------------------------------------- error types
+class BadInputError(Exception):
+    """A failure the user fixes in the input (config, data, model path, credentials): exit 64, never retried."""
+
+
+class ExplainedError(Exception):
+    """A failure whose message already says what went wrong and what to do: one line, no traceback."""
+
+
+class PreemptedError(Exception):
+    """The run stopped on SIGTERM; `checkpoint_uri` is the checkpoint the next attempt resumes from."""
+
+    def __init__(self, step: int, checkpoint_uri: str | None, message: str) -> None:
+        super().__init__(message)
+        self.step = step
+        self.checkpoint_uri = checkpoint_uri
