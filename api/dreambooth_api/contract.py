@@ -44,6 +44,9 @@ ENV_TERMINATION_MESSAGE_PATH = "TERMINATION_MESSAGE_PATH"
 ENV_PROGRESS_PORT = "PROGRESS_PORT"
 ENV_SCRATCH = "DREAMBOOTH_SCRATCH"
 ENV_CACHE = "DREAMBOOTH_CACHE"
+# Between the launcher and its workers: each rank's exit code, and local rank 0's outcome detail.
+ENV_RANK_RESULT_DIR = "DREAMBOOTH_RANK_RESULT_DIR"
+ENV_RESULT_FILE = "DREAMBOOTH_RESULT_FILE"
 
 
 # ---------------------------------------------------------------------------------------------- error types

@@ -275,7 +275,7 @@ def test_streamed_safetensors_load_back_and_hash_what_was_written(tmp_path: Path
     import torch
     from safetensors.torch import load_file
 
-    from dreambooth_trainer import checkpoint as ckpt
+    from dreambooth_trainer.checkpoint import layout as ckpt
 
     tensors = {
         "w": torch.randn(3, 4),

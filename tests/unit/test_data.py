@@ -15,7 +15,6 @@ from dreambooth_trainer.data import (
     DataError,
     DreamBoothDataset,
     EpochSampler,
-    PromptDataset,
     collate_fn,
     item_generator,
     list_images,
@@ -334,12 +333,6 @@ def test_pixels_span_the_full_range(tmp_path):
         x = ds[i]["instance_images"]
         assert x.shape == (3, 32, 32)
         assert x.min() == -1 and x.max() == 1
-
-
-def test_prompt_dataset():
-    ds = PromptDataset("a photo of dog", 3)
-    assert len(ds) == 3
-    assert [ds[i] for i in range(3)] == [{"prompt": "a photo of dog", "index": i} for i in range(3)]
 
 
 # ----------------------------------------------------------------------------------------------- sampler

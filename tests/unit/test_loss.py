@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from dreambooth_trainer.loop import dreambooth_loss, min_snr_weights, snr, step_generator, target_for
+from dreambooth_trainer.objective import dreambooth_loss, min_snr_weights, snr, step_generator, target_for
 
 pytestmark = pytest.mark.unit
 

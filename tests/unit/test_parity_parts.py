@@ -11,7 +11,8 @@ from dreambooth_api.config import ConfigError, FullConfig, LoraConfig
 from dreambooth_trainer.classimages import file_name, generation_dtype, image_seed, shard
 from dreambooth_trainer.hub import UPLOAD_IGNORE, repo_id_for
 from dreambooth_trainer.modelcard import is_hub_id, model_card
-from dreambooth_trainer.validation import make_grid, resolve_trackers
+from dreambooth_trainer.trackers import resolve_trackers
+from dreambooth_trainer.validation import make_grid
 
 pytestmark = pytest.mark.unit
 

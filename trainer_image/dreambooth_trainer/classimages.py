@@ -38,7 +38,7 @@ from .data import DataError, list_images
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = ".dreambooth-class-images.json"
+CLASS_MANIFEST = ".dreambooth-class-images.json"
 _GENERATED = re.compile(r"^(\d{5,})-[0-9a-f]{40}\.jpg$")
 
 
@@ -149,7 +149,7 @@ def ensure_class_images(
     conflict = None
     if accelerator.is_main_process:
         names = [p.name for p in present_class_images(class_dir)]
-        conflict = _check_manifest(class_dir / MANIFEST, cfg)
+        conflict = _check_manifest(class_dir / CLASS_MANIFEST, cfg)
     present = len(names)
     if world > 1:
         # Every rank learns the verdict, so a refused folder fails all of them at once (no rank left waiting).
@@ -158,7 +158,7 @@ def ensure_class_images(
         raise ConfigError(
             "class_data_dir",
             f"{cfg.class_data_dir} holds class images generated for {conflict}; they would teach the wrong prior. "
-            f"Point class_data_dir at a folder of its own, or delete {MANIFEST} there to use the images anyway.",
+            f"Point class_data_dir at a folder of its own, or delete {CLASS_MANIFEST} there to use the images anyway.",
         )
     missing = cfg.num_class_images - present
     if missing <= 0:
@@ -247,7 +247,7 @@ def _write_manifest(store: Any, cfg: CommonConfig, seed: int, entries: list[dict
     """Record what was generated (appending to an earlier manifest), so a reused folder says where it came from."""
     previous: list[dict[str, Any]] = []
     try:
-        previous = json.loads(store.read_text(MANIFEST)).get("files", [])
+        previous = json.loads(store.read_text(CLASS_MANIFEST)).get("files", [])
     except Exception:  # noqa: BLE001 - no or unreadable manifest: start a new one
         previous = []
     doc = {
@@ -262,11 +262,11 @@ def _write_manifest(store: Any, cfg: CommonConfig, seed: int, entries: list[dict
         "precision": cfg.prior_generation_precision or "default",
         "files": previous + entries,
     }
-    store.write_text(MANIFEST, json.dumps(doc, indent=1))
+    store.write_text(CLASS_MANIFEST, json.dumps(doc, indent=1))
 
 
 __all__ = [
-    "MANIFEST",
+    "CLASS_MANIFEST",
     "count_class_images",
     "ensure_class_images",
     "generation_dtype",

@@ -35,7 +35,6 @@ __all__ = [
     "DataError",
     "DreamBoothDataset",
     "EpochSampler",
-    "PromptDataset",
     "collate_fn",
     "item_generator",
     "list_images",
@@ -350,20 +349,6 @@ def collate_fn(examples: Sequence[dict[str, Any]], with_prior_preservation: bool
     if has_attention_mask:
         batch["attention_mask"] = torch.cat(attention_mask, dim=0)
     return batch
-
-
-class PromptDataset(Dataset):
-    """``num_samples`` copies of one prompt, with their index: feeds class-image generation across ranks."""
-
-    def __init__(self, prompt: str, num_samples: int) -> None:
-        self.prompt = prompt
-        self.num_samples = num_samples
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"prompt": self.prompt, "index": index}
 
 
 class CachedLatentsDataset(Dataset):

@@ -145,3 +145,15 @@ class RankLog:
 
 
 __all__ = ["RankLog", "log_key"]
+
+
+def setup_logging() -> None:
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("urllib3", "botocore", "s3transfer", "PIL", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

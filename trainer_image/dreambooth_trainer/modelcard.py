@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from dreambooth_api.config import CommonConfig, flag_and_field
+from dreambooth_api.config import CommonConfig, LoraConfig, flag_and_field
 
 # A Hub model id ("org/name" or "name"); the Hub rejects any other base_model in the card's metadata.
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
@@ -70,7 +70,7 @@ def model_card(
     if cfg.method == "lora":
         heading = f"# LoRA DreamBooth - {title}"
         what = (
-            f"These are LoRA adaption weights (rank {getattr(cfg, 'rank', '?')}) for {base}, trained on "
+            f"These are LoRA adaption weights (rank {cfg.rank if isinstance(cfg, LoraConfig) else '?'}) for {base}, trained on "
             f"`{cfg.instance_prompt}` with [DreamBooth](https://dreambooth.github.io/)."
         )
         te = f"LoRA for the text encoder was enabled: {cfg.train_text_encoder}."

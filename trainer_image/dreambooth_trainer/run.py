@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dreambooth-run-") as tmp:
         config_file = Path(tmp) / "config.json"
         config_file.write_text(json.dumps({"method": cfg.method, "training": cfg.to_training_spec()}))
-        from .launch import main as launch_main
+        from .launcher import main as launch_main
 
         code = launch_main(["--config", str(config_file), "--nproc-per-node", str(nproc)])
     _summary(cfg, code)

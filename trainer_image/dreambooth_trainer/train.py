@@ -22,14 +22,13 @@ from typing import Any
 
 import torch
 
-from dreambooth_api.config import CommonConfig, ConfigError, config_hash, flag_and_field
+from dreambooth_api.config import CommonConfig, ConfigError, FullConfig, LoraConfig, config_hash, flag_and_field
 from dreambooth_api.contract import PreemptedError
 
 from . import checkpoint as ckpt
 from . import hub, logs
 from .classimages import ensure_class_images
 from .data import CachedLatentsDataset, DreamBoothDataset, EpochSampler, collate_fn, list_images
-from .loop import dreambooth_loss, sample_noise, sample_timesteps, seed_global_rng, step_generator, target_for
 from .model import (
     add_lora,
     check_optional_libraries,
@@ -42,10 +41,13 @@ from .model import (
     trainable_state,
 )
 from .modelcard import model_card, write_model_card
+from .objective import dreambooth_loss, sample_noise, sample_timesteps, seed_global_rng, step_generator, target_for
 from .progress import Progress, serve_progress
 from .scratch import Scratch, new_run_id
 from .storage import AccessDeniedError, BucketMissingError, NotFoundError, Store, local_cache_for, open_store
-from .validation import Trackers, Validator, trackers_for
+from .testhooks import hooks
+from .trackers import Trackers, trackers_for
+from .validation import Validator
 
 logger = logging.getLogger(__name__)
 
@@ -431,7 +433,7 @@ class Trainer:
         snap.objects["training/scheduler.pt"] = self.lr_scheduler.state_dict()
         if self.accelerator.scaler is not None:
             snap.objects["training/scaler.pt"] = self.accelerator.scaler.state_dict()
-        padding = ckpt.padding_for_tests()  # DREAMBOOTH_TEST_PAD_STATE_MB: benchmarks a bigger state
+        padding = hooks().state_padding()  # DREAMBOOTH_TEST_PAD_STATE_MB: benchmarks a bigger state
         if padding is not None:
             snap.tensors["training/test-padding.safetensors"] = ckpt.cpu_clone(padding, reuse, "padding")
         return snap
@@ -494,7 +496,7 @@ class Trainer:
             with torch.no_grad():
                 latents = m.vae.encode(pixel_values).latent_dist.sample(generator=gen)
         latents = latents * self.latent_scale
-        noise = sample_noise(latents, gen, getattr(cfg, "offset_noise", False))
+        noise = sample_noise(latents, gen, isinstance(cfg, FullConfig) and cfg.offset_noise)
         timesteps = sample_timesteps(
             latents.shape[0], m.noise_scheduler.config.num_train_timesteps, gen, latents.device
         )
@@ -539,10 +541,6 @@ class Trainer:
         self.progress.checkpoint_interval_steps = int(every)
         return step % int(every) == 0
 
-    def _auto_interval(self) -> int | None:
-        """Young/Daly interval in steps (checkpoint.CheckpointInterval), None until the speed is measured."""
-        return self.interval.steps(self.progress.steps_per_second)
-
     def save_checkpoint(self, *, background: bool) -> None:
         """Snapshot on rank 0; the write and upload happen on a background thread unless asked otherwise."""
         if self.accelerator.is_main_process:
@@ -559,13 +557,8 @@ class Trainer:
             mod.train()
         loss_value: float | None = None
         accum_loss = 0.0
-        # Test-only: slows each optimizer step so tests can signal or kill a run at a chosen step.
-        self._test_step_delay = float(os.environ.get("DREAMBOOTH_TEST_STEP_DELAY_SECONDS", "0") or 0)
-        # Test-only: a simulated GPU OOM at this step (on one rank if DREAMBOOTH_TEST_RAISE_OOM_ON_RANK is set).
-        oom_step = int(os.environ.get("DREAMBOOTH_TEST_RAISE_OOM_AT_STEP", "0") or 0)
-        oom_rank = os.environ.get("DREAMBOOTH_TEST_RAISE_OOM_ON_RANK", "")
-        if oom_rank not in ("", str(self.rank)):
-            oom_step = 0
+        test_hooks = hooks()
+        oom_step = test_hooks.oom_at(self.rank)
         if self._stop_agreed():
             # SIGTERM during setup: nothing was trained since the checkpoint this run started from.
             uri = self.out.url(f"checkpoint-{self.resumed.step}") if self.resumed else None
@@ -580,7 +573,7 @@ class Trainer:
                 micro = st.micro_in_epoch
                 sync = (micro + 1) % self.accum == 0 or micro + 1 == self.batches_per_epoch
                 gen = step_generator(self.run_seed, st.epoch, micro, self.rank, acc.device)
-                if getattr(cfg, "lora_dropout", 0.0):
+                if isinstance(cfg, LoraConfig) and cfg.lora_dropout:
                     # Dropout draws from the global RNG, which checkpoints do not hold: reseed it per position.
                     seed_global_rng(self.run_seed, st.epoch, micro, self.rank)
                 with contextlib.ExitStack() as stack:
@@ -600,11 +593,10 @@ class Trainer:
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 # train_dreambooth.py zeroes grads unless --set_grads_to_none; the LoRA script sets them to None.
-                self.optimizer.zero_grad(set_to_none=getattr(cfg, "set_grads_to_none", True))
+                self.optimizer.zero_grad(set_to_none=not isinstance(cfg, FullConfig) or cfg.set_grads_to_none)
                 st.global_step += 1
                 loss_value, accum_loss = accum_loss, 0.0
-                if self._test_step_delay:
-                    time.sleep(self._test_step_delay)
+                test_hooks.after_step()
                 if st.global_step == oom_step:
                     raise torch.OutOfMemoryError(f"test hook: simulated CUDA out of memory at step {oom_step}")
                 lr = self.lr_scheduler.get_last_lr()[0]
@@ -697,7 +689,7 @@ class Trainer:
             if cfg.train_text_encoder:
                 kwargs["text_encoder"] = self.accelerator.unwrap_model(self.trained_wrapped[1])
             pipe = DiffusionPipeline.from_pretrained(self.model_dir, revision=cfg.revision, **kwargs)
-            if getattr(cfg, "skip_save_text_encoder", False):
+            if isinstance(cfg, FullConfig) and cfg.skip_save_text_encoder:
                 pipe.text_encoder = None
             before = set(p for p in local.rglob("*") if p.is_file())
             pipe.save_pretrained(local, safe_serialization=True)
@@ -711,7 +703,7 @@ class Trainer:
                     str(p.relative_to(local)) for p in sorted(self.trackers.local_dir.rglob("*")) if p.is_file()
                 ]
             logger.info("uploading the final model: %d file(s) to %s", len(written), self.out.uri)
-            _test_hook_before_final_upload()
+            hooks().before_final_upload()
             # Every file this run wrote, each checked where it landed: "saved" is said only of a model in S3.
             self.out.upload_verified([(local / rel, rel) for rel in dict.fromkeys(written)])
         logger.info("model saved to %s", self.out.uri)
@@ -731,13 +723,6 @@ class Trainer:
         return write_model_card(local, text).name
 
 
-def _test_hook_before_final_upload() -> None:
-    # Test-only: DREAMBOOTH_TEST_FINAL_UPLOAD_DELAY_SECONDS holds the final upload, so a test can stop S3 there.
-    delay = float(os.environ.get("DREAMBOOTH_TEST_FINAL_UPLOAD_DELAY_SECONDS", "0") or 0)
-    if delay > 0:
-        time.sleep(delay)
-
-
 def install_sigterm(env: RunEnv) -> None:
     """Ask the loop to stop at the next optimizer step; the loop publishes a checkpoint and exits 75."""
 
@@ -748,13 +733,11 @@ def install_sigterm(env: RunEnv) -> None:
         env.stop.set()
 
     signal.signal(signal.SIGTERM, handler)
-    # A SIGTERM that came while the worker was starting (the launcher's worker shim only noted it: raising in
-    # the middle of an import can leave torch half-initialised) stops the run before its first step.
-    from .launch import stop_requested_while_starting
-
-    if stop_requested_while_starting():
+    # A SIGTERM that came while the worker was starting set env.stop already (worker.early_stop is the same
+    # Event: raising in the middle of an import can leave torch half-initialised); the run stops before its
+    # first step.
+    if env.stop.is_set():
         logger.warning("SIGTERM came while the worker was starting: stopping before the first step")
-        env.stop.set()
 
 
 def run_training(cfg: CommonConfig, env: RunEnv | None = None) -> TrainResult:

@@ -1,4 +1,4 @@
-"""Validation images during and after training, and the experiment trackers (TensorBoard) that receive them.
+"""Validation images during and after training (the trackers that receive them: `trackers`).
 
 Follows diffusers' DreamBooth scripts: ``num_validation_images`` images of ``validation_prompt`` every
 ``validation_steps`` optimizer steps (``train_dreambooth.py``) or at the end of every ``validation_epochs``-th
@@ -13,11 +13,10 @@ scripts seed theirs), never from the global RNG, and restores each module's trai
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,138 +24,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from dreambooth_api.config import CommonConfig, ConfigError
+from dreambooth_api.config import CommonConfig, FullConfig, LoraConfig
+
+from .trackers import Trackers
 
 logger = logging.getLogger(__name__)
 
-# accelerate's tracker names and the module each needs (accelerate's own `is_*_available` checks).
-TRACKER_MODULES: dict[str, tuple[str, ...]] = {
-    "tensorboard": ("tensorboard", "tensorboardX"),
-    "wandb": ("wandb",),
-    "comet_ml": ("comet_ml",),
-    "mlflow": ("mlflow",),
-    "clearml": ("clearml",),
-    "dvclive": ("dvclive",),
-    "aim": ("aim",),
-    "swanlab": ("swanlab",),
-    "trackio": ("trackio",),
-}
 VALIDATION_STEPS = 25  # num_inference_steps of the scripts' log_validation
-
-
-def _installed(name: str) -> bool:
-    return any(importlib.util.find_spec(mod) is not None for mod in TRACKER_MODULES[name])
-
-
-def resolve_trackers(
-    report_to: str, *, explicit: bool, installed: Callable[[str], bool] = _installed
-) -> tuple[list[str], str | None]:
-    """Trackers to start for ``--report_to``, and a warning to log (or None).
-
-    ``explicit`` says whether the user set the flag. diffusers' default ``tensorboard`` crashes a run where
-    TensorBoard is not installed; here the default quietly degrades (warning, no tracker), while a tracker the
-    user asked for by name must be installed. ``all`` means every installed tracker, as in accelerate.
-    """
-    names = [n.strip() for n in report_to.split(",") if n.strip()]
-    if not names or names == ["none"]:
-        return [], None
-    if names == ["all"]:
-        return [n for n in TRACKER_MODULES if installed(n)], None
-    unknown = [n for n in names if n not in TRACKER_MODULES]
-    if unknown:
-        raise ConfigError(
-            "report_to",
-            f"unknown tracker {', '.join(unknown)}; use one or more of {', '.join(TRACKER_MODULES)} "
-            "(comma-separated), all, or none.",
-        )
-    chosen: list[str] = []
-    warning = None
-    for name in names:
-        if installed(name):
-            chosen.append(name)
-        elif name == "tensorboard" and not explicit:
-            warning = (
-                "TensorBoard is not installed, so the default --report_to tensorboard logs nothing; "
-                "`pip install tensorboard` to get the logs, or pass --report_to none to silence this."
-            )
-        else:
-            raise ConfigError(
-                "report_to",
-                f"{name} is not installed: `pip install {TRACKER_MODULES[name][0]}`, or pass --report_to none.",
-            )
-    return chosen, warning
-
-
-def trackers_for(cfg: CommonConfig) -> list[str]:
-    """The trackers this config asks for, checked before any work starts (raises ConfigError)."""
-    names, warning = resolve_trackers(cfg.report_to, explicit="report_to" in cfg.model_fields_set)
-    if warning:
-        logger.warning(warning)
-    return names
-
-
-def _hparam(value: Any) -> bool | int | float | str:
-    return value if isinstance(value, bool | int | float | str) else str(value)
-
-
-class Trackers:
-    """accelerate's tracker classes on rank 0, writing under ``<logging_dir>/<run_name>`` like the scripts.
-
-    The logging folder is local; for an s3:// output the caller uploads it (``local_dir``) when it publishes.
-    """
-
-    def __init__(
-        self, names: Sequence[str], *, run_name: str, local_dir: Path, config: dict[str, Any], enabled: bool
-    ) -> None:
-        self.local_dir = local_dir
-        self.trackers: list[Any] = []
-        if not enabled or not names:
-            return
-        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-
-        local_dir.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            cls = LOGGER_TYPE_TO_CLASS[name]
-            tracker = cls(run_name, local_dir) if getattr(cls, "requires_logging_directory", False) else cls(run_name)
-            tracker.start()
-            # TensorBoard's hparams accept only scalars and strings; the token is a secret.
-            tracker.store_init_configuration(
-                {k: _hparam(v) for k, v in config.items() if k != "hub_token" and v is not None}
-            )
-            self.trackers.append(tracker)
-
-    @property
-    def active(self) -> bool:
-        return bool(self.trackers)
-
-    def log(self, values: dict[str, float], step: int) -> None:
-        for tracker in self.trackers:
-            tracker.log(values, step=step)
-
-    def log_images(self, tag: str, images: Sequence[Image.Image], step: int) -> None:
-        if not images:
-            return
-        import numpy as np
-
-        for tracker in self.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_images(tag, np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
-                tracker.writer.flush()
-            elif tracker.name == "wandb":
-                import wandb
-
-                tracker.log({tag: [wandb.Image(im, caption=f"{i}") for i, im in enumerate(images)]}, step=step)
-
-    def flush(self) -> None:
-        for tracker in self.trackers:
-            writer = getattr(tracker, "writer", None)
-            if writer is not None:
-                writer.flush()
-
-    def finish(self) -> None:
-        for tracker in self.trackers:
-            tracker.finish()
-        self.trackers = []
 
 
 def make_grid(images: Sequence[Image.Image]) -> Image.Image:
@@ -221,12 +95,12 @@ class Validator:
 
     def due_after_step(self, step: int) -> bool:
         """train_dreambooth.py: every validation_steps optimizer steps."""
-        every = getattr(self.cfg, "validation_steps", None)
+        every = self.cfg.validation_steps if isinstance(self.cfg, FullConfig) else None
         return self.enabled and every is not None and step % every == 0
 
     def due_after_epoch(self, epoch: int) -> bool:
         """train_dreambooth_lora.py: at the end of epochs 0, N, 2N, ... (N = validation_epochs)."""
-        every = getattr(self.cfg, "validation_epochs", None)
+        every = self.cfg.validation_epochs if isinstance(self.cfg, LoraConfig) else None
         return self.enabled and every is not None and epoch % every == 0
 
     def due_at_end(self, step: int) -> bool:
@@ -236,7 +110,7 @@ class Validator:
     def _scheduler(self, noise_scheduler: Any) -> Any:
         import diffusers
 
-        name = getattr(self.cfg, "validation_scheduler", "DPMSolverMultistepScheduler")
+        name = self.cfg.validation_scheduler if isinstance(self.cfg, FullConfig) else "DPMSolverMultistepScheduler"
         config = dict(noise_scheduler.config)
         # Training used the simplified objective: a scheduler that learned variances must ignore them.
         if config.get("variance_type") in ("learned", "learned_range"):
@@ -316,14 +190,3 @@ class Validator:
                 self.out.write_bytes(key, data)
         files = list(blobs)
         return ValidationRun(step, images, files, [self.out.url(k) for k in files])
-
-
-__all__ = [
-    "TRACKER_MODULES",
-    "Trackers",
-    "ValidationRun",
-    "Validator",
-    "make_grid",
-    "resolve_trackers",
-    "trackers_for",
-]

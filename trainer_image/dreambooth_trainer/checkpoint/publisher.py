@@ -1,0 +1,115 @@
+"""Writes and publishes checkpoints in the background: files, then the manifest (the commit point), then LATEST."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..storage import Store
+from ..testhooks import hooks
+from .layout import FORMAT, LATEST, MANIFEST, Snapshot, checkpoint_steps, read_latest, write_snapshot
+
+logger = logging.getLogger(__name__)
+
+
+class Publisher:
+    """Writes and publishes checkpoints on one background thread; at most one in flight."""
+
+    def __init__(self, store: Store, scratch: Path, total_limit: int | None) -> None:
+        self.store = store
+        self.scratch = scratch
+        self.total_limit = total_limit
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_published: dict[str, Any] | None = None
+        self.on_published: Callable[[dict[str, Any]], None] | None = None
+        self.last_cost_seconds: float | None = None
+        # CPU buffers of the last snapshot, refilled by the next one (cpu_clone): one state's worth of host memory
+        # stays allocated between checkpoints, which the peak needed anyway.
+        self.staging: dict[str, torch.Tensor] = {}
+        self.hooks = hooks()
+        self.hooks.state_padding()  # made now, so no checkpoint's timing pays for it
+
+    def _staging(self, name: str) -> Path:
+        root = self.store.local_root()
+        # A local output folder is its own staging area: the files land in place and only the manifest commits.
+        return (root / name) if root is not None else (self.scratch / name)
+
+    def wait(self) -> None:
+        """Block until the checkpoint in flight is published; re-raise its failure."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def submit(self, snap: Snapshot, *, background: bool = True) -> None:
+        self.wait()
+        if background:
+            self._thread = threading.Thread(target=self._run, args=(snap,), name=f"publish-{snap.name}", daemon=True)
+            self._thread.start()
+        else:
+            self._publish(snap, emergency=True)
+
+    def _run(self, snap: Snapshot) -> None:
+        try:
+            self._publish(snap)
+        except BaseException as exc:  # surfaced on the training thread by wait()
+            logger.error("publishing %s failed: %s", snap.name, exc)
+            self._error = exc
+
+    def _publish(self, snap: Snapshot, emergency: bool = False) -> None:
+        t0 = time.monotonic()
+        name = snap.name
+        # An older, incomplete or superseded copy of this step must stop counting before new files land.
+        self.store.delete(f"{name}/{MANIFEST}")
+        staging = self._staging(name)
+        if staging.exists():
+            shutil.rmtree(staging)
+        files = write_snapshot(snap, staging)
+        if self.store.local_root() is None:
+            for rel in files:
+                self.store.upload_file(staging / rel, f"{name}/{rel}")
+        self.hooks.before_manifest(emergency)
+        manifest = {
+            "format": FORMAT,
+            "step": snap.state.global_step,
+            "worldSize": snap.state.world_size,
+            "configHash": snap.state.config_hash,
+            "jobUid": snap.state.job_uid,
+            "method": snap.state.method,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files": files,
+        }
+        self.store.write_bytes(f"{name}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+        latest = read_latest(self.store)
+        if latest is None or latest <= snap.state.global_step:
+            self.store.write_bytes(LATEST, f"{name}\n".encode())
+        if self.store.local_root() is None:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.last_cost_seconds = time.monotonic() - t0
+        self.last_published = {"step": snap.state.global_step, "uri": self.store.url(name), "time": manifest["time"]}
+        logger.info("checkpoint %s published to %s in %.2fs", name, self.store.url(name), self.last_cost_seconds)
+        self._apply_total_limit(snap.state.global_step)
+        if self.on_published:
+            self.on_published(self.last_published)
+
+    def _apply_total_limit(self, newest: int) -> None:
+        if not self.total_limit:
+            return
+        complete = checkpoint_steps(self.store)
+        # Only checkpoints older than the one just made complete are candidates, so a crash never leaves fewer.
+        older = [s for s in complete if s < newest]
+        for step in older[max(0, self.total_limit - 1) :]:
+            logger.info("removing checkpoint-%d (checkpoints_total_limit=%d)", step, self.total_limit)
+            self.store.delete(f"checkpoint-{step}/{MANIFEST}")
+            self.store.delete_prefix(f"checkpoint-{step}/")

@@ -1,0 +1,97 @@
+"""Finding, verifying and fetching the checkpoint a run resumes from, falling back past damaged ones."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dreambooth_api.config import ConfigError
+
+from ..storage import NotFoundError, Store
+from .layout import _CKPT, MANIFEST, CheckpointError, TrainState, checkpoint_steps
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Loaded:
+    step: int
+    folder: Path
+    manifest: dict[str, Any]
+    state: TrainState
+
+
+def verify_and_fetch(store: Store, step: int, cache: Path) -> Loaded:
+    """Download (or locate) a checkpoint and check every file against its manifest."""
+    name = f"checkpoint-{step}"
+    try:
+        manifest = json.loads(store.read_bytes(f"{name}/{MANIFEST}"))
+    except (NotFoundError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{name}: unreadable manifest ({exc})") from exc
+    root = store.local_root()
+    folder = (root / name) if root is not None else (cache / name)
+    for rel, meta in manifest["files"].items():
+        path = folder / rel
+        if root is None and not _matches(path, meta):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                store.download_file(f"{name}/{rel}", path)
+            except NotFoundError as exc:
+                raise CheckpointError(f"{name}: file {rel} is missing") from exc
+        if not path.exists():
+            raise CheckpointError(f"{name}: file {rel} is missing")
+        if not _matches(path, meta):
+            raise CheckpointError(f"{name}: file {rel} does not match its manifest (size or sha256 differs)")
+    state = TrainState(**json.loads((folder / "trainer_state.json").read_text()))
+    return Loaded(step, folder, manifest, state)
+
+
+def _matches(path: Path, meta: dict[str, Any]) -> bool:
+    if not path.exists() or path.stat().st_size != meta["size"]:
+        return False
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest() == meta["sha256"]
+
+
+def choose_resume(store: Store, request: str | None, config_hash: str, cache: Path) -> Loaded | None:
+    """Pick the checkpoint to resume from, falling back past corrupt ones, or None to start fresh.
+
+    `request` is resume_from_checkpoint: None (automatic when checkpoints exist), 'latest', or 'checkpoint-N'.
+    """
+    steps = checkpoint_steps(store)
+    if request not in (None, "latest"):
+        m = _CKPT.match(Path(str(request)).name)
+        if not m:
+            raise ConfigError(
+                "resume_from_checkpoint", f"{request!r} is not 'latest' or a folder name like 'checkpoint-400'."
+            )
+        wanted = int(m.group(1))
+        if wanted not in steps:
+            logger.warning("%s has no complete %s; looking for an older one", store.uri, request)
+        steps = [s for s in steps if s <= wanted]
+    if not steps:
+        if request is not None:
+            logger.warning("no complete checkpoint in %s: starting a new training run", store.uri)
+        return None
+    for step in steps:
+        try:
+            loaded = verify_and_fetch(store, step, cache)
+        except CheckpointError as exc:
+            logger.warning("cannot resume from checkpoint-%d: %s; falling back to the previous checkpoint", step, exc)
+            continue
+        if loaded.state.config_hash != config_hash:
+            raise ConfigError(
+                "output_dir",
+                f"{store.uri} holds checkpoint-{step} of a different training config (hash {loaded.state.config_hash}, "
+                f"this run {config_hash}); use a new output_dir, or the same training settings to resume.",
+            )
+        return loaded
+    logger.warning("no intact checkpoint in %s: starting a new training run", store.uri)
+    return None
