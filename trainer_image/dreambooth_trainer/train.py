@@ -29,19 +29,10 @@ from . import checkpoint as ckpt
 from . import hub, logs
 from .classimages import ensure_class_images
 from .data import CachedLatentsDataset, DreamBoothDataset, EpochSampler, collate_fn, list_images
-from .model import (
-    add_lora,
-    check_optional_libraries,
-    check_pipeline_dir,
-    enable_memory_savers,
-    load_models,
-    load_trainable_state,
-    optimizer_class,
-    set_trainable,
-    trainable_state,
-)
+from .families import family_for
+from .model import check_optional_libraries, load_trainable_state, optimizer_class, trainable_state
 from .modelcard import model_card, write_model_card
-from .objective import dreambooth_loss, sample_noise, sample_timesteps, seed_global_rng, step_generator, target_for
+from .objective import seed_global_rng, step_generator
 from .progress import Progress, serve_progress
 from .scratch import Scratch, new_run_id
 from .storage import AccessDeniedError, BucketMissingError, NotFoundError, Store, local_cache_for, open_store
@@ -133,6 +124,7 @@ class Trainer:
         self.cfg = cfg
         self.env = env or RunEnv.from_environ()
         self.hash = config_hash(cfg)
+        self.family = family_for(cfg)
         # The OOM retry trades speed for memory without touching the config hash (DESIGN: failure policy).
         self.batch_size = cfg.train_batch_size
         self.accum = cfg.gradient_accumulation_steps
@@ -191,7 +183,7 @@ class Trainer:
                 if cfg.with_prior_preservation
                 else None
             )
-        check_pipeline_dir(self.model_dir)
+        self.family.check_model_dir(self.model_dir)
         # A missing or empty instance folder fails now, before any model loads.
         list_images(self.instance_dir, flag=flag_and_field("instance_data_dir"))
         # As the scripts do, the Hub repository is made before training: a bad token fails in seconds.
@@ -217,11 +209,11 @@ class Trainer:
         set_seed(self.run_seed)
         if cfg.with_prior_preservation:
             self._prepare_class_images()
-        self.models = m = load_models(cfg, self.model_dir)
+        self.models = m = self.family.load(cfg, self.model_dir)
         if cfg.method == "lora":
-            add_lora(m, cfg)
-        self.trained = set_trainable(m, cfg)
-        enable_memory_savers(m, cfg, self.grad_ckpt)
+            self.family.add_lora(m, cfg)
+        self.trained = self.family.set_trainable(m, cfg)
+        self.family.enable_memory_savers(m, cfg, self.grad_ckpt)
         wdtype = _weight_dtype(acc)
         # In fp32 only the device changes: diffusers warns on every to(dtype=...) of a model, even a no-op one.
         m.vae.to(acc.device, **({"dtype": wdtype} if wdtype != torch.float32 else {}))
@@ -311,6 +303,7 @@ class Trainer:
         self.validator = Validator(
             cfg, device=acc.device, weight_dtype=_weight_dtype(acc), model_dir=self.model_dir, out=self.out,
             local_out=self.local_out, trackers=self.trackers, seed=self.run_seed, prompt_embeds=self.validation_embeds,
+            family=self.family,
         )  # fmt: skip
 
     def _validate(self, tag: str = "validation") -> None:
@@ -397,7 +390,7 @@ class Trainer:
         ids = tokenize_prompt(m.tokenizer, prompt or "", cfg.tokenizer_max_length)
         with torch.no_grad():
             mask = ids.attention_mask.to(self.accelerator.device) if cfg.text_encoder_use_attention_mask else None
-            return m.text_encoder(ids.input_ids.to(self.accelerator.device), attention_mask=mask)[0].to("cpu")
+            return self.family.encode_prompt(m.text_encoder, ids.input_ids.to(self.accelerator.device), mask).to("cpu")
 
     def _loader(self, epoch: int, skip_batches: int):
         self.sampler.set_epoch(epoch)
@@ -414,7 +407,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _trained_names(self) -> list[str]:
-        return ["unet", "text_encoder"][: len(self.trained)]
+        return self.family.trained_names(len(self.trained))
 
     def snapshot(self) -> ckpt.Snapshot:
         # The copies reuse the previous checkpoint's buffers, so its upload must be over (submit waits anyway).
@@ -439,19 +432,7 @@ class Trainer:
         return snap
 
     def _lora_layers(self, cpu: bool) -> dict[str, torch.Tensor]:
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        out = StableDiffusionPipeline.pack_weights(
-            convert_state_dict_to_diffusers(get_peft_model_state_dict(self.models.unet)), "unet"
-        )
-        if self.cfg.train_text_encoder:
-            out.update(
-                StableDiffusionPipeline.pack_weights(
-                    convert_state_dict_to_diffusers(get_peft_model_state_dict(self.models.text_encoder)), "text_encoder"
-                )
-            )
+        out = self.family.lora_layers(self.models, self.cfg.train_text_encoder)
         return {k: (v.detach().to("cpu", copy=True).contiguous() if cpu else v) for k, v in out.items()}
 
     def _restore(self, loaded: ckpt.Loaded) -> None:
@@ -496,32 +477,21 @@ class Trainer:
             with torch.no_grad():
                 latents = m.vae.encode(pixel_values).latent_dist.sample(generator=gen)
         latents = latents * self.latent_scale
-        noise = sample_noise(latents, gen, isinstance(cfg, FullConfig) and cfg.offset_noise)
-        timesteps = sample_timesteps(
-            latents.shape[0], m.noise_scheduler.config.num_train_timesteps, gen, latents.device
-        )
-        noisy = m.noise_scheduler.add_noise(latents, noise, timesteps)
+        family = self.family
+        noise = family.sample_noise(latents, gen, cfg)
+        timesteps = family.sample_timesteps(m, latents.shape[0], gen, latents.device)
+        noisy = family.add_noise(m, latents, noise, timesteps)
         if cfg.pre_compute_text_embeddings:
             states = batch["input_ids"].to(acc.device)
         else:
             mask = batch.get("attention_mask") if cfg.text_encoder_use_attention_mask else None
             text_encoder = self.trained_wrapped[1] if cfg.train_text_encoder else m.text_encoder
-            states = text_encoder(
-                batch["input_ids"].to(acc.device), attention_mask=None if mask is None else mask.to(acc.device)
-            )[0]
-        unet = self.trained_wrapped[0]
-        model_pred = unet(noisy, timesteps, states, return_dict=False)[0]
-        target = target_for(m.noise_scheduler, latents, noise, timesteps)
-        parts = dreambooth_loss(
-            model_pred,
-            target,
-            timesteps,
-            m.noise_scheduler,
-            with_prior_preservation=cfg.with_prior_preservation,
-            prior_loss_weight=cfg.prior_loss_weight,
-            snr_gamma=cfg.snr_gamma,
-        )
-        return parts.loss
+            states = family.encode_prompt(
+                text_encoder, batch["input_ids"].to(acc.device), None if mask is None else mask.to(acc.device)
+            )
+        extra = family.extra_conditioning(batch, acc.device)
+        model_pred = family.denoise(self.trained_wrapped[0], noisy, timesteps, states, extra)
+        return family.loss(m, cfg, model_pred, latents, noise, timesteps)
 
     def _stop_agreed(self) -> bool:
         flag = 1.0 if self.env.stop.is_set() else 0.0
@@ -671,26 +641,14 @@ class Trainer:
         cfg = self.cfg
         local = self.out.local_root() or (self.scratch / "final")
         local.mkdir(parents=True, exist_ok=True)
-        unet = self.accelerator.unwrap_model(self.trained_wrapped[0])
         if cfg.method == "lora":
-            from diffusers import StableDiffusionPipeline
-
-            layers = self._lora_layers(cpu=True)
-            unet_layers = {k[len("unet.") :]: v for k, v in layers.items() if k.startswith("unet.")}
-            te_layers = {k[len("text_encoder.") :]: v for k, v in layers.items() if k.startswith("text_encoder.")}
-            StableDiffusionPipeline.save_lora_weights(
-                local, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers or None
-            )
-            written = ["pytorch_lora_weights.safetensors"]
+            written = self.family.save_lora(local, self._lora_layers(cpu=True))
         else:
-            from diffusers import DiffusionPipeline
-
-            kwargs: dict[str, Any] = {"unet": unet}
-            if cfg.train_text_encoder:
-                kwargs["text_encoder"] = self.accelerator.unwrap_model(self.trained_wrapped[1])
-            pipe = DiffusionPipeline.from_pretrained(self.model_dir, revision=cfg.revision, **kwargs)
-            if isinstance(cfg, FullConfig) and cfg.skip_save_text_encoder:
-                pipe.text_encoder = None
+            trained = {
+                name: self.accelerator.unwrap_model(mod)
+                for name, mod in zip(self._trained_names(), self.trained_wrapped, strict=True)
+            }
+            pipe = self.family.full_pipeline(self.model_dir, cfg, trained)
             before = set(p for p in local.rglob("*") if p.is_file())
             pipe.save_pretrained(local, safe_serialization=True)
             written = [str(p.relative_to(local)) for p in local.rglob("*") if p.is_file() and p not in before]

@@ -26,6 +26,7 @@ from PIL import Image
 
 from dreambooth_api.config import CommonConfig, FullConfig, LoraConfig
 
+from .families import ModelFamily, family_for
 from .trackers import Trackers
 
 logger = logging.getLogger(__name__)
@@ -73,8 +74,10 @@ class Validator:
         trackers: Trackers,
         seed: int,
         prompt_embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+        family: ModelFamily | None = None,
     ) -> None:
         self.cfg = cfg
+        self.family = family or family_for(cfg)
         self.device = device
         self.weight_dtype = weight_dtype
         self.model_dir = model_dir
@@ -120,25 +123,16 @@ class Validator:
     def run(self, step: int, *, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, vae: torch.nn.Module,
             tokenizer: Any, noise_scheduler: Any, tag: str = "validation") -> ValidationRun:  # fmt: skip
         """Generate, save and log one validation; every module's train/eval mode is restored afterwards."""
-        from diffusers import DiffusionPipeline
-
         cfg = self.cfg
         logger.info("validation at step %d: %d image(s) of %r", step, cfg.num_validation_images, cfg.validation_prompt)
         modules = [m for m in (unet, text_encoder, vae) if m is not None]
         modes = [m.training for m in modules]
-        pipeline = DiffusionPipeline.from_pretrained(
+        pipeline = self.family.validation_pipeline(
             self.model_dir,
-            unet=unet,
-            text_encoder=text_encoder,
-            vae=vae,
-            tokenizer=tokenizer,
-            scheduler=self._scheduler(noise_scheduler),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            revision=cfg.revision,
-            variant=cfg.variant,
-        )
+            cfg,
+            {"unet": unet, "text_encoder": text_encoder, "vae": vae, "tokenizer": tokenizer,
+             "scheduler": self._scheduler(noise_scheduler)},
+        )  # fmt: skip
         pipeline.set_progress_bar_config(disable=True)
         if self.prompt_embeds is not None:
             args: dict[str, Any] = {

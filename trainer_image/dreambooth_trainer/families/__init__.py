@@ -1,0 +1,22 @@
+"""Model families behind one seam (docs/design.md, "Model families"). A family's code lives in its own module
+here (`sd` for Stable Diffusion 1.x/2.x); the training loop, checkpoints, storage and the launcher know only
+`ModelFamily`.
+"""
+
+from __future__ import annotations
+
+from dreambooth_api.config import CommonConfig
+
+from .base import ModelFamily, Parts
+from .sd import StableDiffusion
+
+FAMILIES: dict[str, ModelFamily] = {"sd": StableDiffusion()}
+# The manifest's spec.method -> the family that trains it.
+BY_METHOD: dict[str, ModelFamily] = {method: fam for fam in FAMILIES.values() for method in fam.methods}
+
+
+def family_for(cfg: CommonConfig) -> ModelFamily:
+    return BY_METHOD[cfg.method]
+
+
+__all__ = ["BY_METHOD", "FAMILIES", "ModelFamily", "Parts", "family_for"]

@@ -1,0 +1,132 @@
+"""The model-family seam (docs/design.md, "Model families"): what differs between the diffusers DreamBooth
+scripts of one model family and another — the parts a pipeline folder holds, how a prompt is encoded, the extra
+conditioning, the noise/target/loss, where LoRA adapters go, the final save and the validation pipeline.
+
+Everything else is shared and no family touches it: data order and per-step RNG, the checkpoint protocol, S3,
+the launcher, exact resume, the operator. A family is a stateless object; the parts it loads travel in `Parts`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dreambooth_api.config import CommonConfig
+
+
+@dataclass
+class Parts:
+    """The loaded pipeline parts the loop needs. `extra` holds a family's own (a second text encoder, ...)."""
+
+    tokenizer: Any
+    text_encoder: torch.nn.Module | None
+    vae: torch.nn.Module | None
+    denoiser: torch.nn.Module  # the UNet (SD, SDXL) or the transformer (Flux)
+    noise_scheduler: Any
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.denoiser
+
+
+class ModelFamily(ABC):
+    """One diffusers model family, as its DreamBooth scripts train it."""
+
+    name: str
+    # manifest `spec.method` -> the config model of that method's script (its flags and defaults)
+    methods: Mapping[str, type[CommonConfig]]
+
+    # -------------------------------------------------------------------- parts
+    @abstractmethod
+    def check_model_dir(self, path: Path) -> None:
+        """Raise ConfigError naming --pretrained_model_name_or_path when `path` is not this family's pipeline."""
+
+    @abstractmethod
+    def load(self, cfg: CommonConfig, model_dir: Path) -> Parts: ...
+
+    @abstractmethod
+    def add_lora(self, parts: Parts, cfg: CommonConfig) -> None:
+        """Attach the LoRA adapters the family's LoRA script attaches."""
+
+    @abstractmethod
+    def set_trainable(self, parts: Parts, cfg: CommonConfig) -> list[torch.nn.Module]:
+        """Freeze what does not train; return the trained modules, denoiser first (checkpoint file order)."""
+
+    @abstractmethod
+    def trained_names(self, count: int) -> list[str]:
+        """Checkpoint names of the first `count` trained modules (training/<name>.safetensors)."""
+
+    @abstractmethod
+    def enable_memory_savers(self, parts: Parts, cfg: CommonConfig, gradient_checkpointing: bool) -> None: ...
+
+    # -------------------------------------------------------------------- one step
+    @abstractmethod
+    def encode_prompt(
+        self, text_encoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor: ...
+
+    @abstractmethod
+    def extra_conditioning(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+        """Keyword arguments the denoiser takes beyond (noisy latents, timesteps, prompt states)."""
+
+    @abstractmethod
+    def sample_noise(self, latents: torch.Tensor, gen: torch.Generator, cfg: CommonConfig) -> torch.Tensor: ...
+
+    @abstractmethod
+    def sample_timesteps(
+        self, parts: Parts, batch: int, gen: torch.Generator, device: torch.device
+    ) -> torch.Tensor: ...
+
+    @abstractmethod
+    def add_noise(
+        self, parts: Parts, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor: ...
+
+    @abstractmethod
+    def denoise(
+        self,
+        denoiser: torch.nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        states: torch.Tensor,
+        extra: dict[str, Any],
+    ) -> torch.Tensor: ...
+
+    @abstractmethod
+    def loss(
+        self,
+        parts: Parts,
+        cfg: CommonConfig,
+        model_pred: torch.Tensor,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+    ) -> torch.Tensor:
+        """The training loss (target, weighting, prior preservation) for one micro-batch."""
+
+    # -------------------------------------------------------------------- outputs
+    @abstractmethod
+    def lora_layers(self, parts: Parts, train_text_encoder: bool) -> dict[str, torch.Tensor]:
+        """The LoRA weights in diffusers' saved layout (keys prefixed unet./text_encoder./...)."""
+
+    @abstractmethod
+    def save_lora(self, folder: Path, layers: dict[str, torch.Tensor]) -> list[str]:
+        """Write `pytorch_lora_weights.safetensors` (as the family's pipeline loads it); return the files."""
+
+    @abstractmethod
+    def full_pipeline(self, model_dir: Path, cfg: CommonConfig, trained: dict[str, torch.nn.Module]) -> Any:
+        """The pipeline to save after a full fine-tune, with the trained modules in place."""
+
+    @abstractmethod
+    def validation_pipeline(self, model_dir: Path, cfg: CommonConfig, modules: dict[str, Any]) -> Any:
+        """The pipeline validation generates with, built around the modules being trained."""
+
+    @abstractmethod
+    def write_tiny_model(self, out_dir: Path) -> Path:
+        """A tiny random pipeline of this family for tests (offline)."""
