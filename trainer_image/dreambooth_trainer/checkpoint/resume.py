@@ -12,7 +12,7 @@ from typing import Any
 from dreambooth_api.config import ConfigError
 
 from ..storage import NotFoundError, Store
-from .layout import _CKPT, MANIFEST, CheckpointError, TrainState, checkpoint_steps
+from .layout import _CKPT, FORMAT, MANIFEST, CheckpointError, TrainState, checkpoint_steps
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ def verify_and_fetch(store: Store, step: int, cache: Path) -> Loaded:
         manifest = json.loads(store.read_bytes(f"{name}/{MANIFEST}"))
     except (NotFoundError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{name}: unreadable manifest ({exc})") from exc
+    check_format(store, name, manifest)
     root = store.local_root()
     folder = (root / name) if root is not None else (cache / name)
     for rel, meta in manifest["files"].items():
@@ -48,6 +49,22 @@ def verify_and_fetch(store: Store, step: int, cache: Path) -> Loaded:
             raise CheckpointError(f"{name}: file {rel} does not match its manifest (size or sha256 differs)")
     state = TrainState(**json.loads((folder / "trainer_state.json").read_text()))
     return Loaded(step, folder, manifest, state)
+
+
+def check_format(store: Store, name: str, manifest: dict[str, Any]) -> None:
+    """A checkpoint of a newer format is refused, never skipped: falling back past it would start the run over
+    (and later delete it by the total limit). Format 1 manifests written by 0.1.0 carry "format": 1."""
+    fmt = manifest.get("format", 1) if isinstance(manifest, dict) else 1
+    if isinstance(fmt, int) and fmt <= FORMAT:
+        return
+    from .. import __version__
+
+    raise ConfigError(
+        "output_dir",
+        f"{store.url(name)} is in checkpoint format {fmt!r}, written by a newer release; this release "
+        f"({__version__}) reads checkpoint formats up to {FORMAT}. Resume it with the release that wrote it (its "
+        "trainer image), or use a new output_dir to start over.",
+    )
 
 
 def _matches(path: Path, meta: dict[str, Any]) -> bool:

@@ -1,0 +1,54 @@
+"""The checkpoint format's compatibility promise (docs/design.md, "Checkpoint format"): this release resumes a
+format-1 checkpoint written by 0.1.0 bit-exactly, and refuses a checkpoint of a newer format with exit 64
+naming the format and the way out (it never falls back past it, which would start over and later delete it).
+
+The fixture (tests/fixtures/checkpoint-format-1) was written by the 0.1.0 trainer; see its README.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from tests.trainer_utils import DOG, REPO, assert_identical, run_dreambooth
+
+pytestmark = pytest.mark.integration
+
+FIXTURE = REPO / "tests" / "fixtures" / "checkpoint-format-1"
+
+
+def _args(out: Path) -> list[str]:
+    # Exactly the command in the fixture's README.
+    return [
+        "train-lora", "--pretrained_model_name_or_path", "tiny://", "--instance_data_dir", str(DOG),
+        "--instance_prompt", "a photo of sks dog", "--output_dir", str(out), "--resolution", "32",
+        "--train_batch_size", "1", "--max_train_steps", "4", "--checkpointing_steps", "2", "--seed", "7",
+        "--report_to", "none",
+    ]  # fmt: skip
+
+
+def test_a_format_1_checkpoint_from_0_1_0_resumes_bit_exactly(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(FIXTURE, out, ignore=shutil.ignore_patterns("README.md", "uninterrupted-*"))
+    proc = run_dreambooth(_args(out))
+    assert "resumed from" in proc.stderr and "checkpoint-2" in proc.stderr, proc.stderr[-3000:]
+    expected = load_file(FIXTURE / "uninterrupted-step-4-lora-weights.safetensors")
+    assert_identical(load_file(out / "pytorch_lora_weights.safetensors"), expected)
+
+
+def test_a_newer_format_is_refused_with_exit_64_never_skipped(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(FIXTURE, out, ignore=shutil.ignore_patterns("README.md", "uninterrupted-*"))
+    manifest = out / "checkpoint-2" / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    doc["format"] = 99
+    manifest.write_text(json.dumps(doc))
+    proc = run_dreambooth(_args(out), check=False)
+    assert proc.returncode == 64, proc.stderr[-3000:]
+    assert "checkpoint format 99" in proc.stderr and "reads checkpoint formats up to 1" in proc.stderr
+    assert "new output_dir" in proc.stderr
+    # Nothing was trained over it: the checkpoint is still there, no new one appeared.
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
