@@ -4,7 +4,7 @@ Each reconcile reads the job and its pods from the watch cache when it has one (
 otherwise), looks at Nodes only for pods that look orphaned, polls rank 0's ``/progress`` at most every 10 s
 per job, and then loops plan → patch status (only the changed keys) → Events → actions until a plan asks for
 nothing more. A plan made from cached objects that would delete, start an attempt or change the attempt
-bookkeeping is made again from live reads before anything is carried out (``cache.live_reads_needed``).
+bookkeeping is made again from live reads before anything is carried out (``live_reads_needed``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from . import status as S
-from .cache import Informer, live_reads_needed
+from .cache import Informer
 from .kube import KubeApi, event_object, is_status
 from .metrics import Metrics
 from .plan import EPOCH, Plan, PlanOptions, World, plan, pod_attempt, refuse
@@ -33,6 +33,30 @@ COMPONENT = "dreambooth-operator"
 # Plenty for the longest chain (live re-read → status → create gang → confirm it, or a stale write's 409 and
 # its re-read); a plan that keeps asking is a bug, not work.
 MAX_ROUNDS = 6
+
+# Status fields a stale view must never decide: they count attempts or say which one runs.
+BOOKKEEPING = ("attempt", "restarts", "preemptions", "preemptionsWithoutProgress", "memorySavers", "endedAttempt",
+               "endedReason", "gangCreated", "completionTime")  # fmt: skip
+DESTRUCTIVE = frozenset({"delete", "force-delete", "delete-job"})
+
+
+def live_reads_needed(old_status: dict[str, Any], p: Plan) -> frozenset[str]:
+    """Which live reads ("job", "pods") a plan made from cached objects needs before it may be carried out.
+
+    ``old_status`` is the job's status as read. Empty: the plan writes at most non-bookkeeping status (phase,
+    conditions, progress) and acts on nothing, so the cache is good enough (the write's precondition catches a
+    stale job). The first attempt of a job needs only its live status (no attempt can have pods yet; the
+    creates tolerate 409 for a crash between create and status write); every later one needs the live pods too.
+    """
+    if p.act_first:
+        first = not old_status.get("attempt")
+        return frozenset({"job"}) if first else frozenset({"job", "pods"})
+    if any(a.verb in DESTRUCTIVE or a.verb == "create" for a in p.actions):
+        return frozenset({"job", "pods"})
+    old, new = S.dump(S.JobStatus.model_validate(old_status)), S.dump(p.status)  # defaults filled in on both sides
+    if any(old.get(k) != new.get(k) for k in BOOKKEEPING):
+        return frozenset({"job", "pods"})
+    return frozenset()
 
 
 @dataclass(frozen=True)
