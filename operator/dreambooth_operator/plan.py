@@ -235,10 +235,6 @@ class _Planner:
             self._cond(S.SPEC_CHANGE_REFUSED, False, S.R_TRAINING_RESTORED, "spec.training matches the accepted settings.",
                        event=("Normal", ""))  # fmt: skip
         job = validate(body)
-        # Builders refuse what only they can see (env collisions, reserved volumes): fail before any pod exists.
-        build_configmap(job)
-        build_service(job)
-        build_gang(job, 1, opts=self.opts.build)
         if st.training_hash is None:
             st.training_hash = current
         return job

@@ -229,9 +229,9 @@ def test_kueue_labels_new_group_per_attempt() -> None:
      ("TERMINATION_MESSAGE_PATH", "the operator")],
 )  # fmt: skip
 def test_env_collisions_are_refused(env_name: str, owner: str) -> None:
-    job = valid({"podTemplate": {"env": [{"name": "OK", "value": "1"}, {"name": env_name, "value": "x"}]}})
+    env = [{"name": "OK", "value": "1"}, {"name": env_name, "value": "x"}]
     with pytest.raises(SpecError) as err:
-        build_pod(job, 1, 0)
+        build_pod(valid({"podTemplate": {"env": env}}), 1, 0)
     assert err.value.field == "spec.podTemplate.env[1].name"
     assert env_name in err.value.message and owner in err.value.message
 
@@ -300,8 +300,6 @@ def test_hub_token_secret_reaches_the_pods_by_reference_only() -> None:
     # The key defaults to "token"; a second HF_TOKEN from podTemplate.env is refused, not silently shadowed.
     job = valid({"hub": {"tokenSecretRef": {"name": "hf"}}})
     assert _env(build_pod(job, 1, 0))["HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
-    both = valid(
-        {"hub": {"tokenSecretRef": {"name": "hf"}}, "podTemplate": {"env": [{"name": "HF_TOKEN", "value": "x"}]}}
-    )
+    both = {"hub": {"tokenSecretRef": {"name": "hf"}}, "podTemplate": {"env": [{"name": "HF_TOKEN", "value": "x"}]}}
     with pytest.raises(SpecError, match="spec.hub.tokenSecretRef"):
-        build_pod(both, 1, 0)
+        build_pod(valid(both), 1, 0)
