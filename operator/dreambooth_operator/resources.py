@@ -15,7 +15,7 @@ from typing import Any
 from dreambooth_api.config import config_hash
 from dreambooth_api.manifest import API_GROUP, API_VERSION, KIND
 
-from . import torchrun
+from . import rendezvous
 from .reserved import (
     CACHE_DIR,
     CONFIG_DIR,
@@ -151,7 +151,7 @@ def build_service(job: ValidJob) -> dict[str, Any]:
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
             "selector": {LABEL_JOB_UID: job.uid},
-            "ports": [{"name": "rdzv", "port": torchrun.MASTER_PORT, "targetPort": torchrun.MASTER_PORT}],
+            "ports": [{"name": "rdzv", "port": rendezvous.MASTER_PORT, "targetPort": rendezvous.MASTER_PORT}],
         },
     }
 
@@ -171,7 +171,7 @@ def _parse_cpu(value: Any) -> float | None:
 def omp_threads(job: ValidJob) -> int:
     """Intra-op threads per worker: the pod's CPU request split among its workers (oversubscription is slow)."""
     cpu = _parse_cpu(job.spec.resources.requests.get("cpu", job.spec.resources.limits.get("cpu", 1)))
-    return max(1, int((cpu or 1) // torchrun.nproc_per_node(job.spec.resources.gpus_per_node)))
+    return max(1, int((cpu or 1) // rendezvous.nproc_per_node(job.spec.resources.gpus_per_node)))
 
 
 def _env(job: ValidJob, attempt: int, index: int, memory_savers: bool, opts: BuildOptions) -> list[dict[str, Any]]:
@@ -189,7 +189,7 @@ def _env(job: ValidJob, attempt: int, index: int, memory_savers: bool, opts: Bui
         env.append({"name": "DREAMBOOTH_MEMORY_SAVERS", "value": "1"})
     env += _value_env({"TERMINATION_MESSAGE_PATH": TERMINATION_MESSAGE_PATH, "PROGRESS_PORT": str(PROGRESS_PORT)})
     env.append({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
-    env += torchrun.rendezvous_env(
+    env += rendezvous.rendezvous_env(
         nodes=job.spec.resources.nodes,
         gpus_per_node=job.spec.resources.gpus_per_node,
         node_rank=index,
@@ -296,7 +296,7 @@ def build_pod(
         "env": _env(job, attempt, index, memory_savers, opts),
         "ports": [
             {"name": "progress", "containerPort": PROGRESS_PORT},
-            {"name": "rdzv", "containerPort": torchrun.MASTER_PORT},
+            {"name": "rdzv", "containerPort": rendezvous.MASTER_PORT},
         ],
         "resources": _container_resources(job),
         "volumeMounts": mounts,

@@ -51,7 +51,7 @@ R_TRAINING_EDITED = "TrainingEdited"
 R_TRAINING_RESTORED = "TrainingRestored"
 R_RETRYING = "Retrying"
 
-# Causes that end one attempt (policy.Outcome.reason); they appear in conditions and Events too.
+# Causes that end one attempt (policy.Verdict.reason); they appear in conditions and Events too.
 R_CRASH = "TrainerCrashed"
 R_HOST_OOM = "OOMKilled"
 R_EVICTED = "Evicted"

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dreambooth_operator import resources, torchrun
+from dreambooth_operator import rendezvous, resources
 from dreambooth_operator.resources import build_configmap, build_gang, build_pod, build_service, names_for
 from dreambooth_operator.spec import SpecError, ValidJob, validate
 
@@ -139,7 +139,7 @@ def test_pod_plumbing_cpu() -> None:
     assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
     assert env["PET_NPROC_PER_NODE"] == "1" and env["PET_NNODES"] == "1" and env["PET_NODE_RANK"] == "0"
     assert env["PET_MASTER_ADDR"] == "sks-dog-0.sks-dog.team.svc.cluster.local"
-    assert env["PET_MASTER_PORT"] == str(torchrun.MASTER_PORT)
+    assert env["PET_MASTER_PORT"] == str(rendezvous.MASTER_PORT)
     assert int(env["DREAMBOOTH_RDZV_TIMEOUT_SECONDS"]) >= 120
     assert env["DREAMBOOTH_JOB_UID"] == UID and env["DREAMBOOTH_ATTEMPT"] == "1"
     assert env["DREAMBOOTH_GRACE_SECONDS"] == "30" and spec["terminationGracePeriodSeconds"] == 30
