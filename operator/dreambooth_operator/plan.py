@@ -119,7 +119,6 @@ class _Planner:
         self.requeue: float | None = None
         self.summary: str | None = None
         self.act_first = False
-        self.pods = world.pods
         self.views: list[tuple[int, PodView, dict[str, Any]]] = []
         for pod in world.pods:
             view = policy.observe_pod(pod, LABEL_INDEX)

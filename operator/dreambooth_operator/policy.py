@@ -51,7 +51,6 @@ class Kind(StrEnum):
 # Strongest first: one bad-input pod fails the job even when its peers report a preemption echo, etc.
 _PRIORITY = [Kind.BAD_INPUT, Kind.PREEMPTED, Kind.GPU_OOM, Kind.FAILED]
 _FAILURE_PRIORITY = [status.R_HOST_OOM, status.R_EVICTED, status.R_IMAGE, status.R_CRASH]
-ENDED = frozenset(_PRIORITY)
 
 
 @dataclass(frozen=True)
@@ -100,10 +99,6 @@ class Verdict:
     reason: str = ""
     message: str = ""
     pod: str | None = None
-
-    @property
-    def ended(self) -> bool:
-        return self.kind in ENDED or self.kind == Kind.SUCCEEDED
 
 
 @dataclass(frozen=True)

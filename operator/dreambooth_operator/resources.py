@@ -351,9 +351,5 @@ def build_gang(
     return [build_pod(job, attempt, i, memory_savers, opts) for i in range(job.spec.resources.nodes)]
 
 
-def output_uri(job: ValidJob) -> str:
-    return job.config.output_dir
-
-
 def logs_uri(job: ValidJob, attempt: int) -> str:
     return f"{job.config.output_dir.rstrip('/')}/logs/attempt-{attempt}/"
