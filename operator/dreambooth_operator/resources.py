@@ -1,7 +1,7 @@
 """Pure builders: a validated job in, the Kubernetes objects the operator creates out (plain dicts).
 
 Names are deterministic (a create is safe to repeat: a second one answers 409), every object is owned by the
-job (garbage collection cleans up; no finalizer of ours), and each pod carries the plumbing DESIGN.md lists.
+job (garbage collection cleans up; no finalizer of ours), and each pod carries the plumbing docs/design.md lists.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The failure policy of DESIGN.md, row by row: pod facts -> outcome -> decision."""
+"""The failure policy of docs/design.md, row by row: pod facts -> verdict -> decision."""
 
 from __future__ import annotations
 
