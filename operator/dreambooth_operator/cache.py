@@ -1,11 +1,11 @@
 """What the watches have shown of our jobs and pods, so that most reconciles read memory instead of the apiserver.
 
 kopf already watches DreamBoothJobs and our pods; its events feed this cache (plus the objects our own requests
-return). A reconcile plans from the cache, and ``live_reads_needed`` says when that plan is not good enough to act
-on: anything that deletes, starts an attempt, or changes the attempt bookkeeping (counters, ended attempt, a
-finished job) is planned again from a live GET/LIST first, so a stale cache can only delay a decision, never
-make a wrong one (DESIGN.md: a new attempt starts only after the old attempt's pods are gone; no attempt is
-counted twice). Status writes planned from a cached job carry its resourceVersion as a precondition: if the
+return). A reconcile plans from the cache, and the reconciler's ``live_reads_needed`` says when that plan is not
+good enough to act on: anything that deletes, starts an attempt, or changes the attempt bookkeeping (counters,
+ended attempt, a finished job) is planned again from a live GET/LIST first, so a stale cache can only delay a
+decision, never make a wrong one (docs/design.md: a new attempt starts only after the old attempt's pods are
+gone; no attempt is counted twice). Status writes planned from a cached job carry its resourceVersion as a precondition: if the
 cache was behind, the apiserver answers 409 and the reconcile re-reads.
 
 Freshness without comparing resourceVersions (they are opaque): pods carry a local sequence number, and a live
@@ -25,37 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import status as S
-from .plan import Plan
 from .resources import LABEL_JOB_UID
 
 Key = tuple[str, str]  # namespace, name
 LIVE_REFRESH_SECONDS = 60.0
-# Status fields a stale view must never decide: they count attempts or say which one runs.
-BOOKKEEPING = ("attempt", "restarts", "preemptions", "preemptionsWithoutProgress", "memorySavers", "endedAttempt",
-               "endedReason", "gangCreated", "completionTime")  # fmt: skip
-DESTRUCTIVE = frozenset({"delete", "force-delete", "delete-job"})
 # Deleted pods whose last words (a termination message) are kept per job: a few attempts' worth of gangs.
 GONE_PODS_PER_JOB = 16
-
-
-def live_reads_needed(old_status: dict[str, Any], p: Plan) -> frozenset[str]:
-    """Which live reads ("job", "pods") a plan made from cached objects needs before it may be carried out.
-
-    ``old_status`` is the job's status as read. Empty: the plan writes at most non-bookkeeping status (phase,
-    conditions, progress) and acts on nothing, so the cache is good enough (the write's precondition catches a
-    stale job). The first attempt of a job needs only its live status (no attempt can have pods yet; the
-    creates tolerate 409 for a crash between create and status write); every later one needs the live pods too.
-    """
-    if p.act_first:
-        first = not old_status.get("attempt")
-        return frozenset({"job"}) if first else frozenset({"job", "pods"})
-    if any(a.verb in DESTRUCTIVE or a.verb == "create" for a in p.actions):
-        return frozenset({"job", "pods"})
-    old, new = S.dump(S.JobStatus.model_validate(old_status)), S.dump(p.status)  # defaults filled in on both sides
-    if any(old.get(k) != new.get(k) for k in BOOKKEEPING):
-        return frozenset({"job", "pods"})
-    return frozenset()
 
 
 @dataclass

@@ -15,8 +15,7 @@ from typing import Any, Literal
 
 from dreambooth_api.config import parse_training
 
-from . import policy
-from . import status as S
+from . import policy, status
 from .policy import Counters, Kind, PodView, Timing
 from .resources import (
     ANNOTATION_GANG_SIZE,
@@ -35,7 +34,9 @@ from .spec import SpecError, ValidJob, training_hash, validate
 # to confirm its end: it is force-deleted so the next attempt can start.
 FORCE_DELETE_AFTER_SECONDS = 30
 # Failures that count against backoffLimit (and so wait out a backoff before the next attempt).
-COUNTED_REASONS = frozenset({S.R_CRASH, S.R_HOST_OOM, S.R_EVICTED, S.R_HUNG, S.R_SCHEDULING_TIMEOUT})
+COUNTED_REASONS = frozenset(
+    {status.R_CRASH, status.R_HOST_OOM, status.R_EVICTED, status.R_HUNG, status.R_SCHEDULING_TIMEOUT}
+)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -71,7 +72,7 @@ class Event:
 
 @dataclass
 class Plan:
-    status: S.JobStatus
+    status: status.JobStatus
     actions: list[Action]
     events: list[Event]
     requeue_after: float | None = None
@@ -101,24 +102,23 @@ def plan(world: World, opts: PlanOptions | None = None) -> Plan:
 def refuse(world: World, opts: PlanOptions | None, message: str) -> Plan:
     """The apiserver refused an object built from the spec (no retry can help): the job fails, saying so."""
     planner = _Planner(world, opts or PlanOptions())
-    planner._fail(S.R_INVALID_SPEC, message)
+    planner._fail(status.R_INVALID_SPEC, message)
     return planner.result()
 
 
 class _Planner:
     def __init__(self, world: World, opts: PlanOptions) -> None:
-        self.w = world
+        self.world = world
         self.opts = opts
         self.now = world.now
         self.meta: dict[str, Any] = world.job.get("metadata") or {}
         self.spec_raw: dict[str, Any] = world.job.get("spec") or {}
-        self.st = S.JobStatus.model_validate(world.job.get("status") or {})
+        self.job_status = status.JobStatus.model_validate(world.job.get("status") or {})
         self.actions: list[Action] = []
         self.events: list[Event] = []
         self.requeue: float | None = None
         self.summary: str | None = None
         self.act_first = False
-        self.pods = world.pods
         self.views: list[tuple[int, PodView, dict[str, Any]]] = []
         for pod in world.pods:
             view = policy.observe_pod(pod, LABEL_INDEX)
@@ -129,21 +129,21 @@ class _Planner:
     # ----- entry -----
 
     def run(self) -> Plan:
-        if S.is_finished(self.st):
+        if status.is_finished(self.job_status):
             self._finished()
         else:
             self._active()
-            if S.is_finished(self.st):
+            if status.is_finished(self.job_status):
                 # The reconcile that finishes the job must start its TTL clock: no later event may come.
                 self._ttl()
         return self.result()
 
     def result(self) -> Plan:
-        st = self.st
-        st.observed_generation = self.meta.get("generation")
-        st.phase = S.derive_phase(st)  # type: ignore[assignment]
-        st.message = self.summary or self._condition_message(st.phase)
-        return Plan(st, self.actions, self.events, self.requeue, self.act_first)
+        job_status = self.job_status
+        job_status.observed_generation = self.meta.get("generation")
+        job_status.phase = status.derive_phase(job_status)  # type: ignore[assignment]
+        job_status.message = self.summary or self._condition_message(job_status.phase)
+        return Plan(job_status, self.actions, self.events, self.requeue, self.act_first)
 
     # ----- small helpers -----
 
@@ -153,11 +153,11 @@ class _Planner:
     def _cond(self, type_: str, value: bool, reason: str, message: str,
               event: tuple[Literal["Normal", "Warning"], str] | None = None) -> None:  # fmt: skip
         """Set a condition; on a transition to True (or to False with ``event``) record an Event."""
-        if S.set_condition(self.st, type_, value, reason, message, self.now) and event is not None:
+        if status.set_condition(self.job_status, type_, value, reason, message, self.now) and event is not None:
             self._event(event[0], event[1] or reason, message)
 
     def _condition_message(self, phase: str | None) -> str | None:
-        cond = S.get_condition(self.st, phase or "")
+        cond = status.get_condition(self.job_status, phase or "")
         return cond.message if cond else None
 
     def _after(self, seconds: float) -> None:
@@ -179,13 +179,25 @@ class _Planner:
         return (self.now - v.deletion_deadline).total_seconds() > FORCE_DELETE_AFTER_SECONDS
 
     def _counters(self) -> Counters:
-        st = self.st
-        return Counters(st.restarts, st.preemptions, st.preemptions_without_progress, st.memory_savers)
+        job_status = self.job_status
+        return Counters(
+            job_status.restarts,
+            job_status.preemptions,
+            job_status.preemptions_without_progress,
+            job_status.memory_savers,
+        )
 
-    def _set_counters(self, c: Counters) -> None:
-        st = self.st
-        st.restarts, st.preemptions = c.restarts, c.preemptions
-        st.preemptions_without_progress, st.memory_savers = c.preemptions_without_progress, c.memory_savers
+    def _set_counters(self, counters: Counters) -> None:
+        job_status = self.job_status
+        job_status.restarts, job_status.preemptions = counters.restarts, counters.preemptions
+        job_status.preemptions_without_progress = counters.preemptions_without_progress
+        job_status.memory_savers = counters.memory_savers
+
+    def _end_attempt(self, attempt: int, reason: str) -> None:
+        """The attempt is over: its pods are removed, and the next attempt waits for that (and any backoff)."""
+        job_status = self.job_status
+        job_status.ended_attempt, job_status.ended_reason = attempt, reason
+        job_status.ended_time = status.timestamp(self.now)
 
     # ----- finished jobs: stragglers and TTL -----
 
@@ -195,7 +207,7 @@ class _Planner:
 
     def _ttl(self) -> None:
         ttl = (self.spec_raw.get("runPolicy") or {}).get("ttlSecondsAfterFinished")
-        done = S.parse_time(self.st.completion_time)
+        done = status.parse_time(self.job_status.completion_time)
         if isinstance(ttl, int) and done is not None:
             left = ttl - (self.now - done).total_seconds()
             if left <= 0:
@@ -204,43 +216,39 @@ class _Planner:
                 self._after(left)
 
     def _fail(self, reason: str, message: str) -> None:
-        st = self.st
-        self._cond(S.RUNNING, False, reason, message)
-        self._cond(S.WAITING, False, reason, message)
-        self._cond(S.FAILED, True, reason, message, event=("Warning", reason))
-        st.completion_time = S.timestamp(self.now)
-        st.eta = None
-        st.eta_seconds = None
-        if st.attempt:
-            st.ended_attempt, st.ended_reason, st.ended_time = st.attempt, reason, S.timestamp(self.now)
+        job_status = self.job_status
+        self._cond(status.RUNNING, False, reason, message)
+        self._cond(status.WAITING, False, reason, message)
+        self._cond(status.FAILED, True, reason, message, event=("Warning", reason))
+        job_status.completion_time = status.timestamp(self.now)
+        job_status.eta = None
+        job_status.eta_seconds = None
+        if job_status.attempt:
+            self._end_attempt(job_status.attempt, reason)
         self._stop([v for _, v, _ in self.views if v.active], remove_finished=False)
 
     # ----- validation and refused edits -----
 
     def _validated(self) -> ValidJob:
-        st = self.st
+        job_status = self.job_status
         current = training_hash(self.spec_raw)
-        body = self.w.job
-        if st.training_hash and st.training_hash != current:
-            accepted = self.w.accepted_config
+        body = self.world.job
+        if job_status.training_hash and job_status.training_hash != current:
+            accepted = self.world.accepted_config
             cm = names_for(str(self.meta.get("name", ""))).configmap
             if not accepted:
                 raise SpecError("spec.training", f"was edited while the job runs, and the accepted settings (ConfigMap "
                                 f"{cm}) are gone; create a new job for the new settings.")  # fmt: skip
             message = (f"spec.training cannot change while the job runs ({self._edited_fields(accepted)}); it keeps "
                        "running with the accepted settings. Revert the edit, or create a new job.")  # fmt: skip
-            self._cond(S.SPEC_CHANGE_REFUSED, True, S.R_TRAINING_EDITED, message, event=("Warning", ""))
+            self._cond(status.SPEC_CHANGE_REFUSED, True, status.R_TRAINING_EDITED, message, event=("Warning", ""))
             body = {**body, "spec": {**self.spec_raw, "method": accepted["method"], "training": accepted["training"]}}
         else:
-            self._cond(S.SPEC_CHANGE_REFUSED, False, S.R_TRAINING_RESTORED, "spec.training matches the accepted settings.",
+            self._cond(status.SPEC_CHANGE_REFUSED, False, status.R_TRAINING_RESTORED, "spec.training matches the accepted settings.",
                        event=("Normal", ""))  # fmt: skip
         job = validate(body)
-        # Builders refuse what only they can see (env collisions, reserved volumes): fail before any pod exists.
-        build_configmap(job)
-        build_service(job)
-        build_gang(job, 1, opts=self.opts.build)
-        if st.training_hash is None:
-            st.training_hash = current
+        if job_status.training_hash is None:
+            job_status.training_hash = current
         return job
 
     def _edited_fields(self, accepted: dict[str, Any]) -> str:
@@ -258,29 +266,29 @@ class _Planner:
     # ----- active jobs -----
 
     def _active(self) -> None:
-        st = self.st
+        job_status = self.job_status
         try:
             job = self._validated()
         except SpecError as exc:
-            self._fail(S.R_INVALID_SPEC, f"{exc.field}: {exc.message}")
+            self._fail(status.R_INVALID_SPEC, f"{exc.field}: {exc.message}")
             return
-        st.output_uri = job.config.output_dir
+        job_status.output_uri = job.config.output_dir
         self._merge_termination_checkpoints()
-        rp = job.spec.run_policy
-        start = S.parse_time(st.start_time)
-        if rp.active_deadline_seconds and start is not None and not rp.suspend:
-            left = rp.active_deadline_seconds - (self.now - start).total_seconds()
+        run_policy = job.spec.run_policy
+        start = status.parse_time(job_status.start_time)
+        if run_policy.active_deadline_seconds and start is not None and not run_policy.suspend:
+            left = run_policy.active_deadline_seconds - (self.now - start).total_seconds()
             if left <= 0:
-                self._fail(S.R_DEADLINE, f"the job ran longer than runPolicy.activeDeadlineSeconds "
-                           f"({rp.active_deadline_seconds} s).")  # fmt: skip
+                self._fail(status.R_DEADLINE, f"the job ran longer than runPolicy.activeDeadlineSeconds "
+                           f"({run_policy.active_deadline_seconds} s).")  # fmt: skip
                 return
             self._after(left)
-        attempt = max([st.attempt or 0, *(a for a, _, _ in self.views)])
-        st.attempt = attempt or None
+        attempt = max([job_status.attempt or 0, *(a for a, _, _ in self.views)])
+        job_status.attempt = attempt or None
         current = [v for a, v, _ in self.views if a == attempt]
         older = [v for a, v, _ in self.views if a < attempt]
         self._stop(older, remove_finished=True)
-        ended = attempt > 0 and st.ended_attempt == attempt
+        ended = attempt > 0 and job_status.ended_attempt == attempt
         if ended:
             self._stop(current, remove_finished=True)
         if attempt == 0 or ended:
@@ -289,81 +297,85 @@ class _Planner:
             self._live(job, attempt, current)
 
     def _start_next(self, job: ValidJob, attempt: int, blocked: bool) -> None:
-        st = self.st
-        rp = job.spec.run_policy
+        job_status = self.job_status
+        run_policy = job.spec.run_policy
         if blocked:
             # No two attempts ever write at once: the next gang waits until every old pod has stopped.
             return
-        if rp.suspend:
-            ck = st.last_checkpoint.step if st.last_checkpoint else None
-            self._cond(S.RUNNING, False, S.R_SUSPENDED, "suspended")
-            self._cond(S.WAITING, False, S.R_SUSPENDED, "suspended")
-            self._cond(S.SUSPENDED, True, S.R_SUSPENDED,
-                       f"no pods run; the last checkpoint (step {ck if ck is not None else 'none yet'}) is kept. Set "
+        if run_policy.suspend:
+            kept = job_status.last_checkpoint.step if job_status.last_checkpoint else None
+            self._cond(status.RUNNING, False, status.R_SUSPENDED, "suspended")
+            self._cond(status.WAITING, False, status.R_SUSPENDED, "suspended")
+            self._cond(status.SUSPENDED, True, status.R_SUSPENDED,
+                       f"no pods run; the last checkpoint (step {kept if kept is not None else 'none yet'}) is kept. Set "
                        "spec.runPolicy.suspend to false to resume from it.", event=("Normal", ""))  # fmt: skip
             return
-        if attempt > 0 and st.ended_reason in COUNTED_REASONS:
-            delay = policy.backoff_seconds(st.restarts, self.opts.backoff_base_seconds)
-            ended_at = S.parse_time(st.ended_time) or self.now
+        if attempt > 0 and job_status.ended_reason in COUNTED_REASONS:
+            delay = policy.backoff_seconds(job_status.restarts, self.opts.backoff_base_seconds)
+            ended_at = status.parse_time(job_status.ended_time) or self.now
             left = delay - (self.now - ended_at).total_seconds()
             if left > 0:
                 self.summary = (
-                    f"attempt {attempt} failed ({st.ended_reason}); the next attempt starts in {int(left)} s."
+                    f"attempt {attempt} failed ({job_status.ended_reason}); the next attempt starts in {int(left)} s."
                 )
                 self._after(left)
                 return
-        resumed = S.is_true(st, S.SUSPENDED)
+        resumed = status.is_true(job_status, status.SUSPENDED)
         new = attempt + 1
-        st.attempt = new
-        st.logs_uri = logs_uri(job, new)
-        if st.start_time is None or resumed:
-            st.start_time = S.timestamp(self.now)
+        job_status.attempt = new
+        job_status.logs_uri = logs_uri(job, new)
+        if job_status.start_time is None or resumed:
+            job_status.start_time = status.timestamp(self.now)
         if resumed:
-            self._cond(S.SUSPENDED, False, S.R_RESUMED, "resumed from the last checkpoint.", event=("Normal", ""))
+            self._cond(
+                status.SUSPENDED, False, status.R_RESUMED, "resumed from the last checkpoint.", event=("Normal", "")
+            )
         n, nproc = job.spec.resources.nodes, max(1, job.spec.resources.gpus_per_node)
-        why = "resume" if resumed else ("first attempt" if attempt == 0 else f"after {st.ended_reason}")
-        self._cond(S.CREATED, True, S.R_GANG_CREATED, f"attempt {new}: {n} pod(s) x {nproc} process(es).")
-        self._cond(S.RUNNING, False, S.R_GANG_CREATED, f"attempt {new} is starting.")
+        why = "resume" if resumed else ("first attempt" if attempt == 0 else f"after {job_status.ended_reason}")
+        self._cond(status.CREATED, True, status.R_GANG_CREATED, f"attempt {new}: {n} pod(s) x {nproc} process(es).")
+        self._cond(status.RUNNING, False, status.R_GANG_CREATED, f"attempt {new} is starting.")
         self._event("Normal", "AttemptStarted", f"attempt {new} ({why}): creating {n} pod(s) x {nproc} process(es).")
         self._create_gang(job, new, range(n))
-        st.gang_created = new
+        job_status.gang_created = new
         self.act_first = True
 
     def _create_gang(self, job: ValidJob, attempt: int, indexes: range | list[int]) -> None:
         self.actions.append(Action("create", build_configmap(job)))
         self.actions.append(Action("create", build_service(job)))
-        gang = build_gang(job, attempt, self.st.memory_savers, self.opts.build)
+        gang = build_gang(job, attempt, self.job_status.memory_savers, self.opts.build)
         self.actions += [Action("create", gang[i]) for i in indexes]
 
     def _live(self, job: ValidJob, attempt: int, views: list[PodView]) -> None:
-        st = self.st
-        rp = job.spec.run_policy
+        job_status = self.job_status
+        run_policy = job.spec.run_policy
         expected = self._gang_size(attempt, job.spec.resources.nodes)
         present = {v.index for v in views}
         missing = [i for i in range(expected) if i not in present]
-        if st.gang_created != attempt:
+        if job_status.gang_created != attempt:
             if missing:
                 self._create_gang(job, attempt, missing)
                 return
-            st.gang_created = attempt
-        if rp.suspend:
-            st.ended_attempt, st.ended_reason, st.ended_time = attempt, S.R_SUSPEND_REQUESTED, S.timestamp(self.now)
-            self._cond(S.RUNNING, False, S.R_SUSPEND_REQUESTED, f"attempt {attempt} is being suspended.")
-            self._cond(S.WAITING, False, S.R_SUSPEND_REQUESTED, "suspending")
-            self._cond(S.SUSPENDED, True, S.R_SUSPEND_REQUESTED,
+            job_status.gang_created = attempt
+        if run_policy.suspend:
+            self._end_attempt(attempt, status.R_SUSPEND_REQUESTED)
+            self._cond(status.RUNNING, False, status.R_SUSPEND_REQUESTED, f"attempt {attempt} is being suspended.")
+            self._cond(status.WAITING, False, status.R_SUSPEND_REQUESTED, "suspending")
+            self._cond(status.SUSPENDED, True, status.R_SUSPEND_REQUESTED,
                        "stopping the pods: each gets SIGTERM and writes an emergency checkpoint before it exits.",
                        event=("Normal", ""))  # fmt: skip
             self._stop(views, remove_finished=True)
             return
-        if self.w.progress is not None:
-            self._merge_progress(self.w.progress)
+        if self.world.progress is not None:
+            self._merge_progress(self.world.progress)
         timing = Timing(
-            rp.scheduling_timeout_seconds, rp.progress_deadline_seconds, S.parse_time(st.last_progress_time)
+            run_policy.scheduling_timeout_seconds,
+            run_policy.progress_deadline_seconds,
+            status.parse_time(job_status.last_progress_time),
         )
-        outcome = policy.classify(views, expected, True, self.now, timing)
-        decision = policy.decide(outcome, self._counters(), rp, self.opts.backoff_base_seconds)
+        verdict = policy.classify(views, expected, True, self.now, timing)
+        decision = policy.apply_run_policy(verdict, self._counters(), run_policy, self.opts.backoff_base_seconds)
         if decision.action == "wait":
-            self._waiting(attempt, outcome)
+            self._waiting(attempt, verdict)
         elif decision.action == "succeed":
             self._succeeded(views)
         else:
@@ -371,7 +383,7 @@ class _Planner:
             if decision.action == "fail":
                 self._fail(decision.reason, decision.message)
             else:
-                self._retry(attempt, outcome, decision, views)
+                self._retry(attempt, verdict, decision, views)
 
     def _gang_size(self, attempt: int, default: int) -> int:
         for a, _, pod in self.views:
@@ -380,79 +392,82 @@ class _Planner:
                 return int(size)
         return default
 
-    def _waiting(self, attempt: int, outcome: policy.Outcome) -> None:
-        if outcome.kind == Kind.WAITING:
-            self._cond(S.RUNNING, False, S.R_UNSCHEDULABLE, f"attempt {attempt} is waiting for capacity.")
-            self._cond(S.WAITING, True, S.R_UNSCHEDULABLE, outcome.message, event=("Warning", ""))
-        elif outcome.kind == Kind.STARTING:
-            self._cond(S.WAITING, False, S.R_SCHEDULED, outcome.message)
-            self._cond(S.RUNNING, False, S.R_SCHEDULED, f"attempt {attempt}: {outcome.message}")
+    def _waiting(self, attempt: int, verdict: policy.Verdict) -> None:
+        if verdict.kind == Kind.WAITING:
+            self._cond(status.RUNNING, False, status.R_UNSCHEDULABLE, f"attempt {attempt} is waiting for capacity.")
+            self._cond(status.WAITING, True, status.R_UNSCHEDULABLE, verdict.message, event=("Warning", ""))
+        elif verdict.kind == Kind.STARTING:
+            self._cond(status.WAITING, False, status.R_SCHEDULED, verdict.message)
+            self._cond(status.RUNNING, False, status.R_SCHEDULED, f"attempt {attempt}: {verdict.message}")
         else:
-            self._cond(S.WAITING, False, S.R_SCHEDULED, "all pods scheduled.")
-            self._cond(S.RUNNING, True, S.R_ALL_PODS_RUNNING, f"attempt {attempt}: {outcome.message}",
+            self._cond(status.WAITING, False, status.R_SCHEDULED, "all pods scheduled.")
+            self._cond(status.RUNNING, True, status.R_ALL_PODS_RUNNING, f"attempt {attempt}: {verdict.message}",
                        event=("Normal", ""))  # fmt: skip
-            if S.is_true(self.st, S.PREEMPTED):
-                self._cond(S.PREEMPTED, False, S.R_RESUMED, f"attempt {attempt} resumed after the preemption.")
+            if status.is_true(self.job_status, status.PREEMPTED):
+                self._cond(
+                    status.PREEMPTED, False, status.R_RESUMED, f"attempt {attempt} resumed after the preemption."
+                )
 
     def _succeeded(self, views: list[PodView]) -> None:
-        st = self.st
+        job_status = self.job_status
         for v in views:
             if v.termination and isinstance(v.termination.get("step"), int):
-                st.step = max(st.step or 0, v.termination["step"])
-        message = f"training finished at step {st.step if st.step is not None else '?'}; model in {st.output_uri}."
-        self._cond(S.RUNNING, False, S.R_COMPLETED, "finished.")
-        self._cond(S.WAITING, False, S.R_COMPLETED, "finished.")
-        if S.is_true(st, S.PREEMPTED):
-            self._cond(S.PREEMPTED, False, S.R_COMPLETED, "finished.")
-        self._cond(S.SUCCEEDED, True, S.R_COMPLETED, message, event=("Normal", ""))
-        st.completion_time = S.timestamp(self.now)
-        st.eta_seconds, st.eta = 0, "0s"
+                job_status.step = max(job_status.step or 0, v.termination["step"])
+        step = job_status.step if job_status.step is not None else "?"
+        message = f"training finished at step {step}; model in {job_status.output_uri}."
+        self._cond(status.RUNNING, False, status.R_COMPLETED, "finished.")
+        self._cond(status.WAITING, False, status.R_COMPLETED, "finished.")
+        if status.is_true(job_status, status.PREEMPTED):
+            self._cond(status.PREEMPTED, False, status.R_COMPLETED, "finished.")
+        self._cond(status.SUCCEEDED, True, status.R_COMPLETED, message, event=("Normal", ""))
+        job_status.completion_time = status.timestamp(self.now)
+        job_status.eta_seconds, job_status.eta = 0, "0s"
 
-    def _retry(self, attempt: int, outcome: policy.Outcome, decision: policy.Decision, views: list[PodView]) -> None:
-        st = self.st
-        st.ended_attempt, st.ended_reason, st.ended_time = attempt, outcome.reason, S.timestamp(self.now)
+    def _retry(self, attempt: int, verdict: policy.Verdict, decision: policy.Decision, views: list[PodView]) -> None:
+        self._end_attempt(attempt, verdict.reason)
         self._cond(
-            S.CREATED,
+            status.CREATED,
             False,
-            S.R_ATTEMPT_ENDED,
-            f"attempt {attempt} ended ({outcome.reason}); its pods are being removed.",
+            status.R_ATTEMPT_ENDED,
+            f"attempt {attempt} ended ({verdict.reason}); its pods are being removed.",
         )
-        self._cond(S.RUNNING, False, outcome.reason, f"attempt {attempt} ended: {decision.message}")
-        self._cond(S.WAITING, False, outcome.reason, f"attempt {attempt} ended.")
-        if outcome.kind == Kind.PREEMPTED:
-            self._cond(S.PREEMPTED, True, outcome.reason, decision.message)
-            self._event("Warning", S.R_PREEMPTED, f"attempt {attempt}: {decision.message}")
+        self._cond(status.RUNNING, False, verdict.reason, f"attempt {attempt} ended: {decision.message}")
+        self._cond(status.WAITING, False, verdict.reason, f"attempt {attempt} ended.")
+        if verdict.kind == Kind.PREEMPTED:
+            self._cond(status.PREEMPTED, True, verdict.reason, decision.message)
+            self._event("Warning", status.R_PREEMPTED, f"attempt {attempt}: {decision.message}")
         else:
-            self._event("Warning", outcome.reason, f"attempt {attempt}: {decision.message}")
+            self._event("Warning", verdict.reason, f"attempt {attempt}: {decision.message}")
         # One pod down means the whole gang is: stop the rest now rather than leave NCCL peers hanging.
         self._stop(views, remove_finished=True)
 
     # ----- progress -----
 
     def _merge_progress(self, doc: dict[str, Any]) -> None:
-        st = self.st
+        job_status = self.job_status
         step = _int(doc.get("step"))
         phase = doc.get("phase") if isinstance(doc.get("phase"), str) else None
-        if (phase, step) != (st.trainer_phase, st.step) or st.last_progress_time is None:
-            st.last_progress_time = S.timestamp(self.now)
-        st.trainer_phase = phase
-        st.step = step
-        st.max_steps = _int(doc.get("maxSteps"))
-        st.loss = _float(doc.get("loss"))
-        st.steps_per_second = _float(doc.get("stepsPerSecond"))
+        if (phase, step) != (job_status.trainer_phase, job_status.step) or job_status.last_progress_time is None:
+            job_status.last_progress_time = status.timestamp(self.now)
+        job_status.trainer_phase = phase
+        job_status.step = step
+        job_status.max_steps = _int(doc.get("maxSteps"))
+        job_status.loss = _float(doc.get("loss"))
+        job_status.steps_per_second = _float(doc.get("stepsPerSecond"))
         eta = _float(doc.get("etaSeconds"))
-        st.eta_seconds = int(round(eta)) if eta is not None else None
-        st.eta = S.format_duration(eta)
-        ck = doc.get("lastCheckpoint")
-        if isinstance(ck, dict) and _int(ck.get("step")) is not None:
-            self._checkpoint(_int(ck.get("step")) or 0, str(ck.get("uri") or ""), None, ck.get("time"))
+        job_status.eta_seconds = int(round(eta)) if eta is not None else None
+        job_status.eta = status.format_duration(eta)
+        reported = doc.get("lastCheckpoint")
+        if isinstance(reported, dict) and _int(reported.get("step")) is not None:
+            checkpoint_step = _int(reported.get("step")) or 0
+            self._checkpoint(checkpoint_step, str(reported.get("uri") or ""), None, reported.get("time"))
         images = doc.get("validationImages")
         if isinstance(images, list):
-            st.validation_images = [str(u) for u in images]
+            job_status.validation_images = [str(u) for u in images]
 
     def _merge_termination_checkpoints(self) -> None:
         """Checkpoints named by pods on their way out, from any attempt, whether the pod is still listed or gone."""
-        gone = [policy.observe_pod(pod, LABEL_INDEX) for pod in self.w.gone_pods]
+        gone = [policy.observe_pod(pod, LABEL_INDEX) for pod in self.world.gone_pods]
         for v in [v for _, v, _ in self.views] + gone:
             term = v.termination or {}
             # After a stop, checkpointUri is what the next attempt resumes from; after completion it is the
@@ -462,14 +477,18 @@ class _Planner:
                 self._checkpoint(term["step"], str(term["checkpointUri"]), v.finished_at)
 
     def _checkpoint(self, step: int, uri: str, when: datetime | None, when_text: Any = None) -> None:
-        st = self.st
-        known = st.last_checkpoint.step if st.last_checkpoint and st.last_checkpoint.step is not None else -1
+        job_status = self.job_status
+        known = (
+            job_status.last_checkpoint.step
+            if job_status.last_checkpoint and job_status.last_checkpoint.step is not None
+            else -1
+        )
         if step <= known:
             return
-        stamp = when_text if isinstance(when_text, str) else S.timestamp(when or self.now)
-        st.last_checkpoint = S.Checkpoint(step=step, uri=uri or None, time=stamp)
+        stamp = when_text if isinstance(when_text, str) else status.timestamp(when or self.now)
+        job_status.last_checkpoint = status.Checkpoint(step=step, uri=uri or None, time=stamp)
         # A new durable checkpoint is progress: preemptions before it no longer count as a loop.
-        st.preemptions_without_progress = 0
+        job_status.preemptions_without_progress = 0
 
 
 def _with_node(view: PodView, since: datetime) -> PodView:

@@ -1,9 +1,9 @@
-"""The failure policy of DESIGN.md as pure functions: observed pods in, an outcome and a decision out.
+"""The failure policy of docs/design.md as pure functions: observed pods in, a verdict and a decision out.
 
 ``observe_pod`` reduces a pod to the facts the policy uses; ``classify`` turns an attempt's pods into one
-outcome (the strongest signal wins: bad input, then preemption, then GPU OOM, then host limits, then crashes);
-``decide`` applies the run policy's budgets. No I/O, no clock: ``now`` is an argument, so every row of the
-table is a unit test.
+verdict (the strongest signal wins: bad input, then preemption, then GPU OOM, then host limits, then crashes);
+``apply_run_policy`` applies the run policy's budgets. No I/O, no clock: ``now`` is an argument, so every row
+of the table is a unit test.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Literal
 from dreambooth_api.contract import EXIT_BAD_INPUT, EXIT_GPU_OOM, EXIT_PREEMPTED
 from dreambooth_api.manifest import RunPolicy
 
-from . import status as S
+from . import status
 
 # DisruptionTarget reasons that mean someone else took the node or the pod away.
 PREEMPTION_DISRUPTIONS = frozenset({"PreemptionByScheduler", "PreemptionByKubeScheduler", "DeletionByTaintManager",
@@ -50,8 +50,7 @@ class Kind(StrEnum):
 
 # Strongest first: one bad-input pod fails the job even when its peers report a preemption echo, etc.
 _PRIORITY = [Kind.BAD_INPUT, Kind.PREEMPTED, Kind.GPU_OOM, Kind.FAILED]
-_FAILURE_PRIORITY = [S.R_HOST_OOM, S.R_EVICTED, S.R_IMAGE, S.R_CRASH]
-ENDED = frozenset(_PRIORITY)
+_FAILURE_PRIORITY = [status.R_HOST_OOM, status.R_EVICTED, status.R_IMAGE, status.R_CRASH]
 
 
 @dataclass(frozen=True)
@@ -93,15 +92,13 @@ class PodView:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class Verdict:
+    """What an attempt's pods say: its kind, a reason constant, the words for people, the pod that said it."""
+
     kind: Kind
     reason: str = ""
     message: str = ""
     pod: str | None = None
-
-    @property
-    def ended(self) -> bool:
-        return self.kind in ENDED or self.kind == Kind.SUCCEEDED
 
 
 @dataclass(frozen=True)
@@ -126,7 +123,7 @@ class Decision:
 
 
 def _time(value: Any) -> datetime | None:
-    return S.parse_time(value) if isinstance(value, str) else None
+    return status.parse_time(value) if isinstance(value, str) else None
 
 
 def parse_termination(text: str) -> dict[str, Any] | None:
@@ -140,19 +137,19 @@ def parse_termination(text: str) -> dict[str, Any] | None:
 
 def observe_pod(pod: dict[str, Any], index_label: str) -> PodView:
     meta = pod.get("metadata") or {}
-    status = pod.get("status") or {}
-    conds = {c.get("type"): c for c in status.get("conditions") or []}
+    pod_status = pod.get("status") or {}
+    conds = {c.get("type"): c for c in pod_status.get("conditions") or []}
     view: dict[str, Any] = {
         "name": meta.get("name", ""),
         "index": int((meta.get("labels") or {}).get(index_label, "0")),
-        "phase": status.get("phase") or "Pending",
+        "phase": pod_status.get("phase") or "Pending",
         "deleting": bool(meta.get("deletionTimestamp")),
         "deletion_deadline": _time(meta.get("deletionTimestamp")),
         "created": _time(meta.get("creationTimestamp")),
-        "pod_reason": status.get("reason"),
-        "pod_message": status.get("message") or "",
+        "pod_reason": pod_status.get("reason"),
+        "pod_message": pod_status.get("message") or "",
         "node_name": (pod.get("spec") or {}).get("nodeName"),
-        "pod_ip": status.get("podIP"),
+        "pod_ip": pod_status.get("podIP"),
         "ready": (conds.get("Ready") or {}).get("status") == "True",
     }
     disruption = conds.get("DisruptionTarget")
@@ -162,7 +159,7 @@ def observe_pod(pod: dict[str, Any], index_label: str) -> PodView:
     scheduled = conds.get("PodScheduled")
     if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
         view["unschedulable"] = scheduled.get("message") or "no node fits the pod"
-    for cs in status.get("containerStatuses") or []:
+    for cs in pod_status.get("containerStatuses") or []:
         state = cs.get("state") or {}
         if "terminated" in state:
             term = state["terminated"]
@@ -198,58 +195,68 @@ def _eviction_advice(message: str) -> str:
     return "raise the pod's resource requests (memory, ephemeral-storage) so the node does not evict it"
 
 
-def pod_verdict(p: PodView, now: datetime) -> Outcome | None:
+def pod_verdict(p: PodView, now: datetime) -> Verdict | None:
     """What one pod says about its attempt, or None when it says nothing final."""
     who = f"pod {p.name}"
     if p.exit_code == EXIT_BAD_INPUT:
-        return Outcome(Kind.BAD_INPUT, S.R_BAD_INPUT, f"{who}: bad input: {_term_text(p) or 'exit code 64'}", p.name)
+        return Verdict(
+            Kind.BAD_INPUT, status.R_BAD_INPUT, f"{who}: bad input: {_term_text(p) or 'exit code 64'}", p.name
+        )
     if p.disruption_reason in PREEMPTION_DISRUPTIONS:
         msg = (
             f"{who} was disrupted ({p.disruption_reason}){': ' + p.disruption_message if p.disruption_message else ''}"
         )
-        return Outcome(Kind.PREEMPTED, S.R_DISRUPTION, msg, p.name)
+        return Verdict(Kind.PREEMPTED, status.R_DISRUPTION, msg, p.name)
     if p.disruption_reason == KUBELET_EVICTION or p.pod_reason == "Evicted":
         detail = p.disruption_message or p.pod_message
-        return Outcome(Kind.FAILED, S.R_EVICTED,
+        return Verdict(Kind.FAILED, status.R_EVICTED,
                        f"{who} was evicted by its node for resource pressure ({detail or 'no detail'}): "
                        f"{_eviction_advice(detail)}.", p.name)  # fmt: skip
     if p.pod_reason in NODE_SHUTDOWN_REASONS:
-        return Outcome(
-            Kind.PREEMPTED, S.R_NODE_SHUTDOWN, f"{who}: its node shut down ({p.pod_message or p.pod_reason}).", p.name
+        return Verdict(
+            Kind.PREEMPTED,
+            status.R_NODE_SHUTDOWN,
+            f"{who}: its node shut down ({p.pod_message or p.pod_reason}).",
+            p.name,
         )
     if p.pod_reason in NODE_LOST_REASONS:
-        return Outcome(Kind.PREEMPTED, S.R_NODE_LOST, f"{who}: its node {p.node_name} was lost.", p.name)
+        return Verdict(Kind.PREEMPTED, status.R_NODE_LOST, f"{who}: its node {p.node_name} was lost.", p.name)
     if p.node_not_ready_since is not None and (now - p.node_not_ready_since).total_seconds() > NODE_LOST_AFTER_SECONDS:
-        return Outcome(Kind.PREEMPTED, S.R_NODE_LOST,
+        return Verdict(Kind.PREEMPTED, status.R_NODE_LOST,
                        f"{who}: its node {p.node_name} has been NotReady for more than {NODE_LOST_AFTER_SECONDS} s.", p.name)  # fmt: skip
     if p.deleting:
-        return Outcome(Kind.PREEMPTED, S.R_POD_DELETED, f"{who} was deleted (not by the operator).", p.name)
+        return Verdict(Kind.PREEMPTED, status.R_POD_DELETED, f"{who} was deleted (not by the operator).", p.name)
     if p.exit_code == EXIT_PREEMPTED:
-        return Outcome(
+        return Verdict(
             Kind.PREEMPTED,
-            S.R_LAUNCHER_PREEMPTED,
+            status.R_LAUNCHER_PREEMPTED,
             f"{who}: the trainer was stopped: {_term_text(p) or 'exit code 75'}",
             p.name,
         )
     if p.exit_code == EXIT_GPU_OOM:
-        return Outcome(
-            Kind.GPU_OOM, S.R_GPU_OOM, f"{who}: GPU out of memory: {_term_text(p) or 'exit code 71'}", p.name
+        return Verdict(
+            Kind.GPU_OOM, status.R_GPU_OOM, f"{who}: GPU out of memory: {_term_text(p) or 'exit code 71'}", p.name
         )
     if p.terminated_reason == "OOMKilled":
-        return Outcome(Kind.FAILED, S.R_HOST_OOM,
+        return Verdict(Kind.FAILED, status.R_HOST_OOM,
                        f"{who} was OOMKilled (host memory, not GPU memory): raise spec.resources.limits.memory (and "
                        "requests.memory), or lower spec.training.dataloaderNumWorkers.", p.name)  # fmt: skip
     if p.waiting_reason in FATAL_WAITING:
-        return Outcome(
-            Kind.BAD_INPUT, S.R_IMAGE, f"{who} cannot start: {p.waiting_reason}: {p.waiting_message}", p.name
+        return Verdict(
+            Kind.BAD_INPUT, status.R_IMAGE, f"{who} cannot start: {p.waiting_reason}: {p.waiting_message}", p.name
         )
     if p.phase == "Failed":
         if p.exit_code is not None:
             text = _term_text(p)
-            return Outcome(
-                Kind.FAILED, S.R_CRASH, f"{who} exited with code {p.exit_code}{': ' + text if text else ''}", p.name
+            return Verdict(
+                Kind.FAILED,
+                status.R_CRASH,
+                f"{who} exited with code {p.exit_code}{': ' + text if text else ''}",
+                p.name,
             )
-        return Outcome(Kind.FAILED, S.R_CRASH, f"{who} failed: {p.pod_reason or ''} {p.pod_message}".rstrip(), p.name)
+        return Verdict(
+            Kind.FAILED, status.R_CRASH, f"{who} failed: {p.pod_reason or ''} {p.pod_message}".rstrip(), p.name
+        )
     return None
 
 
@@ -265,36 +272,36 @@ class Timing:
     last_progress: datetime | None = None
 
 
-def _strongest(verdicts: list[Outcome], finished: dict[str, datetime]) -> Outcome:
+def _strongest(verdicts: list[Verdict], finished: dict[str, datetime]) -> Verdict:
     """The root cause: the strongest kind, and among equals the pod that ended first (its peers die of it)."""
     latest = datetime.max.replace(tzinfo=UTC)
 
-    def rank(o: Outcome) -> tuple[int, int, datetime]:
+    def rank(o: Verdict) -> tuple[int, int, datetime]:
         sub = _FAILURE_PRIORITY.index(o.reason) if o.reason in _FAILURE_PRIORITY else len(_FAILURE_PRIORITY)
         return _PRIORITY.index(o.kind), sub, finished.get(o.pod or "", latest)
 
     return min(verdicts, key=rank)
 
 
-def classify(pods: list[PodView], expected: int, gang_created: bool, now: datetime, timing: Timing) -> Outcome:
-    """One outcome for an attempt that the operator has not ended itself."""
+def classify(pods: list[PodView], expected: int, gang_created: bool, now: datetime, timing: Timing) -> Verdict:
+    """One verdict for an attempt that the operator has not ended itself."""
     by_index = {p.index: p for p in pods if p.index < expected}
     verdicts = [v for p in by_index.values() if (v := pod_verdict(p, now)) is not None]
     if gang_created:
-        verdicts += [Outcome(Kind.PREEMPTED, S.R_POD_DELETED, f"pod {i} of the gang is gone (deleted, not by the operator).")
+        verdicts += [Verdict(Kind.PREEMPTED, status.R_POD_DELETED, f"pod {i} of the gang is gone (deleted, not by the operator).")
                      for i in range(expected) if i not in by_index]  # fmt: skip
     if verdicts:
         top = _strongest(verdicts, {p.name: p.finished_at for p in by_index.values() if p.finished_at})
-        if top.kind == Kind.FAILED and top.reason == S.R_CRASH:
+        if top.kind == Kind.FAILED and top.reason == status.R_CRASH:
             crashed = next(p for p in by_index.values() if p.name == top.pod) if top.pod else None
             peers_active = any(p.active for p in by_index.values())
             since = crashed.finished_at if crashed else None
             if peers_active and since is not None and (now - since).total_seconds() < CRASH_SETTLE_SECONDS:
-                return Outcome(Kind.RUNNING, S.R_ALL_PODS_RUNNING,
+                return Verdict(Kind.RUNNING, status.R_ALL_PODS_RUNNING,
                                f"{top.message}; waiting up to {CRASH_SETTLE_SECONDS} s for its peers' reasons.")  # fmt: skip
         return top
     if len(by_index) == expected and all(p.phase == "Succeeded" for p in by_index.values()):
-        return Outcome(Kind.SUCCEEDED, S.R_COMPLETED, "all pods completed.")
+        return Verdict(Kind.SUCCEEDED, status.R_COMPLETED, "all pods completed.")
     created = [p.created for p in by_index.values() if p.created]
     age = (now - min(created)).total_seconds() if created else 0.0
     unschedulable = [p for p in by_index.values() if p.unschedulable]
@@ -302,23 +309,23 @@ def classify(pods: list[PodView], expected: int, gang_created: bool, now: dateti
     if unschedulable or pending or len(by_index) < expected:
         if age > timing.scheduling_timeout and (unschedulable or pending):
             stuck = unschedulable or pending
-            return Outcome(Kind.FAILED, S.R_SCHEDULING_TIMEOUT,
+            return Verdict(Kind.FAILED, status.R_SCHEDULING_TIMEOUT,
                            f"{len(stuck)} pod(s) not running after schedulingTimeoutSeconds "
                            f"({timing.scheduling_timeout} s): {_pending_detail(stuck[0])}", stuck[0].name)  # fmt: skip
         if unschedulable:
-            return Outcome(Kind.WAITING, S.R_UNSCHEDULABLE,
+            return Verdict(Kind.WAITING, status.R_UNSCHEDULABLE,
                            f"{len(unschedulable)} of {expected} pods cannot be scheduled yet "
                            f"({unschedulable[0].unschedulable}); the cluster autoscaler may be adding nodes. "
                            f"Waiting up to {timing.scheduling_timeout} s.")  # fmt: skip
         detail = _pending_detail(pending[0]) if pending else "creating pods"
-        return Outcome(Kind.STARTING, S.R_SCHEDULED, f"{len(pending)} of {expected} pods starting ({detail}).")
+        return Verdict(Kind.STARTING, status.R_SCHEDULED, f"{len(pending)} of {expected} pods starting ({detail}).")
     running = [p.running_since for p in by_index.values() if p.phase == "Running" and p.running_since]
     baseline = max([t for t in [timing.last_progress, *running] if t is not None], default=None)
     if baseline is not None and (now - baseline).total_seconds() > timing.progress_deadline:
-        return Outcome(Kind.FAILED, S.R_HUNG,
+        return Verdict(Kind.FAILED, status.R_HUNG,
                        f"no step progress for more than progressDeadlineSeconds ({timing.progress_deadline} s): "
                        "the gang looks hung.")  # fmt: skip
-    return Outcome(Kind.RUNNING, S.R_ALL_PODS_RUNNING, f"all {expected} pods running.")
+    return Verdict(Kind.RUNNING, status.R_ALL_PODS_RUNNING, f"all {expected} pods running.")
 
 
 def _pending_detail(p: PodView) -> str:
@@ -339,47 +346,48 @@ def backoff_seconds(restarts: int, base: int) -> int:
     return int(min(base * 2 ** (restarts - 1), MAX_BACKOFF_SECONDS))
 
 
-def decide(outcome: Outcome, counters: Counters, policy: RunPolicy, backoff_base: int = 10) -> Decision:
-    kind = outcome.kind
+def apply_run_policy(verdict: Verdict, counters: Counters, run_policy: RunPolicy, backoff_base: int = 10) -> Decision:
+    """What to do about an attempt's verdict within the run policy's budgets (backoffLimit, maxPreemptions)."""
+    kind = verdict.kind
     if kind in (Kind.STARTING, Kind.WAITING, Kind.RUNNING):
-        return Decision("wait", outcome.reason, outcome.message, counters)
+        return Decision("wait", verdict.reason, verdict.message, counters)
     if kind == Kind.SUCCEEDED:
-        return Decision("succeed", S.R_COMPLETED, outcome.message, counters)
+        return Decision("succeed", status.R_COMPLETED, verdict.message, counters)
     if kind == Kind.BAD_INPUT:
-        return Decision("fail", outcome.reason, f"{outcome.message} (bad input is not retried).", counters)
+        return Decision("fail", verdict.reason, f"{verdict.message} (bad input is not retried).", counters)
     if kind == Kind.PREEMPTED:
-        c = replace(counters, preemptions=counters.preemptions + 1,
-                    preemptions_without_progress=counters.preemptions_without_progress + 1)  # fmt: skip
-        if c.preemptions > policy.max_preemptions:
-            return Decision("fail", S.R_TOO_MANY_PREEMPTIONS,
-                            f"{outcome.message} That is preemption {c.preemptions}, above runPolicy.maxPreemptions "
-                            f"({policy.max_preemptions}).", c, counted="preemption")  # fmt: skip
-        if c.preemptions_without_progress >= NO_PROGRESS_PREEMPTIONS:
-            return Decision("fail", S.R_NO_PROGRESS,
-                            f"{outcome.message} {c.preemptions_without_progress} preemptions in a row without a new "
+        after = replace(counters, preemptions=counters.preemptions + 1,
+                        preemptions_without_progress=counters.preemptions_without_progress + 1)  # fmt: skip
+        if after.preemptions > run_policy.max_preemptions:
+            return Decision("fail", status.R_TOO_MANY_PREEMPTIONS,
+                            f"{verdict.message} That is preemption {after.preemptions}, above runPolicy.maxPreemptions "
+                            f"({run_policy.max_preemptions}).", after, counted="preemption")  # fmt: skip
+        if after.preemptions_without_progress >= NO_PROGRESS_PREEMPTIONS:
+            return Decision("fail", status.R_NO_PROGRESS,
+                            f"{verdict.message} {after.preemptions_without_progress} preemptions in a row without a new "
                             "checkpoint: the run cannot get ahead of its preemptions; lower "
                             "spec.training.checkpointingSteps (or use 'auto') or raise terminationGracePeriodSeconds.",
-                            c, counted="preemption")  # fmt: skip
-        return Decision("retry", outcome.reason,
-                        f"{outcome.message} Resuming from the last checkpoint (preemption {c.preemptions} of at most "
-                        f"{policy.max_preemptions}).", c, counted="preemption")  # fmt: skip
+                            after, counted="preemption")  # fmt: skip
+        return Decision("retry", verdict.reason,
+                        f"{verdict.message} Resuming from the last checkpoint (preemption {after.preemptions} of at most "
+                        f"{run_policy.max_preemptions}).", after, counted="preemption")  # fmt: skip
     if kind == Kind.GPU_OOM:
         if counters.memory_savers:
-            return Decision("fail", S.R_GPU_OOM,
-                            f"{outcome.message} Out of GPU memory even with memory savers on: use more GPUs "
+            return Decision("fail", status.R_GPU_OOM,
+                            f"{verdict.message} Out of GPU memory even with memory savers on: use more GPUs "
                             "(spec.resources.gpusPerNode/nodes), a smaller trainBatchSize or resolution, or LoRA.",
                             counters)  # fmt: skip
-        c = replace(counters, memory_savers=True)
-        return Decision("retry", S.R_GPU_OOM,
-                        f"{outcome.message} Retrying once from the last checkpoint with gradient checkpointing on and "
-                        "the micro-batch halved (accumulation doubled): the resumed run is no longer bit-exact.", c)  # fmt: skip
+        after = replace(counters, memory_savers=True)
+        return Decision("retry", status.R_GPU_OOM,
+                        f"{verdict.message} Retrying once from the last checkpoint with gradient checkpointing on and "
+                        "the micro-batch halved (accumulation doubled): the resumed run is no longer bit-exact.", after)  # fmt: skip
     # Counted failures: crash, host OOM, eviction, hung gang, scheduling timeout.
-    c = replace(counters, restarts=counters.restarts + 1)
-    if c.restarts > policy.backoff_limit:
-        return Decision("fail", S.R_BACKOFF_LIMIT,
-                        f"{outcome.reason}: {outcome.message} Failed attempts: {c.restarts}, above "
-                        f"runPolicy.backoffLimit ({policy.backoff_limit}).", c, counted="restart")  # fmt: skip
-    delay = backoff_seconds(c.restarts, backoff_base)
-    return Decision("retry", outcome.reason,
-                    f"{outcome.message} Retrying in {delay} s from the last checkpoint (failure {c.restarts} of "
-                    f"backoffLimit {policy.backoff_limit}).", c, delay_seconds=delay, counted="restart")  # fmt: skip
+    after = replace(counters, restarts=counters.restarts + 1)
+    if after.restarts > run_policy.backoff_limit:
+        return Decision("fail", status.R_BACKOFF_LIMIT,
+                        f"{verdict.reason}: {verdict.message} Failed attempts: {after.restarts}, above "
+                        f"runPolicy.backoffLimit ({run_policy.backoff_limit}).", after, counted="restart")  # fmt: skip
+    delay = backoff_seconds(after.restarts, backoff_base)
+    return Decision("retry", verdict.reason,
+                    f"{verdict.message} Retrying in {delay} s from the last checkpoint (failure {after.restarts} of "
+                    f"backoffLimit {run_policy.backoff_limit}).", after, delay_seconds=delay, counted="restart")  # fmt: skip

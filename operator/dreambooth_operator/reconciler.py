@@ -4,7 +4,7 @@ Each reconcile reads the job and its pods from the watch cache when it has one (
 otherwise), looks at Nodes only for pods that look orphaned, polls rank 0's ``/progress`` at most every 10 s
 per job, and then loops plan → patch status (only the changed keys) → Events → actions until a plan asks for
 nothing more. A plan made from cached objects that would delete, start an attempt or change the attempt
-bookkeeping is made again from live reads before anything is carried out (``cache.live_reads_needed``).
+bookkeeping is made again from live reads before anything is carried out (``live_reads_needed``).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from . import status as S
-from .cache import Informer, live_reads_needed
+from . import status
+from .cache import Informer
 from .kube import KubeApi, event_object, is_status
 from .metrics import Metrics
 from .plan import EPOCH, Plan, PlanOptions, World, plan, pod_attempt, refuse
-from .progress import POLL_INTERVAL_SECONDS, fetch_progress
+from .progress_client import POLL_INTERVAL_SECONDS, fetch_progress
 from .resources import CONFIG_KEY, LABEL_INDEX, PROGRESS_PORT, names_for
 from .spec import training_hash
 
@@ -33,6 +33,32 @@ COMPONENT = "dreambooth-operator"
 # Plenty for the longest chain (live re-read → status → create gang → confirm it, or a stale write's 409 and
 # its re-read); a plan that keeps asking is a bug, not work.
 MAX_ROUNDS = 6
+
+# Status fields a stale view must never decide: they count attempts or say which one runs.
+BOOKKEEPING = ("attempt", "restarts", "preemptions", "preemptionsWithoutProgress", "memorySavers", "endedAttempt",
+               "endedReason", "gangCreated", "completionTime")  # fmt: skip
+DESTRUCTIVE = frozenset({"delete", "force-delete", "delete-job"})
+
+
+def live_reads_needed(old_status: dict[str, Any], planned: Plan) -> frozenset[str]:
+    """Which live reads ("job", "pods") a plan made from cached objects needs before it may be carried out.
+
+    ``old_status`` is the job's status as read. Empty: the plan writes at most non-bookkeeping status (phase,
+    conditions, progress) and acts on nothing, so the cache is good enough (the write's precondition catches a
+    stale job). The first attempt of a job needs only its live status (no attempt can have pods yet; the
+    creates tolerate 409 for a crash between create and status write); every later one needs the live pods too.
+    """
+    if planned.act_first:
+        first = not old_status.get("attempt")
+        return frozenset({"job"}) if first else frozenset({"job", "pods"})
+    if any(a.verb in DESTRUCTIVE or a.verb == "create" for a in planned.actions):
+        return frozenset({"job", "pods"})
+    # Defaults filled in on both sides: one the apiserver has not stored yet is no change.
+    old = status.dump(status.JobStatus.model_validate(old_status))
+    new = status.dump(planned.status)
+    if any(old.get(k) != new.get(k) for k in BOOKKEEPING):
+        return frozenset({"job", "pods"})
+    return frozenset()
 
 
 @dataclass(frozen=True)
@@ -49,7 +75,7 @@ class Reconciler:
         kube: KubeApi,
         opts: PlanOptions | None = None,
         *,
-        clock: Callable[[], datetime] = S.now_utc,
+        clock: Callable[[], datetime] = status.now_utc,
         fetch: Callable[[str, int], dict[str, Any] | None] = fetch_progress,
         monotonic: Callable[[], float] = time.monotonic,
         poll_interval: float = POLL_INTERVAL_SECONDS,
@@ -92,8 +118,8 @@ class Reconciler:
         for _ in range(MAX_ROUNDS):
             now = self.clock()
             world = World(job, pods, now, progress, self._nodes(pods, now), accepted, gone)
-            p = plan(world, self.opts) if refused is None else refuse(world, self.opts, refused)
-            need = live_reads_needed(job.get("status") or {}, p)
+            planned = plan(world, self.opts) if refused is None else refuse(world, self.opts, refused)
+            need = live_reads_needed(job.get("status") or {}, planned)
             if ("job" in need and not live_job) or ("pods" in need and not live_pods):
                 # Planned from the cache: decide again from what the apiserver says now before acting on it.
                 if not live_job:
@@ -105,17 +131,17 @@ class Reconciler:
                 continue
             progress = None  # merged into status by this plan
             created: dict[str, dict[str, Any]] = {}
-            if p.act_first:
-                refused, created = self._execute(namespace, name, uid, p)
+            if planned.act_first:
+                refused, created = self._execute(namespace, name, uid, planned)
                 if refused is not None:
                     pods, live_pods = self._list_pods(namespace, uid), True
                     continue  # the next round fails the job with the apiserver's words
                 if not (job.get("status") or {}).get("attempt") and len(created) == sum(
-                    1 for a in p.actions if a.obj is not None and a.obj["kind"] == "Pod"
+                    1 for a in planned.actions if a.obj is not None and a.obj["kind"] == "Pod"
                 ):
                     self._mark_complete(uid)
             try:
-                updated = self._write_status(namespace, name, job, p, precondition=not live_job)
+                updated = self._write_status(namespace, name, job, planned, precondition=not live_job)
             except Exception as exc:
                 if not is_status(exc, 409):
                     raise
@@ -127,19 +153,21 @@ class Reconciler:
             if updated is None:
                 return None
             job = updated
-            self._record_events(job, p, now)
-            result = Result(p.status.phase, p.requeue_after, _rv(job))
-            if not p.actions:
+            self._record_events(job, planned, now)
+            result = Result(planned.status.phase, planned.requeue_after, _rv(job))
+            if not planned.actions:
                 return result
-            if not p.act_first:
-                refused, created = self._execute(namespace, name, uid, p)
-            if any(a.verb == "delete-job" for a in p.actions):
+            if not planned.act_first:
+                refused, created = self._execute(namespace, name, uid, planned)
+            if any(a.verb == "delete-job" for a in planned.actions):
                 self.forget(uid)
                 return None
-            if any(a.verb in ("delete", "force-delete") for a in p.actions):
+            if any(a.verb in ("delete", "force-delete") for a in planned.actions):
                 # Nothing more to decide until those pods are gone, and their events will say when.
                 return result
-            wanted = [a.obj["metadata"]["name"] for a in p.actions if a.obj is not None and a.obj["kind"] == "Pod"]
+            wanted = [
+                a.obj["metadata"]["name"] for a in planned.actions if a.obj is not None and a.obj["kind"] == "Pod"
+            ]
             if refused is None and all(n in created for n in wanted):
                 # Every pod we asked for came back from its create: no need to list to confirm them.
                 pods = pods + list(created.values())
@@ -200,11 +228,11 @@ class Reconciler:
 
     def _poll_progress(self, job: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Any] | None:
         uid = job["metadata"]["uid"]
-        attempt = (job.get("status") or {}).get("attempt") or max((pod_attempt(p) for p in pods), default=0)
+        attempt = (job.get("status") or {}).get("attempt") or max((pod_attempt(pod) for pod in pods), default=0)
         rank0 = next(
-            (p for p in pods if pod_attempt(p) == attempt
-             and (p["metadata"].get("labels") or {}).get(LABEL_INDEX) == "0"
-             and (p.get("status") or {}).get("phase") == "Running" and (p.get("status") or {}).get("podIP")),
+            (pod for pod in pods if pod_attempt(pod) == attempt
+             and (pod["metadata"].get("labels") or {}).get(LABEL_INDEX) == "0"
+             and (pod.get("status") or {}).get("phase") == "Running" and (pod.get("status") or {}).get("podIP")),
             None,
         )  # fmt: skip
         if rank0 is None:
@@ -226,10 +254,10 @@ class Reconciler:
             node = (pod.get("spec") or {}).get("nodeName")
             if not node or node in out:
                 continue
-            meta, st = pod.get("metadata") or {}, pod.get("status") or {}
-            ready = next((c for c in st.get("conditions") or [] if c.get("type") == "Ready"), None)
-            not_ready = st.get("phase") == "Running" and ready is not None and ready.get("status") != "True"
-            deadline = S.parse_time(meta.get("deletionTimestamp"))
+            meta, pod_status = pod.get("metadata") or {}, pod.get("status") or {}
+            ready = next((c for c in pod_status.get("conditions") or [] if c.get("type") == "Ready"), None)
+            not_ready = pod_status.get("phase") == "Running" and ready is not None and ready.get("status") != "True"
+            deadline = status.parse_time(meta.get("deletionTimestamp"))
             overdue = deadline is not None and now > deadline
             if not (not_ready or overdue):
                 continue
@@ -240,12 +268,12 @@ class Reconciler:
 
     # ----- writes -----
 
-    def _write_status(self, namespace: str, name: str, job: dict[str, Any], p: Plan,
+    def _write_status(self, namespace: str, name: str, job: dict[str, Any], planned: Plan,
                       precondition: bool = False) -> dict[str, Any] | None:  # fmt: skip
         """Patch the changed status keys; with ``precondition``, only onto the job version they were made from."""
         old = job.get("status") or {}
-        new = S.dump(p.status)
-        patch = S.status_patch(old, new)
+        new = status.dump(planned.status)
+        patch = status.status_patch(old, new)
         if not patch:
             return job
         updated = self.kube.patch_job_status(namespace, name, patch, _rv(job) if precondition else None)
@@ -253,13 +281,13 @@ class Reconciler:
             self.cache.job_read(updated, written=True)
         if self.metrics is not None and updated is not None:
             self.metrics.status_writes.inc()
-            self.metrics.preemptions.inc(max(0, p.status.preemptions - int(old.get("preemptions") or 0)))
-            self.metrics.restarts.inc(max(0, p.status.restarts - int(old.get("restarts") or 0)))
+            self.metrics.preemptions.inc(max(0, planned.status.preemptions - int(old.get("preemptions") or 0)))
+            self.metrics.restarts.inc(max(0, planned.status.restarts - int(old.get("restarts") or 0)))
         return updated
 
-    def _record_events(self, job: dict[str, Any], p: Plan, now: datetime) -> None:
+    def _record_events(self, job: dict[str, Any], planned: Plan, now: datetime) -> None:
         ns = job["metadata"]["namespace"]
-        for ev in p.events:
+        for ev in planned.events:
             log.info("%s/%s %s %s: %s", ns, job["metadata"]["name"], ev.type, ev.reason, ev.message)
             obj = event_object(job, ev.type, ev.reason, ev.message, now, COMPONENT)
             if self._event_pool is not None:
@@ -267,12 +295,14 @@ class Reconciler:
             else:
                 self.kube.create_event(ns, obj)
 
-    def _execute(self, namespace: str, name: str, uid: str, p: Plan) -> tuple[str | None, dict[str, dict[str, Any]]]:
+    def _execute(
+        self, namespace: str, name: str, uid: str, planned: Plan
+    ) -> tuple[str | None, dict[str, dict[str, Any]]]:
         """Run the plan's actions. Returns the apiserver's refusal of an object we built (if any) and the pods
         created (by name). Creates go out together: a pod may exist before its ConfigMap (the kubelet waits)."""
         created: dict[str, dict[str, Any]] = {}
         # Pods first: the pool is shared by every worker, and under a burst of new jobs the pods are what waits.
-        creates = sorted((a.obj for a in p.actions if a.verb == "create" and a.obj is not None),
+        creates = sorted((a.obj for a in planned.actions if a.verb == "create" and a.obj is not None),
                          key=lambda o: o["kind"] != "Pod")  # fmt: skip
         results = list(self._io.map(self._create, creates)) if len(creates) > 1 else [self._create(c) for c in creates]
         for obj, (made, refusal) in zip(creates, results, strict=True):
@@ -282,7 +312,7 @@ class Reconciler:
                 created[obj["metadata"]["name"]] = made
                 if self.cache is not None:
                     self.cache.pod_created(made)
-        for action in p.actions:
+        for action in planned.actions:
             if action.verb == "delete":
                 self.kube.delete_pod(namespace, action.name)
             elif action.verb == "force-delete":
@@ -321,5 +351,5 @@ def _node_not_ready_since(node: dict[str, Any] | None) -> datetime | None:
         if cond.get("type") == "Ready":
             if cond.get("status") == "True":
                 return None
-            return S.parse_time(cond.get("lastTransitionTime")) or EPOCH
+            return status.parse_time(cond.get("lastTransitionTime")) or EPOCH
     return EPOCH

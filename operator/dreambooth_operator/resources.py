@@ -1,7 +1,7 @@
 """Pure builders: a validated job in, the Kubernetes objects the operator creates out (plain dicts).
 
 Names are deterministic (a create is safe to repeat: a second one answers 409), every object is owned by the
-job (garbage collection cleans up; no finalizer of ours), and each pod carries the plumbing DESIGN.md lists.
+job (garbage collection cleans up; no finalizer of ours), and each pod carries the plumbing docs/design.md lists.
 """
 
 from __future__ import annotations
@@ -13,10 +13,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from dreambooth_api.config import config_hash
-from dreambooth_api.manifest import API_GROUP, API_VERSION, KIND, Storage
+from dreambooth_api.manifest import API_GROUP, API_VERSION, KIND
 
-from . import torchrun
-from .spec import SpecError, ValidJob
+from . import rendezvous
+from .reserved import (
+    CACHE_DIR,
+    CONFIG_DIR,
+    CREDENTIAL_ENV,
+    GPU_RESOURCE,
+    HUB_TOKEN_ENV,
+    SCRATCH_DIR,
+    VOLUMES,
+)
+from .spec import ValidJob
 
 LABEL_JOB_NAME = f"{API_GROUP}/job-name"
 LABEL_JOB_UID = f"{API_GROUP}/job-uid"
@@ -34,15 +43,11 @@ KUEUE_TOTAL = "kueue.x-k8s.io/pod-group-total-count"
 KUEUE_RETRIABLE = "kueue.x-k8s.io/retriable-in-group"
 
 CONTAINER = "trainer"
-CONFIG_DIR = "/etc/dreambooth"
 CONFIG_KEY = "config.json"
-SCRATCH_DIR = "/scratch"
-CACHE_DIR = "/cache"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 PROGRESS_PORT = 8080
 DEFAULT_COMMAND = ["python", "-m", "dreambooth_trainer.launch"]
 DEFAULT_ARGS = ["--config", f"{CONFIG_DIR}/{CONFIG_KEY}"]
-GPU_RESOURCE = "nvidia.com/gpu"
 # Checkpoints are written to scratch first (twice their size at worst) and the model sits in the cache:
 # full fine-tune of SD (UNet 3.4 GB + AdamW 6.9 GB, twice, + ~6 GB model) vs. LoRA (MBs + the model).
 DEFAULT_EPHEMERAL_STORAGE = {"full": "30Gi", "lora": "8Gi"}
@@ -50,7 +55,6 @@ DEFAULT_EPHEMERAL_STORAGE = {"full": "30Gi", "lora": "8Gi"}
 NODE_FAILURE_TOLERATION_SECONDS = 30
 RUN_AS_USER = 1000
 
-_OUR_VOLUMES = {"config": CONFIG_DIR, "dshm": "/dev/shm", "scratch": SCRATCH_DIR, "cache": CACHE_DIR}
 # Name prefix budget: '<base>-a<attempt>-<index>' and '<base>-config' must stay valid DNS labels (<= 63).
 _BASE_MAX = 47
 
@@ -147,7 +151,7 @@ def build_service(job: ValidJob) -> dict[str, Any]:
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
             "selector": {LABEL_JOB_UID: job.uid},
-            "ports": [{"name": "rdzv", "port": torchrun.MASTER_PORT, "targetPort": torchrun.MASTER_PORT}],
+            "ports": [{"name": "rdzv", "port": rendezvous.MASTER_PORT, "targetPort": rendezvous.MASTER_PORT}],
         },
     }
 
@@ -167,43 +171,7 @@ def _parse_cpu(value: Any) -> float | None:
 def omp_threads(job: ValidJob) -> int:
     """Intra-op threads per worker: the pod's CPU request split among its workers (oversubscription is slow)."""
     cpu = _parse_cpu(job.spec.resources.requests.get("cpu", job.spec.resources.limits.get("cpu", 1)))
-    return max(1, int((cpu or 1) // torchrun.nproc_per_node(job.spec.resources.gpus_per_node)))
-
-
-# Names the operator may set, whatever the job says: a user value would be silently shadowed or shadow ours.
-STORAGE_ENV = tuple(Storage(endpoint="x", region="x", path_style=True).env())
-CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-HUB_TOKEN_ENV = "HF_TOKEN"  # huggingface_hub reads it; spec.hub.tokenSecretRef sets it
-_ENV_OWNERS: dict[str, str] = {
-    **{n: "spec.storage" for n in STORAGE_ENV},
-    **{n: "spec.storage.credentialsSecret" for n in CREDENTIAL_ENV},
-    **{n: "the operator's rendezvous settings" for n in (
-        "PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT",
-        "PET_RDZV_BACKEND", "PET_MAX_RESTARTS", "DREAMBOOTH_RDZV_TIMEOUT_SECONDS")},
-    **{n: "the operator" for n in (
-        "DREAMBOOTH_JOB_UID", "DREAMBOOTH_JOB_NAME", "DREAMBOOTH_ATTEMPT", "DREAMBOOTH_GRACE_SECONDS",
-        "DREAMBOOTH_MEMORY_SAVERS", "TERMINATION_MESSAGE_PATH", "PROGRESS_PORT", "POD_IP", "HF_HOME", "TORCH_HOME",
-        "DREAMBOOTH_CACHE", "DREAMBOOTH_SCRATCH")},
-    "OMP_NUM_THREADS": "spec.resources.requests.cpu (split among the pod's workers)",
-}  # fmt: skip
-
-
-def _user_env(job: ValidJob) -> list[dict[str, Any]]:
-    for i, var in enumerate(job.spec.pod_template.env):
-        name = var.get("name")
-        if not isinstance(name, str) or not name:
-            raise SpecError(f"spec.podTemplate.env[{i}].name", "is required.")
-        if name == HUB_TOKEN_ENV and job.spec.hub.token_secret_ref is not None:
-            raise SpecError(
-                f"spec.podTemplate.env[{i}].name",
-                f"{name} is set from spec.hub.tokenSecretRef; keep one of the two.",
-            )
-        if name in _ENV_OWNERS:
-            raise SpecError(
-                f"spec.podTemplate.env[{i}].name",
-                f"{name} is set by the operator from {_ENV_OWNERS[name]}; remove it from spec.podTemplate.env.",
-            )
-    return [dict(v) for v in job.spec.pod_template.env]
+    return max(1, int((cpu or 1) // rendezvous.nproc_per_node(job.spec.resources.gpus_per_node)))
 
 
 def _env(job: ValidJob, attempt: int, index: int, memory_savers: bool, opts: BuildOptions) -> list[dict[str, Any]]:
@@ -221,7 +189,7 @@ def _env(job: ValidJob, attempt: int, index: int, memory_savers: bool, opts: Bui
         env.append({"name": "DREAMBOOTH_MEMORY_SAVERS", "value": "1"})
     env += _value_env({"TERMINATION_MESSAGE_PATH": TERMINATION_MESSAGE_PATH, "PROGRESS_PORT": str(PROGRESS_PORT)})
     env.append({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
-    env += torchrun.rendezvous_env(
+    env += rendezvous.rendezvous_env(
         nodes=job.spec.resources.nodes,
         gpus_per_node=job.spec.resources.gpus_per_node,
         node_rank=index,
@@ -249,7 +217,7 @@ def _env(job: ValidJob, attempt: int, index: int, memory_savers: bool, opts: Bui
             "OMP_NUM_THREADS": str(omp_threads(job)),
         }
     )
-    return env + _user_env(job)
+    return env + [dict(v) for v in job.spec.pod_template.env]
 
 
 def _volumes(job: ValidJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -262,19 +230,8 @@ def _volumes(job: ValidJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
         {"name": "cache", "emptyDir": {}},
     ]
     mounts: list[dict[str, Any]] = [
-        {"name": n, "mountPath": p, **({"readOnly": True} if n == "config" else {})} for n, p in _OUR_VOLUMES.items()
+        {"name": n, "mountPath": p, **({"readOnly": True} if n == "config" else {})} for n, p in VOLUMES.items()
     ]
-    for i, vol in enumerate(job.spec.pod_template.volumes):
-        if vol.get("name") in _OUR_VOLUMES:
-            raise SpecError(
-                f"spec.podTemplate.volumes[{i}].name", f"{vol.get('name')!r} is used by the operator; rename it."
-            )
-    for i, mount in enumerate(job.spec.pod_template.volume_mounts):
-        path = str(mount.get("mountPath", "")).rstrip("/")
-        if path in _OUR_VOLUMES.values():
-            raise SpecError(
-                f"spec.podTemplate.volumeMounts[{i}].mountPath", f"{path} is mounted by the operator; use another path."
-            )
     return volumes + [dict(v) for v in job.spec.pod_template.volumes], mounts + [
         dict(m) for m in job.spec.pod_template.volume_mounts
     ]
@@ -286,12 +243,6 @@ def _container_resources(job: ValidJob) -> dict[str, Any]:
     limits = dict(res.limits)
     requests.setdefault("ephemeral-storage", DEFAULT_EPHEMERAL_STORAGE[job.spec.method])
     if res.gpus_per_node > 0:
-        for section, values in (("limits", limits), ("requests", requests)):
-            if GPU_RESOURCE in values and str(values[GPU_RESOURCE]) != str(res.gpus_per_node):
-                raise SpecError(
-                    f"spec.resources.{section}.{GPU_RESOURCE}",
-                    f"is {values[GPU_RESOURCE]} but gpusPerNode is {res.gpus_per_node}; remove it (it is set from gpusPerNode).",
-                )
         limits[GPU_RESOURCE] = res.gpus_per_node
     # Quantities as strings, their canonical form ("4", "16Gi"): what kubectl shows and validators expect.
     out: dict[str, Any] = {"requests": {k: str(v) for k, v in requests.items()}}
@@ -345,7 +296,7 @@ def build_pod(
         "env": _env(job, attempt, index, memory_savers, opts),
         "ports": [
             {"name": "progress", "containerPort": PROGRESS_PORT},
-            {"name": "rdzv", "containerPort": torchrun.MASTER_PORT},
+            {"name": "rdzv", "containerPort": rendezvous.MASTER_PORT},
         ],
         "resources": _container_resources(job),
         "volumeMounts": mounts,
@@ -398,10 +349,6 @@ def build_gang(
     job: ValidJob, attempt: int, memory_savers: bool = False, opts: BuildOptions | None = None
 ) -> list[dict[str, Any]]:
     return [build_pod(job, attempt, i, memory_savers, opts) for i in range(job.spec.resources.nodes)]
-
-
-def output_uri(job: ValidJob) -> str:
-    return job.config.output_dir
 
 
 def logs_uri(job: ValidJob, attempt: int) -> str:

@@ -1,8 +1,9 @@
 """Validation of a DreamBoothJob beyond what the schema can say, with errors that name the manifest field.
 
 The apiserver checks types, enums and minimums. Everything else — the trainer's own cross-field rules, rules
-that only matter inside a pod, and (on 1.20, which has no server-side field validation) unknown fields — is
-checked here, before any pod exists, so a bad manifest fails at once instead of in a pod.
+that only matter inside a pod, a podTemplate that collides with what the operator sets in every pod, and (on
+1.20, which has no server-side field validation) unknown fields — is checked here, before any pod exists, so a
+bad manifest fails at once instead of in a pod. This is the one place: the builders trust a ValidJob.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pydantic.alias_generators import to_camel
 
 from dreambooth_api.config import CommonConfig, ConfigError
 from dreambooth_api.manifest import JobSpec, parse_job
+
+from .reserved import ENV_OWNERS, GPU_RESOURCE, HUB_TOKEN_ENV, VOLUMES
 
 # Where the trainer reads and writes: a relative path would resolve inside a pod's throwaway filesystem.
 _PATH_FIELDS = ("output_dir", "instance_data_dir", "class_data_dir")
@@ -61,6 +64,7 @@ def validate(body: dict[str, Any]) -> ValidJob:
             field = exc.field
         raise SpecError(field, str(exc).split(": ", 1)[-1]) from None
     check_operator_rules(config)
+    check_pod_template(job.spec)
     return ValidJob(
         name=str(meta.get("name", "")),
         namespace=str(meta.get("namespace", "default")),
@@ -96,3 +100,45 @@ def check_operator_rules(config: CommonConfig) -> None:
                 f"{value!r} is a relative path, which inside a pod is lost with the pod; use an s3:// URI "
                 "(or an absolute path on a volume mounted through spec.podTemplate).",
             )
+
+
+def check_pod_template(spec: JobSpec) -> None:
+    """What the job adds to its pods must not collide with what the operator sets in every one (reserved.py).
+
+    Checked in the order a pod is laid out (volumes, mounts, env, resources): a job with several collisions is
+    told of the first one there.
+    """
+    tpl = spec.pod_template
+    for i, vol in enumerate(tpl.volumes):
+        if vol.get("name") in VOLUMES:
+            raise SpecError(
+                f"spec.podTemplate.volumes[{i}].name", f"{vol.get('name')!r} is used by the operator; rename it."
+            )
+    for i, mount in enumerate(tpl.volume_mounts):
+        path = str(mount.get("mountPath", "")).rstrip("/")
+        if path in VOLUMES.values():
+            raise SpecError(
+                f"spec.podTemplate.volumeMounts[{i}].mountPath", f"{path} is mounted by the operator; use another path."
+            )
+    for i, var in enumerate(tpl.env):
+        name = var.get("name")
+        if not isinstance(name, str) or not name:
+            raise SpecError(f"spec.podTemplate.env[{i}].name", "is required.")
+        if name == HUB_TOKEN_ENV and spec.hub.token_secret_ref is not None:
+            raise SpecError(
+                f"spec.podTemplate.env[{i}].name",
+                f"{name} is set from spec.hub.tokenSecretRef; keep one of the two.",
+            )
+        if name in ENV_OWNERS:
+            raise SpecError(
+                f"spec.podTemplate.env[{i}].name",
+                f"{name} is set by the operator from {ENV_OWNERS[name]}; remove it from spec.podTemplate.env.",
+            )
+    res = spec.resources
+    if res.gpus_per_node > 0:
+        for section, values in (("limits", res.limits), ("requests", res.requests)):
+            if GPU_RESOURCE in values and str(values[GPU_RESOURCE]) != str(res.gpus_per_node):
+                raise SpecError(
+                    f"spec.resources.{section}.{GPU_RESOURCE}",
+                    f"is {values[GPU_RESOURCE]} but gpusPerNode is {res.gpus_per_node}; remove it (it is set from gpusPerNode).",
+                )

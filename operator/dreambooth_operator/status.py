@@ -22,8 +22,6 @@ FAILED = "Failed"
 # Not a phase: an edit of spec.training the operator refused.
 SPEC_CHANGE_REFUSED = "SpecChangeRefused"
 
-CONDITION_TYPES = (CREATED, WAITING, RUNNING, PREEMPTED, SUSPENDED, SUCCEEDED, FAILED, SPEC_CHANGE_REFUSED)
-
 # "Pending" covers the moments with no gang at all: just accepted, or waiting out the backoff after a failure.
 PENDING = "Pending"
 Phase = Literal["Pending", "Created", "WaitingForResources", "Running", "Preempted", "Suspended", "Succeeded", "Failed"]
@@ -49,9 +47,8 @@ R_GPU_OOM = "GPUOutOfMemory"
 R_DEADLINE = "DeadlineExceeded"
 R_TRAINING_EDITED = "TrainingEdited"
 R_TRAINING_RESTORED = "TrainingRestored"
-R_RETRYING = "Retrying"
 
-# Causes that end one attempt (policy.Outcome.reason); they appear in conditions and Events too.
+# Causes that end one attempt (policy.Verdict.reason); they appear in conditions and Events too.
 R_CRASH = "TrainerCrashed"
 R_HOST_OOM = "OOMKilled"
 R_EVICTED = "Evicted"

@@ -9,9 +9,9 @@ import pytest
 from test_operator_reconcile import Env
 
 from dreambooth_operator import status as S
-from dreambooth_operator.cache import GONE_PODS_PER_JOB, Informer, live_reads_needed
+from dreambooth_operator.cache import GONE_PODS_PER_JOB, Informer
 from dreambooth_operator.plan import Action, Plan
-from dreambooth_operator.reconciler import Reconciler
+from dreambooth_operator.reconciler import Reconciler, live_reads_needed
 from dreambooth_operator.resources import LABEL_JOB_UID
 
 pytestmark = pytest.mark.unit

@@ -1,4 +1,4 @@
-"""The failure policy of DESIGN.md, row by row: pod facts -> outcome -> decision."""
+"""The failure policy of docs/design.md, row by row: pod facts -> verdict -> decision."""
 
 from __future__ import annotations
 
@@ -11,7 +11,16 @@ import pytest
 from dreambooth_api.manifest import RunPolicy
 from dreambooth_operator import policy
 from dreambooth_operator import status as S
-from dreambooth_operator.policy import Counters, Kind, PodView, Timing, classify, decide, observe_pod, pod_verdict
+from dreambooth_operator.policy import (
+    Counters,
+    Kind,
+    PodView,
+    Timing,
+    apply_run_policy,
+    classify,
+    observe_pod,
+    pod_verdict,
+)
 
 pytestmark = pytest.mark.unit
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -172,8 +181,8 @@ def test_hung_gang_after_progress_deadline() -> None:
 RP = RunPolicy(backoff_limit=2, max_preemptions=3)
 
 
-def outcome(kind: Kind, reason: str = "") -> policy.Outcome:
-    return policy.Outcome(kind, reason or str(kind), "msg.")
+def outcome(kind: Kind, reason: str = "") -> policy.Verdict:
+    return policy.Verdict(kind, reason or str(kind), "msg.")
 
 
 DECISION_ROWS = [
@@ -210,21 +219,21 @@ DECISION_ROWS = [
 
 @pytest.mark.parametrize(("label", "out", "before", "action", "after", "counted"), DECISION_ROWS,
                          ids=[r[0] for r in DECISION_ROWS])  # fmt: skip
-def test_decide(label: str, out: policy.Outcome, before: Counters, action: str, after: Counters, counted: str) -> None:
-    d = decide(out, before, RP, backoff_base=10)
+def test_decide(label: str, out: policy.Verdict, before: Counters, action: str, after: Counters, counted: str) -> None:
+    d = apply_run_policy(out, before, RP, backoff_base=10)
     assert d.action == action
     assert d.counters == after
     assert d.counted == counted
 
 
 def test_decision_messages() -> None:
-    d = decide(outcome(Kind.FAILED, S.R_CRASH), Counters(restarts=2), RP)
+    d = apply_run_policy(outcome(Kind.FAILED, S.R_CRASH), Counters(restarts=2), RP)
     assert d.reason == S.R_BACKOFF_LIMIT and "TrainerCrashed" in d.message and "backoffLimit (2)" in d.message
-    d = decide(outcome(Kind.GPU_OOM, S.R_GPU_OOM), Counters(), RP)
+    d = apply_run_policy(outcome(Kind.GPU_OOM, S.R_GPU_OOM), Counters(), RP)
     assert "no longer bit-exact" in d.message and "gradient checkpointing" in d.message
-    d = decide(outcome(Kind.PREEMPTED), Counters(preemptions=3), RP)
+    d = apply_run_policy(outcome(Kind.PREEMPTED), Counters(preemptions=3), RP)
     assert d.reason == S.R_TOO_MANY_PREEMPTIONS and "maxPreemptions (3)" in d.message
-    d = decide(outcome(Kind.FAILED, S.R_CRASH), Counters(restarts=1), RP, backoff_base=10)
+    d = apply_run_policy(outcome(Kind.FAILED, S.R_CRASH), Counters(restarts=1), RP, backoff_base=10)
     assert d.delay_seconds == 20
 
 
@@ -282,5 +291,5 @@ def test_observe_pod_from_the_api() -> None:
         "idx",
     )
     assert (
-        log_tail.termination is None and "boom" in (pod_verdict(log_tail, NOW) or policy.Outcome(Kind.RUNNING)).message
+        log_tail.termination is None and "boom" in (pod_verdict(log_tail, NOW) or policy.Verdict(Kind.RUNNING)).message
     )

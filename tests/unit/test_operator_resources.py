@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dreambooth_operator import resources, torchrun
+from dreambooth_operator import rendezvous, resources
 from dreambooth_operator.resources import build_configmap, build_gang, build_pod, build_service, names_for
 from dreambooth_operator.spec import SpecError, ValidJob, validate
 
@@ -139,7 +139,7 @@ def test_pod_plumbing_cpu() -> None:
     assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
     assert env["PET_NPROC_PER_NODE"] == "1" and env["PET_NNODES"] == "1" and env["PET_NODE_RANK"] == "0"
     assert env["PET_MASTER_ADDR"] == "sks-dog-0.sks-dog.team.svc.cluster.local"
-    assert env["PET_MASTER_PORT"] == str(torchrun.MASTER_PORT)
+    assert env["PET_MASTER_PORT"] == str(rendezvous.MASTER_PORT)
     assert int(env["DREAMBOOTH_RDZV_TIMEOUT_SECONDS"]) >= 120
     assert env["DREAMBOOTH_JOB_UID"] == UID and env["DREAMBOOTH_ATTEMPT"] == "1"
     assert env["DREAMBOOTH_GRACE_SECONDS"] == "30" and spec["terminationGracePeriodSeconds"] == 30
@@ -229,9 +229,9 @@ def test_kueue_labels_new_group_per_attempt() -> None:
      ("TERMINATION_MESSAGE_PATH", "the operator")],
 )  # fmt: skip
 def test_env_collisions_are_refused(env_name: str, owner: str) -> None:
-    job = valid({"podTemplate": {"env": [{"name": "OK", "value": "1"}, {"name": env_name, "value": "x"}]}})
+    env = [{"name": "OK", "value": "1"}, {"name": env_name, "value": "x"}]
     with pytest.raises(SpecError) as err:
-        build_pod(job, 1, 0)
+        build_pod(valid({"podTemplate": {"env": env}}), 1, 0)
     assert err.value.field == "spec.podTemplate.env[1].name"
     assert env_name in err.value.message and owner in err.value.message
 
@@ -300,8 +300,6 @@ def test_hub_token_secret_reaches_the_pods_by_reference_only() -> None:
     # The key defaults to "token"; a second HF_TOKEN from podTemplate.env is refused, not silently shadowed.
     job = valid({"hub": {"tokenSecretRef": {"name": "hf"}}})
     assert _env(build_pod(job, 1, 0))["HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
-    both = valid(
-        {"hub": {"tokenSecretRef": {"name": "hf"}}, "podTemplate": {"env": [{"name": "HF_TOKEN", "value": "x"}]}}
-    )
+    both = {"hub": {"tokenSecretRef": {"name": "hf"}}, "podTemplate": {"env": [{"name": "HF_TOKEN", "value": "x"}]}}
     with pytest.raises(SpecError, match="spec.hub.tokenSecretRef"):
-        build_pod(both, 1, 0)
+        build_pod(valid(both), 1, 0)

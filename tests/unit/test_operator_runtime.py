@@ -10,7 +10,7 @@ import kopf
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from dreambooth_operator import handlers, torchrun
+from dreambooth_operator import handlers, rendezvous
 from dreambooth_operator import status as S
 from dreambooth_operator.__main__ import Settings, parse_args
 from dreambooth_operator.controller import POD_EVENT_COALESCE_SECONDS, Controller, WorkQueue
@@ -56,7 +56,7 @@ def test_format_duration() -> None:
 
 
 def test_torchrun_env() -> None:
-    env = {e["name"]: e["value"] for e in torchrun.rendezvous_env(
+    env = {e["name"]: e["value"] for e in rendezvous.rendezvous_env(
         nodes=2, gpus_per_node=0, node_rank=1, hostname0="j-0", service="j", namespace="ns",
         scheduling_timeout_seconds=1800)}  # fmt: skip
     assert env["PET_NPROC_PER_NODE"] == "1" and env["PET_NODE_RANK"] == "1" and env["PET_NNODES"] == "2"

@@ -1,4 +1,5 @@
-"""Reading rank 0's ``/progress`` (launcher contract): a short GET, None on any failure.
+"""The operator's client of rank 0's ``/progress`` (launcher contract; the trainer serves it): a short GET, None
+on any failure.
 
 A job whose trainer is busy or unreachable must not slow the operator down: one attempt, a 2 s timeout, and the
 caller polls each job at most every 10 s.

@@ -1,0 +1,33 @@
+"""What the operator sets in every pod, and so what a job's podTemplate may not set: env, volumes, mount paths.
+
+One list for both sides: the builders (resources.py) fill these in, and spec.py refuses a job that sets them too,
+naming the field. A name the builders start to set is refused from then on, with nothing else to update.
+"""
+
+from __future__ import annotations
+
+from dreambooth_api.manifest import Storage
+
+CONFIG_DIR = "/etc/dreambooth"
+SCRATCH_DIR = "/scratch"
+CACHE_DIR = "/cache"
+# Volume name -> mount path, in every trainer container.
+VOLUMES = {"config": CONFIG_DIR, "dshm": "/dev/shm", "scratch": SCRATCH_DIR, "cache": CACHE_DIR}
+GPU_RESOURCE = "nvidia.com/gpu"
+
+# Names the operator may set, whatever the job says: a user value would be silently shadowed or shadow ours.
+STORAGE_ENV = tuple(Storage(endpoint="x", region="x", path_style=True).env())
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+HUB_TOKEN_ENV = "HF_TOKEN"  # huggingface_hub reads it; spec.hub.tokenSecretRef sets it
+ENV_OWNERS: dict[str, str] = {
+    **{n: "spec.storage" for n in STORAGE_ENV},
+    **{n: "spec.storage.credentialsSecret" for n in CREDENTIAL_ENV},
+    **{n: "the operator's rendezvous settings" for n in (
+        "PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT",
+        "PET_RDZV_BACKEND", "PET_MAX_RESTARTS", "DREAMBOOTH_RDZV_TIMEOUT_SECONDS")},
+    **{n: "the operator" for n in (
+        "DREAMBOOTH_JOB_UID", "DREAMBOOTH_JOB_NAME", "DREAMBOOTH_ATTEMPT", "DREAMBOOTH_GRACE_SECONDS",
+        "DREAMBOOTH_MEMORY_SAVERS", "TERMINATION_MESSAGE_PATH", "PROGRESS_PORT", "POD_IP", "HF_HOME", "TORCH_HOME",
+        "DREAMBOOTH_CACHE", "DREAMBOOTH_SCRATCH")},
+    "OMP_NUM_THREADS": "spec.resources.requests.cpu (split among the pod's workers)",
+}  # fmt: skip
