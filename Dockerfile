@@ -32,6 +32,8 @@ FROM base AS operator
 COPY docker/requirements-operator.txt /tmp/requirements-operator.txt
 RUN pip install --no-cache-dir -r /tmp/requirements-operator.txt
 COPY pyproject.toml README.md ./
+COPY api/ api/
+COPY cli/ cli/
 COPY trainer_image/ trainer_image/
 COPY operator/ operator/
 # Not editable (the source folder goes away) and with no index: everything [operator] needs is in the lock.
@@ -77,6 +79,8 @@ RUN if [ -n "${BITSANDBYTES_VERSION}" ]; then \
       pip install --no-cache-dir --no-deps "bitsandbytes==${BITSANDBYTES_VERSION}"; \
     fi
 COPY pyproject.toml README.md ./
+COPY api/ api/
+COPY cli/ cli/
 COPY trainer_image/ trainer_image/
 COPY operator/ operator/
 # hadolint ignore=DL3013

@@ -1,6 +1,6 @@
 """Live training figures: one object the loop updates, read by the console line and rank 0's HTTP server.
 
-`serve_progress(progress)` starts the server DESIGN.md promises on ``$PROGRESS_PORT`` (default 8080; ``0`` picks a
+`serve_progress(progress)` starts the server docs/design.md promises on ``$PROGRESS_PORT`` (default 8080; ``0`` picks a
 free port and logs it; ``off`` serves nothing), bound to ``$POD_IP`` when set, else 127.0.0.1:
 
 - ``GET /progress`` -> ``Progress.snapshot()`` as JSON;
@@ -81,7 +81,7 @@ class Progress:
                 self.publish_seconds.append(seconds)
 
     def snapshot(self) -> dict[str, Any]:
-        """The /progress document (DESIGN.md launcher contract)."""
+        """The /progress document (docs/design.md, launcher contract)."""
         with self._lock:
             rate = self.steps_per_second
             return {

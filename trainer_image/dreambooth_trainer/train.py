@@ -1,6 +1,6 @@
 """One training run: inputs staged, models built, the loop driven, checkpoints and outputs published.
 
-Exactness (see DESIGN.md): data order is a function of (seed, epoch), crops of (seed, epoch, index), noise and
+Exactness (docs/design.md, "Checkpoint format"): data order is a function of (seed, epoch), crops of (seed, epoch, index), noise and
 timesteps of (seed, epoch, micro-step, rank); the weights, optimizer, scheduler and scaler states are restored
 from the checkpoint. So a run stopped at any optimizer step and resumed ends with bit-identical weights on CPU.
 """
@@ -125,7 +125,7 @@ class Trainer:
         self.env = env or RunEnv.from_environ()
         self.hash = config_hash(cfg)
         self.family = family_for(cfg)
-        # The OOM retry trades speed for memory without touching the config hash (DESIGN: failure policy).
+        # The OOM retry trades speed for memory without touching the config hash (docs/design.md, failure policy).
         self.batch_size = cfg.train_batch_size
         self.accum = cfg.gradient_accumulation_steps
         self.grad_ckpt = cfg.gradient_checkpointing
