@@ -3,7 +3,8 @@
 - no import cycle between modules of the project;
 - dreambooth_api imports none of the other packages and no heavy library (torch, diffusers, kopf, ...);
 - the operator imports dreambooth_api only, and nothing that imports torch;
-- the trainer never imports the operator; only dreambooth_cli reaches both.
+- the trainer never imports the operator; only dreambooth_cli reaches both;
+- the operator's watch cache imports neither the planner nor the reconciler.
 
 The checker is shown to bite: a seeded package with a function-local cycle and a layer breach fails it.
 """
@@ -29,6 +30,8 @@ ALLOWED = {
     "dreambooth_cli": {"dreambooth_api", "dreambooth_trainer", "dreambooth_operator"},
 }
 NO_HEAVY = {"dreambooth_api", "dreambooth_operator"}
+# Modules kept leaves of their package: the operator's watch cache serves the reconciler, never decides for it.
+LEAVES = {"dreambooth_operator.cache": ("dreambooth_operator.plan", "dreambooth_operator.reconciler")}
 
 
 def module_files(roots: Iterable[Path]) -> dict[str, Path]:
@@ -145,6 +148,8 @@ def layer_breaches(files: dict[str, Path], graph: dict[str, set[str]]) -> list[s
                 out.append(f"{module} imports {target}")
             if top in NO_HEAVY and other in HEAVY:
                 out.append(f"{module} imports {target} (must stay torch-free)")
+            if any(target == f or target.startswith(f + ".") for f in LEAVES.get(module, ())):
+                out.append(f"{module} imports {target} (it must stay a leaf)")
     return sorted(set(out))
 
 
@@ -170,8 +175,11 @@ def test_the_checker_bites_on_a_seeded_violation(tmp_path: Path) -> None:
     (op / "b.py").write_text("def g():\n    from .a import f\n    return f\n")
     (op / "c.py").write_text("import torch\n\ndef h():\n    from dreambooth_trainer.train import Trainer\n")
     (api / "d.py").write_text("from dreambooth_operator import a\n")
+    (op / "cache.py").write_text("def live():\n    from .plan import Plan\n")
+    (op / "plan.py").write_text("Plan = object\n")
     problems = check([tmp_path / "operator", tmp_path / "api"])
     assert "import cycle: dreambooth_operator.a <-> dreambooth_operator.b" in problems, problems
     assert "dreambooth_operator.c imports dreambooth_trainer.train" in problems, problems
     assert "dreambooth_operator.c imports torch (must stay torch-free)" in problems, problems
     assert "dreambooth_api.d imports dreambooth_operator" in problems, problems
+    assert "dreambooth_operator.cache imports dreambooth_operator.plan (it must stay a leaf)" in problems, problems
