@@ -227,6 +227,11 @@ def test_missing_image_is_err_image_pull_then_back_off(cluster: Cluster, namespa
                   namespace)  # fmt: skip
     w = _waiting(cluster, namespace, "never", "ErrImageNeverPull", "ImagePullBackOff")
     assert "is not present with pull policy of Never" in w["message"]
+    # No silent fallback to the host: an image without the host.invalid/ marker is pulled or fails.
+    cluster.apply(_pod("unmarked", "dreambooth-test/python:local", command=["python", "-c", "pass"]), namespace)
+    w = _waiting(cluster, namespace, "unmarked", "ErrImagePull", "ImagePullBackOff")
+    assert "docker.io/dreambooth-test/python:local" not in w["message"]  # the user's reference, as written
+    assert 'image "dreambooth-test/python:local"' in w["message"] and "registry" in w["message"]
     reasons = {e["reason"] for e in cluster.kube_api.get(f"/api/v1/namespaces/{namespace}/events")["items"]}
     assert {"Pulling", "Failed", "BackOff"} <= reasons
 
@@ -249,12 +254,10 @@ def test_pull_by_digest_and_pull_policies(cluster: Cluster, namespace: str, imag
     with locked(b.root / ".lock"):
         b("push", "--tls-verify=false", BASE_IMAGE, f"docker://{moving}")
     new_digest = registry.manifest_digest("dreambooth-test/moving", "1")
-    cluster.apply(_pod("ifnp", moving, command=["/bin/echo", "x"], imagePullPolicy="IfNotPresent", pod_spec=node),
-                  namespace)  # fmt: skip
-    cluster.apply(_pod("always", moving, command=["/bin/echo", "x"], imagePullPolicy="Always", pod_spec=node),
-                  namespace)  # fmt: skip
     ids = {}
-    for name in ("ifnp", "always"):
+    # One after the other: an Always pull moves the node's tag too (as on a real node), so order matters.
+    for name, policy in (("ifnp", "IfNotPresent"), ("always", "Always")):
+        cluster.apply(_pod(name, moving, command=["/bin/echo", "x"], imagePullPolicy=policy, pod_spec=node), namespace)
         pod = cluster.wait_pod_phase(namespace, name, "Succeeded", "Failed", timeout=120)
         ids[name] = pod["status"]["containerStatuses"][0]["imageID"].rsplit("@", 1)[1]
     assert ids["always"] == new_digest
@@ -285,6 +288,11 @@ def test_pod_start_time_from_a_cached_image(cluster: Cluster, namespace: str, im
     """Benchmark (printed in the cluster tier's summary, not asserted): create → Running for a cached image."""
     cluster.apply(_pod("warm", images.probe, command=["sleep", "30"]), namespace)
     cluster.wait_pod_phase(namespace, "warm", "Running", timeout=120)
+    # The kubelet's view of the container: its PID 1 (host PID) is in the container's cgroup, which
+    # node_lost / deletion kill; the host sees the image's root through it.
+    info = (cluster.pod_info(namespace, "warm") or {})["containers"]["main"]
+    assert info["pid"] in info["processes"]
+    assert "bookworm" in Path(f"/proc/{info['pid']}/root/etc/os-release").read_text()
     times = []
     for i in range(3):
         t = time.monotonic()

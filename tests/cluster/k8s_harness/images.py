@@ -24,6 +24,7 @@ import subprocess
 import tarfile
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -124,12 +125,15 @@ class ImageStore:
         except urllib.error.HTTPError as e:
             body = e.read()[:300].decode("utf-8", "replace")
             if e.code == 404:
-                raise PullError(f"not found: {body.strip() or url}") from e
+                raise PullError(
+                    f"not found in the registry (check the name and tag, and that it was pushed): {body.strip() or url}"
+                ) from e
             if e.code in (401, 403):
                 raise PullError(f"pull access denied ({e.code}): {body.strip()}") from e
             raise PullError(f"registry answered {e.code} for {url}: {body.strip()}") from e
         except (urllib.error.URLError, OSError) as e:
-            raise PullError(f"cannot reach the registry: {getattr(e, 'reason', e)}") from e
+            host = urllib.parse.urlsplit(url).netloc
+            raise PullError(f"cannot reach the registry at {host}: {getattr(e, 'reason', e)}") from e
 
     def resolve(self, ref: str) -> tuple[str, dict[str, Any]]:
         """The manifest digest and manifest of ``ref`` (an index narrowed to linux/amd64)."""

@@ -973,7 +973,10 @@ class PodWorker(threading.Thread):
             memory_limit=int(parse_quantity(limit)) if limit else None,
         )
         return {
-            "cgroup": str(c.cgroup) if c.cgroup else None,
+            # Not joined by the shim: runc nests the relative cgroupsPath under its caller's groups, so from the
+            # kubelet's own groups it lands exactly on c.cgroup (v2: cgroup.kill, pod_info) and under the
+            # kubelet's v1 memory group (the limit).
+            "cgroup": None,
             "runtime": {
                 "binary": self.k.runtime,
                 "root": str(self.k.runtime_root),
