@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,3 +301,37 @@ def test_pod_start_time_from_a_cached_image(cluster: Cluster, namespace: str, im
         cluster.wait_pod_phase(namespace, f"timed-{i}", "Running", timeout=120)
         times.append(time.monotonic() - t)
     TIMINGS["pod create → Running, cached image (runc, 3 pods)"] = ", ".join(f"{t:.2f}s" for t in times)
+
+
+def test_image_pod_network_probes_and_sigterm(cluster: Cluster, namespace: str, images: Images) -> None:
+    """The pod's own netns (podIP reachable, readiness probe), and SIGTERM reaches the image's PID 1."""
+    server = (
+        "import http.server, signal, sys, threading\n"
+        "def term(*_):\n"
+        "    open('/dev/termination-log', 'w').write('SIGTERM to pid 1')\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, term)\n"
+        "s = http.server.HTTPServer(('', 8080), http.server.SimpleHTTPRequestHandler)\n"
+        "threading.Thread(target=s.serve_forever, daemon=True).start()\n"
+        "signal.pause()\n"
+    )
+    cluster.apply(
+        _pod("web", images.probe, command=["python3", "-c", server], workingDir="/etc",
+             readinessProbe={"httpGet": {"path": "/os-release", "port": 8080}, "periodSeconds": 1},
+             pod_spec={"activeDeadlineSeconds": 20}),
+        namespace,
+    )  # fmt: skip
+
+    def ready() -> dict[str, Any] | None:
+        pod = cluster.pod(namespace, "web") or {}
+        conds = {c["type"]: c["status"] for c in (pod.get("status") or {}).get("conditions") or []}
+        return pod if conds.get("Ready") == "True" else None
+
+    pod = wait_until(ready, 60, 0.2, "web Ready")
+    ip = pod["status"]["podIP"]
+    assert ip != cluster.host_ip
+    with urllib.request.urlopen(f"http://{ip}:8080/os-release", timeout=5) as r:  # noqa: S310 - the pod's IP
+        assert b"bookworm" in r.read()
+    pod = cluster.wait_pod_phase(namespace, "web", "Failed", timeout=60)
+    assert pod["status"]["reason"] == "DeadlineExceeded"
+    assert _terminated(pod)["message"] == "SIGTERM to pid 1" and _terminated(pod)["exitCode"] == 0
