@@ -1003,6 +1003,7 @@ class PodWorker(threading.Thread):
         )
         present = self.k.node_images.setdefault(self.node, {}).get(ref)
         if present is not None and policy != "Always":
+            self.k.event(self.pod, "Pulled", f'Container image "{ref}" already present on machine')
             return present
         if policy == "Never":
             raise ImagePullFailed(
