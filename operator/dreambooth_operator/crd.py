@@ -73,9 +73,7 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         else:
             raise ValueError(f"no structural form for anyOf {variants}")
     for key, value in node.items():
-        # An empty-string default reads as null on apiserver 1.20 (refused: "must be of type string"); absent
-        # means the same to the operator, whose models default it.
-        if key in _DROP or key == "default" and value in (None, ""):
+        if key in _DROP or key == "default" and value is None:
             continue
         out[key] = value
     if "const" in node:

@@ -25,7 +25,7 @@ from k8s_harness import ApiError, Cluster, wait_until
 from k8s_harness.util import WaitAbort, free_port
 
 GROUP_PATH = "/apis/dreambooth.dev/v1alpha1"
-IMAGE = "dreambooth-test/python:local"
+IMAGE = "host.invalid/python:local"
 # Shortened clocks for tests: the operator retries after 1 s, 2 s ... and re-reads every job every 2 s.
 TEST_TIMINGS = {"DREAMBOOTH_BACKOFF_BASE_SECONDS": "1", "DREAMBOOTH_OPERATOR_RESYNC_SECONDS": "2"}
 

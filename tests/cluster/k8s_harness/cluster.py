@@ -38,7 +38,7 @@ import urllib3
 import yaml
 
 from . import netns, tools
-from .kubelet import NodeConfig, remove_cgroup_tree
+from .kubelet import NodeConfig, remove_cgroup_tree, v1_cgroup_dirs
 from .pki import SERVICE_ACCOUNT_ISSUER, Pki
 from .rest import ApiError, Kube
 from .util import WaitAbort, free_port, kill_pid, pid_is, proc_start_time, wait_until
@@ -474,8 +474,16 @@ class Cluster:
                     p.wait(1)
         # Whatever a crashed kubelet left behind, found by this cluster's id only.
         netns.cleanup(self.id)
+        # Image containers: overlay rootfs mounts under the pod folders, runc's cgroup v1 groups (memory limits).
+        with contextlib.suppress(OSError):
+            for line in reversed(Path("/proc/mounts").read_text().splitlines()):
+                target = line.split()[1]
+                if line.startswith("overlay ") and target.startswith(str(self.state_dir) + "/"):
+                    subprocess.run(["umount", "-l", target], capture_output=True)
         for root in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
             remove_cgroup_tree(Path(root) / f"dbk{self.id}")
+        for d in v1_cgroup_dirs(f"dbk{self.id}"):
+            remove_cgroup_tree(d)
         etcd_dir = getattr(self, "etcd_dir", None)
         if etcd_dir and str(etcd_dir).startswith("/dev/shm/dreambooth-k8s-"):
             shutil.rmtree(etcd_dir, ignore_errors=True)

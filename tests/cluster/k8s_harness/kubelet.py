@@ -42,7 +42,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from . import oci
 from .dns import ClusterDNS, DnsRecords
+from .images import Image, ImageStore, PullError, container_argv, image_env, resolve_user
 from .netns import PodNet, PodNetwork
 from .rest import ApiError, Kube
 from .util import expand, now_micro, now_rfc3339, parse_quantity, quantity_ceil_div
@@ -53,6 +55,17 @@ SHIM = Path(__file__).with_name("shim.py")
 KUBELET_VERSION = "v1.20.2-process"
 TERMINATION_MESSAGE_LIMIT = 4096
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The explicit marker of a host-process container: an image under this registry host (".invalid" never resolves,
+# so no real image can be meant) runs this machine's files with the project's venv, as before images were pulled.
+# Every other reference is pulled from its registry and run by runc; nothing falls back silently.
+HOST_PROCESS_REGISTRY = "host.invalid"
+# Image pull back-off: as the kubelet's 10 s doubling to 5 min, scaled down for tests.
+PULL_BACKOFF_START = 2.0
+PULL_BACKOFF_MAX = 20.0
+
+
+def is_host_process(image: str) -> bool:
+    return image.startswith(HOST_PROCESS_REGISTRY + "/")
 
 
 # ====================================================================== configuration
@@ -213,6 +226,14 @@ class Container:
     probe_ok: int = 0
     probe_fail: int = 0
     next_probe: float = 0.0
+    image_id: str = ""  # "<registry>/<repo>@sha256:..." of the pulled image; "" for host-process containers
+    bundle: Path | None = None  # runc bundle of the current run (overlay rootfs mounted under it)
+    pull_backoff: float = PULL_BACKOFF_START
+    pull_failed_at: float = 0.0
+
+    @property
+    def oom_path(self) -> Path:
+        return self.dir / f"{self.name}.oom"
 
     @property
     def log_path(self) -> Path:
@@ -242,7 +263,7 @@ class Container:
         st: dict[str, Any] = {
             "name": self.name,
             "image": image,
-            "imageID": f"process-kubelet://{image}",
+            "imageID": self.image_id or f"process-kubelet://{image}",
             "ready": self.ready,
             "restartCount": self.restart_count,
             "started": self.state == "running",
@@ -255,11 +276,16 @@ class Container:
             st["state"] = {"waiting": w}
         elif self.state == "running":
             st["state"] = {"running": {"startedAt": self.started_at}}
-            st["containerID"] = f"process://{self.dir.name}/{self.name}/{self.restart_count}"
+            st["containerID"] = self.container_id
         else:
             st["state"] = {"terminated": self.terminated()}
-            st["containerID"] = f"process://{self.dir.name}/{self.name}/{self.restart_count}"
+            st["containerID"] = self.container_id
         return st
+
+    @property
+    def container_id(self) -> str:
+        scheme = "runc" if self.image_id else "process"
+        return f"{scheme}://{self.dir.name}/{self.name}/{self.restart_count}"
 
     def terminated(self) -> dict[str, Any]:
         t: dict[str, Any] = {
@@ -273,7 +299,7 @@ class Container:
         if self.started_at:
             t["startedAt"] = self.started_at
         t["finishedAt"] = self.finished_at or now_rfc3339()
-        t["containerID"] = f"process://{self.dir.name}/{self.name}/{self.restart_count}"
+        t["containerID"] = self.container_id
         return t
 
 
@@ -284,6 +310,20 @@ class PodSetupPending(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+class ImagePullFailed(PodSetupPending):
+    """ErrImagePull / ErrImageNeverPull: the container waits, then ImagePullBackOff until the next try."""
+
+
+def _home_of(rootfs: Path, uid: int) -> str:
+    """HOME as containerd sets it: the uid's passwd entry in the image, else "/"."""
+    with contextlib.suppress(OSError):
+        for line in (rootfs / "etc" / "passwd").read_text().splitlines():
+            parts = line.split(":")
+            if len(parts) >= 6 and parts[2] == str(uid):
+                return parts[5] or "/"
+    return "/"
 
 
 # ====================================================================== pod worker
@@ -476,6 +516,7 @@ class PodWorker(threading.Thread):
         for alias in self.spec.get("hostAliases") or []:
             lines.append(f"{alias['ip']}\t" + "\t".join(alias.get("hostnames") or []))
         (self.dir / "hosts").write_text("\n".join(lines) + "\n")
+        (self.dir / "hostname").write_text(hostname + "\n")
         (self.dir / "resolv.conf").write_text(
             f"nameserver {self.k.host_ip}\n"
             f"search {self.ns}.svc.cluster.local svc.cluster.local cluster.local\n"
@@ -668,19 +709,23 @@ class PodWorker(threading.Thread):
             )
         return base64.b64decode(data[key]).decode() if kind == "secrets" else data[key]
 
-    def _env(self, c: dict[str, Any], uid: int) -> dict[str, str]:
-        env: dict[str, str] = {
-            "PATH": f"{self.k.venv_bin}:{DEFAULT_PATH}",
-            "HOSTNAME": self.hostname,
-            "HOME": "/root" if uid == 0 else "/",
-            "LANG": "C.UTF-8",
-        }
-        if self.k.venv:
-            env["VIRTUAL_ENV"] = self.k.venv
-        if not self.k.private_tmp:
-            env["TMPDIR"] = str(self.dir / "tmp")
-        if uid == 0 and not self.k.private_root:
-            env["HOME"] = str(self.dir / "home")
+    def _env(self, c: dict[str, Any], uid: int, base: dict[str, str] | None = None) -> dict[str, str]:
+        """The container's environment on top of ``base`` (an image's ENV), else on the host-process defaults."""
+        if base is not None:
+            env = dict(base)
+        else:
+            env = {
+                "PATH": f"{self.k.venv_bin}:{DEFAULT_PATH}",
+                "HOSTNAME": self.hostname,
+                "HOME": "/root" if uid == 0 else "/",
+                "LANG": "C.UTF-8",
+            }
+            if self.k.venv:
+                env["VIRTUAL_ENV"] = self.k.venv
+            if not self.k.private_tmp:
+                env["TMPDIR"] = str(self.dir / "tmp")
+            if uid == 0 and not self.k.private_root:
+                env["HOME"] = str(self.dir / "home")
         for ef in c.get("envFrom") or []:
             prefix = ef.get("prefix", "")
             ref = ef.get("configMapRef") or ef.get("secretRef")
@@ -722,6 +767,10 @@ class PodWorker(threading.Thread):
 
     # ---------------------------------------------------------------- start one container
     def _start(self, c: Container) -> None:
+        shim_spec = self._host_process_spec(c) if is_host_process(c.spec.get("image", "")) else self._image_spec(c)
+        self._launch(c, shim_spec)
+
+    def _host_process_spec(self, c: Container) -> dict[str, Any]:
         spec = c.spec
         psc = self.spec.get("securityContext") or {}
         csc = spec.get("securityContext") or {}
@@ -820,7 +869,165 @@ class PodWorker(threading.Thread):
             "pidfile": str(c.pid_path),
             "errfile": str(c.err_path),
         }
+        return shim_spec
+
+    def _image_spec(self, c: Container) -> dict[str, Any]:
+        """Pull the image, merge its config with the container spec as a kubelet does, write a runc bundle."""
+        spec = c.spec
+        if self.k.runtime is None:
+            raise PodSetupPending(
+                "CreateContainerError",
+                "no OCI runtime on this node: apt-get install runc (or use a host.invalid/ image)",
+            )
+        image = self._pull(c)
+        cfg = image.run_config
+        psc = self.spec.get("securityContext") or {}
+        csc = spec.get("securityContext") or {}
+        image_user = str(cfg.get("User") or "")
+        img_uid, img_gid, user_err = resolve_user(image.rootfs, image_user)
+        run_as_user = csc.get("runAsUser", psc.get("runAsUser"))
+        run_as_group = csc.get("runAsGroup", psc.get("runAsGroup"))
+        if run_as_user is None and user_err:
+            raise PodSetupPending("CreateContainerError", f"image {image.ref}: {user_err}")
+        uid = int(run_as_user) if run_as_user is not None else img_uid
+        if run_as_group is not None:
+            gid = int(run_as_group)
+        elif run_as_user is not None:
+            gid = resolve_user(image.rootfs, str(uid))[1] or 0
+        else:
+            gid = img_gid
+        assert uid is not None and gid is not None
+        if csc.get("runAsNonRoot", psc.get("runAsNonRoot")):
+            user_name = image_user.partition(":")[0]
+            if run_as_user is None and user_name and not user_name.isdigit():
+                raise PodSetupPending(
+                    "CreateContainerConfigError",
+                    f"container has runAsNonRoot and image has non-numeric user ({user_name}), cannot verify user is "
+                    f"non-root (pod: {self.name}, container: {c.name})",
+                )
+            if uid == 0:
+                raise PodSetupPending(
+                    "CreateContainerConfigError",
+                    f"container has runAsNonRoot and image will run as root (pod: {self.name}, container: {c.name})",
+                )
+        vols = self._volumes()
+        base_env = image_env(cfg)
+        base_env["HOSTNAME"] = self.hostname
+        env = self._env(spec, uid, base_env)
+        if "HOME" not in env:
+            env["HOME"] = _home_of(image.rootfs, uid)
+        command = [expand(a, env) for a in spec.get("command") or []]
+        args = [expand(a, env) for a in spec.get("args") or []]
+        argv = container_argv(cfg, command, args)
+        if not argv:
+            raise PodSetupPending(
+                "CreateContainerError",
+                f"no command specified: image {image.ref} has neither ENTRYPOINT nor CMD and the container sets no command",
+            )
+
+        mounts: list[dict[str, Any]] = []
+        if self.net is not None:
+            mounts.append(oci.bind(str(self.dir / "hosts"), "/etc/hosts"))
+            mounts.append(oci.bind(str(self.dir / "hostname"), "/etc/hostname"))
+            if self.spec.get("dnsPolicy", "ClusterFirst") in ("ClusterFirst", "ClusterFirstWithHostNet"):
+                mounts.append(oci.bind(str(self.dir / "resolv.conf"), "/etc/resolv.conf"))
+        for vm in spec.get("volumeMounts") or []:
+            if vm["name"] not in vols:
+                raise PodSetupPending("CreateContainerConfigError", f"volume {vm['name']} not found")
+            src = Path(vols[vm["name"]]["path"])
+            if vm.get("subPath"):
+                src = src / expand(vm["subPath"], env)
+                if not src.exists():
+                    src.mkdir(parents=True, exist_ok=True)
+                    src.chmod(0o777)
+            mounts.append(oci.bind(str(src), vm["mountPath"], bool(vm.get("readOnly"))))
+        c.term_path.write_bytes(b"")
+        c.term_path.chmod(0o666)
+        mounts.append(oci.bind(str(c.term_path), spec.get("terminationMessagePath") or "/dev/termination-log"))
+
+        groups = [int(g) for g in psc.get("supplementalGroups") or []]
+        if psc.get("fsGroup") is not None:
+            groups.append(int(psc["fsGroup"]))
+        limit = ((spec.get("resources") or {}).get("limits") or {}).get("memory")
+        self._drop_bundle(c)
+        bundle = self.dir / "bundles" / f"{c.name}-{c.restart_count}"
+        shutil.rmtree(bundle, ignore_errors=True)
+        rootfs = oci.mount_overlay(image.rootfs, bundle)
+        c.bundle = bundle
+        c.image_id = image.image_id
+        oci.write_config(
+            bundle,
+            rootfs=rootfs,
+            argv=argv,
+            env=env,
+            cwd=spec.get("workingDir") or cfg.get("WorkingDir") or "/",
+            uid=uid,
+            gid=gid,
+            groups=groups,
+            hostname=self.hostname,
+            netns=self.net.netns_path if self.net else None,
+            mounts=mounts,
+            read_only_root=bool(csc.get("readOnlyRootFilesystem")),
+            no_new_privileges=csc.get("allowPrivilegeEscalation") is False,
+            cgroups_path=f"dbk{self.k.cid}/{self.uid}/{c.name}",
+            memory_limit=int(parse_quantity(limit)) if limit else None,
+        )
+        return {
+            # Not joined by the shim: runc nests the relative cgroupsPath under its caller's groups, so from the
+            # kubelet's own groups it lands exactly on c.cgroup (v2: cgroup.kill, pod_info) and under the
+            # kubelet's v1 memory group (the limit).
+            "cgroup": None,
+            "runtime": {
+                "binary": self.k.runtime,
+                "root": str(self.k.runtime_root),
+                "bundle": str(bundle),
+                "id": f"{self.k.cid}-{self.uid[:13]}-{c.name}-{c.restart_count}",
+                "pidfile": str(bundle / "pid"),
+            },
+            "pidfile": str(c.pid_path),
+            "errfile": str(c.err_path),
+            "oomfile": str(c.oom_path),
+        }
+
+    def _drop_bundle(self, c: Container) -> None:
+        if c.bundle is not None:
+            oci.unmount(c.bundle / "rootfs")
+            shutil.rmtree(c.bundle, ignore_errors=True)
+            c.bundle = None
+
+    def _pull(self, c: Container) -> Image:
+        """The image for ``c`` per its imagePullPolicy; ErrImagePull / ErrImageNeverPull as a node reports them."""
+        ref = c.spec.get("image", "")
+        policy = c.spec.get("imagePullPolicy") or (
+            "Always" if ref.endswith(":latest") or ":" not in ref.rsplit("/", 1)[-1] else "IfNotPresent"
+        )
+        present = self.k.node_images.setdefault(self.node, {}).get(ref)
+        if present is not None and policy != "Always":
+            self.k.event(self.pod, "Pulled", f'Container image "{ref}" already present on machine')
+            return present
+        if policy == "Never":
+            raise ImagePullFailed(
+                "ErrImageNeverPull",
+                f'Container image "{ref}" is not present with pull policy of Never',
+            )
+        self.k.event(self.pod, "Pulling", f'Pulling image "{ref}"')
+        t0 = time.monotonic()
+        try:
+            image = self.k.images.pull(ref)
+        except PullError as e:
+            raise ImagePullFailed("ErrImagePull", f'Failed to pull image "{ref}": {e}') from e
+        took = time.monotonic() - t0
+        self.k.node_images[self.node][ref] = image
+        self.k.event(
+            self.pod,
+            "Pulled",
+            f'Successfully pulled image "{ref}" in {took:.3f}s' + ("" if image.pulled else " (layers cached)"),
+        )
+        return image
+
+    def _launch(self, c: Container, shim_spec: dict[str, Any]) -> None:
         c.pid_path.unlink(missing_ok=True)
+        c.oom_path.unlink(missing_ok=True)
         c.err_path.unlink(missing_ok=True)
         spec_file = self.dir / f"{c.name}.shim.json"
         spec_file.write_text(json.dumps(shim_spec))
@@ -847,14 +1054,29 @@ class PodWorker(threading.Thread):
         c.exit_code = None
         c.signal = None
         c.reason = c.message = ""
-        c.ready = not spec.get("readinessProbe")
+        c.ready = not c.spec.get("readinessProbe")
         c.probe_ok = c.probe_fail = 0
-        c.next_probe = time.monotonic() + float((spec.get("readinessProbe") or {}).get("initialDelaySeconds", 0))
+        c.next_probe = time.monotonic() + float((c.spec.get("readinessProbe") or {}).get("initialDelaySeconds", 0))
         self.k.event(self.pod, "Started", f"Started container {c.name}")
+
+    def _pull_backoff(self, c: Container) -> None:
+        """After ErrImagePull has been seen, the container waits in ImagePullBackOff until the next try."""
+        now = time.monotonic()
+        if (
+            c.state == "waiting"
+            and c.waiting_reason in ("ErrImagePull", "ErrImageNeverPull")
+            and now - c.pull_failed_at >= 1.0
+            and now < c.restart_at
+        ):
+            ref = c.spec.get("image", "")
+            c.waiting_reason = "ImagePullBackOff"
+            c.waiting_message = f'Back-off pulling image "{ref}": {c.waiting_message}'
+            self.k.event(self.pod, "BackOff", f'Back-off pulling image "{ref}"')
 
     def _try_start(self, c: Container) -> bool:
         try:
             self._start(c)
+            c.pull_backoff = PULL_BACKOFF_START
             return True
         except Exception as e:  # noqa: BLE001 - a start problem leaves the container waiting, as on a node
             if isinstance(e, PodSetupPending):
@@ -863,10 +1085,14 @@ class PodWorker(threading.Thread):
                 log.exception("starting %s/%s[%s]", self.ns, self.name, c.name)
                 reason, message = "CreateContainerError", repr(e)
             if (c.waiting_reason, c.waiting_message) != (reason, message):
-                self.k.event(self.pod, "Failed" if "Error" in reason else "FailedMount", message, "Warning")
+                self.k.event(self.pod, "Failed" if "Err" in reason else "FailedMount", message, "Warning")
             c.state = "waiting"
             c.waiting_reason, c.waiting_message = reason, message
             c.restart_at = time.monotonic() + 1.0  # retry (a missing ConfigMap may appear), not in a hot loop
+            if isinstance(e, ImagePullFailed):
+                c.pull_failed_at = time.monotonic()
+                c.restart_at = c.pull_failed_at + c.pull_backoff
+                c.pull_backoff = min(c.pull_backoff * 2, PULL_BACKOFF_MAX)
             return False
 
     # ---------------------------------------------------------------- exit handling
@@ -888,11 +1114,14 @@ class PodWorker(threading.Thread):
         err = ""
         with contextlib.suppress(OSError):
             err = c.err_path.read_text().strip()
+        oom = c.oom_path.exists()
+        self._drop_bundle(c)
         if err:
             c.reason, c.message = "StartError", err
             c.exit_code = 128
         else:
-            c.reason = "Completed" if c.exit_code == 0 else "Error"
+            # As containerd: any OOM kill in the container's memory cgroup during this run makes it OOMKilled.
+            c.reason = "OOMKilled" if oom else "Completed" if c.exit_code == 0 else "Error"
             msg = b""
             with contextlib.suppress(OSError):
                 msg = c.term_path.read_bytes()[:TERMINATION_MESSAGE_LIMIT]
@@ -1055,6 +1284,7 @@ class PodWorker(threading.Thread):
                     self.initialized = True
                 else:
                     c = self.init_containers[init_idx]
+                    self._pull_backoff(c)
                     if c.state == "waiting" and not killing and now >= c.restart_at:
                         self._try_start(c)
                     elif self._collect(c):
@@ -1069,6 +1299,7 @@ class PodWorker(threading.Thread):
                         return
             if self.initialized:
                 for c in self.containers:
+                    self._pull_backoff(c)
                     if c.state == "waiting" and not killing and now >= c.restart_at:
                         self._try_start(c)
                     elif self._collect(c) and not killing and self._restart_policy_allows(c):
@@ -1205,6 +1436,7 @@ class PodWorker(threading.Thread):
         for c in self.all_containers():
             if c.proc is not None and c.proc.poll() is None:
                 self._hard_kill(c)
+            self._drop_bundle(c)
         self._teardown_network()
         for p in self.mounted_tmpfs:
             subprocess.run(["umount", "-l", str(p)], capture_output=True)
@@ -1244,6 +1476,10 @@ class ProcessKubelet:
         self.dns: ClusterDNS | None = None
         self.records = DnsRecords()
         self.image_commands = dict(image_commands or {})
+        self.images = ImageStore()
+        self.node_images: dict[str, dict[str, Image]] = {}  # node → reference → image: what each node "has"
+        self.runtime = oci.find_runtime()
+        self.runtime_root = state_dir / "runc"
         env_map = os.environ.get("DREAMBOOTH_KUBELET_IMAGE_COMMANDS")
         if env_map:
             self.image_commands.update(json.loads(env_map))
@@ -1337,6 +1573,8 @@ class ProcessKubelet:
             self.network.teardown()
         if self.cgroup_root is not None:
             remove_cgroup_tree(self.cgroup_root)
+        for d in v1_cgroup_dirs(f"dbk{self.cid}"):
+            remove_cgroup_tree(d)
         if self.control:
             self.control.shutdown()
 
@@ -1385,6 +1623,9 @@ class ProcessKubelet:
     def remove_cgroup(self, uid: str) -> None:
         if self.cgroup_root is not None:
             remove_cgroup_tree(self.cgroup_root / uid)
+        # runc made the image containers' cgroup v1 groups (memory limit) and removes only the leaves.
+        for d in v1_cgroup_dirs(f"dbk{self.cid}/{uid}"):
+            remove_cgroup_tree(d)
 
     # ---------------------------------------------------------------- images
     def entrypoint_for(self, image: str) -> list[str]:
@@ -1718,6 +1959,33 @@ def _under(p: Path, root: Path) -> bool:
         return True
     except ValueError:
         return False
+
+
+def v1_cgroup_dirs(rel: str) -> list[Path]:
+    """``rel`` under this process's own group in every cgroup v1 hierarchy: where runc puts a relative
+    cgroupsPath (under the memory group the kubelet itself runs in, so pods count against it)."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+        own = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    paths = {}
+    for line in own:
+        _, controllers, path = line.split(":", 2)
+        for ctrl in controllers.split(","):
+            if ctrl:
+                paths[ctrl] = path
+    out = []
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 4 or parts[2] != "cgroup":
+            continue
+        ctrls = [o for o in parts[3].split(",") if o in paths]
+        if ctrls:
+            d = Path(parts[1] + paths[ctrls[0]].rstrip("/")) / rel
+            if d.exists():
+                out.append(d)
+    return out
 
 
 def remove_cgroup_tree(root: Path) -> None:

