@@ -27,7 +27,7 @@ run_tier() {
 # buildah + debootstrap build images without a Docker engine, docker-registry is the real OCI registry,
 # crun runs containers from images; runc runs the test cluster's image pods (crun 1.8 refuses this machine's hybrid
 # cgroup layout).
-SYSTEM_PKGS=(buildah debootstrap docker-registry crun runc)
+SYSTEM_PKGS=(buildah debootstrap docker-registry runc)
 case " $TIERS " in *" cluster "*|*" packaging "*)
   missing=()
   for p in "${SYSTEM_PKGS[@]}"; do
