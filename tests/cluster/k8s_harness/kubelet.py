@@ -327,6 +327,21 @@ def _home_of(rootfs: Path, uid: int) -> str:
 
 
 # ====================================================================== pod worker
+
+
+def _mount_source(vm: dict[str, Any], vols: dict[str, Any], env: dict[str, str]) -> Path:
+    """The host path a volumeMount binds: its volume's folder, or a subPath in it (made on first use)."""
+    if vm["name"] not in vols:
+        raise PodSetupPending("CreateContainerConfigError", f"volume {vm['name']} not found")
+    src = Path(vols[vm["name"]]["path"])
+    if vm.get("subPath"):
+        src = src / expand(vm["subPath"], env)
+        if not src.exists():
+            src.mkdir(parents=True, exist_ok=True)
+            src.chmod(0o777)
+    return src
+
+
 class PodWorker(threading.Thread):
     """Owns one pod from first sight until it is gone from the API."""
 
@@ -811,14 +826,7 @@ class PodWorker(threading.Thread):
                     }
                 )
         for vm in spec.get("volumeMounts") or []:
-            if vm["name"] not in vols:
-                raise PodSetupPending("CreateContainerConfigError", f"volume {vm['name']} not found")
-            src = Path(vols[vm["name"]]["path"])
-            if vm.get("subPath"):
-                src = src / expand(vm["subPath"], env)
-                if not src.exists():
-                    src.mkdir(parents=True, exist_ok=True)
-                    src.chmod(0o777)
+            src = _mount_source(vm, vols, env)
             mounts.append(
                 {
                     "type": "bind",
@@ -932,14 +940,7 @@ class PodWorker(threading.Thread):
             if self.spec.get("dnsPolicy", "ClusterFirst") in ("ClusterFirst", "ClusterFirstWithHostNet"):
                 mounts.append(oci.bind(str(self.dir / "resolv.conf"), "/etc/resolv.conf"))
         for vm in spec.get("volumeMounts") or []:
-            if vm["name"] not in vols:
-                raise PodSetupPending("CreateContainerConfigError", f"volume {vm['name']} not found")
-            src = Path(vols[vm["name"]]["path"])
-            if vm.get("subPath"):
-                src = src / expand(vm["subPath"], env)
-                if not src.exists():
-                    src.mkdir(parents=True, exist_ok=True)
-                    src.chmod(0o777)
+            src = _mount_source(vm, vols, env)
             mounts.append(oci.bind(str(src), vm["mountPath"], bool(vm.get("readOnly"))))
         c.term_path.write_bytes(b"")
         c.term_path.chmod(0o666)

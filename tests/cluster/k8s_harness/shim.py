@@ -105,6 +105,30 @@ def oom_kills(memory_cgroup: str | None) -> int:
     return 0
 
 
+class SignalForwarder:
+    """Signals to the shim go to the container's PID 1; those that arrive before it exists wait for it (a pod
+    deleted while its shim starts must not lose its SIGTERM)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+        self.child = -1
+        for sig in self.SIGNALS:
+            signal.signal(sig, self)
+
+    def __call__(self, sig: int, _frame: object = None) -> None:
+        if self.child <= 0:
+            self.pending.append(sig)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.child, sig)
+
+    def replay(self) -> None:
+        for sig in self.pending:
+            self(sig)
+
+
 def run_oci(spec: dict, err_fd: int, pid_fd: int) -> None:
     """Image mode: the container is made by an OCI runtime (runc) from the bundle the kubelet wrote.
 
@@ -117,19 +141,7 @@ def run_oci(spec: dict, err_fd: int, pid_fd: int) -> None:
     cid = rt["id"]
     PR_SET_CHILD_SUBREAPER = 36
     _check(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl subreaper")
-    pending: list[int] = []
-    child = -1
-
-    def forward(sig: int, _frame: object) -> None:
-        if child <= 0:
-            pending.append(sig)
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child, sig)
-
-    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-    for s in forwarded:
-        signal.signal(s, forward)
+    forwarder = SignalForwarder()
 
     runc_log = os.path.join(rt["bundle"], "runc.log")
 
@@ -142,7 +154,7 @@ def run_oci(spec: dict, err_fd: int, pid_fd: int) -> None:
         if pid == 0:
             devnull = os.open(os.devnull, os.O_RDONLY)
             os.dup2(devnull, 0)
-            for s in forwarded:
+            for s in SignalForwarder.SIGNALS:
                 signal.signal(s, signal.SIG_DFL)
             os.execv(base[0], [base[0], "--log", runc_log, "--log-format", "json", *base[1:], *args])
         while True:
@@ -168,6 +180,7 @@ def run_oci(spec: dict, err_fd: int, pid_fd: int) -> None:
         os._exit(128)
     with open(pidfile) as f:
         child = int(f.read().strip())
+    forwarder.child = child
     memory_cgroup = None
     with contextlib.suppress(OSError):
         memory_cgroup = memory_cgroup_of(child)
@@ -180,8 +193,7 @@ def run_oci(spec: dict, err_fd: int, pid_fd: int) -> None:
         os._exit(128)
     os.write(pid_fd, str(child).encode())
     os.close(pid_fd)
-    for sig in pending:
-        forward(sig, None)
+    forwarder.replay()
     status = 0
     while True:
         try:
@@ -252,22 +264,10 @@ def main() -> None:
     except OSError as e:
         fail(f"container setup failed: {e}")
 
-    # Forward signals from before the fork too: a pod deleted while its shim starts must not lose its SIGTERM.
-    pending: list[int] = []
-    child = -1
-
-    def forward(sig: int, _frame: object) -> None:
-        if child <= 0:
-            pending.append(sig)
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child, sig)
-
-    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-    for s in forwarded:
-        signal.signal(s, forward)
+    forwarder = SignalForwarder()
 
     child = os.fork()
+    forwarder.child = child
     if child == 0:
         try:
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -289,7 +289,7 @@ def main() -> None:
             os.close(pid_fd)
             os.set_inheritable(err_fd, False)
             # Python ignores SIGPIPE/SIGXFSZ and we installed forwarders: the command starts with defaults.
-            for s in (*forwarded, signal.SIGPIPE, signal.SIGXFSZ):
+            for s in (*SignalForwarder.SIGNALS, signal.SIGPIPE, signal.SIGXFSZ):
                 signal.signal(s, signal.SIG_DFL)
             os.execvpe(argv[0], argv, spec["env"])
         except OSError as e:
@@ -303,8 +303,7 @@ def main() -> None:
     os.close(pid_fd)
     os.close(err_fd)
 
-    for sig in pending:
-        forward(sig, None)
+    forwarder.replay()
     while True:
         try:
             _, status = os.waitpid(child, 0)
