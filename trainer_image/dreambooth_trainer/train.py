@@ -226,6 +226,8 @@ class Trainer:
             cast_training_params(self.trained, dtype=torch.float32)
 
         self._build_data()
+        # Every rank decides alike (same listing), so none waits at a barrier for one that refused.
+        ckpt.refuse_collisions(self.out, self.resumed.step if self.resumed else 0, self.max_steps)
         params = [p for mod in self.trained for p in mod.parameters() if p.requires_grad]
         lr = cfg.learning_rate
         if cfg.scale_lr:

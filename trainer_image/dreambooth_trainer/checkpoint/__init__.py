@@ -12,6 +12,7 @@ total limit), `resume` (choose, verify and fetch), `owner` (one job per output p
 
 from __future__ import annotations
 
+from .foreign import refuse_collisions
 from .interval import CheckpointInterval
 from .layout import (
     FORMAT,
@@ -47,6 +48,7 @@ __all__ = [
     "claim_output",
     "cpu_clone",
     "read_latest",
+    "refuse_collisions",
     "verify_and_fetch",
     "write_safetensors",
     "write_snapshot",

@@ -91,8 +91,13 @@ def choose_resume(store: Store, request: str | None, config_hash: str, cache: Pa
             )
         wanted = int(m.group(1))
         if wanted not in steps:
-            logger.warning("%s has no complete %s; looking for an older one", store.uri, request)
-        steps = [s for s in steps if s <= wanted]
+            # As the scripts (accelerate's load_state fails on it): a named checkpoint never means "start over".
+            raise ConfigError(
+                "resume_from_checkpoint",
+                f"{store.url(f'checkpoint-{wanted}')} does not exist or is incomplete (no manifest.json); name one "
+                "that exists in output_dir, 'latest', or drop the flag to start over.",
+            )
+        steps = [wanted]
     if not steps:
         if request is not None:
             logger.warning("no complete checkpoint in %s: starting a new training run", store.uri)
@@ -101,6 +106,11 @@ def choose_resume(store: Store, request: str | None, config_hash: str, cache: Pa
         try:
             loaded = verify_and_fetch(store, step, cache)
         except CheckpointError as exc:
+            if request not in (None, "latest"):
+                raise ConfigError(
+                    "resume_from_checkpoint",
+                    f"cannot resume from {request}: {exc}; name another checkpoint or 'latest'.",
+                ) from exc
             logger.warning("cannot resume from checkpoint-%d: %s; falling back to the previous checkpoint", step, exc)
             continue
         if loaded.state.config_hash != config_hash:
