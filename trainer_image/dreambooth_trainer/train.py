@@ -27,6 +27,7 @@ from dreambooth_api.contract import PreemptedError
 
 from . import checkpoint as ckpt
 from . import hub, logs
+from .checkpoint import diffusers_format
 from .classimages import ensure_class_images
 from .data import CachedLatentsDataset, DreamBoothDataset, EpochSampler, collate_fn, list_images
 from .families import family_for
@@ -191,8 +192,15 @@ class Trainer:
 
         # Resume decision first: a resumed run takes its seed from the checkpoint.
         self.resumed: ckpt.Loaded | None = None
+        # A checkpoint of diffusers' scripts asked for by --resume_from_checkpoint (every rank reads the listing).
+        newest = ckpt.checkpoint_steps(self.out)
+        self.script_step = diffusers_format.requested_step(
+            self.out, cfg.resume_from_checkpoint, newest[0] if newest else None
+        )
+        loaded = None
         with acc.main_process_first():
-            loaded = ckpt.choose_resume(self.out, cfg.resume_from_checkpoint, self.hash, self.scratch / "resume")
+            if self.script_step is None:
+                loaded = ckpt.choose_resume(self.out, cfg.resume_from_checkpoint, self.hash, self.scratch / "resume")
         self.rank_log.start_upload(self.out.uri, log_key)  # other ranks: rank 0's claim held (barrier above)
         steps = self._agree([loaded.step if loaded else -1])
         if steps[0] >= 0:
@@ -227,7 +235,8 @@ class Trainer:
 
         self._build_data()
         # Every rank decides alike (same listing), so none waits at a barrier for one that refused.
-        ckpt.refuse_collisions(self.out, self.resumed.step if self.resumed else 0, self.max_steps)
+        start = self.resumed.step if self.resumed else (self.script_step or 0)
+        ckpt.refuse_collisions(self.out, start, self.max_steps)
         params = [p for mod in self.trained for p in mod.parameters() if p.requires_grad]
         lr = cfg.learning_rate
         if cfg.scale_lr:
@@ -265,6 +274,8 @@ class Trainer:
         )
         if self.resumed:
             self._restore(self.resumed)
+        elif self.script_step is not None:
+            self._restore_script_checkpoint(self.script_step)
         self.publisher = ckpt.Publisher(self.out, self.scratch / "publish", cfg.checkpoints_total_limit)
         self.progress = Progress(self.max_steps, enabled=acc.is_main_process)
         self.progress.update(step=self.state.global_step, phase="Running")
@@ -464,6 +475,28 @@ class Trainer:
             )  # fmt: skip
         logger.info("resumed from %s at step %d", self.out.url(f"checkpoint-{loaded.step}"), loaded.step)
 
+    def _restore_script_checkpoint(self, step: int) -> None:
+        name = f"checkpoint-{step}"
+        with self.accelerator.local_main_process_first():
+            folder = diffusers_format.fetch(self.out, step, self.scratch / "resume")
+        diffusers_format.restore(
+            folder, method=self.cfg.method, trained=list(zip(self._trained_names(), self.trained, strict=True)),
+            optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, scaler=self.accelerator.scaler,
+            where=self.out.url(name),
+        )  # fmt: skip
+        st = self.state
+        # The scripts start the epoch over at step // updates_per_epoch; ours continues inside it.
+        st.global_step, st.epoch = step, step // self.updates_per_epoch
+        st.micro_in_epoch = min((step % self.updates_per_epoch) * self.accum, self.batches_per_epoch)
+        st.samples_in_epoch = st.micro_in_epoch * self.batch_size * self.world
+        logger.warning(
+            "resumed from %s, a checkpoint of diffusers' scripts (accelerate save_state format), at step %d: weights, "
+            "optimizer moments (by parameter name), LR scheduler and step restored; its global RNG state does not "
+            "map onto this trainer's per-step generators, so exactness holds from this run's next checkpoint on "
+            "(written in this trainer's format beside it)",
+            self.out.url(name), step,
+        )  # fmt: skip
+
     # ------------------------------------------------------------------ loop
     def _micro_step(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
         cfg, m, acc = self.cfg, self.models, self.accelerator
@@ -625,7 +658,7 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         step = self.state.global_step
-        already = self.resumed is not None and self.resumed.step == step
+        already = (self.resumed is not None and self.resumed.step == step) or self.script_step == step
         if self._checkpoint_due(step) and not already:
             self.save_checkpoint(background=True)
         if acc.is_main_process:
