@@ -29,6 +29,7 @@ from . import checkpoint as ckpt
 from . import hub, logs
 from .checkpoint import diffusers_format
 from .classimages import ensure_class_images
+from .compat import warn_like_the_scripts
 from .data import CachedLatentsDataset, DreamBoothDataset, EpochSampler, collate_fn, list_images
 from .families import family_for
 from .model import check_optional_libraries, load_trainable_state, optimizer_class, trainable_state
@@ -148,6 +149,8 @@ class Trainer:
 
         cfg = self.cfg
         check_optional_libraries(cfg)
+        if int(os.environ.get("RANK", "0")) == 0:
+            warn_like_the_scripts(cfg)
         _check_device_precision(cfg)
         self.tracker_names = trackers_for(cfg)
         # Without cpu=True accelerate ignores torchrun's env on a GPU-less machine and every rank trains alone.

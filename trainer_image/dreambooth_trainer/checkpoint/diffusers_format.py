@@ -127,7 +127,9 @@ def load_weights(folder: Path, method: str, trained: list[tuple[str, torch.nn.Mo
         return
     for prefix, mod in trained:
         if not (folder / prefix).is_dir():
-            raise ConfigError("resume_from_checkpoint", f"{folder} has no {prefix}/ folder for the {prefix} that trains.")
+            raise ConfigError(
+                "resume_from_checkpoint", f"{folder} has no {prefix}/ folder for the {prefix} that trains."
+            )
         loaded = type(mod).from_pretrained(folder / prefix)
         mod.load_state_dict(loaded.state_dict())
         del loaded

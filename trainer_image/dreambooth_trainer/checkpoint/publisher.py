@@ -108,7 +108,7 @@ class Publisher:
             self.on_published(self.last_published)
 
     def _apply_total_limit(self, newest: int) -> None:
-        if not self.total_limit:
+        if self.total_limit is None:  # 0 keeps only the newest, as in the scripts
             return
         # Only checkpoints carrying our manifest count; diffusers' own checkpoint-N folders are never removed.
         complete = [s for s in checkpoint_steps(self.store) if classify(self.store, f"checkpoint-{s}") is Kind.OURS]
