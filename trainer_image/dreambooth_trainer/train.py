@@ -155,14 +155,19 @@ class Trainer:
         self.tracker_names = trackers_for(cfg)
         # Without cpu=True accelerate ignores torchrun's env on a GPU-less machine and every rank trains alone.
         self.accelerator = acc = Accelerator(
-            mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1, cpu=not torch.cuda.is_available()
+            # "no", not None: None would let accelerate read ACCELERATE_MIXED_PRECISION (cli folded it in already).
+            mixed_precision=cfg.mixed_precision or "no",
+            gradient_accumulation_steps=1,
+            cpu=not torch.cuda.is_available(),
         )
         self.rank, self.world = acc.process_index, acc.num_processes
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched != self.world:
             raise RuntimeError(f"torchrun started {launched} processes but accelerate sees {self.world}")
         if acc.is_main_process:
-            logger.info("training on %d process(es), device %s", self.world, acc.device)
+            logger.info(
+                "training on %d process(es), device %s, mixed precision %s", self.world, acc.device, acc.mixed_precision
+            )
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
 
