@@ -8,7 +8,6 @@ from the checkpoint. So a run stopped at any optimizer step and resumed ends wit
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -32,7 +31,14 @@ from .classimages import ensure_class_images
 from .compat import warn_like_the_scripts
 from .data import CachedLatentsDataset, DreamBoothDataset, EpochSampler, collate_fn, list_images
 from .families import family_for
-from .model import check_optional_libraries, load_trainable_state, optimizer_class, trainable_state
+from .model import (
+    check_optional_libraries,
+    config_json,
+    load_trainable_state,
+    optimizer_class,
+    trainable_state,
+    weights_file,
+)
 from .modelcard import model_card, write_model_card
 from .objective import seed_global_rng, step_generator
 from .progress import Progress, serve_progress
@@ -436,11 +442,13 @@ class Trainer:
         reuse = self.publisher.staging
         snap = ckpt.Snapshot(state=ckpt.TrainState(**vars(self.state)))
         for name, mod in zip(self._trained_names(), self.trained, strict=True):
-            snap.tensors[f"training/{name}.safetensors"] = ckpt.cpu_clone(trainable_state(mod), reuse, name)
             if self.cfg.method == "full":
-                # diffusers' config is a dict; transformers' (the text encoder's) is an object with to_dict().
-                config = mod.config.to_dict() if hasattr(mod.config, "to_dict") else dict(mod.config)
-                snap.texts[f"{name}/config.json"] = json.dumps(config, indent=1, default=str)
+                # Format 2: the part in diffusers' layout, so `from_pretrained(".../checkpoint-N/unet")` loads it;
+                # the resume reads the same file (no second copy of the weights).
+                snap.tensors[f"{name}/{weights_file(mod)}"] = ckpt.cpu_clone(mod.state_dict(), reuse, name)
+                snap.texts[f"{name}/config.json"] = config_json(mod)
+            else:
+                snap.tensors[f"training/{name}.safetensors"] = ckpt.cpu_clone(trainable_state(mod), reuse, name)
         if self.cfg.method == "lora":
             snap.tensors["pytorch_lora_weights.safetensors"] = self._lora_layers(cpu=True)
         snap.objects["training/optimizer.pt"] = ckpt.cpu_clone(self.optimizer.state_dict(), reuse, "optimizer")
@@ -460,7 +468,12 @@ class Trainer:
         from safetensors.torch import load_file
 
         for name, mod in zip(self._trained_names(), self.trained, strict=True):
-            load_trainable_state(mod, load_file(loaded.folder / f"training/{name}.safetensors"))
+            if f"training/{name}.safetensors" in loaded.manifest["files"]:  # format 1, and LoRA in format 2
+                load_trainable_state(mod, load_file(loaded.folder / f"training/{name}.safetensors"))
+            else:  # format 2, full: the part's diffusers-layout file, buffers left out
+                trains = {n for n, p in mod.named_parameters() if p.requires_grad}
+                state = load_file(loaded.folder / f"{name}/{weights_file(mod)}")
+                load_trainable_state(mod, {k: v for k, v in state.items() if k in trains})
         self.optimizer.load_state_dict(torch.load(loaded.folder / "training/optimizer.pt", weights_only=False))
         self.lr_scheduler.load_state_dict(torch.load(loaded.folder / "training/scheduler.pt", weights_only=False))
         scaler = loaded.folder / "training/scaler.pt"

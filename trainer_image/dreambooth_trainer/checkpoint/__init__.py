@@ -1,6 +1,6 @@
 """Checkpoints: snapshot the training state, write and publish it in the background, and resume from it.
 
-Format 1 (docs/design.md, "Checkpoint format"): ``checkpoint-N/<files>``, then ``checkpoint-N/manifest.json``
+Format 2 (docs/design.md, "Checkpoint format"; format 1 is still read): ``checkpoint-N/<files>``, then ``checkpoint-N/manifest.json``
 (sizes + sha256, written last: a checkpoint without a manifest does not exist), then ``LATEST``, which only moves
 forward. The same code publishes to a local folder and to S3 through one Store; S3 has no rename, so the
 manifest's single PUT is the commit point.

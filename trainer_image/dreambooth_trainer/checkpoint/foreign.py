@@ -27,9 +27,10 @@ from .layout import _CKPT, MANIFEST
 
 logger = logging.getLogger(__name__)
 
-# Every file name format 1 writes inside checkpoint-N/ (docs/design.md, "Checkpoint format").
+# Every file name formats 1 and 2 write inside checkpoint-N/ (docs/design.md, "Checkpoint format").
 _OUR_FILE = re.compile(
-    r"^(manifest\.json|trainer_state\.json|pytorch_lora_weights\.safetensors|training/[^/]+|[A-Za-z0-9_]+/config\.json)$"
+    r"^(manifest\.json|trainer_state\.json|pytorch_lora_weights\.safetensors|training/[^/]+"
+    r"|[A-Za-z0-9_]+/(config\.json|diffusion_pytorch_model\.safetensors|model\.safetensors))$"
 )
 
 
