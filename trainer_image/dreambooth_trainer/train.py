@@ -27,6 +27,8 @@ from dreambooth_api.contract import PreemptedError
 from . import checkpoint as ckpt
 from . import hub, logs
 from .checkpoint import diffusers_format
+from .checkpoint.settings import FILE as SETTINGS_FILE
+from .checkpoint.settings import hashed_settings, settings_json
 from .classimages import ensure_class_images
 from .compat import warn_like_the_scripts
 from .data import CachedLatentsDataset, DreamBoothDataset, EpochSampler, collate_fn, list_images
@@ -214,7 +216,9 @@ class Trainer:
         loaded = None
         with acc.main_process_first():
             if self.script_step is None:
-                loaded = ckpt.choose_resume(self.out, cfg.resume_from_checkpoint, self.hash, self.scratch / "resume")
+                loaded = ckpt.choose_resume(
+                    self.out, cfg.resume_from_checkpoint, self.hash, self.scratch / "resume", hashed_settings(cfg)
+                )
         self.rank_log.start_upload(self.out.uri, log_key)  # other ranks: rank 0's claim held (barrier above)
         steps = self._agree([loaded.step if loaded else -1])
         if steps[0] >= 0:
@@ -451,6 +455,7 @@ class Trainer:
                 snap.tensors[f"training/{name}.safetensors"] = ckpt.cpu_clone(trainable_state(mod), reuse, name)
         if self.cfg.method == "lora":
             snap.tensors["pytorch_lora_weights.safetensors"] = self._lora_layers(cpu=True)
+        snap.texts[SETTINGS_FILE] = settings_json(self.cfg)
         snap.objects["training/optimizer.pt"] = ckpt.cpu_clone(self.optimizer.state_dict(), reuse, "optimizer")
         snap.objects["training/scheduler.pt"] = self.lr_scheduler.state_dict()
         if self.accelerator.scaler is not None:

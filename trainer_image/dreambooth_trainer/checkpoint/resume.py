@@ -13,6 +13,7 @@ from dreambooth_api.config import ConfigError
 
 from ..storage import NotFoundError, Store
 from .layout import _CKPT, FORMAT, MANIFEST, CheckpointError, TrainState, checkpoint_steps
+from .settings import differences
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,9 @@ def _matches(path: Path, meta: dict[str, Any]) -> bool:
     return sha.hexdigest() == meta["sha256"]
 
 
-def choose_resume(store: Store, request: str | None, config_hash: str, cache: Path) -> Loaded | None:
+def choose_resume(
+    store: Store, request: str | None, config_hash: str, cache: Path, settings: dict[str, Any] | None = None
+) -> Loaded | None:
     """Pick the checkpoint to resume from, falling back past corrupt ones, or None to start fresh.
 
     `request` is resume_from_checkpoint: None (automatic when checkpoints exist), 'latest', or 'checkpoint-N'.
@@ -117,7 +120,8 @@ def choose_resume(store: Store, request: str | None, config_hash: str, cache: Pa
             raise ConfigError(
                 "output_dir",
                 f"{store.uri} holds checkpoint-{step} of a different training config (hash {loaded.state.config_hash}, "
-                f"this run {config_hash}); use a new output_dir, or the same training settings to resume.",
+                f"this run {config_hash}{differences(loaded.folder, settings)}); pick a new output_dir, or the same "
+                "training settings to resume.",
             )
         return loaded
     logger.warning("no intact checkpoint in %s: starting a new training run", store.uri)
