@@ -28,9 +28,7 @@ _UNSUPPORTED = ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA", "TPU")
 
 
 def config_file() -> Path | None:
-    path = os.environ.get("ACCELERATE_CONFIG_FILE")
-    if path:
-        return Path(path)
+    """The file `accelerate config` writes and `accelerate launch` reads by default ($HF_HOME/accelerate/...)."""
     from accelerate.commands.config.config_args import default_config_file
 
     return Path(default_config_file) if os.path.isfile(default_config_file) else None
