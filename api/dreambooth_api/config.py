@@ -92,7 +92,7 @@ class CommonConfig(BaseModel):
         "Save a resumable checkpoint every N optimizer steps, or 'auto' to pick the interval from the measured "
         "checkpoint cost and expectedPreemptionIntervalSeconds.",
     )
-    checkpoints_total_limit: int | None = _f(None, "Keep at most this many complete checkpoints.", ge=1)
+    checkpoints_total_limit: int | None = _f(None, "Keep at most this many complete checkpoints.", ge=0)
     resume_from_checkpoint: str | None = _f(
         None, "'latest', or a checkpoint folder name like 'checkpoint-400'. Automatic when the output holds any."
     )
@@ -120,7 +120,7 @@ class CommonConfig(BaseModel):
     allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere or newer GPUs.")
     report_to: str = _f("tensorboard", "Trackers: tensorboard, wandb, comet_ml, all, or none.")
     validation_prompt: str | None = _f(None, "Prompt used for validation images.")
-    num_validation_images: int = _f(4, "Images generated per validation.", ge=1)
+    num_validation_images: int = _f(4, "Images generated per validation.", ge=0)
     mixed_precision: MixedPrecision | None = _f(None, "Mixed precision: no, fp16 (GPU only) or bf16.")
     prior_generation_precision: PriorPrecision | None = _f(
         None, "Precision for generating class images; fp16 on GPU, fp32 on CPU by default."
@@ -262,6 +262,13 @@ def check_rules(cfg: CommonConfig) -> None:
         )
     if cfg.cache_latents and not cfg.center_crop:
         raise ConfigError("cache_latents", "needs --center_crop (random crops change the latents every epoch).")
+    if cfg.hub_token and cfg.report_to in ("wandb", "all"):
+        # As the scripts: the tracker records the run's arguments, token included.
+        raise ConfigError(
+            "hub_token",
+            f"cannot be used with --report_to {cfg.report_to}: the tracker would record the token. Log in with "
+            "`hf auth login` or set HF_TOKEN instead.",
+        )
 
 
 def parse_training(method: str, training: dict[str, Any]) -> CommonConfig:

@@ -48,7 +48,49 @@ def test_a_newer_format_is_refused_with_exit_64_never_skipped(tmp_path: Path) ->
     manifest.write_text(json.dumps(doc))
     proc = run_dreambooth(_args(out), check=False)
     assert proc.returncode == 64, proc.stderr[-3000:]
-    assert "checkpoint format 99" in proc.stderr and "reads checkpoint formats up to 1" in proc.stderr
+    assert "checkpoint format 99" in proc.stderr and "reads checkpoint formats up to 2" in proc.stderr
     assert "new output_dir" in proc.stderr
     # Nothing was trained over it: the checkpoint is still there, no new one appeared.
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
+
+
+FULL_FIXTURE = REPO / "tests" / "fixtures" / "checkpoint-format-1-full"
+
+
+def test_a_format_1_full_checkpoint_resumes_bit_exactly_under_format_2(tmp_path: Path) -> None:
+    """Format 2 moved a full fine-tune's weights to `unet/`; the format-1 reader (training/unet.safetensors) stays."""
+    import hashlib
+
+    import torch
+
+    out = tmp_path / "out"
+    shutil.copytree(FULL_FIXTURE, out, ignore=shutil.ignore_patterns("README.md", "uninterrupted-*"))
+    args = _args(out)
+    args[0] = "train"
+    proc = run_dreambooth(args)
+    assert "resumed from" in proc.stderr and "checkpoint-2" in proc.stderr, proc.stderr[-3000:]
+    final = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    hashes = {
+        k: hashlib.sha256(v.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+        for k, v in final.items()
+    }
+    assert hashes == json.loads((FULL_FIXTURE / "uninterrupted-step-4-unet-sha256.json").read_text())
+
+
+def test_a_full_checkpoint_loads_with_diffusers_from_pretrained(tmp_path: Path) -> None:
+    """diffusers' documented "inference from a checkpoint": UNet2DConditionModel.from_pretrained(checkpoint-N/unet)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    out = tmp_path / "out"
+    args = [*_args(out), "--train_text_encoder"]
+    args[0] = "train"
+    args[args.index("--max_train_steps") + 1] = "2"
+    run_dreambooth(args)
+    ckpt = out / "checkpoint-2"
+    assert not (ckpt / "training" / "unet.safetensors").exists(), "one copy of the weights, not two"
+    unet = UNet2DConditionModel.from_pretrained(ckpt / "unet")
+    final = UNet2DConditionModel.from_pretrained(out / "unet")  # step 2 is the last: the same weights
+    assert_identical(unet.state_dict(), final.state_dict())
+    CLIPTextModel.from_pretrained(ckpt / "text_encoder")
+    assert json.loads((ckpt / "manifest.json").read_text())["format"] == 2

@@ -24,11 +24,12 @@ commands:
 
 
 def _train_command(model: type[CommonConfig], argv: list[str], prog: str) -> int:
+    from .accelerate_config import apply
     from .cli_args import parse_cli
     from .worker import train
 
     try:
-        cfg = parse_cli(model, argv, prog)
+        cfg = apply(parse_cli(model, argv, prog), prog.split()[-1], argv)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

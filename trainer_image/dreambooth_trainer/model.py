@@ -46,3 +46,16 @@ def optimizer_class(cfg: CommonConfig):
 
         return bnb.optim.AdamW8bit
     return torch.optim.AdamW
+
+
+def weights_file(module: torch.nn.Module) -> str:
+    """The weights file `from_pretrained` looks for in a part's folder (diffusers' or transformers' name)."""
+    from diffusers.models.modeling_utils import ModelMixin
+
+    return "diffusion_pytorch_model.safetensors" if isinstance(module, ModelMixin) else "model.safetensors"
+
+
+def config_json(module: torch.nn.Module) -> str:
+    """The part's config.json as its own save_pretrained writes it (class name and library version included)."""
+    config = module.config
+    return config.to_json_string() if hasattr(config, "to_json_string") else module.to_json_string()  # type: ignore[operator]

@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.manifest} does not exist", file=sys.stderr)
         return EXIT_BAD_INPUT
     cmd = "train" if cfg.method == "full" else "train-lora"
+    misplaced = misplaced_paths(cfg, Path(args.manifest), Path.cwd())
+    if misplaced:
+        print(f"error: {args.manifest}: {misplaced[0]}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if args.print_config:
         print(f"dreambooth {cmd} " + " ".join(_quote(a) for a in _masked(cfg.cli_args())))
         return 0
@@ -104,3 +108,27 @@ def _masked(args: list[str]) -> list[str]:
 
 def _quote(arg: str) -> str:
     return f"'{arg}'" if (" " in arg or not arg) else arg
+
+
+_PATH_FIELDS = ("pretrained_model_name_or_path", "instance_data_dir", "class_data_dir")
+
+
+def misplaced_paths(cfg, manifest: Path, cwd: Path) -> list[str]:
+    """Relative local paths mean "from the current directory" (the quickstart relies on it); one that does not
+    exist there but does next to the manifest was meant from there: say so and how, instead of "does not exist"."""
+    from dreambooth_api.config import flag_and_field
+
+    out = []
+    base = manifest.resolve().parent
+    for name in _PATH_FIELDS:
+        value = getattr(cfg, name, None)
+        if not value or "://" in value or Path(value).is_absolute() or (cwd / value).exists():
+            continue
+        if base != cwd.resolve() and (base / value).exists():
+            field = flag_and_field(name).split(" ", 1)[1].strip("()")
+            out.append(
+                f"{field}: {value!r} does not exist here ({cwd / value}) but does next to the manifest "
+                f"({base / value}); relative paths are from the current directory: run `cd {base} && dreambooth run "
+                f"{manifest.name}`, or make the path absolute."
+            )
+    return out

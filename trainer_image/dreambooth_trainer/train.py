@@ -8,7 +8,6 @@ from the checkpoint. So a run stopped at any optimizer step and resumed ends wit
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -27,10 +26,21 @@ from dreambooth_api.contract import PreemptedError
 
 from . import checkpoint as ckpt
 from . import hub, logs
+from .checkpoint import diffusers_format
+from .checkpoint.settings import FILE as SETTINGS_FILE
+from .checkpoint.settings import hashed_settings, settings_json
 from .classimages import ensure_class_images
+from .compat import warn_like_the_scripts
 from .data import CachedLatentsDataset, DreamBoothDataset, EpochSampler, collate_fn, list_images
 from .families import family_for
-from .model import check_optional_libraries, load_trainable_state, optimizer_class, trainable_state
+from .model import (
+    check_optional_libraries,
+    config_json,
+    load_trainable_state,
+    optimizer_class,
+    trainable_state,
+    weights_file,
+)
 from .modelcard import model_card, write_model_card
 from .objective import seed_global_rng, step_generator
 from .progress import Progress, serve_progress
@@ -147,18 +157,25 @@ class Trainer:
 
         cfg = self.cfg
         check_optional_libraries(cfg)
+        if int(os.environ.get("RANK", "0")) == 0:
+            warn_like_the_scripts(cfg)
         _check_device_precision(cfg)
         self.tracker_names = trackers_for(cfg)
         # Without cpu=True accelerate ignores torchrun's env on a GPU-less machine and every rank trains alone.
         self.accelerator = acc = Accelerator(
-            mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1, cpu=not torch.cuda.is_available()
+            # "no", not None: None would let accelerate read ACCELERATE_MIXED_PRECISION (cli folded it in already).
+            mixed_precision=cfg.mixed_precision or "no",
+            gradient_accumulation_steps=1,
+            cpu=not torch.cuda.is_available(),
         )
         self.rank, self.world = acc.process_index, acc.num_processes
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched != self.world:
             raise RuntimeError(f"torchrun started {launched} processes but accelerate sees {self.world}")
         if acc.is_main_process:
-            logger.info("training on %d process(es), device %s", self.world, acc.device)
+            logger.info(
+                "training on %d process(es), device %s, mixed precision %s", self.world, acc.device, acc.mixed_precision
+            )
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -191,8 +208,17 @@ class Trainer:
 
         # Resume decision first: a resumed run takes its seed from the checkpoint.
         self.resumed: ckpt.Loaded | None = None
+        # A checkpoint of diffusers' scripts asked for by --resume_from_checkpoint (every rank reads the listing).
+        newest = ckpt.checkpoint_steps(self.out)
+        self.script_step = diffusers_format.requested_step(
+            self.out, cfg.resume_from_checkpoint, newest[0] if newest else None
+        )
+        loaded = None
         with acc.main_process_first():
-            loaded = ckpt.choose_resume(self.out, cfg.resume_from_checkpoint, self.hash, self.scratch / "resume")
+            if self.script_step is None:
+                loaded = ckpt.choose_resume(
+                    self.out, cfg.resume_from_checkpoint, self.hash, self.scratch / "resume", hashed_settings(cfg)
+                )
         self.rank_log.start_upload(self.out.uri, log_key)  # other ranks: rank 0's claim held (barrier above)
         steps = self._agree([loaded.step if loaded else -1])
         if steps[0] >= 0:
@@ -226,6 +252,9 @@ class Trainer:
             cast_training_params(self.trained, dtype=torch.float32)
 
         self._build_data()
+        # Every rank decides alike (same listing), so none waits at a barrier for one that refused.
+        start = self.resumed.step if self.resumed else (self.script_step or 0)
+        ckpt.refuse_collisions(self.out, start, self.max_steps)
         params = [p for mod in self.trained for p in mod.parameters() if p.requires_grad]
         lr = cfg.learning_rate
         if cfg.scale_lr:
@@ -263,6 +292,8 @@ class Trainer:
         )
         if self.resumed:
             self._restore(self.resumed)
+        elif self.script_step is not None:
+            self._restore_script_checkpoint(self.script_step)
         self.publisher = ckpt.Publisher(self.out, self.scratch / "publish", cfg.checkpoints_total_limit)
         self.progress = Progress(self.max_steps, enabled=acc.is_main_process)
         self.progress.update(step=self.state.global_step, phase="Running")
@@ -415,13 +446,16 @@ class Trainer:
         reuse = self.publisher.staging
         snap = ckpt.Snapshot(state=ckpt.TrainState(**vars(self.state)))
         for name, mod in zip(self._trained_names(), self.trained, strict=True):
-            snap.tensors[f"training/{name}.safetensors"] = ckpt.cpu_clone(trainable_state(mod), reuse, name)
             if self.cfg.method == "full":
-                # diffusers' config is a dict; transformers' (the text encoder's) is an object with to_dict().
-                config = mod.config.to_dict() if hasattr(mod.config, "to_dict") else dict(mod.config)
-                snap.texts[f"{name}/config.json"] = json.dumps(config, indent=1, default=str)
+                # Format 2: the part in diffusers' layout, so `from_pretrained(".../checkpoint-N/unet")` loads it;
+                # the resume reads the same file (no second copy of the weights).
+                snap.tensors[f"{name}/{weights_file(mod)}"] = ckpt.cpu_clone(mod.state_dict(), reuse, name)
+                snap.texts[f"{name}/config.json"] = config_json(mod)
+            else:
+                snap.tensors[f"training/{name}.safetensors"] = ckpt.cpu_clone(trainable_state(mod), reuse, name)
         if self.cfg.method == "lora":
             snap.tensors["pytorch_lora_weights.safetensors"] = self._lora_layers(cpu=True)
+        snap.texts[SETTINGS_FILE] = settings_json(self.cfg)
         snap.objects["training/optimizer.pt"] = ckpt.cpu_clone(self.optimizer.state_dict(), reuse, "optimizer")
         snap.objects["training/scheduler.pt"] = self.lr_scheduler.state_dict()
         if self.accelerator.scaler is not None:
@@ -439,7 +473,12 @@ class Trainer:
         from safetensors.torch import load_file
 
         for name, mod in zip(self._trained_names(), self.trained, strict=True):
-            load_trainable_state(mod, load_file(loaded.folder / f"training/{name}.safetensors"))
+            if f"training/{name}.safetensors" in loaded.manifest["files"]:  # format 1, and LoRA in format 2
+                load_trainable_state(mod, load_file(loaded.folder / f"training/{name}.safetensors"))
+            else:  # format 2, full: the part's diffusers-layout file, buffers left out
+                trains = {n for n, p in mod.named_parameters() if p.requires_grad}
+                state = load_file(loaded.folder / f"{name}/{weights_file(mod)}")
+                load_trainable_state(mod, {k: v for k, v in state.items() if k in trains})
         self.optimizer.load_state_dict(torch.load(loaded.folder / "training/optimizer.pt", weights_only=False))
         self.lr_scheduler.load_state_dict(torch.load(loaded.folder / "training/scheduler.pt", weights_only=False))
         scaler = loaded.folder / "training/scaler.pt"
@@ -461,6 +500,28 @@ class Trainer:
                 old.global_step, old.world_size, self.world, old.epoch, old.samples_in_epoch,
             )  # fmt: skip
         logger.info("resumed from %s at step %d", self.out.url(f"checkpoint-{loaded.step}"), loaded.step)
+
+    def _restore_script_checkpoint(self, step: int) -> None:
+        name = f"checkpoint-{step}"
+        with self.accelerator.local_main_process_first():
+            folder = diffusers_format.fetch(self.out, step, self.scratch / "resume")
+        diffusers_format.restore(
+            folder, method=self.cfg.method, trained=list(zip(self._trained_names(), self.trained, strict=True)),
+            optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, scaler=self.accelerator.scaler,
+            where=self.out.url(name),
+        )  # fmt: skip
+        st = self.state
+        # The scripts start the epoch over at step // updates_per_epoch; ours continues inside it.
+        st.global_step, st.epoch = step, step // self.updates_per_epoch
+        st.micro_in_epoch = min((step % self.updates_per_epoch) * self.accum, self.batches_per_epoch)
+        st.samples_in_epoch = st.micro_in_epoch * self.batch_size * self.world
+        logger.warning(
+            "resumed from %s, a checkpoint of diffusers' scripts (accelerate save_state format), at step %d: weights, "
+            "optimizer moments (by parameter name), LR scheduler and step restored; its global RNG state does not "
+            "map onto this trainer's per-step generators, so exactness holds from this run's next checkpoint on "
+            "(written in this trainer's format beside it)",
+            self.out.url(name), step,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ loop
     def _micro_step(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
@@ -623,7 +684,7 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         step = self.state.global_step
-        already = self.resumed is not None and self.resumed.step == step
+        already = (self.resumed is not None and self.resumed.step == step) or self.script_step == step
         if self._checkpoint_due(step) and not already:
             self.save_checkpoint(background=True)
         if acc.is_main_process:

@@ -90,7 +90,8 @@ class Validator:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.cfg.validation_prompt)
+        # --num_validation_images 0: the LoRA script's way to skip the final inference; no validation at all here.
+        return bool(self.cfg.validation_prompt) and self.cfg.num_validation_images > 0
 
     @property
     def last(self) -> ValidationRun | None:

@@ -1,6 +1,6 @@
 """Checkpoints: snapshot the training state, write and publish it in the background, and resume from it.
 
-Format 1 (docs/design.md, "Checkpoint format"): ``checkpoint-N/<files>``, then ``checkpoint-N/manifest.json``
+Format 2 (docs/design.md, "Checkpoint format"; format 1 is still read): ``checkpoint-N/<files>``, then ``checkpoint-N/manifest.json``
 (sizes + sha256, written last: a checkpoint without a manifest does not exist), then ``LATEST``, which only moves
 forward. The same code publishes to a local folder and to S3 through one Store; S3 has no rename, so the
 manifest's single PUT is the commit point.
@@ -12,6 +12,7 @@ total limit), `resume` (choose, verify and fetch), `owner` (one job per output p
 
 from __future__ import annotations
 
+from .foreign import refuse_collisions
 from .interval import CheckpointInterval
 from .layout import (
     FORMAT,
@@ -47,6 +48,7 @@ __all__ = [
     "claim_output",
     "cpu_clone",
     "read_latest",
+    "refuse_collisions",
     "verify_and_fetch",
     "write_safetensors",
     "write_snapshot",

@@ -1,4 +1,8 @@
-"""Checkpoint format 1 (docs/design.md): the layout, the manifest, the state, and the writer of a snapshot's files."""
+"""Checkpoint format 2 (docs/design.md): the layout, the manifest, the state, and the writer of a snapshot's files.
+
+Format 2 differs from 1 only for full fine-tunes: `<part>/` holds the part's weights in diffusers' layout (what
+`from_pretrained` loads) instead of `training/<part>.safetensors`. The reader takes either (train.Trainer._restore).
+"""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from ..storage import NotFoundError, Store
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
 OWNER = ".owner"
-FORMAT = 1
+FORMAT = 2
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -132,7 +136,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], f: io.RawIOBase) -> None
     header padded with spaces to 8 bytes, then the raw data at the header's offsets); safetensors loads it.
     """
     if any(t.dtype not in _SAFETENSORS_DTYPES or t.device.type != "cpu" for t in tensors.values()):
-        f.write(st_save(tensors))
+        f.write(st_save(tensors, metadata={"format": "pt"}))
         return
     items = sorted(tensors.items())
     header: dict[str, Any] = {}
@@ -141,6 +145,8 @@ def write_safetensors(tensors: dict[str, torch.Tensor], f: io.RawIOBase) -> None
         end = offset + t.numel() * t.element_size()
         header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
         offset = end
+    # transformers' from_pretrained refuses a safetensors file without this (a checkpoint's text_encoder/ loads).
+    header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     f.write(struct.pack("<Q", len(raw)) + raw)
@@ -163,12 +169,13 @@ def write_snapshot(snap: Snapshot, folder: Path) -> dict[str, dict[str, Any]]:
             f.close()
         table[name] = {"size": f.size, "sha256": f.sha.hexdigest()}
 
-    for name, tensors in snap.tensors.items():
-        emit(name, lambda f, t=tensors: write_safetensors(t, f))
-    for name, obj in snap.objects.items():
-        emit(name, lambda f, o=obj: torch.save(o, f))
-    for name, text in snap.texts.items():
-        emit(name, lambda f, s=text: f.write(s.encode()))
+    jobs: list[tuple[str, Callable[[io.RawIOBase], None]]] = []
+    jobs += [(name, lambda f, t=tensors: write_safetensors(t, f)) for name, tensors in snap.tensors.items()]
+    jobs += [(name, lambda f, o=obj: torch.save(o, f)) for name, obj in snap.objects.items()]
+    jobs += [(name, lambda f, s=text: f.write(s.encode())) for name, text in snap.texts.items()]
+    # training/ first: an interrupted publish is then recognisable as ours (foreign.py), whatever else it holds.
+    for name, write in sorted(jobs, key=lambda job: not job[0].startswith("training/")):
+        emit(name, write)
     emit("trainer_state.json", lambda f: f.write(json.dumps(asdict(snap.state), indent=1).encode()))
     return table
 

@@ -15,6 +15,7 @@ import torch
 
 from ..storage import Store
 from ..testhooks import hooks
+from .foreign import Kind, classify, foreign_refusal, remove_ours
 from .layout import FORMAT, LATEST, MANIFEST, Snapshot, checkpoint_steps, read_latest, write_snapshot
 
 logger = logging.getLogger(__name__)
@@ -70,11 +71,14 @@ class Publisher:
     def _publish(self, snap: Snapshot, emergency: bool = False) -> None:
         t0 = time.monotonic()
         name = snap.name
-        # An older, incomplete or superseded copy of this step must stop counting before new files land.
-        self.store.delete(f"{name}/{MANIFEST}")
+        # An older, incomplete or superseded copy of this step must stop counting before new files land; a
+        # folder of this name we did not write is never touched (foreign.py).
+        if classify(self.store, name) is Kind.FOREIGN:
+            raise foreign_refusal(self.store, snap.state.global_step, "this run must write a checkpoint of that name")
+        remove_ours(self.store, name)
         staging = self._staging(name)
-        if staging.exists():
-            shutil.rmtree(staging)
+        if self.store.local_root() is None and staging.exists():
+            shutil.rmtree(staging)  # the run's own scratch
         files = write_snapshot(snap, staging)
         if self.store.local_root() is None:
             for rel in files:
@@ -104,12 +108,12 @@ class Publisher:
             self.on_published(self.last_published)
 
     def _apply_total_limit(self, newest: int) -> None:
-        if not self.total_limit:
+        if self.total_limit is None:  # 0 keeps only the newest, as in the scripts
             return
-        complete = checkpoint_steps(self.store)
+        # Only checkpoints carrying our manifest count; diffusers' own checkpoint-N folders are never removed.
+        complete = [s for s in checkpoint_steps(self.store) if classify(self.store, f"checkpoint-{s}") is Kind.OURS]
         # Only checkpoints older than the one just made complete are candidates, so a crash never leaves fewer.
         older = [s for s in complete if s < newest]
         for step in older[max(0, self.total_limit - 1) :]:
             logger.info("removing checkpoint-%d (checkpoints_total_limit=%d)", step, self.total_limit)
-            self.store.delete(f"checkpoint-{step}/{MANIFEST}")
-            self.store.delete_prefix(f"checkpoint-{step}/")
+            remove_ours(self.store, f"checkpoint-{step}")

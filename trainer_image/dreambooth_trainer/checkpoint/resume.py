@@ -13,6 +13,7 @@ from dreambooth_api.config import ConfigError
 
 from ..storage import NotFoundError, Store
 from .layout import _CKPT, FORMAT, MANIFEST, CheckpointError, TrainState, checkpoint_steps
+from .settings import differences
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,9 @@ def _matches(path: Path, meta: dict[str, Any]) -> bool:
     return sha.hexdigest() == meta["sha256"]
 
 
-def choose_resume(store: Store, request: str | None, config_hash: str, cache: Path) -> Loaded | None:
+def choose_resume(
+    store: Store, request: str | None, config_hash: str, cache: Path, settings: dict[str, Any] | None = None
+) -> Loaded | None:
     """Pick the checkpoint to resume from, falling back past corrupt ones, or None to start fresh.
 
     `request` is resume_from_checkpoint: None (automatic when checkpoints exist), 'latest', or 'checkpoint-N'.
@@ -91,8 +94,13 @@ def choose_resume(store: Store, request: str | None, config_hash: str, cache: Pa
             )
         wanted = int(m.group(1))
         if wanted not in steps:
-            logger.warning("%s has no complete %s; looking for an older one", store.uri, request)
-        steps = [s for s in steps if s <= wanted]
+            # As the scripts (accelerate's load_state fails on it): a named checkpoint never means "start over".
+            raise ConfigError(
+                "resume_from_checkpoint",
+                f"{store.url(f'checkpoint-{wanted}')} does not exist or is incomplete (no manifest.json); name one "
+                "that exists in output_dir, 'latest', or drop the flag to start over.",
+            )
+        steps = [wanted]
     if not steps:
         if request is not None:
             logger.warning("no complete checkpoint in %s: starting a new training run", store.uri)
@@ -101,13 +109,19 @@ def choose_resume(store: Store, request: str | None, config_hash: str, cache: Pa
         try:
             loaded = verify_and_fetch(store, step, cache)
         except CheckpointError as exc:
+            if request not in (None, "latest"):
+                raise ConfigError(
+                    "resume_from_checkpoint",
+                    f"cannot resume from {request}: {exc}; name another checkpoint or 'latest'.",
+                ) from exc
             logger.warning("cannot resume from checkpoint-%d: %s; falling back to the previous checkpoint", step, exc)
             continue
         if loaded.state.config_hash != config_hash:
             raise ConfigError(
                 "output_dir",
                 f"{store.uri} holds checkpoint-{step} of a different training config (hash {loaded.state.config_hash}, "
-                f"this run {config_hash}); use a new output_dir, or the same training settings to resume.",
+                f"this run {config_hash}{differences(loaded.folder, settings)}); pick a new output_dir, or the same "
+                "training settings to resume.",
             )
         return loaded
     logger.warning("no intact checkpoint in %s: starting a new training run", store.uri)

@@ -178,7 +178,7 @@ class StableDiffusion(ModelFamily):
     def full_pipeline(self, model_dir: Path, cfg: CommonConfig, trained: dict[str, torch.nn.Module]) -> Any:
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(model_dir, revision=cfg.revision, **trained)
+        pipe = DiffusionPipeline.from_pretrained(model_dir, revision=cfg.revision, variant=cfg.variant, **trained)
         if isinstance(cfg, FullConfig) and cfg.skip_save_text_encoder:
             pipe.text_encoder = None
         return pipe
