@@ -25,7 +25,8 @@ run_tier() {
 }
 # Debian's tools the cluster and packaging tiers use (root only; a non-root run skips what needs them):
 # buildah + debootstrap build images without a Docker engine, docker-registry is the real OCI registry,
-# runc runs the test cluster's image pods (crun 1.8 refuses this machine's hybrid cgroup layout).
+# runc runs containers from images: the test cluster's image pods and the packaging tier's (crun 1.8 refuses
+# this machine's hybrid cgroup layout).
 SYSTEM_PKGS=(buildah debootstrap docker-registry runc)
 case " $TIERS " in *" cluster "*|*" packaging "*)
   missing=()
