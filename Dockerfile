@@ -49,7 +49,7 @@ COPY docker/requirements-operator.txt /tmp/requirements-operator.txt
 RUN --mount=type=bind,from=wheels,target=/wheels \
     pip install --no-cache-dir --find-links /wheels -r /tmp/requirements-operator.txt \
  && rm -rf /opt/venv/lib/python3.11/site-packages/kubernetes/aio
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY api/ api/
 COPY cli/ cli/
 COPY trainer_image/ trainer_image/
@@ -112,7 +112,7 @@ RUN --mount=type=bind,from=wheels,target=/wheels \
     if [ -n "${BITSANDBYTES_VERSION}" ] && [ "${TORCH_VARIANT}" = cuda ]; then \
       pip install --no-cache-dir --no-deps --find-links /wheels "bitsandbytes==${BITSANDBYTES_VERSION}"; \
     fi
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY api/ api/
 COPY cli/ cli/
 COPY trainer_image/ trainer_image/
