@@ -243,9 +243,15 @@ VARIANTS = {
 
 
 def build_command(
-    variant: Variant, tag: str, base: str, wheels: Path | None, extra_args: dict[str, str] | None = None
+    variant: Variant,
+    tag: str,
+    base: str,
+    wheels: Path | None,
+    extra_args: dict[str, str] | None = None,
+    context: Path | None = None,
 ) -> list[str]:
-    """``buildah bud`` arguments (after the storage flags) for one variant; release.sh builds the same way."""
+    """``buildah bud`` arguments (after the storage flags) for one variant; release.sh builds the same way.
+    ``context``: another build context (a copy of the repository's) instead of the repository itself."""
     args = {"PYTHON_IMAGE": base, **variant.build_args, **(extra_args or {})}
     cmd = ["bud", "--pull=never", "--isolation", "chroot", "--network", "host", "--layers", "--target", variant.target]
     for key, value in args.items():
@@ -253,7 +259,8 @@ def build_command(
     if wheels is not None:
         # Only what the wheelhouse holds is installed: no index is reached inside the build.
         cmd += ["--build-context", f"wheels={wheels}", "--build-arg", "PIP_NO_INDEX=1"]
-    return [*cmd, "-t", tag, "-f", "Dockerfile", "."]
+    where = context or Path(".")
+    return [*cmd, "-t", tag, "-f", str(where / "Dockerfile"), str(where)]
 
 
 def build(b: Buildah, name: str, tag: str | None = None, *, offline: bool = True, timeout: float = 3600) -> str:
