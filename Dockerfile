@@ -1,10 +1,10 @@
 # syntax=docker/dockerfile:1
 #
 # Two images from one file (scripts/release.sh builds and pushes both):
-#   docker build --target operator -t dreambooth-operator:0.2.0 .                                  # kopf, no torch
-#   docker build --target trainer  -t dreambooth-trainer:0.2.0 .                                   # CUDA torch
+#   docker build --target operator -t REGISTRY/operator:0.2.0 .                 # kopf, no torch
+#   docker build --target trainer  -t REGISTRY/trainer:0.2.0 .                  # CUDA torch from PyPI
 #   docker build --target trainer  --build-arg TORCH_VARIANT=cpu --build-context wheels=DIR \
-#                -t dreambooth-trainer:0.2.0-cpu .                                               # CPU torch
+#                -t REGISTRY/trainer:0.2.0-cpu .                                # CPU torch from DIR
 #
 # Layers go from "changes least" to "changes most": base + venv, then the pinned dependency locks
 # (docker/requirements-*.txt), then torch, then the project's source last, so editing the code rebuilds only

@@ -42,7 +42,7 @@ repo_version=$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml)
 chart_version=$(sed -n 's/^version: *//p' charts/dreambooth-operator/Chart.yaml)
 app_version=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' charts/dreambooth-operator/Chart.yaml)
 for pair in "pyproject.toml:$repo_version" "Chart.yaml version:$chart_version" "Chart.yaml appVersion:$app_version"; do
-  [ "${pair##*:}" = "$VERSION" ] || die "VERSION $VERSION, but ${pair%:*} says ${pair##*:}: bump the tree first (CHANGELOG.md, Releasing)"
+  [ "${pair##*:}" = "$VERSION" ] || die "VERSION $VERSION, but ${pair%:*} says ${pair##*:}: bump the tree first (README.md, Releasing)"
 done
 
 BASE_IMAGE=${BASE_IMAGE:-$(sed -n 's/^ARG PYTHON_IMAGE=//p' Dockerfile)}

@@ -17,6 +17,7 @@ operator image ~0.2 GB, CPU trainer ~2 GB with its layers, wheelhouse ~1 GB; the
 
     b = images.buildah_or_skip()          # root + buildah + debootstrap, base image made (once)
     ref = images.build(b, "trainer-cpu")  # "localhost/dreambooth-trainer:test-cpu"
+    rel = images.release(b, registry.host, helm_path)   # scripts/release.sh; rel.pinned("trainer-cpu")
     proc = images.run_container(b, ref, ["dreambooth", "--help"], user="1000:1000", read_only=True,
                                 tmpfs=["/tmp", "/home/trainer/.cache"])
 
@@ -33,6 +34,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -406,3 +408,57 @@ def _oci_spec(
             "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
         },
     }
+
+
+# --------------------------------------------------------------------------------------------------- release
+RELEASE_LINE = re.compile(r"^\s+(\S+)\s+(\S+)@(sha256:[0-9a-f]{64})$")
+
+
+@dataclass(frozen=True)
+class Released:
+    """What scripts/release.sh printed: name (operator, trainer-cpu, trainer, chart) -> reference and digest."""
+
+    refs: dict[str, tuple[str, str]]
+    output: str
+
+    def pinned(self, name: str) -> str:
+        """``reference@digest`` (for the chart: ``oci://host/charts/dreambooth-operator@digest``)."""
+        ref, digest = self.refs[name]
+        return f"{ref.rsplit(':', 1)[0] if name == 'chart' else ref}@{digest}"
+
+
+def release(
+    b: Buildah, registry_host: str, helm: Path, version: str | None = None, *, skip_cuda: bool = True
+) -> Released:
+    """Run scripts/release.sh against a plain-HTTP registry from the tests' cache (base, wheelhouse, layers).
+
+    Builds with the same arguments as :func:`build`, so a warm cache makes it a push. ``version`` defaults to the
+    tree's (release.sh refuses any other)."""
+    version = version or _tree_version()
+    env = {
+        **os.environ,
+        "BUILDAH": " ".join(b.base),
+        "BASE_IMAGE": b.base_reference(),
+        "RELEASE_WHEELS": str(wheelhouse(b.root)),
+        "RELEASE_PIP_NO_INDEX": "1",
+        "RELEASE_SKIP_CUDA": "1" if skip_cuda else "0",
+        "RELEASE_PLAIN_HTTP": "1",
+        "HELM": str(helm),
+    }
+    with locked(b.root / ".lock"):
+        proc = subprocess.run(
+            ["bash", str(REPO / "scripts" / "release.sh"), version, registry_host],
+            capture_output=True, text=True, timeout=7200, env=env, cwd=REPO,
+        )  # fmt: skip
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"release.sh {version} {registry_host} failed:\n{proc.stdout[-3000:]}{proc.stderr[-5000:]}"
+        )
+    refs = {m.group(1): (m.group(2), m.group(3)) for m in map(RELEASE_LINE.match, proc.stdout.splitlines()) if m}
+    return Released(refs, proc.stderr + proc.stdout)
+
+
+def _tree_version() -> str:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]

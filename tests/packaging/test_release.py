@@ -9,7 +9,6 @@ chart with `helm pull oci://...`.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import tarfile
@@ -28,10 +27,9 @@ pytestmark = [pytest.mark.packaging, pytest.mark.slow]
 
 VERSION = "0.2.0"
 RELEASE = REPO / "scripts" / "release.sh"
-LINE = re.compile(r"^\s+(\S+)\s+(\S+)@(sha256:[0-9a-f]{64})$")
 
 
-def release(*args: str, env: dict[str, str] | None = None, timeout: float = 3600) -> subprocess.CompletedProcess[str]:
+def release(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bash", str(RELEASE), *args],
         capture_output=True,
@@ -44,23 +42,10 @@ def release(*args: str, env: dict[str, str] | None = None, timeout: float = 3600
 @pytest.fixture(scope="module")
 def released(registry: Registry, chart: Helm) -> dict[str, tuple[str, str]]:
     """name -> (reference, digest) as release.sh printed them."""
-    b = images.buildah_or_skip()
-    env = {
-        "BUILDAH": " ".join(b.base),
-        "BASE_IMAGE": b.base_reference(),
-        "RELEASE_WHEELS": str(images.wheelhouse(b.root)),
-        "RELEASE_PIP_NO_INDEX": "1",
-        "RELEASE_SKIP_CUDA": "1",
-        "RELEASE_PLAIN_HTTP": "1",
-        "HELM": str(chart.binary),
-    }
-    with images.locked(b.root / ".lock"):
-        proc = release(VERSION, registry.host, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    print(proc.stderr + proc.stdout)
-    refs = {m.group(1): (m.group(2), m.group(3)) for m in map(LINE.match, proc.stdout.splitlines()) if m}
-    assert set(refs) == {"operator", "trainer-cpu", "chart"}, proc.stdout
-    return refs
+    rel = images.release(images.buildah_or_skip(), registry.host, chart.binary, VERSION)
+    print(rel.output)
+    assert set(rel.refs) == {"operator", "trainer-cpu", "chart"}, rel.output
+    return rel.refs
 
 
 def test_images_pull_by_digest(released: dict[str, tuple[str, str]], registry: Registry, tmp_path: Path) -> None:

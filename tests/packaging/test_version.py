@@ -67,7 +67,7 @@ def versions(helm: Helm) -> dict[str, str]:
             if image and image.startswith(TRAINER_REPOSITORY):
                 found[f"examples/{example.name} spec.resources.image"] = _tag(image)
     older = set(changelog_releases()[1:])
-    for doc in ("docs/install.md", "README.md", "charts/dreambooth-operator/README.md"):
+    for doc in ("docs/install.md", "README.md", "charts/dreambooth-operator/README.md", "Dockerfile"):
         for number, line in enumerate((REPO / doc).read_text().splitlines(), 1):
             for match in DOC_REFERENCE.finditer(line):
                 # Upgrade notes name the releases they upgrade from.
@@ -84,7 +84,7 @@ def test_every_place_says_the_same_version(chart: Helm) -> None:
     assert not wrong, (
         f"pyproject.toml says {release}, but: "
         + "; ".join(f"{where} says {v}" for where, v in wrong.items())
-        + ". Bump them together (CHANGELOG.md, 'Releasing')."
+        + ". Bump them together (README.md, Releasing)."
     )
     # The CRD default is a schema default: it is what jobs created without an image keep.
     assert crd_openapi_schema()["properties"]["spec"]["properties"]["resources"]["default"] == {}
