@@ -195,6 +195,20 @@ def ensure_base(root: Path | None = None) -> Buildah:
     return b
 
 
+def cuda_buildah() -> Buildah:
+    """Storage of its own for the CUDA trainer (opt-in tier): its ~10 min, ~10 GB build must not hold the shared
+    cache's lock, which every other image test waits on. The base image is copied over once, by digest."""
+    shared = ensure_base()
+    b = Buildah(shared.root / "cuda")
+    b.root.mkdir(parents=True, exist_ok=True)
+    with locked(b.root / ".lock"):
+        if not b.has_image(BASE_IMAGE):
+            store = f"containers-storage:[overlay@{b.root / 'storage'}+{b.root / 'run'}]{BASE_IMAGE}"
+            with locked(shared.root / ".lock"):
+                shared("push", "--quiet", BASE_IMAGE, store)
+    return b
+
+
 # ------------------------------------------------------------------------------------------------ wheelhouse
 def wheelhouse(root: Path | None = None) -> Path:
     """Every wheel the Dockerfile installs (both locks, the build tools, the CPU torch), from this machine's pip.

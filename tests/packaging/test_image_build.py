@@ -150,12 +150,14 @@ def test_read_only_root_is_enforced(buildah: Buildah, trainer_cpu_image: str) ->
 
 
 @pytest.mark.cuda_image
-def test_trainer_cuda_image_imports(buildah: Buildah) -> None:
+def test_trainer_cuda_image_imports() -> None:
     """Opt-in (``DREAMBOOTH_CUDA_IMAGE=1``): PyPI's CUDA torch and bitsandbytes; ~4 GB of downloads."""
     if os.environ.get("DREAMBOOTH_CUDA_IMAGE") != "1":
         pytest.skip("opt-in (~4 GB download, ~15 GB disk): DREAMBOOTH_CUDA_IMAGE=1 or scripts/test.sh TIERS=cuda-image")
-    if shutil.disk_usage(buildah.root).free < 15e9:
+    images.buildah_or_skip()
+    if shutil.disk_usage(images.cache_dir()).free < 15e9:
         pytest.skip("the CUDA trainer build needs ~15 GB free in the buildah cache")
+    buildah = images.cuda_buildah()
     image = images.build(buildah, "trainer-cuda", offline=False)
     proc = images.run_container(
         buildah, image, ["-c", "import torch, diffusers, peft, bitsandbytes; print(torch.__version__, torch.version.cuda)"],
