@@ -12,8 +12,8 @@ through this machine's pip and its cache, plus the CPU torch wheel pip finds her
 
 Storage (base image, layers, wheelhouse) lives in ``$DREAMBOOTH_BUILDAH_CACHE`` (default
 ``~/.cache/dreambooth-operator/buildah``), never in the system's /var/lib/containers. Disk: base ~0.3 GB,
-operator image ~0.2 GB, CPU trainer ~2 GB with its layers, wheelhouse ~1 GB; the CUDA trainer adds ~10 GB
-(opt-in tier ``cuda_image``).
+operator image ~0.25 GB, CPU trainer ~1.5 GB, wheelhouse ~0.3 GB; the CUDA trainer (opt-in tier ``cuda_image``,
+:func:`cuda_buildah`) adds 5.4 GB, ~15 GB at the peak of its build.
 
     b = images.buildah_or_skip()          # root + buildah + debootstrap, base image made (once)
     ref = images.build(b, "trainer-cpu")  # "localhost/dreambooth-trainer:test-cpu"
