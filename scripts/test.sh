@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every test tier, set up from nothing: .venv, the local Kubernetes (built once, cached), SeaweedFS (started by
-# the tests themselves). Each tier prints its wall time. Pick tiers with TIERS="unit integration" (default: all).
+# the tests themselves). Each tier prints its wall time. Pick tiers with TIERS="unit integration" (default: all
+# but the opt-in cuda-image tier).
 # Extra arguments go to every pytest call (e.g. -x, -k NAME).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,9 +26,10 @@ run_tier() {
 }
 # Debian's tools the cluster and packaging tiers use (root only; a non-root run skips what needs them):
 # buildah + debootstrap build images without a Docker engine, docker-registry is the real OCI registry,
-# runc runs the test cluster's image pods (crun 1.8 refuses this machine's hybrid cgroup layout).
+# runc runs containers from images: the test cluster's image pods and the packaging tier's (crun 1.8 refuses
+# this machine's hybrid cgroup layout).
 SYSTEM_PKGS=(buildah debootstrap docker-registry runc)
-case " $TIERS " in *" cluster "*|*" packaging "*)
+case " $TIERS " in *" cluster "*|*" packaging "*|*" cuda-image "*)
   missing=()
   for p in "${SYSTEM_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -46,6 +48,9 @@ for tier in $TIERS; do
       run_tier cluster python -m pytest tests/cluster -q "$@" ;;
     packaging)
       run_tier packaging python -m pytest tests/packaging -q "$@" ;;
+    cuda-image)
+      # Opt-in (not in the default TIERS): the CUDA trainer image, ~4 GB from PyPI, ~15 GB of disk.
+      run_tier cuda-image env DREAMBOOTH_CUDA_IMAGE=1 python -m pytest tests/packaging/test_image_build.py -q -m cuda_image "$@" ;;
     *) echo "unknown tier $tier"; failed+=("$tier") ;;
   esac
 done

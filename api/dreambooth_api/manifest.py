@@ -18,6 +18,9 @@ from .config import CommonConfig, ConfigError, Method, nearest, parse_training
 API_GROUP = "dreambooth.dev"
 API_VERSION = "v1alpha1"
 KIND = "DreamBoothJob"
+# The release's trainer image (scripts/release.sh pushes it; tests/packaging/test_version.py keeps the tag in step
+# with the release). A schema default: a job keeps the image it was created with when the operator is upgraded.
+DEFAULT_IMAGE = "ghcr.io/dreambooth-operator/trainer:0.2.0"
 PLURAL = "dreamboothjobs"
 SHORT_NAME = "dbj"
 
@@ -58,9 +61,7 @@ class Resources(_Spec):
     gpus_per_node: int = Field(
         1, ge=0, description="GPUs per pod = torchrun processes per pod (0 = one CPU process, for tests)."
     )
-    image: str = Field(
-        "ghcr.io/dreambooth-operator/trainer:0.1.0", description="Trainer container image (Dockerfile target trainer)."
-    )
+    image: str = Field(DEFAULT_IMAGE, description="Trainer container image (Dockerfile target trainer).")
     requests: dict[str, Any] = Field(
         default_factory=dict, description="Container resource requests (cpu, memory, ...)."
     )

@@ -1,3 +1,3 @@
 """Kopf operator for DreamBoothJob resources. Imports dreambooth_api.config only, never torch."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -43,7 +43,10 @@ def test_chart_rbac_runs_a_whole_job_and_denies_secrets(
     mode: str, cluster: Cluster, namespace: str, tmp_path: Path
 ) -> None:
     op_ns = cluster.ensure_namespace()
-    values = [] if mode == "cluster-wide" else ["--set", f"watchNamespaces={{{namespace}}}"]
+    # The operator's own RBAC only: the users' aggregated roles have a test of their own below.
+    values = ["--set", "rbac.aggregateToDefaultRoles=false"]
+    if mode == "namespaced":
+        values += ["--set", f"watchNamespaces={{{namespace}}}"]
     docs = render_rbac(cluster, op_ns, *values)
     kinds = sorted(d["kind"] for d in docs)
     if mode == "cluster-wide":
@@ -117,3 +120,42 @@ def test_helm_install_dry_run_against_the_apiserver_prints_the_notes(cluster: Cl
         assert "kubectl apply -f dog-lora.yaml" in notes and "kubectl apply -f crds/" in notes
     finally:
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def test_namespace_editors_run_jobs_and_viewers_read_them(cluster: Cluster, namespace: str) -> None:
+    """The chart's aggregated ClusterRoles reach the built-in edit and view roles (the controller-manager's
+    aggregation): a RoleBinding to `edit` in a namespace is all a user needs to run DreamBoothJobs there."""
+    op_ns = cluster.ensure_namespace()
+    docs = [d for d in render_rbac(cluster, op_ns) if d["metadata"]["name"].endswith(("-edit", "-view"))]
+    assert sorted(d["metadata"]["name"] for d in docs) == [f"{SA_NAME}-edit", f"{SA_NAME}-view"]
+    users = {"editor": "edit", "viewer": "view"}
+    bindings = [
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": f"{user}-{role}", "namespace": namespace},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+         "subjects": [{"kind": "ServiceAccount", "name": user, "namespace": namespace}]}
+        for user, role in users.items()
+    ]  # fmt: skip
+    cluster.apply(docs)
+    try:
+        cluster.apply(bindings)
+        editor = cluster.as_service_account(namespace, "editor")
+        viewer = cluster.as_service_account(namespace, "viewer")
+        dbj = "dreamboothjobs.dreambooth.dev"
+        # Aggregation is asynchronous: the controller-manager copies the rules into edit/view.
+        wait_until(lambda: _can_i(cluster, editor, "create", dbj, "-n", namespace) == "yes", 60, 0.5,
+                   "edit aggregates the chart's rules")  # fmt: skip
+        wait_until(lambda: _can_i(cluster, viewer, "list", dbj, "-n", namespace) == "yes", 60, 0.5,
+                   "view aggregates the chart's rules")  # fmt: skip
+        for verb in ("get", "list", "watch", "update", "patch", "delete"):
+            assert _can_i(cluster, editor, verb, dbj, "-n", namespace) == "yes", verb
+        assert _can_i(cluster, editor, "patch", dbj, "--subresource=status", "-n", namespace) == "no"
+        for verb in ("create", "delete", "patch"):
+            assert _can_i(cluster, viewer, verb, dbj, "-n", namespace) == "no", verb
+        assert _can_i(cluster, viewer, "get", dbj, "--subresource=status", "-n", namespace) == "yes"
+        # Only where the binding is.
+        assert _can_i(cluster, editor, "create", dbj, "-n", op_ns) == "no"
+    finally:
+        for d in docs:
+            cluster.kubectl("delete", "clusterrole", d["metadata"]["name"], "--ignore-not-found", check=False)
+        cluster.kubectl("delete", "namespace", op_ns, "--wait=false", check=False)

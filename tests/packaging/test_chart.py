@@ -39,6 +39,8 @@ CUSTOM_VALUES: dict[str, Any] = {
     "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
         {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}]}}},
     "priorityClassName": "system-cluster-critical",
+    "rbac": {"create": True, "aggregateToDefaultRoles": False},
+    "crds": {"asTemplates": True, "keep": False},
     "metrics": {"service": {"enabled": True, "type": "NodePort", "port": 9090},
                 "serviceMonitor": {"enabled": True, "interval": "15s", "scrapeTimeout": "5s",
                                    "labels": {"release": "kube-prometheus-stack"}}},
@@ -225,11 +227,17 @@ CLUSTER_RULES = {
 }
 
 
+def operator_roles(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The (Cluster)Roles bound to the operator's ServiceAccount."""
+    bound = {b["roleRef"]["name"] for b in docs if b["kind"] in ("ClusterRoleBinding", "RoleBinding")}
+    return [d for d in docs if d["kind"] in ("ClusterRole", "Role") and d["metadata"]["name"] in bound]
+
+
 def test_cluster_wide_rbac(default_docs: list[dict[str, Any]]) -> None:
-    assert _grants(default_docs, "ClusterRole") == {**JOB_RULES, **CLUSTER_RULES}
+    assert _grants(operator_roles(default_docs), "ClusterRole") == {**JOB_RULES, **CLUSTER_RULES}
     assert not by_kind(default_docs, "Role") and not by_kind(default_docs, "RoleBinding")
     sa = one(default_docs, "ServiceAccount")["metadata"]
-    roles = {d["metadata"]["name"] for d in by_kind(default_docs, "ClusterRole")}
+    roles = {d["metadata"]["name"] for d in operator_roles(default_docs)}
     for b in by_kind(default_docs, "ClusterRoleBinding"):
         assert b["roleRef"]["name"] in roles
         assert b["subjects"] == [{"kind": "ServiceAccount", "name": sa["name"], "namespace": sa["namespace"]}]
@@ -248,8 +256,47 @@ def test_per_namespace_rbac(custom_docs: list[dict[str, Any]]) -> None:
         assert b["subjects"] == [{"kind": "ServiceAccount", "name": "dbo-sa", "namespace": "ml-platform"}]
 
 
+AGGREGATED = {
+    "edit": {("dreambooth.dev", "dreamboothjobs"): {"get", "list", "watch", "create", "update", "patch", "delete",
+                                                    "deletecollection"},
+             ("dreambooth.dev", "dreamboothjobs/status"): {"get", "list", "watch"}},
+    "view": {("dreambooth.dev", "dreamboothjobs"): {"get", "list", "watch"},
+             ("dreambooth.dev", "dreamboothjobs/status"): {"get", "list", "watch"}},
+}  # fmt: skip
+
+
+def test_namespace_users_get_dreamboothjobs_through_aggregated_roles(
+    default_docs: list[dict[str, Any]], custom_docs: list[dict[str, Any]]
+) -> None:
+    """edit (and admin) may run jobs, view may read them; nothing bound to anyone, nothing for the operator."""
+    ours = {d["metadata"]["name"] for d in operator_roles(default_docs)}
+    users = {d["metadata"]["name"].rsplit("-", 1)[1]: d for d in by_kind(default_docs, "ClusterRole")
+             if d["metadata"]["name"] not in ours}  # fmt: skip
+    assert set(users) == {"edit", "view"}
+    labels = {k: v for k, v in users["edit"]["metadata"]["labels"].items() if k.startswith("rbac.")}
+    assert labels == {"rbac.authorization.k8s.io/aggregate-to-admin": "true",
+                      "rbac.authorization.k8s.io/aggregate-to-edit": "true"}  # fmt: skip
+    assert users["view"]["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    for name, grants in AGGREGATED.items():
+        assert _grants([users[name]], "ClusterRole") == grants
+    assert by_kind(custom_docs, "ClusterRole") == by_kind(operator_roles(custom_docs), "ClusterRole")  # switched off
+
+
+def test_crds_as_templates(chart: Helm, default_docs: list[dict[str, Any]], custom_docs: list[dict[str, Any]]) -> None:
+    """Off by default (Helm's crds/); on, the same CRD as a release object, kept on uninstall unless keep=false."""
+    assert not by_kind(default_docs, "CustomResourceDefinition")
+    generated = yaml.safe_load((REPO / "crds" / "dreambooth.dev_dreamboothjobs.yaml").read_text())
+    kept = one(chart.template("--set", "crds.asTemplates=true"), "CustomResourceDefinition")
+    assert kept["spec"] == generated["spec"], "the template must not change the CRD (numbers stay numbers)"
+    assert kept["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert kept["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    unkept = one(custom_docs, "CustomResourceDefinition")
+    assert unkept["spec"] == generated["spec"] and "helm.sh/resource-policy" not in unkept["metadata"]["annotations"]
+
+
 def test_rbac_and_service_account_can_be_left_out(chart: Helm) -> None:
-    docs = chart.template("--set", "rbac.create=false", "--set", "serviceAccount.create=false",
+    docs = chart.template("--set", "rbac.create=false", "--set", "rbac.aggregateToDefaultRoles=false",
+                          "--set", "serviceAccount.create=false",
                           "--set", "serviceAccount.name=existing", "--set", "metrics.service.enabled=false")  # fmt: skip
     assert {d["kind"] for d in docs} == {"Deployment"}
     assert one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "existing"

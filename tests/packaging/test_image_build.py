@@ -1,135 +1,73 @@
-"""Build the Dockerfile's `operator` target with Debian's buildah (no daemon, no registry) and run it.
+"""Both images built from the Dockerfile with Debian's buildah (no daemon) and run with runc as a kubelet would.
 
-No container registry is reachable here, so the base image is made locally: a Debian bookworm root from
-debootstrap (Debian's Python 3.11, python3-venv) committed as ``localhost/dreambooth-test/python:3.11-bookworm``
-and passed as ``--build-arg PYTHON_IMAGE``. The Dockerfile is otherwise built as it is, fetching the pinned locks
-from PyPI. Base image and layers are cached in ``$DREAMBOOTH_BUILDAH_CACHE`` (default
-``~/.cache/dreambooth-operator/buildah``): cold ~4-5 min (debootstrap ~3 min), warm ~15 s.
+The operator target, and the trainer target's CPU variant (``TORCH_VARIANT=cpu``, the torch wheel from this
+machine's pip through the wheelhouse build context), from the debootstrapped bookworm base pinned by digest:
+tests/images.py says how (and holds the helpers the cluster tier shares). Cached in
+``~/.cache/dreambooth-operator/buildah``: cold ~7 min here (debootstrap ~2 min, wheelhouse ~1 min from the pip
+cache, trainer layers ~4 min), warm ~30 s.
 
-Needs root and ``apt-get install buildah debootstrap``.
+The CUDA variant (PyPI's CUDA torch: ~4 GB of downloads, a 5.6 GB image, ~15 GB of disk at the peak of its
+build, 6 min cold here; built in storage of its own) is the opt-in
+``cuda_image`` tier: ``DREAMBOOTH_CUDA_IMAGE=1 pytest -m cuda_image tests/packaging`` (scripts/test.sh:
+TIERS=cuda-image).
+
+Needs root and ``apt-get install buildah debootstrap runc``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
+import sys
 from pathlib import Path
 
 import pytest
-from pkg_support import REPO
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import images  # noqa: E402
+from images import (  # noqa: E402, F401 - re-exported: the cluster tier imports them from here
+    BASE_IMAGE,
+    BASE_PACKAGES,
+    DEBIAN_MIRROR,
+    HOST_CA_BUNDLE,
+    Buildah,
+    cache_dir,
+    locked,
+    make_base_image,
+)
 
 pytestmark = [pytest.mark.packaging, pytest.mark.slow]
 
-BASE_IMAGE = "localhost/dreambooth-test/python:3.11-bookworm"
-IMAGE = "localhost/dreambooth-operator:packaging-test"
-DEBIAN_MIRROR = "http://deb.debian.org/debian"
-# python-is-python3: the Dockerfile says `python`, as the official image does.
-BASE_PACKAGES = "python3,python3-venv,python-is-python3,ca-certificates"
-HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("DREAMBOOTH_BUILDAH_CACHE") or str(Path.home() / ".cache" / "dreambooth-operator" / "buildah")
-    return Path(base)
-
-
-class Buildah:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        # Our own storage (overlay on this machine's ext4), never the system's /var/lib/containers.
-        self.base = [
-            "buildah",
-            "--root",
-            str(root / "storage"),
-            "--runroot",
-            str(root / "run"),
-            "--storage-driver",
-            "overlay",
-        ]
-
-    def __call__(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([*self.base, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"buildah {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-            )
-        return proc
-
-    def has_image(self, name: str) -> bool:
-        # (buildah 1.28 has no `image exists`.)
-        return self("inspect", "--type", "image", name, check=False).returncode == 0
-
-
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Two test runs on one machine must not debootstrap or commit into the same storage at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
-def make_base_image(b: Buildah) -> None:
-    with tempfile.TemporaryDirectory(dir=b.root) as tmp:
-        rootfs = Path(tmp) / "rootfs"
-        subprocess.run(
-            ["debootstrap", "--variant=minbase", f"--include={BASE_PACKAGES}", "bookworm", str(rootfs), DEBIAN_MIRROR],
-            check=True, capture_output=True, timeout=900,
-        )  # fmt: skip
-        for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
-            shutil.rmtree(rootfs / junk, ignore_errors=True)
-        # This machine reaches PyPI through a TLS-inspecting proxy whose CA only the host's bundle holds: the stand-in
-        # base trusts what the host trusts, so pip inside the build can verify PyPI. (An official image on a normal
-        # network needs neither.)
-        if HOST_CA_BUNDLE.exists():
-            shutil.copyfile(HOST_CA_BUNDLE, rootfs / "etc" / "ssl" / "certs" / "ca-certificates.crt")
-        ctr = b("from", "scratch").stdout.strip()
-        try:
-            b("copy", ctr, f"{rootfs}/", "/")
-            b("config", "--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-              "--env", "LANG=C.UTF-8", "--env", "PIP_CERT=/etc/ssl/certs/ca-certificates.crt", ctr)  # fmt: skip
-            b("commit", "--quiet", ctr, BASE_IMAGE)
-        finally:
-            b("rm", ctr, check=False)
+IMAGE = images.VARIANTS["operator"].tag
+TRAINER_CPU = images.VARIANTS["trainer-cpu"].tag
+REPO = images.REPO
+DOG = REPO / "examples" / "data" / "dog"
+# As the trainer pods run: the operator's runAsUser, the image's root filesystem read-only, caches on tmpfs.
+TRAINER_USER = "1000:1000"
+TRAINER_TMPFS = ("/tmp", "/home/trainer/.cache", "/scratch")
+OFFLINE = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")
 def buildah() -> Buildah:
-    if os.geteuid() != 0:
-        pytest.skip("buildah's chroot isolation and overlay storage need root here")
-    missing = [tool for tool in ("buildah", "debootstrap") if not shutil.which(tool)]
-    if missing:
-        pytest.fail(f"{' and '.join(missing)} not installed: apt-get install -y buildah debootstrap")
-    root = cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    b = Buildah(root)
-    with locked(root / ".lock"):
-        if not b.has_image(BASE_IMAGE):
-            make_base_image(b)
-    return b
+    return images.buildah_or_skip()
 
 
 @pytest.fixture(scope="module")
 def operator_image(buildah: Buildah) -> str:
-    with locked(buildah.root / ".lock"):
-        buildah(
-            "bud", "--pull=never", "--isolation", "chroot", "--network", "host", "--layers",
-            "--target", "operator", "--build-arg", f"PYTHON_IMAGE={BASE_IMAGE}",
-            "-t", IMAGE, "-f", "Dockerfile", ".",
-            timeout=900,
-        )  # fmt: skip
-        # Layers of earlier builds that no tag points at any more: keep the cache from growing run after run.
-        buildah("rmi", "--prune", check=False)
-    return IMAGE
+    return images.build(buildah, "operator")
+
+
+@pytest.fixture(scope="module")
+def trainer_cpu_image(buildah: Buildah) -> str:
+    return images.build(buildah, "trainer-cpu")
 
 
 def run_in(b: Buildah, image: str, *cmd: str) -> subprocess.CompletedProcess[str]:
+    """`cmd` in a throwaway container of `image` (buildah run: root, writable, the image's environment)."""
     ctr = b("from", "--pull=never", image).stdout.strip()
     try:
         return b("run", "--isolation", "chroot", ctr, "--", *cmd, check=False, timeout=120)
@@ -138,15 +76,99 @@ def run_in(b: Buildah, image: str, *cmd: str) -> subprocess.CompletedProcess[str
 
 
 def test_operator_image_runs_help(buildah: Buildah, operator_image: str) -> None:
-    proc = run_in(buildah, operator_image, "python", "-m", "dreambooth_operator", "--help")
+    proc = images.run_container(buildah, operator_image, ["--help"], read_only=True, tmpfs=["/tmp"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "usage: dreambooth operator" in proc.stdout and "--metrics-port" in proc.stdout
 
 
 def test_operator_image_is_non_root_without_torch(buildah: Buildah, operator_image: str) -> None:
-    config = json.loads(buildah("inspect", "--type", "image", operator_image).stdout)["OCIv1"]["config"]
+    config = buildah.config(operator_image)
     assert config["User"] == "10001:10001" and config["Entrypoint"] == ["python", "-m", "dreambooth_operator"]
-    proc = run_in(buildah, operator_image, "python", "-c",
-                  "import os, importlib.util as u; import kopf, dreambooth_operator.handlers; "
-                  "print(os.getuid(), u.find_spec('torch') is None)")  # fmt: skip
+    proc = images.run_container(
+        buildah, operator_image, ["-c", "import os, importlib.util as u; import kopf, kubernetes.client, "
+                                  "dreambooth_operator.handlers; print(os.getuid(), u.find_spec('torch') is None)"],
+        entrypoint=["python"], read_only=True, tmpfs=["/tmp"],
+    )  # fmt: skip
     assert proc.returncode == 0 and proc.stdout.split() == ["10001", "True"], proc.stdout + proc.stderr
+
+
+def test_trainer_cpu_image_config(buildah: Buildah, trainer_cpu_image: str) -> None:
+    """What the operator's pods rely on: user 1000 (runAsUser), the launcher as ENTRYPOINT, caches under HOME."""
+    config = buildah.config(trainer_cpu_image)
+    assert config["User"] == TRAINER_USER
+    assert config["Entrypoint"] == ["python", "-m", "dreambooth_trainer.launch"]
+    env = dict(e.split("=", 1) for e in config["Env"])
+    assert env["HF_HOME"].startswith("/home/trainer/.cache/") and env["DREAMBOOTH_SCRATCH"] == "/scratch"
+
+
+def test_trainer_cpu_image_runs_help_read_only_as_1000(buildah: Buildah, trainer_cpu_image: str) -> None:
+    proc = images.run_container(
+        buildah, trainer_cpu_image, ["--help"], entrypoint=["dreambooth"],
+        user=TRAINER_USER, read_only=True, tmpfs=TRAINER_TMPFS, env=OFFLINE,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "train-lora" in proc.stdout and "tiny-model" in proc.stdout
+    versions = images.run_container(
+        buildah, trainer_cpu_image, ["-c", "import os, torch, diffusers, peft, accelerate, importlib.util as u; "
+                                     "print(os.getuid(), torch.__version__, torch.cuda.is_available(), "
+                                     "u.find_spec('bitsandbytes') is None)"],
+        entrypoint=["python"], user=TRAINER_USER, read_only=True, tmpfs=TRAINER_TMPFS, env=OFFLINE,
+    )  # fmt: skip
+    assert versions.returncode == 0, versions.stderr
+    assert versions.stdout.split() == ["1000", "2.13.0+cpu", "False", "True"]
+
+
+def test_trainer_cpu_image_trains_two_steps_read_only(buildah: Buildah, trainer_cpu_image: str, tmp_path: Path) -> None:
+    """A 2-step LoRA run on the tiny model inside the image: the model is made in the tmpfs cache, the instance
+    images come read-only from the host and the weights land in a writable bind mount, as an S3-less pod would."""
+    out = tmp_path / "out"
+    out.mkdir()
+    os.chmod(out, 0o777)  # the container's UID 1000 writes it
+    proc = images.run_container(
+        buildah, trainer_cpu_image,
+        ["train-lora", "--pretrained_model_name_or_path", "tiny://", "--instance_data_dir", "/data/dog",
+         "--instance_prompt", "a photo of sks dog", "--output_dir", "/out/run", "--resolution", "32",
+         "--train_batch_size", "1", "--max_train_steps", "2", "--checkpointing_steps", "100", "--seed", "7"],
+        entrypoint=["dreambooth"], user=TRAINER_USER, read_only=True, tmpfs=TRAINER_TMPFS,
+        env={**OFFLINE, "DREAMBOOTH_RESULT_FILE": "/out/result.json"},
+        binds=[(str(DOG), "/data/dog", True), (str(out), "/out", False)], timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    weights = out / "run" / "pytorch_lora_weights.safetensors"
+    assert weights.stat().st_size > 0, sorted(p.name for p in (out / "run").iterdir())
+    assert weights.stat().st_uid == 1000
+    result = json.loads((out / "result.json").read_text())
+    assert (result["exitCode"], result["step"]) == (0, 2), result
+
+
+def test_read_only_root_is_enforced(buildah: Buildah, trainer_cpu_image: str) -> None:
+    """The harness really mounts the image read-only: a write outside the tmpfs folders fails."""
+    proc = images.run_container(
+        buildah, trainer_cpu_image, ["-c", "open('/home/trainer/x', 'w')"], entrypoint=["python"],
+        user=TRAINER_USER, read_only=True, tmpfs=TRAINER_TMPFS,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "Read-only file system" in proc.stderr, proc.stderr
+
+
+@pytest.mark.cuda_image
+def test_trainer_cuda_image_imports() -> None:
+    """Opt-in (``DREAMBOOTH_CUDA_IMAGE=1``): PyPI's CUDA torch and bitsandbytes; ~4 GB of downloads."""
+    if os.environ.get("DREAMBOOTH_CUDA_IMAGE") != "1":
+        pytest.skip("opt-in (~4 GB download, ~15 GB disk): DREAMBOOTH_CUDA_IMAGE=1 or scripts/test.sh TIERS=cuda-image")
+    images.buildah_or_skip()
+    if shutil.disk_usage(images.cache_dir()).free < 15e9:
+        pytest.skip("the CUDA trainer build needs ~15 GB free in the buildah cache")
+    buildah = images.cuda_buildah()
+    image = images.build(buildah, "trainer-cuda", offline=False)
+    proc = images.run_container(
+        buildah, image, ["-c", "import torch, diffusers, peft, bitsandbytes; print(torch.__version__, torch.version.cuda)"],
+        entrypoint=["python"], user=TRAINER_USER, read_only=True, tmpfs=TRAINER_TMPFS, env=OFFLINE,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    torch_version, cuda = proc.stdout.split()
+    # PyPI's Linux wheel, CUDA 13.0: what docs/install.md's driver requirement (>= 580) is about.
+    assert torch_version.split("+")[0] == "2.13.0" and cuda.startswith("13."), proc.stdout
+    helped = images.run_container(
+        buildah, image, ["--help"], entrypoint=["dreambooth"], user=TRAINER_USER, read_only=True, tmpfs=TRAINER_TMPFS
+    )
+    assert helped.returncode == 0, helped.stderr

@@ -1,3 +1,3 @@
 """DreamBooth trainer: diffusers' train_dreambooth(_lora).py behaviour with exact, preemption-safe resume."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
