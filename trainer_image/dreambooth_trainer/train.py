@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from dreambooth_api.config import CommonConfig, ConfigError, FullConfig, LoraConfig, config_hash, flag_and_field
-from dreambooth_api.contract import PreemptedError
+from dreambooth_api.contract import NonFiniteLossError, PreemptedError
 
 from . import checkpoint as ckpt
 from . import hub, logs
@@ -495,11 +495,42 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         flag = 1.0 if self.env.stop.is_set() else 0.0
+        # The finite-loss flag rides on the stop vote: the ranks stop on a diverged loss together, at no extra sync.
+        diverged = getattr(self, "_loss_finite", None)
         if self.world == 1:
+            if diverged is not None and not bool(diverged):
+                raise self._diverged("loss")
             return flag > 0
-        t = torch.tensor([flag], device=self.accelerator.device)
+        bad = torch.zeros((), device=self.accelerator.device) if diverged is None else (~diverged).float()
+        t = torch.stack([torch.tensor(flag, device=self.accelerator.device), bad])
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        stop, bad_any = t.tolist()
+        if bad_any > 0:
+            raise self._diverged("loss")
+        return bool(stop > 0)
+
+    def _diverged(self, what: str) -> NonFiniteLossError:
+        step = self.state.global_step
+        last = self.publisher.last_published or (
+            {"step": self.resumed.step, "uri": self.out.url(f"checkpoint-{self.resumed.step}")}
+            if self.resumed
+            else None
+        )
+        stands = f"the last good checkpoint {last['uri']} (step {last['step']}) stands" if last else "nothing was saved"
+        cfg = self.cfg
+        return NonFiniteLossError(
+            step, last["uri"] if last else None,
+            f"the training diverged: the {what} became NaN or infinite by step {step}; nothing of it is published and "
+            f"{stands}. The likely setting: --learning_rate (spec.training.learningRate, now {cfg.learning_rate:g}) "
+            f"is too high{' or fp16 overflowed (try bf16)' if cfg.mixed_precision == 'fp16' else ''}; lower it and "
+            "use a new output dir (or resume from that checkpoint with a lower rate).",
+        )  # fmt: skip
+
+    def _check_weights_finite(self) -> None:
+        """Before anything is published: one device-side reduction over the trained weights, one host sync."""
+        flags = [torch.isfinite(p).all() for p in self.params_to_clip]
+        if flags and not bool(torch.stack(flags).all()):
+            raise self._diverged("trained weights")
 
     def _checkpoint_due(self, step: int) -> bool:
         every = self.cfg.checkpointing_steps
@@ -514,6 +545,7 @@ class Trainer:
     def save_checkpoint(self, *, background: bool) -> None:
         """Snapshot on rank 0; the write and upload happen on a background thread unless asked otherwise."""
         if self.accelerator.is_main_process:
+            self._check_weights_finite()  # the ranks' weights are equal (DDP): rank 0 speaks for all
             t0 = time.monotonic()
             snap = self.snapshot()
             self.publisher.submit(snap, background=background)
@@ -527,6 +559,8 @@ class Trainer:
             mod.train()
         loss_value: float | None = None
         accum_loss = 0.0
+        # All-true while every loss was finite; updated on the device, read only with the per-step stop vote.
+        self._loss_finite = torch.ones((), dtype=torch.bool, device=acc.device)
         test_hooks = hooks()
         oom_step = test_hooks.oom_at(self.rank)
         if self._stop_agreed():
@@ -553,6 +587,7 @@ class Trainer:
                     with acc.autocast():
                         loss = self._micro_step(batch, gen)
                     acc.backward(loss / self.accum)
+                self._loss_finite &= torch.isfinite(loss.detach()).all()
                 accum_loss += loss.detach().item() / self.accum
                 st.micro_in_epoch += 1
                 st.samples_in_epoch += self.batch_size * self.world
@@ -622,6 +657,7 @@ class Trainer:
     def finish(self, loss_value: float | None) -> TrainResult:
         acc = self.accelerator
         acc.wait_for_everyone()
+        self._stop_agreed()  # the last step's loss too: raises on a diverged run before anything is saved
         step = self.state.global_step
         already = self.resumed is not None and self.resumed.step == step
         if self._checkpoint_due(step) and not already:
@@ -639,6 +675,7 @@ class Trainer:
 
     def _save_final(self) -> None:
         cfg = self.cfg
+        self._check_weights_finite()
         local = self.out.local_root() or (self.scratch / "final")
         local.mkdir(parents=True, exist_ok=True)
         if cfg.method == "lora":
