@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from tests.preemption_utils import LaunchedRun, training
 from tests.trainer_utils import run_dreambooth, tiny_args
+
+from dreambooth_trainer.checkpoint import Publisher, Snapshot, TrainState, choose_resume
+from dreambooth_trainer.storage import Store, open_store
 
 pytestmark = pytest.mark.integration
 
@@ -42,3 +49,82 @@ def test_diverged_run_reports_non_finite_loss_to_the_operator(tmp_path: Path) ->
     term = run.termination()
     assert term["reason"] == "NonFiniteLoss", term
     assert "learningRate" in term["message"] and f"step {term['step']}" in term["message"], term
+
+
+# ------------------------------------------------------- item 2: a damaged manifest, state or LATEST never blocks
+def _store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Store:
+    if kind == "local":
+        return open_store(str(tmp_path / "out"))
+    return open_store(f"s3://{request.getfixturevalue('bucket')}/out")
+
+
+def _publish(store: Store, tmp_path: Path, step: int) -> None:
+    state = TrainState(global_step=step, run_seed=7, config_hash="h", method="lora")
+    snap = Snapshot(state=state, tensors={"training/unet.safetensors": {"w": torch.full((4,), float(step))}})
+    Publisher(store, tmp_path / "scratch", None).submit(snap, background=False)
+
+
+def _state_with_unknown_key(store: Store, tmp_path: Path) -> None:
+    """The state gains a key this release does not know, and the manifest agrees with it (size and hash)."""
+    doc = json.loads(store.read_bytes("checkpoint-2/trainer_state.json"))
+    raw = json.dumps({**doc, "surprise": 1}).encode()
+    manifest = json.loads(store.read_bytes("checkpoint-2/manifest.json"))
+    manifest["files"]["trainer_state.json"] = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    store.write_bytes("checkpoint-2/trainer_state.json", raw)
+    store.write_bytes("checkpoint-2/manifest.json", json.dumps(manifest).encode())
+
+
+DAMAGE = {
+    "manifest {}": lambda store, tmp: store.write_bytes("checkpoint-2/manifest.json", b"{}"),
+    'manifest {"files": "x"}': lambda store, tmp: store.write_bytes("checkpoint-2/manifest.json", b'{"files": "x"}'),
+    "manifest []": lambda store, tmp: store.write_bytes("checkpoint-2/manifest.json", b"[]"),
+    "manifest not UTF-8": lambda store, tmp: store.write_bytes("checkpoint-2/manifest.json", b"\xff\xfe{\x00"),
+    "manifest entry without a size": lambda store, tmp: store.write_bytes(
+        "checkpoint-2/manifest.json", b'{"files": {"trainer_state.json": {"sha256": "0"}}}'
+    ),
+    "manifest path leaving the checkpoint": lambda store, tmp: store.write_bytes(
+        "checkpoint-2/manifest.json",
+        b'{"files": {"trainer_state.json": {"size": 1, "sha256": "0"}, "../x": {"size": 1, "sha256": "0"}}}',
+    ),
+    "unknown key in trainer_state.json": _state_with_unknown_key,
+}
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_manifest_or_state_falls_back_to_the_previous_checkpoint(
+    damage: str, kind: str, tmp_path: Path, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = _store(kind, tmp_path, request)
+    _publish(store, tmp_path, 1)
+    _publish(store, tmp_path, 2)
+    DAMAGE[damage](store, tmp_path)
+    with caplog.at_level(logging.WARNING):
+        loaded = choose_resume(store, None, "h", tmp_path / "cache")
+    assert loaded is not None and loaded.step == 1
+    assert "cannot resume from checkpoint-2" in caplog.text, caplog.text
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+@pytest.mark.parametrize("latest", [b"\xff\x00garbage\n", b"checkpoint-99\n", b"checkpoint-x\n"])
+def test_bad_latest_is_ignored_by_resume_and_repaired_by_the_next_publish(
+    latest: bytes, kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    store = _store(kind, tmp_path, request)
+    _publish(store, tmp_path, 1)
+    store.write_bytes("LATEST", latest)
+    loaded = choose_resume(store, None, "h", tmp_path / "cache")
+    assert loaded is not None and loaded.step == 1
+    _publish(store, tmp_path, 2)  # garbage LATEST made every publish fail (exit 70); checkpoint-99 was never fixed
+    assert store.read_bytes("LATEST") == b"checkpoint-2\n"
+
+
+def test_trainer_resumes_past_a_damaged_manifest(tmp_path: Path) -> None:
+    """The review's run: exit 70 ('files') on every retry although an older good checkpoint existed."""
+    out = tmp_path / "out"
+    run_dreambooth(["train-lora", *tiny_args(out, steps=4, ckpt=2)])
+    (out / "checkpoint-4" / "manifest.json").write_text("{}")
+    (out / "LATEST").write_bytes(b"\xff garbage")
+    proc = run_dreambooth(["train-lora", *tiny_args(out, steps=4, ckpt=2)])
+    assert "cannot resume from checkpoint-4" in proc.stderr and "resumed from" in proc.stderr, proc.stderr[-3000:]
+    assert (out / "LATEST").read_text() == "checkpoint-4\n"  # checkpoint-4 made again, LATEST repaired

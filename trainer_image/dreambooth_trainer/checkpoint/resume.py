@@ -12,7 +12,7 @@ from typing import Any
 from dreambooth_api.config import ConfigError
 
 from ..storage import NotFoundError, Store
-from .layout import _CKPT, FORMAT, MANIFEST, CheckpointError, TrainState, checkpoint_steps
+from .layout import _CKPT, FORMAT, MANIFEST, CheckpointError, TrainState, check_manifest, checkpoint_steps, parse_state
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +30,10 @@ def verify_and_fetch(store: Store, step: int, cache: Path) -> Loaded:
     name = f"checkpoint-{step}"
     try:
         manifest = json.loads(store.read_bytes(f"{name}/{MANIFEST}"))
-    except (NotFoundError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{name}: unreadable manifest ({exc})") from exc
+    except (NotFoundError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise CheckpointError(f"{name}: unreadable manifest ({str(exc)[:200]})") from exc
     check_format(store, name, manifest)
+    check_manifest(manifest, name)
     root = store.local_root()
     folder = (root / name) if root is not None else (cache / name)
     for rel, meta in manifest["files"].items():
@@ -47,7 +48,7 @@ def verify_and_fetch(store: Store, step: int, cache: Path) -> Loaded:
             raise CheckpointError(f"{name}: file {rel} is missing")
         if not _matches(path, meta):
             raise CheckpointError(f"{name}: file {rel} does not match its manifest (size or sha256 differs)")
-    state = TrainState(**json.loads((folder / "trainer_state.json").read_text()))
+    state = parse_state((folder / "trainer_state.json").read_text(errors="replace"), name)
     return Loaded(step, folder, manifest, state)
 
 
