@@ -6,13 +6,15 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from tests.preemption_utils import LaunchedRun, training
-from tests.trainer_utils import run_dreambooth, tiny_args
+from tests.trainer_utils import DOG, run_dreambooth, tiny_args
 
 from dreambooth_trainer.checkpoint import Publisher, Snapshot, TrainState, choose_resume
 from dreambooth_trainer.storage import Store, open_store
@@ -128,3 +130,18 @@ def test_trainer_resumes_past_a_damaged_manifest(tmp_path: Path) -> None:
     proc = run_dreambooth(["train-lora", *tiny_args(out, steps=4, ckpt=2)])
     assert "cannot resume from checkpoint-4" in proc.stderr and "resumed from" in proc.stderr, proc.stderr[-3000:]
     assert (out / "LATEST").read_text() == "checkpoint-4\n"  # checkpoint-4 made again, LATEST repaired
+
+
+# ------------------------------------------------------------------ item 3: a bad image is bad input, named, at once
+def test_truncated_image_is_exit_64_naming_it_unless_skipped(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(DOG, data)
+    jpeg = next(p for p in sorted(data.iterdir()) if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    cut = data / "cut.jpg"
+    Image.open(jpeg).convert("RGB").save(cut, "JPEG")
+    cut.write_bytes(cut.read_bytes()[:-2000])
+    args = [*tiny_args(tmp_path / "out", steps=1, ckpt=100), "--instance_data_dir", str(data)]
+    proc = run_dreambooth(["train-lora", *args], check=False)
+    assert proc.returncode == 64 and "cut.jpg" in proc.stderr and "--skip_bad_images" in proc.stderr, proc.stderr
+    proc = run_dreambooth(["train-lora", *args, "--skip_bad_images"])
+    assert "skipping 1 bad image(s)" in proc.stderr and "cut.jpg" in proc.stderr

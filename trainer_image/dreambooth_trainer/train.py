@@ -185,7 +185,7 @@ class Trainer:
             )
         self.family.check_model_dir(self.model_dir)
         # A missing or empty instance folder fails now, before any model loads.
-        list_images(self.instance_dir, flag=flag_and_field("instance_data_dir"))
+        list_images(self.instance_dir, flag=flag_and_field("instance_data_dir"), skip_bad=cfg.skip_bad_images)
         # As the scripts do, the Hub repository is made before training: a bad token fails in seconds.
         self.hub_repo = hub.create_hub_repo(cfg) if cfg.push_to_hub and acc.is_main_process else None
 
@@ -355,6 +355,7 @@ class Trainer:
             tokenizer_max_length=cfg.tokenizer_max_length,
             seed=self.run_seed,
             interpolation=cfg.resize_interpolation,
+            skip_bad_images=cfg.skip_bad_images,
         )
         if cfg.cache_latents:
             self.dataset = CachedLatentsDataset(self.dataset, self._encode_latent_parameters)
