@@ -145,3 +145,14 @@ def test_truncated_image_is_exit_64_naming_it_unless_skipped(tmp_path: Path) -> 
     assert proc.returncode == 64 and "cut.jpg" in proc.stderr and "--skip_bad_images" in proc.stderr, proc.stderr
     proc = run_dreambooth(["train-lora", *args, "--skip_bad_images"])
     assert "skipping 1 bad image(s)" in proc.stderr and "cut.jpg" in proc.stderr
+
+
+# ------------------------------------------------------------------------ item 7: the model others can read
+@pytest.mark.parametrize("command", ["train", "train-lora"])
+def test_final_model_files_are_group_readable(command: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_dreambooth([command, *tiny_args(out, steps=1, ckpt=100)])
+    model = [p for p in out.rglob("*") if p.is_file() and "checkpoint-" not in str(p) and "logs" not in p.parts]
+    assert any(p.suffix == ".safetensors" for p in model)
+    closed = [f"{p.relative_to(out)} {p.stat().st_mode & 0o777:o}" for p in model if not p.stat().st_mode & 0o040]
+    assert not closed, f"not group-readable: {closed}"

@@ -692,6 +692,7 @@ class Trainer:
             written = [str(p.relative_to(local)) for p in local.rglob("*") if p.is_file() and p not in before]
             written = [w for w in written if not w.startswith("checkpoint-")]
         written.append(self._final_validation_and_card(local))
+        readable_as_umask_allows(local, written)
         if self.out.local_root() is None:
             if self.trackers.active and self.trackers.local_dir.is_relative_to(local):
                 self.trackers.flush()
@@ -717,6 +718,17 @@ class Trainer:
             validation_step=last.step if last else None,
         )  # fmt: skip
         return write_model_card(local, text).name
+
+
+def readable_as_umask_allows(root: Path, files: list[str]) -> None:
+    """safetensors writes its files 0600: the model a run hands over gets the mode any new file gets (0644 under
+    the usual umask 022), so the group that shares the output folder can load it."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for rel in files:
+        path = root / rel
+        if path.is_file():
+            path.chmod(path.stat().st_mode | (0o666 & ~umask))
 
 
 def install_sigterm(env: RunEnv) -> None:
