@@ -163,6 +163,11 @@ class CommonConfig(BaseModel):
     expected_preemption_interval_seconds: float = _f(
         3600.0, "Mean time between preemptions, used by checkpointing_steps='auto'.", gt=0
     )
+    unsafe_shared_output: bool = _f(
+        False,
+        "Run on an S3 server that ignores conditional writes (If-None-Match), where nothing stops two runs from "
+        "writing one output_dir at once.",
+    )
     skip_bad_images: bool = _f(
         False, "Skip (and count) instance or class images that cannot be read, instead of failing the run (exit 64)."
     )
@@ -214,7 +219,7 @@ OPERATIONAL_FIELDS = frozenset(
         "sample_batch_size", "prior_generation_precision", "skip_save_text_encoder", "gradient_checkpointing",
         "enable_xformers_memory_efficient_attention", "allow_tf32", "expected_preemption_interval_seconds",
         "instance_data_dir", "class_data_dir", "pretrained_model_name_or_path", "allow_large_resolution",
-        "skip_bad_images",
+        "skip_bad_images", "unsafe_shared_output",
     }
 )  # fmt: skip
 

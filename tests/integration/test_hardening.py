@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
 import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 from tests.preemption_utils import LaunchedRun, training
-from tests.trainer_utils import DOG, run_dreambooth, tiny_args
+from tests.trainer_utils import DOG, REPO, run_dreambooth, tiny_args, trainer_env
 
-from dreambooth_trainer.checkpoint import Publisher, Snapshot, TrainState, choose_resume
+from dreambooth_api.config import ConfigError
+from dreambooth_trainer.checkpoint import Claim, Publisher, Snapshot, TrainState, choose_resume, claim_output
 from dreambooth_trainer.storage import Store, open_store
 
 pytestmark = pytest.mark.integration
@@ -156,3 +164,102 @@ def test_final_model_files_are_group_readable(command: str, tmp_path: Path) -> N
     assert any(p.suffix == ".safetensors" for p in model)
     closed = [f"{p.relative_to(out)} {p.stat().st_mode & 0o777:o}" for p in model if not p.stat().st_mode & 0o040]
     assert not closed, f"not group-readable: {closed}"
+
+
+# ------------------------------------------------------------------------ item 1: one writer per output prefix
+TRIALS = 200
+
+
+def _race(store_for: Callable[[int], Store], uids: tuple[str, str]) -> list[str]:
+    """Two claims released by one barrier, TRIALS times on fresh prefixes: each trial's outcomes."""
+    outcomes = []
+    for trial in range(TRIALS):
+        barrier = threading.Barrier(2)
+        results: list[Any] = [None, None]
+
+        def claim(i: int, trial: int = trial, barrier: threading.Barrier = barrier, results: list = results) -> None:
+            store = store_for(trial)
+            barrier.wait()
+            try:
+                results[i] = claim_output(store, uids[i])
+            except ConfigError as exc:
+                results[i] = exc
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                results[i] = exc
+
+        threads = [threading.Thread(target=claim, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        won = [r for r in results if isinstance(r, Claim)]
+        lost = [r for r in results if isinstance(r, ConfigError)]
+        for r in won:
+            r.release()
+        outcomes.append(f"{len(won)} won, {len(lost)} refused" + ("" if len(won) + len(lost) == 2 else f" {results}"))
+    return outcomes
+
+
+@pytest.mark.parametrize(
+    ("kind", "uids"),
+    [("local", ("", "")), ("local", ("job-a", "job-b")), ("s3", ("", "")), ("s3", ("job-a", "job-b"))],
+    ids=["local-runs", "local-jobs", "s3-runs", "s3-jobs"],
+)
+def test_two_simultaneous_claims_one_wins(
+    kind: str, uids: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The review: 200 of 200 barrier-synchronised overlapping claims both succeeded (read-then-write)."""
+    if kind == "local":
+        outcomes = _race(lambda trial: open_store(str(tmp_path / f"out-{trial}")), uids)
+    else:
+        bucket = request.getfixturevalue("bucket")
+        clients = [open_store(f"s3://{bucket}"), open_store(f"s3://{bucket}")]  # one per contender, as two pods
+        turn = itertools.count()
+        outcomes = _race(lambda trial: clients[next(turn) % 2].child(f"out-{trial}"), uids)
+    bad = [f"trial {i}: {o}" for i, o in enumerate(outcomes) if o != "1 won, 1 refused"]
+    assert not bad, bad[:5]
+
+
+def test_a_local_lock_is_released_with_the_run(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "out"))
+    claim_output(store, "").release()
+    claim_output(store, "").release()  # the same command again, after the first ended
+
+
+def _wait_for(check: Callable[[], bool], proc: subprocess.Popen, what: str) -> None:
+    for _ in range(600):
+        if check():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the first run ended ({proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_two_train_commands_on_one_output_exactly_one_trains(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if kind == "local":
+        out, env = str(tmp_path / "out"), trainer_env(DREAMBOOTH_TEST_STEP_DELAY_SECONDS="1.0")
+        store = open_store(out)
+    else:
+        out = f"s3://{request.getfixturevalue('bucket')}/out"
+        env = {**request.getfixturevalue("aws_env"), **trainer_env(DREAMBOOTH_TEST_STEP_DELAY_SECONDS="1.0")}
+        store = open_store(out)
+    args = [sys.executable, "-m", "dreambooth_trainer", "train-lora", *tiny_args(out, steps=30, ckpt=3)]
+    first = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: store.exists("LATEST"), first, "its first checkpoint")
+        second = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 64, second.stderr[-3000:]
+        assert "is in use by a run, pid" in second.stderr and str(first.pid) in second.stderr, second.stderr[-3000:]
+        _, err = first.communicate(timeout=300)
+        assert first.returncode == 0, err[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    # The same command after the first ended resumes (the lock died with it / was removed at its end).
+    again = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]

@@ -170,7 +170,7 @@ class Trainer:
         if acc.is_main_process:
             with naming_field("output_dir"):
                 self.out.check_writable()
-            ckpt.claim_output(self.out, self.env.job_uid)
+            self.claim = ckpt.claim_output(self.out, self.env.job_uid, unsafe_shared=cfg.unsafe_shared_output)
             self.rank_log.start_upload(self.out.uri, log_key)
 
         with acc.local_main_process_first():
@@ -764,6 +764,9 @@ def run_training(cfg: CommonConfig, env: RunEnv | None = None) -> TrainResult:
         rank_log: logs.RankLog | None = getattr(trainer, "rank_log", None)
         if rank_log is not None:
             rank_log.close(failure)
+        claim: ckpt.Claim | None = getattr(trainer, "claim", None)
+        if claim is not None:
+            claim.release()  # after the log's last upload: the next run may start writing once this returns
         scratch: Scratch | None = getattr(trainer, "scratch", None)
         if scratch is not None:
             scratch.release()
