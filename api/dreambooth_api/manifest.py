@@ -6,6 +6,7 @@ say where and how the trainer runs. Importable without torch.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -236,6 +237,13 @@ def _check_node(root: yaml.Node) -> None:
         return total
 
     size(root, "")
+
+
+# YAML 1.2 (and kubectl) read `1e-4` as a number; PyYAML's YAML 1.1 reads it as a string, which the strict
+# config would refuse: the manifest means the same to `dreambooth run` as to the cluster.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def load_job(path: str | Path) -> tuple[Job, CommonConfig]:

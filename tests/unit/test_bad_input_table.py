@@ -161,7 +161,13 @@ def test_alias_bomb_is_refused_in_little_memory(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "changes",
-    [{"resolution": 4104, "allowLargeResolution": True}, {"seed": 2**32 - 1}, {"adamBeta2": 0.0}, {"outputDir": "out"}],
+    [
+        {"resolution": 4104, "allowLargeResolution": True},
+        {"seed": 2**32 - 1},
+        {"adamBeta2": 0.0},
+        {"outputDir": "out"},
+        {"learningRate": 1e-4},
+    ],
 )
 def test_values_at_the_bounds_are_accepted(changes: dict[str, Any], tmp_path: Path) -> None:
     path = tmp_path / "job.yaml"
@@ -177,3 +183,12 @@ def test_cli_refuses_a_bad_value_naming_the_flag() -> None:
     argv = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p"]
     with pytest.raises(BadInputError, match=r"--adam_beta1 \(spec.training.adamBeta1\)"):
         parse_cli(LoraConfig, [*argv, "--adam_beta1", "5"], "dreambooth train-lora")
+
+
+def test_exponent_without_a_dot_is_a_number_as_in_kubectl(tmp_path: Path) -> None:
+    """PyYAML (YAML 1.1) reads `1e-4` as text, kubectl (YAML 1.2) as a number; the strict config would refuse text."""
+    path = tmp_path / "job.yaml"
+    path.write_text(GOOD_TEXT.replace("    resolution: 512\n", "    resolution: 512\n    learningRate: 1e-4\n"))
+    assert "learningRate: 1e-4" in path.read_text()
+    _, cfg = load_job(path)
+    assert cfg.learning_rate == 1e-4
