@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
 
@@ -39,7 +40,24 @@ class ConfigError(ValueError, BadInputError):
 
 def flag_and_field(field: str) -> str:
     """Name a setting the way both audiences know it: the CLI flag and the manifest path."""
+    if len(field) > 80:  # an unknown key is user input too: never echo all of it
+        field = field[:77] + "..."
     return f"--{field} (spec.training.{to_camel(field)})"
+
+
+# Bounds the libraries need: beyond them a run dies late (MemoryError, overflow) instead of exiting 64 at once.
+MAX_RESOLUTION = 4096
+MAX_STEPS = 10**9
+MAX_ACCUMULATION = 10**6
+QUOTE_LIMIT = 200  # characters of the user's input a message repeats
+URI_SCHEMES = ("s3://", "file://")
+PATH_FIELDS = ("output_dir", "instance_data_dir", "class_data_dir", "pretrained_model_name_or_path", "logging_dir")
+
+
+def quote(value: Any) -> str:
+    """repr() of user input, cut to QUOTE_LIMIT characters: a message never echoes a whole bad document."""
+    text = repr(value)
+    return text if len(text) <= QUOTE_LIMIT else text[: QUOTE_LIMIT - 3] + "..."
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -55,6 +73,8 @@ class CommonConfig(BaseModel):
         extra="forbid",
         validate_assignment=True,
         use_attribute_docstrings=False,
+        # `trainBatchSize: true` was silently 1 and `maxTrainSteps: 1e30` an int: a manifest says what it means.
+        strict=True,
     )
 
     # Which diffusers script this model mirrors; not a flag.
@@ -74,19 +94,21 @@ class CommonConfig(BaseModel):
     )
     class_prompt: str | None = _f(None, "Prompt of the class, e.g. 'a photo of dog'; used to generate class images.")
     with_prior_preservation: bool = _f(False, "Add the prior-preservation loss on class images.")
-    prior_loss_weight: float = _f(1.0, "Weight of the prior-preservation loss.")
+    prior_loss_weight: float = _f(1.0, "Weight of the prior-preservation loss.", ge=0)
     num_class_images: int = _f(
         100, "Minimal number of class images; missing ones are generated with class_prompt.", ge=1
     )
     output_dir: str = _f("dreambooth-model", "Where the model, checkpoints and images are written (local or s3://).")
-    seed: int | None = _f(None, "Seed for reproducible training. Exact resume is guaranteed with or without it.")
+    seed: int | None = _f(
+        None, "Seed for reproducible training. Exact resume is guaranteed with or without it.", ge=0, le=2**32 - 1
+    )
     resolution: int = _f(512, "Resolution of the training images (multiple of 8).", ge=8)
     center_crop: bool = _f(False, "Center crop the images instead of random crops.")
     train_text_encoder: bool = _f(False, "Train the text encoder too (needs fp32 text encoder weights).")
     train_batch_size: int = _f(4, "Batch size per device.", ge=1)
     sample_batch_size: int = _f(4, "Batch size per device when generating class images.", ge=1)
-    num_train_epochs: int = _f(1, "Epochs to train; max_train_steps overrides it.", ge=1)
-    max_train_steps: int | None = _f(None, "Total optimizer steps; overrides num_train_epochs.", ge=1)
+    num_train_epochs: int = _f(1, "Epochs to train; max_train_steps overrides it.", ge=1, le=MAX_STEPS)
+    max_train_steps: int | None = _f(None, "Total optimizer steps; overrides num_train_epochs.", ge=1, le=MAX_STEPS)
     checkpointing_steps: int | Literal["auto"] = _f(
         500,
         "Save a resumable checkpoint every N optimizer steps, or 'auto' to pick the interval from the measured "
@@ -96,7 +118,7 @@ class CommonConfig(BaseModel):
     resume_from_checkpoint: str | None = _f(
         None, "'latest', or a checkpoint folder name like 'checkpoint-400'. Automatic when the output holds any."
     )
-    gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated per optimizer step.", ge=1)
+    gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated per optimizer step.", ge=1, le=MAX_ACCUMULATION)
     gradient_checkpointing: bool = _f(False, "Trade compute for memory with activation checkpointing.")
     learning_rate: float = _f(5e-6, "Initial learning rate (after warmup).", gt=0)
     scale_lr: bool = _f(False, "Scale the learning rate by processes x accumulation x batch size.")
@@ -108,10 +130,10 @@ class CommonConfig(BaseModel):
     lr_power: float = _f(1.0, "Power of the polynomial schedule.")
     use_8bit_adam: bool = _f(False, "Use bitsandbytes' 8-bit AdamW (needs bitsandbytes and a GPU).")
     dataloader_num_workers: int = _f(0, "DataLoader worker processes (0 = main process).", ge=0)
-    adam_beta1: float = _f(0.9, "AdamW beta1.")
-    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.", ge=0, lt=1)
+    adam_beta2: float = _f(0.999, "AdamW beta2.", ge=0, lt=1)
     adam_weight_decay: float = _f(1e-2, "AdamW weight decay.")
-    adam_epsilon: float = _f(1e-08, "AdamW epsilon.")
+    adam_epsilon: float = _f(1e-08, "AdamW epsilon.", gt=0)
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
     push_to_hub: bool = _f(False, "Push the final model to the Hugging Face Hub.")
     hub_token: str | None = _f(None, "Hub token (prefer the HF_TOKEN environment variable).")
@@ -140,6 +162,18 @@ class CommonConfig(BaseModel):
     )
     expected_preemption_interval_seconds: float = _f(
         3600.0, "Mean time between preemptions, used by checkpointing_steps='auto'.", gt=0
+    )
+    unsafe_shared_output: bool = _f(
+        False,
+        "Run on an S3 server that ignores conditional writes (If-None-Match), where nothing stops two runs from "
+        "writing one output_dir at once.",
+    )
+    skip_bad_images: bool = _f(
+        False, "Skip (and count) instance or class images that cannot be read, instead of failing the run (exit 64)."
+    )
+    allow_large_resolution: bool = _f(
+        False,
+        f"Allow a resolution above {MAX_RESOLUTION} (memory grows with its square: {MAX_RESOLUTION} needs a large GPU).",
     )
 
     @model_validator(mode="after")
@@ -184,7 +218,8 @@ OPERATIONAL_FIELDS = frozenset(
         "validation_scheduler", "push_to_hub", "hub_token", "hub_model_id", "dataloader_num_workers", "local_rank",
         "sample_batch_size", "prior_generation_precision", "skip_save_text_encoder", "gradient_checkpointing",
         "enable_xformers_memory_efficient_attention", "allow_tf32", "expected_preemption_interval_seconds",
-        "instance_data_dir", "class_data_dir", "pretrained_model_name_or_path",
+        "instance_data_dir", "class_data_dir", "pretrained_model_name_or_path", "allow_large_resolution",
+        "skip_bad_images", "unsafe_shared_output",
     }
 )  # fmt: skip
 
@@ -239,6 +274,14 @@ def check_rules(cfg: CommonConfig) -> None:
     for name in IF_ONLY_FIELDS:
         if getattr(cfg, name) is not None:
             raise ConfigError(name, "applies only to DeepFloyd IF, which this trainer does not support; remove it.")
+    if cfg.resolution > MAX_RESOLUTION and not cfg.allow_large_resolution:
+        raise ConfigError(
+            "resolution",
+            f"{cfg.resolution} is above {MAX_RESOLUTION}; memory grows with its square. Use {MAX_RESOLUTION} or "
+            "less, or set --allow_large_resolution (spec.training.allowLargeResolution: true) if you mean it.",
+        )
+    for name in PATH_FIELDS:
+        check_location(name, getattr(cfg, name))
     if cfg.resolution % 8:
         lower = cfg.resolution - cfg.resolution % 8
         raise ConfigError(
@@ -271,10 +314,28 @@ def check_rules(cfg: CommonConfig) -> None:
         )
 
 
+def check_location(name: str, value: str | None) -> None:
+    """A path or URI: not empty, a scheme the trainer reads, no `..` segment inside an s3:// key."""
+    if value is None:
+        return
+    if not value.strip():
+        raise ConfigError(name, "is empty; give a local folder or an s3://bucket/prefix.")
+    allowed = URI_SCHEMES + (("tiny://",) if name == "pretrained_model_name_or_path" else ())
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", value)
+    if scheme and not value.startswith(allowed):
+        raise ConfigError(
+            name, f"{quote(value)} uses {scheme.group(1)}://, which the trainer cannot read; use a local path or s3://."
+        )
+    if value.startswith("s3://") and ".." in value[5:].split("/"):
+        raise ConfigError(
+            name, f"{quote(value)} has a '..' segment; S3 keys have no parent folders: spell the prefix out."
+        )
+
+
 def parse_training(method: str, training: dict[str, Any]) -> CommonConfig:
     """Build a config from a manifest's ``spec.training`` (camelCase; snake_case accepted), or raise ConfigError."""
     if method not in MODELS:
-        raise ConfigError("method", f"spec.method must be 'full' or 'lora', not {method!r}.")
+        raise ConfigError("method", f"spec.method must be 'full' or 'lora', not {quote(method)}.")
     model = MODELS[method]
     try:
         return model.model_validate(training)
@@ -311,9 +372,12 @@ def from_validation_error(exc: ValidationError, model: type[CommonConfig]) -> Co
             else f"greater than {ctx.get('gt')}"
         )
         return ConfigError(
-            name, f"must be {bound}, not {err.get('input')!r}; set a value in range or remove the setting."
+            name, f"must be {bound}, not {quote(err.get('input'))}; set a value in range or remove the setting."
         )
-    return ConfigError(name, f"{err['msg']} (got {err.get('input')!r}).")
+    if kind in ("less_than_equal", "less_than"):
+        bound = f"at most {ctx.get('le')}" if kind == "less_than_equal" else f"less than {ctx.get('lt')}"
+        return ConfigError(name, f"must be {bound}, not {quote(err.get('input'))}; set a value in range.")
+    return ConfigError(name, f"{err['msg']} (got {quote(err.get('input'))}).")
 
 
 def nearest(name: str, known: Iterable[str]) -> str | None:

@@ -21,6 +21,10 @@ REASONS = {
     EXIT_GPU_OOM: "GPUOutOfMemory",
     EXIT_PREEMPTED: "Preempted",
 }
+# A reason that refines an exit code: the worker's error says it (`reason`), the launcher passes it on, and the
+# operator acts on the exit code (64: Failed at once, never retried).
+REASON_NON_FINITE_LOSS = "NonFiniteLoss"  # the loss or weights diverged (NaN/inf): a setting to fix, not a crash
+REFINED_REASONS = {REASON_NON_FINITE_LOSS: EXIT_BAD_INPUT}
 
 # -------------------------------------------------------------------------------------- termination message
 # The launcher writes {"reason", "step", "checkpointUri", "message"} as JSON, at most MESSAGE_LIMIT bytes.
@@ -52,6 +56,17 @@ ENV_RESULT_FILE = "DREAMBOOTH_RESULT_FILE"
 # ---------------------------------------------------------------------------------------------- error types
 class BadInputError(Exception):
     """A failure the user fixes in the input (config, data, model path, credentials): exit 64, never retried."""
+
+
+class NonFiniteLossError(BadInputError):
+    """The loss or the trained weights became NaN/inf: retrying the same settings diverges again (exit 64)."""
+
+    reason = REASON_NON_FINITE_LOSS
+
+    def __init__(self, step: int, checkpoint_uri: str | None, message: str) -> None:
+        super().__init__(message)
+        self.step = step
+        self.checkpoint_uri = checkpoint_uri
 
 
 class ExplainedError(Exception):

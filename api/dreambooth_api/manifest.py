@@ -6,6 +6,7 @@ say where and how the trainer runs. Importable without torch.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from .config import CommonConfig, ConfigError, Method, nearest, parse_training
+from .config import CommonConfig, ConfigError, Method, nearest, parse_training, quote
 
 API_GROUP = "dreambooth.dev"
 API_VERSION = "v1alpha1"
@@ -164,10 +165,15 @@ def parse_job(obj: dict[str, Any]) -> tuple[Job, CommonConfig]:
     """Validate a manifest and its trainer config. Errors name the manifest field and the fix."""
     if not isinstance(obj, dict):
         raise ConfigError("manifest", "must be a YAML mapping with apiVersion, kind, metadata and spec.")
-    if obj.get("apiVersion") != f"{API_GROUP}/{API_VERSION}":
-        raise ManifestError("apiVersion", f"must be {API_GROUP}/{API_VERSION}, not {obj.get('apiVersion')!r}.")
     if obj.get("kind") != KIND:
-        raise ManifestError("kind", f"must be {KIND}, not {obj.get('kind')!r}.")
+        raise ManifestError("kind", f"must be {KIND}, not {quote(obj.get('kind'))}.")
+    if obj.get("apiVersion") != f"{API_GROUP}/{API_VERSION}":
+        raise ManifestError("apiVersion", f"must be {API_GROUP}/{API_VERSION}, not {quote(obj.get('apiVersion'))}.")
+    metadata = obj.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise ManifestError("metadata", f"must be a mapping like {{name: my-job}}, not {quote(metadata)}.")
+    if not isinstance(metadata.get("name", ""), str):
+        raise ManifestError("metadata.name", f"must be a string, not {quote(metadata.get('name'))}.")
     try:
         job = Job.model_validate(obj)
     except ValidationError as exc:
@@ -175,19 +181,97 @@ def parse_job(obj: dict[str, Any]) -> tuple[Job, CommonConfig]:
         path = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             raise ManifestError(path, _unknown_field(err["loc"])) from None
-        raise ManifestError(path, f"{err['msg']} (got {err.get('input')!r}).") from None
+        raise ManifestError(path, f"{err['msg']} (got {quote(err.get('input'))}).") from None
     return job, job.spec.training_config()
 
 
+MAX_MANIFEST_BYTES = 1 << 20
+# Nodes of the document once every alias is expanded: what a validator or json.dumps walks. A YAML alias bomb is
+# a few hundred bytes that expand to billions of nodes (the review's took 72 s and 1.57 GB before its error).
+MAX_EXPANDED_NODES = 100_000
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's SafeLoader that refuses duplicate keys and documents whose aliases expand beyond reason."""
+
+    def compose_document(self) -> yaml.Node | None:
+        node = super().compose_document()
+        if node is not None:
+            _check_node(node)
+        return node
+
+
+def _check_node(root: yaml.Node) -> None:
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+
+    def size(node: yaml.Node, path: str) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in on_path:
+            raise ManifestError(path or "manifest", "refers to itself through a YAML alias; spell the value out.")
+        on_path.add(id(node))
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    line = key.start_mark.line + 1
+                    if key.value in seen:
+                        where = f"{path}.{key.value}" if path else str(key.value)
+                        raise ManifestError(
+                            where[:200], f"is given twice (lines {seen[key.value]} and {line}); keep one."
+                        )
+                    seen[key.value] = line
+                    child = f"{path}.{key.value}" if path else str(key.value)
+                else:
+                    child = path
+                total += size(key, child) + size(value, child)
+        elif isinstance(node, yaml.SequenceNode):
+            total += sum(size(item, f"{path}[{i}]") for i, item in enumerate(node.value))
+        on_path.discard(id(node))
+        sizes[id(node)] = total
+        if total > MAX_EXPANDED_NODES:
+            raise ManifestError(
+                "manifest", f"expands to more than {MAX_EXPANDED_NODES} values through YAML aliases; refused."
+            )
+        return total
+
+    size(root, "")
+
+
+# YAML 1.2 (and kubectl) read `1e-4` as a number; PyYAML's YAML 1.1 reads it as a string, which the strict
+# config would refuse: the manifest means the same to `dreambooth run` as to the cluster.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
 def load_job(path: str | Path) -> tuple[Job, CommonConfig]:
-    text = Path(path).read_text()
+    with open(path, "rb") as f:
+        raw = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError("manifest", f"{path} is larger than 1 MiB; a DreamBoothJob is a few KiB.")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw[:4]:
+        raise ManifestError("manifest", f"{path} is UTF-16 or UTF-32; save it as UTF-8.")
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d]
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ManifestError("manifest", f"{path} is not UTF-8 (byte {exc.start}); save it as UTF-8.") from None
+    try:
+        docs = [d for d in yaml.load_all(text, Loader=_Loader) if d]  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:
-        raise ManifestError("manifest", f"{path} is not valid YAML: {exc}") from None
+        raise ManifestError("manifest", f"{path} is not valid YAML: {str(exc)[:500]}") from None
     jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
+    if len(docs) == 1 and not jobs:
+        return parse_job(docs[0])  # names what is wrong with the one document: its kind, or that it is no mapping
     if len(jobs) != 1:
-        raise ManifestError("kind", f"{path} must hold exactly one {KIND} (found {len(jobs)}).")
+        kinds = sorted({quote(d.get("kind")) for d in docs if isinstance(d, dict)})
+        raise ManifestError(
+            "kind",
+            f"{path} must hold exactly one {KIND}; it holds {len(jobs)} among {len(docs)} document(s)"
+            f"{' (kinds: ' + ', '.join(kinds)[:200] + ')' if kinds else ''}.",
+        )
     return parse_job(jobs[0])
 
 

@@ -22,6 +22,7 @@ class Settings:
     resync_seconds: float = 10.0
     backoff_base_seconds: int = 10
     cluster_domain: str = "cluster.local"
+    max_nodes: int = 256
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -34,6 +35,7 @@ class Settings:
             resync_seconds=float(env.get("DREAMBOOTH_OPERATOR_RESYNC_SECONDS", "10")),
             backoff_base_seconds=int(env.get("DREAMBOOTH_BACKOFF_BASE_SECONDS", "10")),
             cluster_domain=env.get("DREAMBOOTH_CLUSTER_DOMAIN", "cluster.local"),
+            max_nodes=int(env.get("DREAMBOOTH_MAX_NODES", "256")),
         )
 
 
@@ -43,7 +45,7 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] = os.environ) -> S
         prog="dreambooth operator",
         description="Run the DreamBoothJob operator. Flags override the environment (DREAMBOOTH_OPERATOR_NAMESPACES, "
         "LOG_LEVEL, METRICS_PORT, DREAMBOOTH_OPERATOR_WORKERS, DREAMBOOTH_OPERATOR_RESYNC_SECONDS, "
-        "DREAMBOOTH_BACKOFF_BASE_SECONDS, DREAMBOOTH_CLUSTER_DOMAIN).",
+        "DREAMBOOTH_BACKOFF_BASE_SECONDS, DREAMBOOTH_CLUSTER_DOMAIN, DREAMBOOTH_MAX_NODES).",
     )
     parser.add_argument("-n", "--namespace", action="append", dest="namespaces",
                         help="watch this namespace (repeatable); default: all namespaces")  # fmt: skip
@@ -60,6 +62,7 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] = os.environ) -> S
         resync_seconds=args.resync_seconds,
         backoff_base_seconds=base.backoff_base_seconds,
         cluster_domain=base.cluster_domain,
+        max_nodes=base.max_nodes,
     )
 
 
@@ -81,7 +84,9 @@ async def serve(settings: Settings) -> None:
     # urllib3 drops the extras and every burst pays new TLS handshakes) for most workers to do so at once.
     io_threads = 2 * settings.workers
     kube = Kube.from_environment(on_request=metrics.api_request, connections=settings.workers + io_threads + 4)
-    opts = PlanOptions(BuildOptions(cluster_domain=settings.cluster_domain), settings.backoff_base_seconds)
+    opts = PlanOptions(
+        BuildOptions(cluster_domain=settings.cluster_domain), settings.backoff_base_seconds, settings.max_nodes
+    )
     cache = Informer()
     reconciler = Reconciler(kube, opts, metrics=metrics, background_events=True, cache=cache, io_threads=io_threads)
     controller = Controller(reconciler, metrics, workers=settings.workers, resync_seconds=settings.resync_seconds,

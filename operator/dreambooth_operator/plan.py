@@ -23,12 +23,12 @@ from .resources import (
     LABEL_INDEX,
     BuildOptions,
     build_configmap,
-    build_gang,
+    build_pod,
     build_service,
     logs_uri,
     names_for,
 )
-from .spec import SpecError, ValidJob, training_hash, validate
+from .spec import DEFAULT_MAX_NODES, SpecError, ValidJob, training_hash, validate
 
 # A pod still there this long after its deletion deadline, on a node that is not Ready, has no kubelet left
 # to confirm its end: it is force-deleted so the next attempt can start.
@@ -86,6 +86,7 @@ class Plan:
 class PlanOptions:
     build: BuildOptions = field(default_factory=BuildOptions)
     backoff_base_seconds: int = 10
+    max_nodes: int = DEFAULT_MAX_NODES
 
 
 def pod_attempt(pod: dict[str, Any]) -> int:
@@ -246,7 +247,7 @@ class _Planner:
         else:
             self._cond(status.SPEC_CHANGE_REFUSED, False, status.R_TRAINING_RESTORED, "spec.training matches the accepted settings.",
                        event=("Normal", ""))  # fmt: skip
-        job = validate(body)
+        job = validate(body, self.opts.max_nodes)
         if job_status.training_hash is None:
             job_status.training_hash = current
         return job
@@ -342,8 +343,9 @@ class _Planner:
     def _create_gang(self, job: ValidJob, attempt: int, indexes: range | list[int]) -> None:
         self.actions.append(Action("create", build_configmap(job)))
         self.actions.append(Action("create", build_service(job)))
-        gang = build_gang(job, attempt, self.job_status.memory_savers, self.opts.build)
-        self.actions += [Action("create", gang[i]) for i in indexes]
+        # Only the pods to create: a reconcile that finds one pod missing must not build the whole gang again.
+        savers, build = self.job_status.memory_savers, self.opts.build
+        self.actions += [Action("create", build_pod(job, attempt, i, savers, build)) for i in indexes]
 
     def _live(self, job: ValidJob, attempt: int, views: list[PodView]) -> None:
         job_status = self.job_status

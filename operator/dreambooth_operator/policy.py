@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from dreambooth_api.contract import EXIT_BAD_INPUT, EXIT_GPU_OOM, EXIT_PREEMPTED
+from dreambooth_api.contract import EXIT_BAD_INPUT, EXIT_GPU_OOM, EXIT_PREEMPTED, REASON_NON_FINITE_LOSS
 from dreambooth_api.manifest import RunPolicy
 
 from . import status
@@ -198,6 +198,10 @@ def _eviction_advice(message: str) -> str:
 def pod_verdict(p: PodView, now: datetime) -> Verdict | None:
     """What one pod says about its attempt, or None when it says nothing final."""
     who = f"pod {p.name}"
+    if p.exit_code == EXIT_BAD_INPUT and (p.termination or {}).get("reason") == REASON_NON_FINITE_LOSS:
+        # A diverged run: the same settings diverge again, so it fails like bad input (never retried).
+        return Verdict(Kind.BAD_INPUT, status.R_NON_FINITE_LOSS,
+                       f"{who}: training diverged: {_term_text(p)}", p.name)  # fmt: skip
     if p.exit_code == EXIT_BAD_INPUT:
         return Verdict(
             Kind.BAD_INPUT, status.R_BAD_INPUT, f"{who}: bad input: {_term_text(p) or 'exit code 64'}", p.name

@@ -20,6 +20,10 @@ from dreambooth_api.manifest import JobSpec, parse_job
 
 from .reserved import ENV_OWNERS, GPU_RESOURCE, HUB_TOKEN_ENV, VOLUMES
 
+# Pods in one gang unless the chart says otherwise (operator.maxNodes): a typo of 20,000 nodes would otherwise
+# make the operator build and create 20,000 pods.
+DEFAULT_MAX_NODES = 256
+
 # Where the trainer reads and writes: a relative path would resolve inside a pod's throwaway filesystem.
 _PATH_FIELDS = ("output_dir", "instance_data_dir", "class_data_dir")
 
@@ -53,7 +57,7 @@ def _training_field(name: str) -> str:
     return f"spec.training.{to_camel(name)}"
 
 
-def validate(body: dict[str, Any]) -> ValidJob:
+def validate(body: dict[str, Any], max_nodes: int = DEFAULT_MAX_NODES) -> ValidJob:
     """Parse and check a job object (as read from the apiserver), or raise SpecError naming the field."""
     meta = body.get("metadata") or {}
     try:
@@ -63,6 +67,12 @@ def validate(body: dict[str, Any]) -> ValidJob:
         if exc.field in ("apiVersion", "kind", "manifest"):
             field = exc.field
         raise SpecError(field, str(exc).split(": ", 1)[-1]) from None
+    if job.spec.resources.nodes > max_nodes:
+        raise SpecError(
+            "spec.resources.nodes",
+            f"{job.spec.resources.nodes} is above this operator's limit of {max_nodes} pods per gang; use fewer "
+            "nodes, or ask the cluster admin to raise the chart value operator.maxNodes.",
+        )
     check_operator_rules(config)
     check_pod_template(job.spec)
     return ValidJob(

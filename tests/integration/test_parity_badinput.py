@@ -51,8 +51,11 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], list[str], dict[str, str]]]:
                                  ["--instance_data_dir (spec.training.instanceDataDir)", "does not exist"], {}),
         "empty-instance-dir": (["train-lora", *BASE, "--instance_data_dir", str(empty), "--output_dir", out],
                                ["no images in", "--instance_data_dir (spec.training.instanceDataDir)", "add PNG/JPEG/WebP files"], {}),
+        # A damaged image file is named at once (issue 17); with --skip_bad_images the folder holds none.
         "only-non-images": (["train", *BASE, "--instance_data_dir", str(junk), "--output_dir", out],
-                            ["no images in", "notes.txt", "broken.png"], {}),
+                            ["broken.png", "--skip_bad_images"], {}),
+        "only-non-images-skipped": (["train", *BASE, "--instance_data_dir", str(junk), "--output_dir", out,
+                                     "--skip_bad_images"], ["no images in", "notes.txt", "broken.png"], {}),
         "not-a-pipeline": (["train", *BASE, *good, "--pretrained_model_name_or_path", str(not_a_pipeline)],
                            ["--pretrained_model_name_or_path (spec.training.pretrainedModelNameOrPath)",
                             "is not a diffusers Stable Diffusion pipeline", "model_index.json"], {}),

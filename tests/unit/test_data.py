@@ -73,8 +73,11 @@ def test_list_images_sorted_and_skips_non_images_with_warning(tmp_path, caplog):
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     (tmp_path / "subdir").mkdir()
+    # A damaged image file is bad input (issue 17): named, unless --skip_bad_images skips and counts it.
+    with pytest.raises(DataError, match="broken.png.*--skip_bad_images"):
+        list_images(tmp_path)
     with caplog.at_level(logging.WARNING, logger="dreambooth_trainer.data"):
-        images = list_images(tmp_path)
+        images = list_images(tmp_path, skip_bad=True)
     assert [p.name for p in images] == ["img-00.png", "img-01.png", "img-02.png"]
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "notes.txt" in warning and "broken.png" in warning

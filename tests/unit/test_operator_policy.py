@@ -47,6 +47,9 @@ def msg(reason: str, text: str = "", step: int | None = None) -> dict[str, Any]:
 # ----- one pod -> verdict: (pod, expected kind, expected reason) -----
 POD_ROWS = [
     ("exit 64 bad input", exited(0, 64, termination=msg("bad-input", "--instance_data_dir: no images")), Kind.BAD_INPUT, S.R_BAD_INPUT),
+    ("exit 64 non-finite loss: Failed, not retried",
+     exited(0, 64, termination=msg("NonFiniteLoss", "the loss of step 2 is nan: lower learningRate", step=1)),
+     Kind.BAD_INPUT, S.R_NON_FINITE_LOSS),
     ("exit 75 launcher preempted", exited(0, 75), Kind.PREEMPTED, S.R_LAUNCHER_PREEMPTED),
     ("exit 71 GPU OOM", exited(0, 71), Kind.GPU_OOM, S.R_GPU_OOM),
     ("exit 70 crash", exited(0, 70), Kind.FAILED, S.R_CRASH),
@@ -191,6 +194,7 @@ DECISION_ROWS = [
     ("waiting for capacity costs nothing", outcome(Kind.WAITING), Counters(restarts=2), "wait", Counters(restarts=2), ""),
     ("success", outcome(Kind.SUCCEEDED), Counters(), "succeed", Counters(), ""),
     ("bad input fails at once", outcome(Kind.BAD_INPUT, S.R_BAD_INPUT), Counters(), "fail", Counters(), ""),
+    ("a diverged run fails at once", outcome(Kind.BAD_INPUT, S.R_NON_FINITE_LOSS), Counters(), "fail", Counters(), ""),
     ("preemption never costs backoff", outcome(Kind.PREEMPTED, S.R_POD_DELETED), Counters(restarts=2),
      "retry", Counters(restarts=2, preemptions=1, preemptions_without_progress=1), "preemption"),
     ("preemption at the bound is still retried", outcome(Kind.PREEMPTED), Counters(preemptions=2),

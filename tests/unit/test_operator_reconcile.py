@@ -651,3 +651,31 @@ def test_emergency_checkpoint_from_the_termination_message() -> None:
     assert st["lastCheckpoint"]["uri"] == "s3://runs/dog/checkpoint-9"
     assert env.cond("Preempted")["reason"] == S.R_LAUNCHER_PREEMPTED
     assert "emergency checkpoint at step 9" in env.cond("Preempted")["message"]
+
+
+def test_gang_above_max_nodes_fails_naming_the_field_without_pods() -> None:
+    """Issue 17, item 5: 20,000 nodes made every reconcile build 20,000 pods; the chart's bound refuses it."""
+    env = Env(resources={"nodes": 257})
+    st = env.reconcile()
+    assert st["phase"] == "Failed" and env.cond("Failed")["reason"] == S.R_INVALID_SPEC
+    assert "spec.resources.nodes" in st["message"] and "operator.maxNodes" in st["message"]
+    assert env.kube.created_pods == []
+
+
+def test_a_reconcile_builds_only_the_pods_it_creates(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dreambooth_operator import plan as plan_module
+
+    env = Env(resources={"nodes": 50})
+    env.kube.fail_create_of["dog-a1-1"] = 503  # the first operator dies after creating one pod
+    with pytest.raises(ApiError):
+        env.reconcile()
+    built: list[int] = []
+    real = plan_module.build_pod
+    monkeypatch.setattr(
+        plan_module, "build_pod", lambda job, attempt, i, *a: built.append(i) or real(job, attempt, i, *a)
+    )
+    present = {int(p["metadata"]["name"].rsplit("-", 1)[1]) for p in env.kube.job_pods()}
+    assert 1 not in present and len(present) < 50
+    env.reconciler = env.new_reconciler()
+    env.reconcile()
+    assert sorted(built) == sorted(set(range(50)) - present) and len(env.kube.job_pods()) == 50

@@ -122,9 +122,10 @@ CHOICES = {
 }
 
 # Settings that are ours, not the scripts' (each keeps the script's behaviour at its default).
+OURS = {"skip_bad_images": False, "allow_large_resolution": False, "unsafe_shared_output": False}
 EXTENSIONS = {
-    "full": {"cache_latents": False, "expected_preemption_interval_seconds": 3600.0},
-    "lora": {"cache_latents": False, "expected_preemption_interval_seconds": 3600.0, "snr_gamma": None},
+    "full": {"cache_latents": False, "expected_preemption_interval_seconds": 3600.0, **OURS},
+    "lora": {"cache_latents": False, "expected_preemption_interval_seconds": 3600.0, "snr_gamma": None, **OURS},
 }
 
 CASES = [(FullConfig, TRAIN_DREAMBOOTH, "full"), (LoraConfig, TRAIN_DREAMBOOTH_LORA, "lora")]

@@ -47,7 +47,7 @@ def present_class_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     try:
-        return list_images(folder, flag="class_data_dir")
+        return list_images(folder, flag="class_data_dir", skip_bad=True)  # counts the usable ones; the data set judges
     except DataError:
         return []
 

@@ -55,12 +55,40 @@ class DataError(ValueError, BadInputError):
 # ----------------------------------------------------------------------------------------------- images
 
 
-def list_images(folder: Path | str, *, flag: str | None = None) -> list[Path]:
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+def _image_problem(path: Path) -> str | None:
+    """Why an image file cannot be trained on, from its header and size (cheap: no full decode), or None."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            fmt = im.format
+            # verify() checks the file's structure without decoding all pixels (PNG: every chunk's CRC).
+            im.verify()
+    except Image.DecompressionBombError as exc:
+        return f"over Pillow's decompression-bomb limit ({str(exc)[:120]})"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return f"unreadable ({type(exc).__name__}: {str(exc)[:120]})"
+    if width * height > (Image.MAX_IMAGE_PIXELS or math.inf):
+        return f"{width}x{height} pixels, over Pillow's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS}"
+    if fmt == "JPEG":
+        # A JPEG's verify() reads nothing: a cut-off file lacks its end-of-image marker near the end.
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - 4096))
+            if b"\xff\xd9" not in f.read():
+                return "truncated (no JPEG end-of-image marker)"
+    return None
+
+
+def list_images(folder: Path | str, *, flag: str | None = None, skip_bad: bool = False) -> list[Path]:
     """The image files directly in ``folder``, sorted by name.
 
-    Every file is checked by opening it with PIL; files PIL cannot read are skipped with one warning naming
-    them. Raises DataError naming the folder (and ``flag``, the setting that points at it) when the folder is
-    missing or holds no readable image.
+    Every file's header and size are checked now (cheap), so a bad image fails the run before any model loads:
+    an image file (by suffix) that is truncated, unreadable or over the decompression-bomb limit raises DataError
+    naming it, unless ``skip_bad`` (--skip_bad_images) skips and counts it. Other files PIL cannot read are
+    skipped with one warning. A symlink to outside the folder is refused, naming it. Raises DataError naming the
+    folder (and ``flag``, the setting that points at it) when the folder is missing or holds no readable image.
     """
     folder = Path(folder)
     where = f" (set by {flag})" if flag else ""
@@ -71,17 +99,28 @@ def list_images(folder: Path | str, *, flag: str | None = None) -> list[Path]:
 
     images: list[Path] = []
     skipped: list[str] = []
+    bad: list[str] = []
+    inside = folder.resolve()
     # Dotfiles (.DS_Store, our class-image manifest) are never training images: pass over them silently.
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-        try:
-            with Image.open(path) as im:
-                # verify() checks the file's structure without decoding all pixels: cheap enough for
-                # hundreds of images, and it catches truncated files before step 10,000 does.
-                im.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            skipped.append(f"{path.name} ({type(exc).__name__})")
-            continue
-        images.append(path)
+        if path.is_symlink() and not path.resolve().is_relative_to(inside):
+            raise DataError(
+                f"{path}{where} is a symlink to {path.resolve()}, outside the folder: copy the file in instead"
+            )
+        problem = _image_problem(path)
+        if problem is None:
+            images.append(path)
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            if not skip_bad:
+                raise DataError(
+                    f"image {path}{where} is {problem}: replace or remove it, or set --skip_bad_images "
+                    "(spec.training.skipBadImages: true) to skip such files"
+                )
+            bad.append(f"{path.name}: {problem}")
+        else:
+            skipped.append(f"{path.name} ({problem})")
+    if bad:
+        logger.warning("--skip_bad_images: skipping %d bad image(s) in %s: %s", len(bad), folder, "; ".join(bad))
     if skipped:
         logger.warning("skipping %d non-image file(s) in %s: %s", len(skipped), folder, ", ".join(skipped))
     if not images:
@@ -94,14 +133,26 @@ def list_images(folder: Path | str, *, flag: str | None = None) -> list[Path]:
 
 
 def load_image(path: Path | str) -> Image.Image:
-    """Open an image upright (EXIF orientation applied) in RGB, as diffusers' dataset does."""
-    with Image.open(path) as im:
-        image = ImageOps.exif_transpose(im)
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        # Force the decode now, so the file handle can close.
-        image.load()
-        return image
+    """Open an image upright (EXIF orientation applied) in RGB, as diffusers' dataset does.
+
+    One difference: 16-bit grayscale (PIL mode I;16 / I) is scaled to 8 bits first; diffusers' plain
+    convert("RGB") clips it, so such an image trains as white. A file that fails to decode names itself (exit 64).
+    """
+    try:
+        with Image.open(path) as im:
+            image = ImageOps.exif_transpose(im)
+            if image.mode.startswith("I;16") or image.mode == "I":
+                wide = np.asarray(image).astype(np.int64)
+                image = Image.fromarray(((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8), "L")
+            if image.mode != "RGB":
+                image = image.convert("RGB")
+            # Force the decode now, so the file handle can close.
+            image.load()
+            return image
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(
+            f"image {path} cannot be decoded ({type(exc).__name__}: {str(exc)[:200]}): replace or remove it"
+        ) from exc
 
 
 def item_generator(seed: int, epoch: int, index: int, stream: int = 0) -> torch.Generator:
@@ -224,6 +275,7 @@ class DreamBoothDataset(Dataset):
         seed: int = 0,
         random_flip: bool = False,
         interpolation: str = "bilinear",
+        skip_bad_images: bool = False,
     ) -> None:
         if size <= 0:
             raise DataError(f"resolution must be positive, not {size}")
@@ -241,7 +293,9 @@ class DreamBoothDataset(Dataset):
         self.class_prompt_encoder_hidden_states = class_prompt_encoder_hidden_states
 
         self.instance_data_root = Path(instance_data_root)
-        self.instance_images_path = list_images(self.instance_data_root, flag="instance_data_dir")
+        self.instance_images_path = list_images(
+            self.instance_data_root, flag="instance_data_dir", skip_bad=skip_bad_images
+        )
         self.num_instance_images = len(self.instance_images_path)
         self.instance_prompt = instance_prompt
         self._length = self.num_instance_images
@@ -252,7 +306,7 @@ class DreamBoothDataset(Dataset):
         self.class_prompt = class_prompt
         if class_data_root is not None:
             self.class_data_root = Path(class_data_root)
-            self.class_images_path = list_images(self.class_data_root, flag="class_data_dir")
+            self.class_images_path = list_images(self.class_data_root, flag="class_data_dir", skip_bad=skip_bad_images)
             if class_num is not None:
                 if class_num <= 0:
                     raise DataError(f"class_num must be positive, not {class_num}")

@@ -19,7 +19,16 @@ from .modelcard import is_hub_id
 logger = logging.getLogger(__name__)
 
 # Our checkpoint protocol's files stay private to the output prefix: they are training state, not the model.
-UPLOAD_IGNORE = ["checkpoint-*", "checkpoint-*/**", "LATEST", ".owner", "logs/attempt-*/**", "step_*", "epoch_*"]
+UPLOAD_IGNORE = [
+    "checkpoint-*",
+    "checkpoint-*/**",
+    "LATEST",
+    ".owner",
+    ".lock",
+    "logs/attempt-*/**",
+    "step_*",
+    "epoch_*",
+]
 
 
 class HubError(RuntimeError, ExplainedError):

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from dreambooth_api.config import CommonConfig, ConfigError, FullConfig, LoraConfig, config_hash, flag_and_field
-from dreambooth_api.contract import PreemptedError
+from dreambooth_api.contract import NonFiniteLossError, PreemptedError
 
 from . import checkpoint as ckpt
 from . import hub, logs
@@ -187,7 +187,7 @@ class Trainer:
         if acc.is_main_process:
             with naming_field("output_dir"):
                 self.out.check_writable()
-            ckpt.claim_output(self.out, self.env.job_uid)
+            self.claim = ckpt.claim_output(self.out, self.env.job_uid, unsafe_shared=cfg.unsafe_shared_output)
             self.rank_log.start_upload(self.out.uri, log_key)
 
         with acc.local_main_process_first():
@@ -202,7 +202,7 @@ class Trainer:
             )
         self.family.check_model_dir(self.model_dir)
         # A missing or empty instance folder fails now, before any model loads.
-        list_images(self.instance_dir, flag=flag_and_field("instance_data_dir"))
+        list_images(self.instance_dir, flag=flag_and_field("instance_data_dir"), skip_bad=cfg.skip_bad_images)
         # As the scripts do, the Hub repository is made before training: a bad token fails in seconds.
         self.hub_repo = hub.create_hub_repo(cfg) if cfg.push_to_hub and acc.is_main_process else None
 
@@ -386,6 +386,7 @@ class Trainer:
             tokenizer_max_length=cfg.tokenizer_max_length,
             seed=self.run_seed,
             interpolation=cfg.resize_interpolation,
+            skip_bad_images=cfg.skip_bad_images,
         )
         if cfg.cache_latents:
             self.dataset = CachedLatentsDataset(self.dataset, self._encode_latent_parameters)
@@ -556,11 +557,42 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         flag = 1.0 if self.env.stop.is_set() else 0.0
+        # The finite-loss flag rides on the stop vote: the ranks stop on a diverged loss together, at no extra sync.
+        diverged = getattr(self, "_loss_finite", None)
         if self.world == 1:
+            if diverged is not None and not bool(diverged):
+                raise self._diverged("loss")
             return flag > 0
-        t = torch.tensor([flag], device=self.accelerator.device)
+        bad = torch.zeros((), device=self.accelerator.device) if diverged is None else (~diverged).float()
+        t = torch.stack([torch.tensor(flag, device=self.accelerator.device), bad])
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        stop, bad_any = t.tolist()
+        if bad_any > 0:
+            raise self._diverged("loss")
+        return bool(stop > 0)
+
+    def _diverged(self, what: str) -> NonFiniteLossError:
+        step = self.state.global_step
+        last = self.publisher.last_published or (
+            {"step": self.resumed.step, "uri": self.out.url(f"checkpoint-{self.resumed.step}")}
+            if self.resumed
+            else None
+        )
+        stands = f"the last good checkpoint {last['uri']} (step {last['step']}) stands" if last else "nothing was saved"
+        cfg = self.cfg
+        return NonFiniteLossError(
+            step, last["uri"] if last else None,
+            f"the training diverged: the {what} became NaN or infinite by step {step}; nothing of it is published and "
+            f"{stands}. The likely setting: --learning_rate (spec.training.learningRate, now {cfg.learning_rate:g}) "
+            f"is too high{' or fp16 overflowed (try bf16)' if cfg.mixed_precision == 'fp16' else ''}; lower it and "
+            "use a new output dir (or resume from that checkpoint with a lower rate).",
+        )  # fmt: skip
+
+    def _check_weights_finite(self) -> None:
+        """Before anything is published: one device-side reduction over the trained weights, one host sync."""
+        flags = [torch.isfinite(p).all() for p in self.params_to_clip]
+        if flags and not bool(torch.stack(flags).all()):
+            raise self._diverged("trained weights")
 
     def _checkpoint_due(self, step: int) -> bool:
         every = self.cfg.checkpointing_steps
@@ -575,6 +607,7 @@ class Trainer:
     def save_checkpoint(self, *, background: bool) -> None:
         """Snapshot on rank 0; the write and upload happen on a background thread unless asked otherwise."""
         if self.accelerator.is_main_process:
+            self._check_weights_finite()  # the ranks' weights are equal (DDP): rank 0 speaks for all
             t0 = time.monotonic()
             snap = self.snapshot()
             self.publisher.submit(snap, background=background)
@@ -588,6 +621,8 @@ class Trainer:
             mod.train()
         loss_value: float | None = None
         accum_loss = 0.0
+        # All-true while every loss was finite; updated on the device, read only with the per-step stop vote.
+        self._loss_finite = torch.ones((), dtype=torch.bool, device=acc.device)
         test_hooks = hooks()
         oom_step = test_hooks.oom_at(self.rank)
         if self._stop_agreed():
@@ -614,6 +649,7 @@ class Trainer:
                     with acc.autocast():
                         loss = self._micro_step(batch, gen)
                     acc.backward(loss / self.accum)
+                self._loss_finite &= torch.isfinite(loss.detach()).all()
                 accum_loss += loss.detach().item() / self.accum
                 st.micro_in_epoch += 1
                 st.samples_in_epoch += self.batch_size * self.world
@@ -683,6 +719,7 @@ class Trainer:
     def finish(self, loss_value: float | None) -> TrainResult:
         acc = self.accelerator
         acc.wait_for_everyone()
+        self._stop_agreed()  # the last step's loss too: raises on a diverged run before anything is saved
         step = self.state.global_step
         already = (self.resumed is not None and self.resumed.step == step) or self.script_step == step
         if self._checkpoint_due(step) and not already:
@@ -700,6 +737,7 @@ class Trainer:
 
     def _save_final(self) -> None:
         cfg = self.cfg
+        self._check_weights_finite()
         local = self.out.local_root() or (self.scratch / "final")
         local.mkdir(parents=True, exist_ok=True)
         if cfg.method == "lora":
@@ -715,6 +753,7 @@ class Trainer:
             written = [str(p.relative_to(local)) for p in local.rglob("*") if p.is_file() and p not in before]
             written = [w for w in written if not w.startswith("checkpoint-")]
         written.append(self._final_validation_and_card(local))
+        readable_as_umask_allows(local, written)
         if self.out.local_root() is None:
             if self.trackers.active and self.trackers.local_dir.is_relative_to(local):
                 self.trackers.flush()
@@ -740,6 +779,17 @@ class Trainer:
             validation_step=last.step if last else None,
         )  # fmt: skip
         return write_model_card(local, text).name
+
+
+def readable_as_umask_allows(root: Path, files: list[str]) -> None:
+    """safetensors writes its files 0600: the model a run hands over gets the mode any new file gets (0644 under
+    the usual umask 022), so the group that shares the output folder can load it."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for rel in files:
+        path = root / rel
+        if path.is_file():
+            path.chmod(path.stat().st_mode | (0o666 & ~umask))
 
 
 def install_sigterm(env: RunEnv) -> None:
@@ -775,6 +825,9 @@ def run_training(cfg: CommonConfig, env: RunEnv | None = None) -> TrainResult:
         rank_log: logs.RankLog | None = getattr(trainer, "rank_log", None)
         if rank_log is not None:
             rank_log.close(failure)
+        claim: ckpt.Claim | None = getattr(trainer, "claim", None)
+        if claim is not None:
+            claim.release()  # after the log's last upload: the next run may start writing once this returns
         scratch: Scratch | None = getattr(trainer, "scratch", None)
         if scratch is not None:
             scratch.release()

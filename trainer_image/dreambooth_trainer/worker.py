@@ -73,7 +73,7 @@ def write_result(code: int, exc: BaseException | None, step: int | None = None, 
         return
     doc = {
         "exitCode": code,
-        "reason": REASONS.get(code, "Crashed"),
+        "reason": getattr(exc, "reason", None) or REASONS.get(code, "Crashed"),
         "step": getattr(exc, "step", step),
         "checkpointUri": getattr(exc, "checkpoint_uri", uri),
         "message": (str(exc) if exc else "training finished")[:2000],

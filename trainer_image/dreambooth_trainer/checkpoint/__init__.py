@@ -28,7 +28,7 @@ from .layout import (
     write_safetensors,
     write_snapshot,
 )
-from .owner import claim_output
+from .owner import Claim, claim_output
 from .publisher import Publisher
 from .resume import Loaded, choose_resume, verify_and_fetch
 
@@ -45,6 +45,7 @@ __all__ = [
     "TrainState",
     "checkpoint_steps",
     "choose_resume",
+    "Claim",
     "claim_output",
     "cpu_clone",
     "read_latest",

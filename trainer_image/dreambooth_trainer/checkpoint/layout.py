@@ -14,8 +14,8 @@ import re
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -192,8 +192,45 @@ def checkpoint_steps(store: Store) -> list[int]:
 
 
 def read_latest(store: Store) -> int | None:
+    """The step LATEST names, or None when it is missing or garbage: LATEST is advisory (resume lists manifests)."""
     try:
-        m = _CKPT.match(store.read_bytes(LATEST).decode().strip())
+        m = _CKPT.match(store.read_bytes(LATEST).decode("utf-8", "replace").strip())
     except NotFoundError:
         return None
     return int(m.group(1)) if m else None
+
+
+def check_manifest(manifest: Any, name: str) -> dict[str, Any]:
+    """A parsed manifest whose file table can be trusted to drive verification, else CheckpointError (a damaged
+    manifest is a corrupt checkpoint: the run falls back past it instead of crashing on every retry)."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or "trainer_state.json" not in files:
+        raise CheckpointError(f"{name}: {MANIFEST} has no file table listing trainer_state.json")
+    for rel, meta in files.items():
+        parts = PurePosixPath(rel).parts
+        if not rel or rel.startswith("/") or "\\" in rel or ".." in parts:
+            raise CheckpointError(f"{name}: {MANIFEST} lists a path outside the checkpoint: {rel[:200]!r}")
+        size = meta.get("size") if isinstance(meta, dict) else None
+        sha = meta.get("sha256") if isinstance(meta, dict) else None
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(sha, str):
+            raise CheckpointError(f"{name}: {MANIFEST} entry {rel[:200]!r} lacks a size and sha256")
+    return manifest
+
+
+def parse_state(raw: str, name: str) -> TrainState:
+    """trainer_state.json, checked key by key and type by type, else CheckpointError."""
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise TypeError("not a JSON object")
+        state = TrainState(**doc)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{name}: unreadable trainer_state.json ({str(exc)[:200]})") from exc
+    for f in fields(TrainState):
+        value = getattr(state, f.name)
+        want = type(f.default)
+        if type(value) is not want or (want is int and value < 0):
+            raise CheckpointError(
+                f"{name}: trainer_state.json has {f.name}={str(value)[:50]!r}, not a valid {want.__name__}"
+            )
+    return state

@@ -96,7 +96,12 @@ class Publisher:
         }
         self.store.write_bytes(f"{name}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
         latest = read_latest(self.store)
-        if latest is None or latest <= snap.state.global_step:
+        # LATEST is advisory: one naming no complete checkpoint (garbage, or one deleted by hand) is repaired here.
+        if (
+            latest is None
+            or latest <= snap.state.global_step
+            or not self.store.exists(f"checkpoint-{latest}/{MANIFEST}")
+        ):
             self.store.write_bytes(LATEST, f"{name}\n".encode())
         if self.store.local_root() is None:
             shutil.rmtree(staging, ignore_errors=True)

@@ -12,7 +12,7 @@ from typing import Any
 from dreambooth_api.config import ConfigError
 
 from ..storage import NotFoundError, Store
-from .layout import _CKPT, FORMAT, MANIFEST, CheckpointError, TrainState, checkpoint_steps
+from .layout import _CKPT, FORMAT, MANIFEST, CheckpointError, TrainState, check_manifest, checkpoint_steps, parse_state
 from .settings import differences
 
 logger = logging.getLogger(__name__)
@@ -31,9 +31,10 @@ def verify_and_fetch(store: Store, step: int, cache: Path) -> Loaded:
     name = f"checkpoint-{step}"
     try:
         manifest = json.loads(store.read_bytes(f"{name}/{MANIFEST}"))
-    except (NotFoundError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{name}: unreadable manifest ({exc})") from exc
+    except (NotFoundError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise CheckpointError(f"{name}: unreadable manifest ({str(exc)[:200]})") from exc
     check_format(store, name, manifest)
+    check_manifest(manifest, name)
     root = store.local_root()
     folder = (root / name) if root is not None else (cache / name)
     for rel, meta in manifest["files"].items():
@@ -48,7 +49,7 @@ def verify_and_fetch(store: Store, step: int, cache: Path) -> Loaded:
             raise CheckpointError(f"{name}: file {rel} is missing")
         if not _matches(path, meta):
             raise CheckpointError(f"{name}: file {rel} does not match its manifest (size or sha256 differs)")
-    state = TrainState(**json.loads((folder / "trainer_state.json").read_text()))
+    state = parse_state((folder / "trainer_state.json").read_text(errors="replace"), name)
     return Loaded(step, folder, manifest, state)
 
 
@@ -56,7 +57,9 @@ def check_format(store: Store, name: str, manifest: dict[str, Any]) -> None:
     """A checkpoint of a newer format is refused, never skipped: falling back past it would start the run over
     (and later delete it by the total limit). Format 1 manifests written by 0.1.0 carry "format": 1."""
     fmt = manifest.get("format", 1) if isinstance(manifest, dict) else 1
-    if isinstance(fmt, int) and fmt <= FORMAT:
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
+        raise CheckpointError(f"{name}: manifest format {str(fmt)[:50]!r} is not a format number")  # damaged
+    if fmt <= FORMAT:
         return
     from .. import __version__
 

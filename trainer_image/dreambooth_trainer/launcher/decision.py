@@ -23,6 +23,7 @@ from dreambooth_api.contract import (
     EXIT_PREEMPTED,
     MESSAGE_LIMIT,
     REASONS,
+    REFINED_REASONS,
     TERMINATION_LOG,
 )
 
@@ -100,9 +101,12 @@ class Outcome:
     step: int | None = None
     checkpoint_uri: str | None = None
     message: str = ""
+    refined_reason: str | None = None  # e.g. NonFiniteLoss: said by the worker, valid only with its exit code
 
     @property
     def reason(self) -> str:
+        if self.refined_reason and REFINED_REASONS.get(self.refined_reason) == self.code:
+            return self.refined_reason
         return REASONS.get(self.code, "Crashed")
 
     def termination_message(self) -> str:
@@ -218,7 +222,8 @@ def decide(
         message = f"{detail['message']} [{failures}]"
     else:
         message = f"{failures}; see that rank's log"
-    return Outcome(code, detail.get("step"), detail.get("checkpointUri"), message)
+    return Outcome(code, detail.get("step"), detail.get("checkpointUri"), message,
+                   detail.get("reason") if detail.get("exitCode") == code else None)  # fmt: skip
 
 
 def write_termination_message(outcome: Outcome, environ: dict[str, str] | os._Environ[str] | None = None) -> None:

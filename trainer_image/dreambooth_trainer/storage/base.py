@@ -56,6 +56,10 @@ class Store(ABC):
     @abstractmethod
     def write_bytes(self, key: str, data: bytes) -> None: ...
 
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Create `key` only if it does not exist (atomically where the store can); True if this call made it."""
+        raise NotImplementedError
+
     def write_text(self, key: str, text: str, encoding: str = "utf-8") -> None:
         self.write_bytes(key, text.encode(encoding))
 

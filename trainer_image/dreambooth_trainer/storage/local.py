@@ -48,6 +48,20 @@ class LocalStore(Store):
         path = self._path(key)
         self._guard_write(key, lambda: _atomic_write_local(path, lambda fh: fh.write(data)))
 
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+
+        def create() -> bool:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(path, "xb") as fh:  # O_CREAT | O_EXCL
+                    fh.write(data)
+            except FileExistsError:
+                return False
+            return True
+
+        return self._guard_write(key, create)
+
     def _guard_write(self, key: str, fn: Callable[[], T]) -> T:
         try:
             return fn()

@@ -344,6 +344,30 @@ class S3Store(Store):
             self.url(key),
         )
 
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """PUT with If-None-Match: * (AWS S3, MinIO, SeaweedFS): True if this call created the object, False if
+        it existed. A retried PUT whose first try landed also reads False: callers put a nonce in `data`."""
+        full = self._full(key)
+        md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+
+        def put() -> bool:
+            for attempt in range(8):
+                try:
+                    self.client.put_object(Bucket=self.bucket, Key=full, Body=data, ContentMD5=md5, IfNoneMatch="*")
+                    return True
+                except Exception as exc:
+                    err = _client_error(exc)
+                    code, status = _error_code(err) if err is not None else ("", 0)
+                    if status == 412 or code == "PreconditionFailed":
+                        return False
+                    if (status == 409 or code == "ConditionalRequestConflict") and attempt < 7:
+                        time.sleep(0.05 * (attempt + 1))  # AWS: a concurrent conditional write in flight
+                        continue
+                    raise
+            return False
+
+        return self._retry(put, self.url(key))
+
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         full_prefix = self._full_prefix(prefix)
         root = self.prefix + "/" if self.prefix else ""
