@@ -264,7 +264,6 @@ class LoraConfig(CommonConfig):
         return self.image_interpolation_mode
 
 
-TrainingConfig = FullConfig | LoraConfig
 MODELS: dict[str, type[CommonConfig]] = {"full": FullConfig, "lora": LoraConfig}
 IF_ONLY_FIELDS = ("validation_images", "class_labels_conditioning")
 
