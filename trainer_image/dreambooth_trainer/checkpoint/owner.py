@@ -5,8 +5,9 @@
   NFS locking depends on the server (and its lock daemon).
 - ``s3://``: a conditional create (``If-None-Match: *``) decides, never a read-then-write. A job (the operator
   sets its UID) claims ``.owner`` for good: its later attempts pass, another job is refused. A run without a job
-  UID (``dreambooth train``) creates ``.lock`` and deletes it when it ends; one killed with SIGKILL leaves it,
-  and the next run says which file to delete. The server is probed once per run: one that ignores the header is
+  UID (``dreambooth train``) creates ``.lock`` and deletes it when it ends; one killed with SIGKILL leaves it:
+  a run on the same host finds its process gone and takes the lock over (re-running the same command resumes);
+  from another host the next run says which file to delete. The server is probed once per run: one that ignores the header is
   refused (exit 64, naming the endpoint) unless ``--unsafe_shared_output``.
 
 Neither record is a security boundary: anyone who can write the prefix can delete them.
@@ -18,6 +19,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -107,6 +109,12 @@ def _claim_s3(store: Store, job_uid: str, unsafe_shared: bool) -> Claim:
             continue  # released between our create and read: try again
         if holder == me:  # our own PUT landed and its retry read 412
             return Claim(store, lock_key=LOCK, token=me)
+        if _dead_here(holder):
+            # Killed (SIGKILL, OOM) on this very machine: re-running the same command must resume, as it does for
+            # a local folder whose flock died with the process.
+            logger.warning("removing %s of a run that is gone (%s)", store.url(LOCK), holder.strip()[:200])
+            store.delete(LOCK)
+            continue
         raise _in_use(
             store,
             holder,
@@ -114,6 +122,20 @@ def _claim_s3(store: Store, job_uid: str, unsafe_shared: bool) -> Claim:
             f"{store.url(LOCK)}.",
         )
     raise _in_use(store, "runs that keep starting and ending", "try again.")
+
+
+def _dead_here(holder: str) -> bool:
+    """The lock names a process on this host that no longer exists (a PID reused since reads as alive: refused)."""
+    m = re.search(r"pid (\d+) on (\S+), since", holder)
+    if not m or m.group(2) != socket.gethostname():
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _check_job_owner(store: Store, job_uid: str, *, local: bool) -> None:
