@@ -86,8 +86,13 @@ def _run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def test_each_bad_input_exits_64_naming_the_setting_before_any_work(tmp_path: Path) -> None:
-    cases = _cases(tmp_path)
-    # Each case is its own process; two at a time keeps the wall time down on a 2-core machine.
+    out = str(tmp_path / "out")
+    # Each case is its own process, with an output of its own: two runs never share one (one writer per output);
+    # two at a time keeps the wall time down on a 2-core machine.
+    cases = {
+        name: ([f"{a}-{name}" if a == out else a for a in argv], needles, env)
+        for name, (argv, needles, env) in _cases(tmp_path).items()
+    }
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = dict(zip(cases, pool.map(lambda c: _run(c[0], c[2]), cases.values()), strict=True))
     failures = []
@@ -101,7 +106,7 @@ def test_each_bad_input_exits_64_naming_the_setting_before_any_work(tmp_path: Pa
         if problems:
             failures.append(f"{name}: {'; '.join(problems)}\n    stderr tail: {err[-600:]!r}")
     assert not failures, "\n".join(failures)
-    assert not (tmp_path / "out" / "model_index.json").exists()
+    assert not [p for p in tmp_path.glob("out-*/model_index.json")]
 
 
 def test_non_image_files_are_skipped_with_a_warning_when_images_remain(tmp_path: Path) -> None:
