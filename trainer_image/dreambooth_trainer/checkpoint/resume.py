@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Any
 from dreambooth_api.config import ConfigError
 
 from ..storage import NotFoundError, Store
+from ..storage.localfs import file_sha256
 from .layout import _CKPT, FORMAT, MANIFEST, CheckpointError, TrainState, check_manifest, checkpoint_steps, parse_state
 from .settings import differences
 
@@ -74,11 +74,7 @@ def check_format(store: Store, name: str, manifest: dict[str, Any]) -> None:
 def _matches(path: Path, meta: dict[str, Any]) -> bool:
     if not path.exists() or path.stat().st_size != meta["size"]:
         return False
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
-    return sha.hexdigest() == meta["sha256"]
+    return file_sha256(path) == meta["sha256"]
 
 
 def choose_resume(
