@@ -23,6 +23,7 @@ class Settings:
     backoff_base_seconds: int = 10
     cluster_domain: str = "cluster.local"
     max_nodes: int = 256
+    image_pull_timeout_seconds: int = 300
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -36,6 +37,7 @@ class Settings:
             backoff_base_seconds=int(env.get("DREAMBOOTH_BACKOFF_BASE_SECONDS", "10")),
             cluster_domain=env.get("DREAMBOOTH_CLUSTER_DOMAIN", "cluster.local"),
             max_nodes=int(env.get("DREAMBOOTH_MAX_NODES", "256")),
+            image_pull_timeout_seconds=int(env.get("DREAMBOOTH_IMAGE_PULL_TIMEOUT_SECONDS", "300")),
         )
 
 
@@ -45,7 +47,8 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] = os.environ) -> S
         prog="dreambooth operator",
         description="Run the DreamBoothJob operator. Flags override the environment (DREAMBOOTH_OPERATOR_NAMESPACES, "
         "LOG_LEVEL, METRICS_PORT, DREAMBOOTH_OPERATOR_WORKERS, DREAMBOOTH_OPERATOR_RESYNC_SECONDS, "
-        "DREAMBOOTH_BACKOFF_BASE_SECONDS, DREAMBOOTH_CLUSTER_DOMAIN, DREAMBOOTH_MAX_NODES).",
+        "DREAMBOOTH_BACKOFF_BASE_SECONDS, DREAMBOOTH_CLUSTER_DOMAIN, DREAMBOOTH_MAX_NODES, "
+        "DREAMBOOTH_IMAGE_PULL_TIMEOUT_SECONDS).",
     )
     parser.add_argument("-n", "--namespace", action="append", dest="namespaces",
                         help="watch this namespace (repeatable); default: all namespaces")  # fmt: skip
@@ -63,6 +66,7 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] = os.environ) -> S
         backoff_base_seconds=base.backoff_base_seconds,
         cluster_domain=base.cluster_domain,
         max_nodes=base.max_nodes,
+        image_pull_timeout_seconds=base.image_pull_timeout_seconds,
     )
 
 
@@ -85,7 +89,10 @@ async def serve(settings: Settings) -> None:
     io_threads = 2 * settings.workers
     kube = Kube.from_environment(on_request=metrics.api_request, connections=settings.workers + io_threads + 4)
     opts = PlanOptions(
-        BuildOptions(cluster_domain=settings.cluster_domain), settings.backoff_base_seconds, settings.max_nodes
+        BuildOptions(cluster_domain=settings.cluster_domain),
+        settings.backoff_base_seconds,
+        settings.max_nodes,
+        settings.image_pull_timeout_seconds,
     )
     cache = Informer()
     reconciler = Reconciler(kube, opts, metrics=metrics, background_events=True, cache=cache, io_threads=io_threads)

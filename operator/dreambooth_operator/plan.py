@@ -87,6 +87,7 @@ class PlanOptions:
     build: BuildOptions = field(default_factory=BuildOptions)
     backoff_base_seconds: int = 10
     max_nodes: int = DEFAULT_MAX_NODES
+    image_pull_timeout_seconds: int = policy.DEFAULT_IMAGE_PULL_TIMEOUT_SECONDS
 
 
 def pod_attempt(pod: dict[str, Any]) -> int:
@@ -373,6 +374,7 @@ class _Planner:
             run_policy.scheduling_timeout_seconds,
             run_policy.progress_deadline_seconds,
             status.parse_time(job_status.last_progress_time),
+            self.opts.image_pull_timeout_seconds,
         )
         verdict = policy.classify(views, expected, True, self.now, timing)
         decision = policy.apply_run_policy(verdict, self._counters(), run_policy, self.opts.backoff_base_seconds)

@@ -30,6 +30,10 @@ NODE_LOST_REASONS = frozenset({"NodeLost"})
 NODE_LOST_AFTER_SECONDS = 60
 # Containers that cannot start for a reason no retry fixes.
 FATAL_WAITING = frozenset({"InvalidImageName", "ErrImageNeverPull"})
+# A pull that fails may be a registry hiccup (the kubelet retries it): the job gives up only after the pod has
+# failed to pull for Timing.image_pull_timeout since it was scheduled.
+PULL_FAILING = frozenset({"ErrImagePull", "ImagePullBackOff"})
+DEFAULT_IMAGE_PULL_TIMEOUT_SECONDS = 300
 # A crash while peers still run may be the echo of a preemption a peer has yet to report: wait this long for it.
 CRASH_SETTLE_SECONDS = 20
 # Consecutive preemptions with no new durable checkpoint before the job gives up (a loop that never advances).
@@ -63,6 +67,7 @@ class PodView:
     deleting: bool = False
     deletion_deadline: datetime | None = None
     created: datetime | None = None
+    scheduled_at: datetime | None = None
     exit_code: int | None = None
     terminated_reason: str | None = None
     finished_at: datetime | None = None
@@ -157,6 +162,8 @@ def observe_pod(pod: dict[str, Any], index_label: str) -> PodView:
         view["disruption_reason"] = disruption.get("reason") or ""
         view["disruption_message"] = disruption.get("message") or ""
     scheduled = conds.get("PodScheduled")
+    if scheduled and scheduled.get("status") == "True":
+        view["scheduled_at"] = _time(scheduled.get("lastTransitionTime"))
     if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
         view["unschedulable"] = scheduled.get("message") or "no node fits the pod"
     for cs in pod_status.get("containerStatuses") or []:
@@ -274,6 +281,7 @@ class Timing:
     scheduling_timeout: int
     progress_deadline: int
     last_progress: datetime | None = None
+    image_pull_timeout: int = DEFAULT_IMAGE_PULL_TIMEOUT_SECONDS
 
 
 def _strongest(verdicts: list[Verdict], finished: dict[str, datetime]) -> Verdict:
@@ -304,6 +312,9 @@ def classify(pods: list[PodView], expected: int, gang_created: bool, now: dateti
                 return Verdict(Kind.RUNNING, status.R_ALL_PODS_RUNNING,
                                f"{top.message}; waiting up to {CRASH_SETTLE_SECONDS} s for its peers' reasons.")  # fmt: skip
         return top
+    pull_failed = _image_pull_given_up(list(by_index.values()), now, timing.image_pull_timeout)
+    if pull_failed is not None:
+        return pull_failed
     if len(by_index) == expected and all(p.phase == "Succeeded" for p in by_index.values()):
         return Verdict(Kind.SUCCEEDED, status.R_COMPLETED, "all pods completed.")
     created = [p.created for p in by_index.values() if p.created]
@@ -330,6 +341,23 @@ def classify(pods: list[PodView], expected: int, gang_created: bool, now: dateti
                        f"no step progress for more than progressDeadlineSeconds ({timing.progress_deadline} s): "
                        "the gang looks hung.")  # fmt: skip
     return Verdict(Kind.RUNNING, status.R_ALL_PODS_RUNNING, f"all {expected} pods running.")
+
+
+def _image_pull_given_up(pods: list[PodView], now: datetime, timeout: int) -> Verdict | None:
+    """A pod whose image has failed to pull for ``timeout`` seconds since it was scheduled: a reference that does
+    not exist (or a registry the nodes cannot reach) is named and the job fails, instead of waiting forever."""
+    for p in pods:
+        since = p.scheduled_at or p.created
+        if p.waiting_reason in PULL_FAILING and since is not None and (now - since).total_seconds() > timeout:
+            return Verdict(
+                Kind.BAD_INPUT,
+                status.R_IMAGE_PULL,
+                f"pod {p.name} could not pull its image for {timeout} s ({p.waiting_reason}: {p.waiting_message}). "
+                "Check spec.resources.image: the repository and tag (or digest) must exist in the registry and the "
+                "nodes must reach it; a private registry needs spec.podTemplate.imagePullSecrets.",
+                p.name,
+            )
+    return None
 
 
 def _pending_detail(p: PodView) -> str:

@@ -17,4 +17,4 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from k8s_harness.fixtures import cluster, namespace, pytest_terminal_summary  # noqa: E402, F401
-from operator_support import jobs, operator  # noqa: E402, F401
+from operator_support import jobs, operator, released, storage, trainer_image  # noqa: E402, F401

@@ -8,6 +8,7 @@ Import as ``operator_support`` with ``tests/cluster`` on ``sys.path`` (pytest pu
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -21,10 +22,12 @@ from typing import Any
 
 import pytest
 import requests
-from k8s_harness import ApiError, Cluster, wait_until
+from k8s_harness import ApiError, Cluster, tools, wait_until
 from k8s_harness.util import WaitAbort, free_port
 
 GROUP_PATH = "/apis/dreambooth.dev/v1alpha1"
+REPO = Path(__file__).resolve().parents[2]
+DOG = REPO / "examples" / "data" / "dog"
 IMAGE = "host.invalid/python:local"
 # Shortened clocks for tests: the operator retries after 1 s, 2 s ... and re-reads every job every 2 s.
 TEST_TIMINGS = {"DREAMBOOTH_BACKOFF_BASE_SECONDS": "1", "DREAMBOOTH_OPERATOR_RESYNC_SECONDS": "2"}
@@ -318,6 +321,51 @@ class Jobs:
                 logs += f"\n----- {pod['metadata']['name']} log (tail) -----\n{tail}"
         return (f"{headline}\nstatus: {json.dumps(self.status(name), indent=1)}\npods: {pods}\nevents:\n  "
                 + "\n  ".join(events) + f"\noperator log:\n{op}{logs}")  # fmt: skip
+
+
+@pytest.fixture
+def storage(cluster: Cluster, namespace: str, s3: Any, bucket: str) -> dict[str, Any]:
+    """The test's bucket, reachable from pods, with the dog images in it and a credentials Secret."""
+    cluster.expose_host_port(s3.s3_port)
+    from dreambooth_trainer.tiny import ensure_tiny_model
+
+    client = s3.client()
+    for image in sorted(DOG.iterdir()):
+        client.upload_file(str(image), bucket, f"data/dog/{image.name}")
+    # The model comes from S3 like a real one (each pod syncs it down). tiny:// would make it in each pod, and
+    # on a non-zero global rank that currently writes no weights (transformers' save_pretrained skips them).
+    model = ensure_tiny_model()
+    for f in sorted(p for p in model.rglob("*") if p.is_file()):
+        client.upload_file(str(f), bucket, f"models/tiny/{f.relative_to(model)}")
+    cluster.kube_api.create(f"/api/v1/namespaces/{namespace}/secrets", {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
+        "data": {"AWS_ACCESS_KEY_ID": base64.b64encode(s3.access_key.encode()).decode(),
+                 "AWS_SECRET_ACCESS_KEY": base64.b64encode(s3.secret_key.encode()).decode()},
+    })  # fmt: skip
+    return {
+        "spec": {"endpoint": f"http://{cluster.host_ip}:{s3.s3_port}", "region": s3.region, "pathStyle": True,
+                 "credentialsSecret": "s3-creds"},
+        "bucket": bucket,
+        "client": client,
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def released(registry: Any) -> Any:
+    """What a team pulls: scripts/release.sh run once per session into the tests' registry — the operator image,
+    the CPU trainer image and the chart (``images.Released``: name -> reference, digest). Built from the
+    packaging tier's cached layers, so a warm machine only pushes."""
+    import images  # tests/ is on sys.path (tests/conftest.py)
+
+    rel = images.release(images.buildah_or_skip(), registry.host, tools.tool_path("helm"))
+    assert {"operator", "trainer-cpu", "chart"} <= set(rel.refs), rel.output
+    return rel
+
+
+@pytest.fixture(scope="session")
+def trainer_image(released: Any) -> str:
+    """The released CPU trainer image, pinned by digest (what the operator's e2e jobs run)."""
+    return released.pinned("trainer-cpu")
 
 
 @pytest.fixture

@@ -1,4 +1,6 @@
 """The operator with the real trainer: 2 pods x 1 process (gloo) on the tiny model, data and output on SeaweedFS.
+The pods run the released CPU trainer image, pulled from the tests' registry (its /opt/venv, UID 1000, ENTRYPOINT
+and a memory limit enforced), not this machine's files.
 
 A pod deleted mid-run (and a node lost) must cost no exactness: the resumed gang ends with weights bit-identical
 to an uninterrupted run, counted as one preemption and no restart.
@@ -6,7 +8,6 @@ to an uninterrupted run, counted as one preemption and no restart.
 
 from __future__ import annotations
 
-import base64
 import importlib.util
 import time
 from pathlib import Path
@@ -25,39 +26,13 @@ pytestmark = [
     ),
 ]
 REPO = Path(__file__).resolve().parents[2]
-DOG = REPO / "examples" / "data" / "dog"
 STEPS = 8
 WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
-@pytest.fixture
-def storage(cluster: Cluster, namespace: str, s3: Any, bucket: str) -> dict[str, Any]:
-    """The test's bucket, reachable from pods, with the dog images in it and a credentials Secret."""
-    cluster.expose_host_port(s3.s3_port)
-    from dreambooth_trainer.tiny import ensure_tiny_model
-
-    client = s3.client()
-    for image in sorted(DOG.iterdir()):
-        client.upload_file(str(image), bucket, f"data/dog/{image.name}")
-    # The model comes from S3 like a real one (each pod syncs it down). tiny:// would make it in each pod, and
-    # on a non-zero global rank that currently writes no weights (transformers' save_pretrained skips them).
-    model = ensure_tiny_model()
-    for f in sorted(p for p in model.rglob("*") if p.is_file()):
-        client.upload_file(str(f), bucket, f"models/tiny/{f.relative_to(model)}")
-    cluster.kube_api.create(f"/api/v1/namespaces/{namespace}/secrets", {
-        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
-        "data": {"AWS_ACCESS_KEY_ID": base64.b64encode(s3.access_key.encode()).decode(),
-                 "AWS_SECRET_ACCESS_KEY": base64.b64encode(s3.secret_key.encode()).decode()},
-    })  # fmt: skip
-    return {
-        "spec": {"endpoint": f"http://{cluster.host_ip}:{s3.s3_port}", "region": s3.region, "pathStyle": True,
-                 "credentialsSecret": "s3-creds"},
-        "bucket": bucket,
-        "client": client,
-    }  # fmt: skip
-
-
-def real_job(name: str, storage: dict[str, Any], *, step_delay: float = 0.0, nodes: int = 2) -> dict[str, Any]:
+def real_job(
+    name: str, storage: dict[str, Any], image: str, *, step_delay: float = 0.0, nodes: int = 2
+) -> dict[str, Any]:
     bucket = storage["bucket"]
     env = {"MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if step_delay:
@@ -81,7 +56,10 @@ def real_job(name: str, storage: dict[str, Any], *, step_delay: float = 0.0, nod
         name,
         training,
         nodes=nodes,
-        requests_={"cpu": "500m", "memory": "512Mi", "ephemeral-storage": "1Gi"},
+        requests_={"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "1Gi"},
+        # Enforced (cgroup v1): torch, diffusers and the tiny model take ~1 GiB per pod; an undersized limit is a
+        # real OOMKilled here.
+        resources={"image": image, "limits": {"memory": "3Gi"}},
         pod_template={"env": [{"name": k, "value": v} for k, v in env.items()]},
         run_policy={
             "terminationGracePeriodSeconds": 60,
@@ -111,11 +89,11 @@ def _assert_identical(a: dict[str, Any], b: dict[str, Any]) -> None:
 _REFERENCE: dict[str, Any] = {}
 
 
-def reference_weights(jobs: Jobs, storage: dict[str, Any], scratch: Path) -> dict[str, Any]:
+def reference_weights(jobs: Jobs, storage: dict[str, Any], image: str, scratch: Path) -> dict[str, Any]:
     """The final weights of an uninterrupted run of real_job, trained once per test session (the math does not
     depend on the job's name, namespace or bucket, so every test compares against the same run)."""
     if "weights" not in _REFERENCE:
-        jobs.create(real_job("base", storage))
+        jobs.create(real_job("base", storage, image))
         jobs.wait_phase("base", "Succeeded", 600)
         _REFERENCE["weights"] = final_weights(storage, "base", scratch)
     return _REFERENCE["weights"]
@@ -127,8 +105,10 @@ def latest_checkpoint(storage: dict[str, Any], name: str) -> str:
     return obj["Body"].read().decode().strip()
 
 
-def test_real_trainer_happy_path_fills_every_status_field(jobs: Jobs, storage: dict[str, Any], tmp_path: Path) -> None:
-    jobs.create(real_job("dog", storage, step_delay=1.5))
+def test_real_trainer_happy_path_fills_every_status_field(
+    jobs: Jobs, storage: dict[str, Any], tmp_path: Path, trainer_image: str
+) -> None:
+    jobs.create(real_job("dog", storage, trainer_image, step_delay=1.5))
     jobs.wait_phase("dog", "Running", 120)
     st = jobs.wait("dog", lambda s: (s.get("step") or 0) >= 1 and s.get("loss") is not None, 180, "progress")
     assert st["maxSteps"] == STEPS and st["stepsPerSecond"] and st["eta"] is not None
@@ -149,11 +129,11 @@ def test_real_trainer_happy_path_fills_every_status_field(jobs: Jobs, storage: d
 
 @pytest.mark.parametrize("how", ["pod-deleted", "disruption-target"])
 def test_preempted_pod_resumes_bit_identical(
-    how: str, jobs: Jobs, cluster: Cluster, storage: dict[str, Any], tmp_path: Path
+    how: str, jobs: Jobs, cluster: Cluster, storage: dict[str, Any], tmp_path: Path, trainer_image: str
 ) -> None:
-    reference = reference_weights(jobs, storage, tmp_path / "base")
+    reference = reference_weights(jobs, storage, trainer_image, tmp_path / "base")
 
-    jobs.create(real_job("pre", storage, step_delay=1.5))
+    jobs.create(real_job("pre", storage, trainer_image, step_delay=1.5))
     jobs.wait("pre", lambda s: (s.get("step") or 0) >= 3, 300, "step 3")
     if how == "pod-deleted":
         cluster.kube_api.delete(f"/api/v1/namespaces/{jobs.ns}/pods/pre-a1-1")
@@ -169,11 +149,11 @@ def test_preempted_pod_resumes_bit_identical(
 
 
 def test_node_loss_resumes_from_the_periodic_checkpoint_bit_identical(
-    jobs: Jobs, cluster: Cluster, storage: dict[str, Any], tmp_path: Path
+    jobs: Jobs, cluster: Cluster, storage: dict[str, Any], tmp_path: Path, trainer_image: str
 ) -> None:
-    reference = reference_weights(jobs, storage, tmp_path / "base")
+    reference = reference_weights(jobs, storage, trainer_image, tmp_path / "base")
 
-    jobs.create(real_job("lost", storage, step_delay=2.0))
+    jobs.create(real_job("lost", storage, trainer_image, step_delay=2.0))
     jobs.wait("lost", lambda s: (s.get("lastCheckpoint") or {}).get("step", 0) >= 2, 300, "a periodic checkpoint")
     node = jobs.pods("lost")[1]["spec"]["nodeName"]
     cluster.node_lost(node)  # SIGKILL, no emergency checkpoint: the periodic one is the floor
@@ -187,11 +167,11 @@ def test_node_loss_resumes_from_the_periodic_checkpoint_bit_identical(
 
 
 def test_operator_restart_then_suspend_and_resume_bit_identical(
-    jobs: Jobs, operator: OperatorProcess, storage: dict[str, Any], tmp_path: Path
+    jobs: Jobs, operator: OperatorProcess, storage: dict[str, Any], tmp_path: Path, trainer_image: str
 ) -> None:
-    reference = reference_weights(jobs, storage, tmp_path / "base")
+    reference = reference_weights(jobs, storage, trainer_image, tmp_path / "base")
 
-    jobs.create(real_job("sus", storage, step_delay=2.5))
+    jobs.create(real_job("sus", storage, trainer_image, step_delay=2.5))
     seen = jobs.wait("sus", lambda s: (s.get("step") or 0) >= 1, 300, "step 1")["step"]
     operator.kill()  # a crash mid-run: the gang keeps training, the new operator must adopt it
     time.sleep(2)
@@ -217,8 +197,8 @@ def test_operator_restart_then_suspend_and_resume_bit_identical(
     _assert_identical(final_weights(storage, "sus", tmp_path / "sus"), reference)
 
 
-def test_bad_input_fails_at_once_naming_the_field(jobs: Jobs, storage: dict[str, Any]) -> None:
-    job = real_job("empty", storage)
+def test_bad_input_fails_at_once_naming_the_field(jobs: Jobs, storage: dict[str, Any], trainer_image: str) -> None:
+    job = real_job("empty", storage, trainer_image)
     job["spec"]["training"]["instanceDataDir"] = f"s3://{storage['bucket']}/data/nothing-here/"
     jobs.create(job)
     st = jobs.wait_phase("empty", "Failed", 300)

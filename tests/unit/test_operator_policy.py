@@ -124,8 +124,17 @@ GANG_ROWS = [
      Kind.FAILED, S.R_SCHEDULING_TIMEOUT),
     ("pending (pulling)", [running(0), PodView(name="p1", index=1, created=ago(10), waiting_reason="ContainerCreating")],
      Kind.STARTING, S.R_SCHEDULED),
-    ("pending past the timeout", [PodView(name="p0", index=0, created=ago(700), waiting_reason="ImagePullBackOff"), running(1)],
+    ("pending past the timeout", [PodView(name="p0", index=0, created=ago(700), waiting_reason="ContainerCreating"), running(1)],
      Kind.FAILED, S.R_SCHEDULING_TIMEOUT),
+    ("image pull failing, within its timeout", [running(0), PodView(name="p1", index=1, created=ago(200), scheduled_at=ago(200),
+                                                                    waiting_reason="ImagePullBackOff")],
+     Kind.STARTING, S.R_SCHEDULED),
+    ("image pull failing past its timeout", [running(0), PodView(name="p1", index=1, created=ago(301), scheduled_at=ago(301),
+                                                                 waiting_reason="ErrImagePull")],
+     Kind.BAD_INPUT, S.R_IMAGE_PULL),
+    ("long unschedulable, then a pull failing briefly", [running(0), PodView(name="p1", index=1, created=ago(500),
+                                                                             scheduled_at=ago(30), waiting_reason="ErrImagePull")],
+     Kind.STARTING, S.R_SCHEDULED),
 ]  # fmt: skip
 
 
@@ -297,3 +306,16 @@ def test_observe_pod_from_the_api() -> None:
     assert (
         log_tail.termination is None and "boom" in (pod_verdict(log_tail, NOW) or policy.Verdict(Kind.RUNNING)).message
     )
+
+
+def test_a_missing_image_names_the_reference_and_the_fix() -> None:
+    pull = PodView(name="j-a1-0", index=0, created=ago(40), scheduled_at=ago(40), waiting_reason="ImagePullBackOff",
+                   waiting_message='Back-off pulling image "reg.example/trainer:nope": manifest unknown')  # fmt: skip
+    quick = Timing(600, 900, image_pull_timeout=30)
+    outcome = classify([pull], 1, True, NOW, quick)
+    assert (outcome.kind, outcome.reason) == (Kind.BAD_INPUT, S.R_IMAGE_PULL)
+    assert "reg.example/trainer:nope" in outcome.message and "spec.resources.image" in outcome.message
+    assert "imagePullSecrets" in outcome.message
+    # Not retried: bad input ends the job whatever the backoff limit.
+    decision = apply_run_policy(outcome, Counters(), RunPolicy(backoffLimit=5), 10)
+    assert decision.action == "fail", decision

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from typing import Any
 from . import oci
 from .dns import ClusterDNS, DnsRecords
 from .images import Image, ImageStore, PullError, container_argv, image_env, resolve_user
-from .netns import PodNet, PodNetwork
+from .netns import PodNet, PodNetwork, add_service_dnat
 from .rest import ApiError, Kube
 from .util import expand, now_micro, now_rfc3339, parse_quantity, quantity_ceil_div
 
@@ -60,6 +61,12 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Every other reference is pulled from its registry and run by runc; nothing falls back silently.
 HOST_PROCESS_REGISTRY = "host.invalid"
 # Image pull back-off: as the kubelet's 10 s doubling to 5 min, scaled down for tests.
+# Where a pod finds its ServiceAccount's credentials, as every kubelet mounts them (client libraries' in-cluster
+# config reads exactly these three files).
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+# Bound tokens of projected volumes live ~1 h on a real node and are refreshed there; pods here are short-lived,
+# so one token per container start, valid for a day, stands in for the refresh.
+SERVICE_ACCOUNT_TOKEN_SECONDS = 86400
 PULL_BACKOFF_START = 2.0
 PULL_BACKOFF_MAX = 20.0
 
@@ -728,6 +735,7 @@ class PodWorker(threading.Thread):
         """The container's environment on top of ``base`` (an image's ENV), else on the host-process defaults."""
         if base is not None:
             env = dict(base)
+            env.update(self._service_env())
         else:
             env = {
                 "PATH": f"{self.k.venv_bin}:{DEFAULT_PATH}",
@@ -741,6 +749,7 @@ class PodWorker(threading.Thread):
                 env["TMPDIR"] = str(self.dir / "tmp")
             if uid == 0 and not self.k.private_root:
                 env["HOME"] = str(self.dir / "home")
+            env.update(self._service_env())
         for ef in c.get("envFrom") or []:
             prefix = ef.get("prefix", "")
             ref = ef.get("configMapRef") or ef.get("secretRef")
@@ -779,6 +788,59 @@ class PodWorker(threading.Thread):
             if value is not None:
                 env[name] = value
         return env
+
+    def _service_env(self) -> dict[str, str]:
+        """The ``kubernetes`` Service's variables a kubelet gives every container (in-cluster config reads
+        KUBERNETES_SERVICE_HOST/PORT); only where the pod has a network that reaches the Service address."""
+        vip = self.k.kubernetes_service
+        if self.net is None or vip is None:
+            return {}
+        ip, port = vip
+        url = f"tcp://{ip}:{port}"
+        return {
+            "KUBERNETES_SERVICE_HOST": ip,
+            "KUBERNETES_SERVICE_PORT": str(port),
+            "KUBERNETES_SERVICE_PORT_HTTPS": str(port),
+            "KUBERNETES_PORT": url,
+            f"KUBERNETES_PORT_{port}_TCP": url,
+            f"KUBERNETES_PORT_{port}_TCP_PROTO": "tcp",
+            f"KUBERNETES_PORT_{port}_TCP_PORT": str(port),
+            f"KUBERNETES_PORT_{port}_TCP_ADDR": ip,
+        }
+
+    def _service_account_files(self) -> Path | None:
+        """token, ca.crt and namespace of the pod's ServiceAccount in a folder (what a kubelet projects into
+        ``kube-api-access-*``), or None when the pod or its ServiceAccount opts out of automounting."""
+        sa = self.spec.get("serviceAccountName") or self.spec.get("serviceAccount") or "default"
+        automount = self.spec.get("automountServiceAccountToken")
+        try:
+            account = self.kube.get(f"/api/v1/namespaces/{self.ns}/serviceaccounts/{sa}")
+        except ApiError as e:
+            if e.status == 404:
+                # Without the ServiceAccount admission plugin the apiserver accepts such a pod; a kubelet could
+                # not mint its token either, so the pod waits (the account may still be created).
+                raise PodSetupPending("CreateContainerConfigError", f'serviceaccount "{sa}" not found') from e
+            raise
+        if automount is None:
+            automount = account.get("automountServiceAccountToken")
+        if automount is False:
+            return None
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {
+                "expirationSeconds": SERVICE_ACCOUNT_TOKEN_SECONDS,
+                "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": self.name, "uid": self.uid},
+            },
+        }
+        tr = self.kube.create(f"/api/v1/namespaces/{self.ns}/serviceaccounts/{sa}/token", body)
+        out = self.dir / "serviceaccount"
+        out.mkdir(exist_ok=True)
+        out.chmod(0o755)
+        self._write_file(out / "token", tr["status"]["token"].encode(), 0o644)
+        self._write_file(out / "ca.crt", Path(self.kube.ca_file).read_bytes(), 0o644)
+        self._write_file(out / "namespace", self.ns.encode(), 0o644)
+        return out
 
     # ---------------------------------------------------------------- start one container
     def _start(self, c: Container) -> None:
@@ -942,6 +1004,10 @@ class PodWorker(threading.Thread):
         for vm in spec.get("volumeMounts") or []:
             src = _mount_source(vm, vols, env)
             mounts.append(oci.bind(str(src), vm["mountPath"], bool(vm.get("readOnly"))))
+        if not any(vm["mountPath"].rstrip("/") == SERVICE_ACCOUNT_DIR for vm in spec.get("volumeMounts") or []):
+            sa_dir = self._service_account_files()
+            if sa_dir is not None:
+                mounts.append(oci.bind(str(sa_dir), SERVICE_ACCOUNT_DIR, True))
         c.term_path.write_bytes(b"")
         c.term_path.chmod(0o666)
         mounts.append(oci.bind(str(c.term_path), spec.get("terminationMessagePath") or "/dev/termination-log"))
@@ -1506,6 +1572,7 @@ class ProcessKubelet:
         self.events_cv = threading.Condition()
         self.control: ThreadingHTTPServer | None = None
         self.forwards: dict[int, socket.socket] = {}
+        self.kubernetes_service: tuple[str, int] | None = None  # (ClusterIP, port) pods reach the apiserver at
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> dict[str, Any]:
@@ -1537,6 +1604,8 @@ class ProcessKubelet:
             r.start()
         for r in self.reflectors:
             r.synced.wait(30)
+        if self.use_network:
+            self._route_kubernetes_service()
         self.control = ThreadingHTTPServer(("127.0.0.1", 0), _control_handler(self))
         threading.Thread(target=self.control.serve_forever, name="control", daemon=True).start()
         info = {
@@ -1932,6 +2001,26 @@ class ProcessKubelet:
                 continue
             for a, b in ((conn, up), (up, conn)):
                 threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+
+    def _route_kubernetes_service(self) -> None:
+        """Stand in for kube-proxy for the one Service pods need: the ``kubernetes`` Service's ClusterIP:443
+        (10.0.0.1, the first address of --service-cluster-ip-range, already in the apiserver's certificate) is
+        DNATed on this cluster's bridge to <gateway>:<apiserver port>, which the kubelet forwards to the
+        apiserver on loopback. Pods then use in-cluster config exactly as on a real cluster."""
+        try:
+            svc = self.kube.get("/api/v1/namespaces/default/services/kubernetes")
+            ip = svc["spec"]["clusterIP"]
+            port = int(svc["spec"]["ports"][0]["port"])
+        except (ApiError, KeyError, IndexError, ValueError) as e:
+            log.warning("no kubernetes Service to route (%s): pods get no in-cluster API address", e)
+            return
+        api_port = urllib.parse.urlsplit(self.kube.server).port or 443
+        self.expose_host_port(api_port)
+        err = add_service_dnat(self.cid, ip, port, f"{self.host_ip}:{api_port}")
+        if err:
+            log.warning("pods cannot reach the apiserver at %s:%s: %s", ip, port, err)
+            return
+        self.kubernetes_service = (ip, port)
 
     def pods_info(self) -> list[dict[str, Any]]:
         with self.lock:

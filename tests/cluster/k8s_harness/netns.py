@@ -153,8 +153,38 @@ class PodNetwork:
         cleanup(self.cid)
 
 
+def _iptables(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["iptables", "-w", "-t", "nat", *args], capture_output=True, text=True)
+
+
+def add_service_dnat(cluster_id: str, vip: str, vport: int, to: str) -> str | None:
+    """What kube-proxy does for one ClusterIP Service: packets from this cluster's pods to ``vip:vport`` go to
+    ``to`` (ip:port). Only this cluster's bridge is matched, and the rule carries the cluster id for cleanup.
+    Returns why it could not be added, or None."""
+    rule = ["PREROUTING", "-i", f"dbk{cluster_id}", "-d", f"{vip}/32", "-p", "tcp", "--dport", str(vport),
+            "-m", "comment", "--comment", f"dbk{cluster_id}", "-j", "DNAT", "--to-destination", to]  # fmt: skip
+    try:
+        r = _iptables("-A", *rule)
+    except FileNotFoundError:
+        return "iptables is not installed (apt-get install iptables)"
+    return None if r.returncode == 0 else f"iptables: {r.stderr.strip()}"
+
+
+def _remove_service_dnat(cluster_id: str) -> None:
+    try:
+        r = _iptables("-S", "PREROUTING")
+    except FileNotFoundError:
+        return
+    for line in r.stdout.splitlines():
+        if f"--comment dbk{cluster_id} " in line + " " and line.startswith("-A "):
+            # `-S` prints rules as they were added: the same words with -D delete exactly that rule.
+            _iptables("-D", *line.split()[1:])
+
+
 def cleanup(cluster_id: str) -> None:
-    """Remove every namespace, veth and the bridge of one cluster id (also after a crash)."""
+    """Remove every namespace, veth, the bridge and the Service NAT rules of one cluster id (also after a
+    crash)."""
+    _remove_service_dnat(cluster_id)
     prefix = f"dbk{cluster_id}-"
     if NETNS_DIR.is_dir():
         for p in NETNS_DIR.iterdir():
