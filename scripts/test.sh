@@ -28,8 +28,9 @@ run_tier() {
 # buildah + debootstrap build images without a Docker engine, docker-registry is the real OCI registry,
 # runc runs containers from images: the test cluster's image pods and the packaging tier's (crun 1.8 refuses
 # this machine's hybrid cgroup layout).
-SYSTEM_PKGS=(buildah debootstrap docker-registry runc)
-case " $TIERS " in *" cluster "*|*" packaging "*|*" cuda-image "*)
+# iptables routes the kubernetes Service's address to the apiserver for pods (the test cluster's kube-proxy).
+SYSTEM_PKGS=(buildah debootstrap docker-registry runc iptables)
+case " $TIERS " in *" cluster "*|*" packaging "*|*" cuda-image "*|*" upgrade "*)
   missing=()
   for p in "${SYSTEM_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -48,6 +49,10 @@ for tier in $TIERS; do
       run_tier cluster python -m pytest tests/cluster -q "$@" ;;
     packaging)
       run_tier packaging python -m pytest tests/packaging -q "$@" ;;
+    upgrade)
+      # Opt-in: helm upgrade from 0.1.0, whose operator image is built from its commit (pip from the index).
+      run_tier k8s-build bash .ci/k8s-build.sh
+      run_tier upgrade env DREAMBOOTH_UPGRADE_TEST=1 python -m pytest tests/cluster/test_helm_upgrade.py -q "$@" ;;
     cuda-image)
       # Opt-in (not in the default TIERS): the CUDA trainer image, ~4 GB from PyPI, ~15 GB of disk.
       run_tier cuda-image env DREAMBOOTH_CUDA_IMAGE=1 python -m pytest tests/packaging/test_image_build.py -q -m cuda_image "$@" ;;
