@@ -10,6 +10,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .powers import ENV as POWERS_ENV
+from .powers import parse_allow
+
 log = logging.getLogger("dreambooth_operator")
 
 
@@ -23,6 +26,7 @@ class Settings:
     backoff_base_seconds: int = 10
     cluster_domain: str = "cluster.local"
     max_nodes: int = 256
+    allowed_powers: frozenset[str] = frozenset()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -36,6 +40,7 @@ class Settings:
             backoff_base_seconds=int(env.get("DREAMBOOTH_BACKOFF_BASE_SECONDS", "10")),
             cluster_domain=env.get("DREAMBOOTH_CLUSTER_DOMAIN", "cluster.local"),
             max_nodes=int(env.get("DREAMBOOTH_MAX_NODES", "256")),
+            allowed_powers=parse_allow(env.get(POWERS_ENV, "")),
         )
 
 
@@ -45,7 +50,7 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] = os.environ) -> S
         prog="dreambooth operator",
         description="Run the DreamBoothJob operator. Flags override the environment (DREAMBOOTH_OPERATOR_NAMESPACES, "
         "LOG_LEVEL, METRICS_PORT, DREAMBOOTH_OPERATOR_WORKERS, DREAMBOOTH_OPERATOR_RESYNC_SECONDS, "
-        "DREAMBOOTH_BACKOFF_BASE_SECONDS, DREAMBOOTH_CLUSTER_DOMAIN, DREAMBOOTH_MAX_NODES).",
+        "DREAMBOOTH_BACKOFF_BASE_SECONDS, DREAMBOOTH_CLUSTER_DOMAIN, DREAMBOOTH_MAX_NODES, DREAMBOOTH_POD_POWERS).",
     )
     parser.add_argument("-n", "--namespace", action="append", dest="namespaces",
                         help="watch this namespace (repeatable); default: all namespaces")  # fmt: skip
@@ -63,6 +68,7 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] = os.environ) -> S
         backoff_base_seconds=base.backoff_base_seconds,
         cluster_domain=base.cluster_domain,
         max_nodes=base.max_nodes,
+        allowed_powers=base.allowed_powers,
     )
 
 
@@ -85,7 +91,10 @@ async def serve(settings: Settings) -> None:
     io_threads = 2 * settings.workers
     kube = Kube.from_environment(on_request=metrics.api_request, connections=settings.workers + io_threads + 4)
     opts = PlanOptions(
-        BuildOptions(cluster_domain=settings.cluster_domain), settings.backoff_base_seconds, settings.max_nodes
+        BuildOptions(cluster_domain=settings.cluster_domain),
+        settings.backoff_base_seconds,
+        settings.max_nodes,
+        settings.allowed_powers,
     )
     cache = Informer()
     reconciler = Reconciler(kube, opts, metrics=metrics, background_events=True, cache=cache, io_threads=io_threads)
