@@ -10,6 +10,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .powers import ENV as POWERS_ENV
+from .powers import parse_allow
+
 log = logging.getLogger("dreambooth_operator")
 
 
@@ -24,6 +27,7 @@ class Settings:
     cluster_domain: str = "cluster.local"
     max_nodes: int = 256
     image_pull_timeout_seconds: int = 300
+    allowed_powers: frozenset[str] = frozenset()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -38,6 +42,7 @@ class Settings:
             cluster_domain=env.get("DREAMBOOTH_CLUSTER_DOMAIN", "cluster.local"),
             max_nodes=int(env.get("DREAMBOOTH_MAX_NODES", "256")),
             image_pull_timeout_seconds=int(env.get("DREAMBOOTH_IMAGE_PULL_TIMEOUT_SECONDS", "300")),
+            allowed_powers=parse_allow(env.get(POWERS_ENV, "")),
         )
 
 
@@ -48,7 +53,7 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] = os.environ) -> S
         description="Run the DreamBoothJob operator. Flags override the environment (DREAMBOOTH_OPERATOR_NAMESPACES, "
         "LOG_LEVEL, METRICS_PORT, DREAMBOOTH_OPERATOR_WORKERS, DREAMBOOTH_OPERATOR_RESYNC_SECONDS, "
         "DREAMBOOTH_BACKOFF_BASE_SECONDS, DREAMBOOTH_CLUSTER_DOMAIN, DREAMBOOTH_MAX_NODES, "
-        "DREAMBOOTH_IMAGE_PULL_TIMEOUT_SECONDS).",
+        "DREAMBOOTH_IMAGE_PULL_TIMEOUT_SECONDS, DREAMBOOTH_POD_POWERS).",
     )
     parser.add_argument("-n", "--namespace", action="append", dest="namespaces",
                         help="watch this namespace (repeatable); default: all namespaces")  # fmt: skip
@@ -67,6 +72,7 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] = os.environ) -> S
         cluster_domain=base.cluster_domain,
         max_nodes=base.max_nodes,
         image_pull_timeout_seconds=base.image_pull_timeout_seconds,
+        allowed_powers=base.allowed_powers,
     )
 
 
@@ -92,7 +98,8 @@ async def serve(settings: Settings) -> None:
         BuildOptions(cluster_domain=settings.cluster_domain),
         settings.backoff_base_seconds,
         settings.max_nodes,
-        settings.image_pull_timeout_seconds,
+        image_pull_timeout_seconds=settings.image_pull_timeout_seconds,
+        allowed_powers=settings.allowed_powers,
     )
     cache = Informer()
     reconciler = Reconciler(kube, opts, metrics=metrics, background_events=True, cache=cache, io_threads=io_threads)

@@ -88,6 +88,8 @@ class PlanOptions:
     backoff_base_seconds: int = 10
     max_nodes: int = DEFAULT_MAX_NODES
     image_pull_timeout_seconds: int = policy.DEFAULT_IMAGE_PULL_TIMEOUT_SECONDS
+    # Host/privilege powers a job's podTemplate may use (chart value operator.podPowers.allow, powers.py).
+    allowed_powers: frozenset[str] = frozenset()
 
 
 def pod_attempt(pod: dict[str, Any]) -> int:
@@ -248,7 +250,7 @@ class _Planner:
         else:
             self._cond(status.SPEC_CHANGE_REFUSED, False, status.R_TRAINING_RESTORED, "spec.training matches the accepted settings.",
                        event=("Normal", ""))  # fmt: skip
-        job = validate(body, self.opts.max_nodes)
+        job = validate(body, self.opts.max_nodes, self.opts.allowed_powers)
         if job_status.training_hash is None:
             job_status.training_hash = current
         return job

@@ -327,9 +327,17 @@ class Reconciler:
         except Exception as exc:
             # 400/422: the object we built from the spec is invalid (e.g. a bad volume in podTemplate):
             # retrying cannot help, so the job fails with the apiserver's own words.
-            if is_status(exc, 400, 422):
+            if is_status(exc, 400, 422) or _pod_security_refusal(exc):
                 return None, f"the apiserver refused {obj['kind']} {obj['metadata']['name']}: " + _reason(exc)
             raise
+
+
+def _pod_security_refusal(exc: Exception) -> bool:
+    """403 from Pod Security Admission: the namespace's level forbids the pod as built, on every retry alike.
+
+    Any other 403 (e.g. RBAC not yet bound) may pass later, so it stays an error that is retried.
+    """
+    return is_status(exc, 403) and "violates PodSecurity" in _reason(exc)
 
 
 def _rv(job: dict[str, Any]) -> str | None:

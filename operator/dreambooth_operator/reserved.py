@@ -11,8 +11,19 @@ from dreambooth_api.manifest import Storage
 CONFIG_DIR = "/etc/dreambooth"
 SCRATCH_DIR = "/scratch"
 CACHE_DIR = "/cache"
+# The trainer image's home (Dockerfile, trainer stage). The root filesystem is read-only, so HOME and /tmp are
+# emptyDirs: anything that writes a dotfile or a temp file (torchrun, matplotlib, triton) still can.
+HOME_DIR = "/home/trainer"
+TMP_DIR = "/tmp"
 # Volume name -> mount path, in every trainer container.
-VOLUMES = {"config": CONFIG_DIR, "dshm": "/dev/shm", "scratch": SCRATCH_DIR, "cache": CACHE_DIR}
+VOLUMES = {
+    "config": CONFIG_DIR,
+    "dshm": "/dev/shm",
+    "scratch": SCRATCH_DIR,
+    "cache": CACHE_DIR,
+    "tmp": TMP_DIR,
+    "home": HOME_DIR,
+}
 GPU_RESOURCE = "nvidia.com/gpu"
 
 # Names the operator may set, whatever the job says: a user value would be silently shadowed or shadow ours.
@@ -28,6 +39,7 @@ ENV_OWNERS: dict[str, str] = {
     **{n: "the operator" for n in (
         "DREAMBOOTH_JOB_UID", "DREAMBOOTH_JOB_NAME", "DREAMBOOTH_ATTEMPT", "DREAMBOOTH_GRACE_SECONDS",
         "DREAMBOOTH_MEMORY_SAVERS", "TERMINATION_MESSAGE_PATH", "PROGRESS_PORT", "POD_IP", "HF_HOME", "TORCH_HOME",
-        "DREAMBOOTH_CACHE", "DREAMBOOTH_SCRATCH")},
+        "DREAMBOOTH_CACHE", "DREAMBOOTH_SCRATCH", "HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR",
+        "CUDA_CACHE_PATH")},
     "OMP_NUM_THREADS": "spec.resources.requests.cpu (split among the pod's workers)",
 }  # fmt: skip

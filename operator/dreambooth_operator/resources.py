@@ -21,6 +21,7 @@ from .reserved import (
     CONFIG_DIR,
     CREDENTIAL_ENV,
     GPU_RESOURCE,
+    HOME_DIR,
     HUB_TOKEN_ENV,
     SCRATCH_DIR,
     VOLUMES,
@@ -214,6 +215,12 @@ def _env(job: ValidJob, attempt: int, index: int, memory_savers: bool, opts: Bui
             "TORCH_HOME": f"{CACHE_DIR}/torch",
             "DREAMBOOTH_CACHE": f"{CACHE_DIR}/dreambooth",
             "DREAMBOOTH_SCRATCH": SCRATCH_DIR,
+            # The root filesystem is read-only: HOME on its emptyDir, the compilers' caches in the cache one
+            # (their defaults are under HOME or /tmp, which an image other than ours may not have writable).
+            "HOME": HOME_DIR,
+            "TRITON_CACHE_DIR": f"{CACHE_DIR}/triton",
+            "TORCHINDUCTOR_CACHE_DIR": f"{CACHE_DIR}/torchinductor",
+            "CUDA_CACHE_PATH": f"{CACHE_DIR}/nv",
             "OMP_NUM_THREADS": str(omp_threads(job)),
         }
     )
@@ -228,6 +235,8 @@ def _volumes(job: ValidJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
         {"name": "scratch", "emptyDir": {}},
         {"name": "cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "home", "emptyDir": {}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": n, "mountPath": p, **({"readOnly": True} if n == "config" else {})} for n, p in VOLUMES.items()
@@ -306,6 +315,7 @@ def build_pod(
         "securityContext": {
             "runAsNonRoot": True,
             "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
         },
     }

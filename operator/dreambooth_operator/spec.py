@@ -18,6 +18,7 @@ from pydantic.alias_generators import to_camel
 from dreambooth_api.config import CommonConfig, ConfigError
 from dreambooth_api.manifest import JobSpec, parse_job
 
+from .powers import find_powers, refusal
 from .reserved import ENV_OWNERS, GPU_RESOURCE, HUB_TOKEN_ENV, VOLUMES
 
 # Pods in one gang unless the chart says otherwise (operator.maxNodes): a typo of 20,000 nodes would otherwise
@@ -57,7 +58,9 @@ def _training_field(name: str) -> str:
     return f"spec.training.{to_camel(name)}"
 
 
-def validate(body: dict[str, Any], max_nodes: int = DEFAULT_MAX_NODES) -> ValidJob:
+def validate(
+    body: dict[str, Any], max_nodes: int = DEFAULT_MAX_NODES, allowed_powers: frozenset[str] = frozenset()
+) -> ValidJob:
     """Parse and check a job object (as read from the apiserver), or raise SpecError naming the field."""
     meta = body.get("metadata") or {}
     try:
@@ -74,7 +77,7 @@ def validate(body: dict[str, Any], max_nodes: int = DEFAULT_MAX_NODES) -> ValidJ
             "nodes, or ask the cluster admin to raise the chart value operator.maxNodes.",
         )
     check_operator_rules(config)
-    check_pod_template(job.spec)
+    check_pod_template(job.spec, allowed_powers)
     return ValidJob(
         name=str(meta.get("name", "")),
         namespace=str(meta.get("namespace", "default")),
@@ -112,13 +115,17 @@ def check_operator_rules(config: CommonConfig) -> None:
             )
 
 
-def check_pod_template(spec: JobSpec) -> None:
-    """What the job adds to its pods must not collide with what the operator sets in every one (reserved.py).
+def check_pod_template(spec: JobSpec, allowed_powers: frozenset[str] = frozenset()) -> None:
+    """What the job adds to its pods must not collide with what the operator sets in every one (reserved.py),
+    nor give them host or privilege powers the chart does not allow (powers.py).
 
     Checked in the order a pod is laid out (volumes, mounts, env, resources): a job with several collisions is
     told of the first one there.
     """
     tpl = spec.pod_template
+    for power, field in find_powers(tpl.model_dump(by_alias=True), "spec.podTemplate."):
+        if power not in allowed_powers:
+            raise SpecError(field, refusal(power))
     for i, vol in enumerate(tpl.volumes):
         if vol.get("name") in VOLUMES:
             raise SpecError(

@@ -48,7 +48,7 @@ def test_a_newer_format_is_refused_with_exit_64_never_skipped(tmp_path: Path) ->
     manifest.write_text(json.dumps(doc))
     proc = run_dreambooth(_args(out), check=False)
     assert proc.returncode == 64, proc.stderr[-3000:]
-    assert "checkpoint format 99" in proc.stderr and "reads checkpoint formats up to 2" in proc.stderr
+    assert "checkpoint format 99" in proc.stderr and "reads checkpoint formats up to 3" in proc.stderr
     assert "new output_dir" in proc.stderr
     # Nothing was trained over it: the checkpoint is still there, no new one appeared.
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
@@ -93,4 +93,37 @@ def test_a_full_checkpoint_loads_with_diffusers_from_pretrained(tmp_path: Path) 
     final = UNet2DConditionModel.from_pretrained(out / "unet")  # step 2 is the last: the same weights
     assert_identical(unet.state_dict(), final.state_dict())
     CLIPTextModel.from_pretrained(ckpt / "text_encoder")
-    assert json.loads((ckpt / "manifest.json").read_text())["format"] == 2
+    assert json.loads((ckpt / "manifest.json").read_text())["format"] == 3
+
+
+LORA2_FIXTURE = REPO / "tests" / "fixtures" / "checkpoint-format-2-lora"
+
+
+def test_a_format_2_lora_checkpoint_resumes_bit_exactly_under_format_3(tmp_path: Path) -> None:
+    """Format 3 dropped the adapters' peft-named copy (training/<part>.safetensors); its reader stays."""
+    out = tmp_path / "out"
+    shutil.copytree(LORA2_FIXTURE, out, ignore=shutil.ignore_patterns("README.md", "uninterrupted-*"))
+    proc = run_dreambooth([*_args(out), "--train_text_encoder"])
+    assert "resumed from" in proc.stderr and "checkpoint-2" in proc.stderr, proc.stderr[-3000:]
+    expected = load_file(LORA2_FIXTURE / "uninterrupted-step-4-lora-weights.safetensors")
+    assert_identical(load_file(out / "pytorch_lora_weights.safetensors"), expected)
+    # The checkpoint written after the resume is format 3: the adapters once, loadable as diffusers' LoRA file.
+    ckpt = out / "checkpoint-4"
+    assert json.loads((ckpt / "manifest.json").read_text())["format"] == 3
+    assert not list((ckpt / "training").glob("*.safetensors")), "one copy of the adapters, not two"
+    assert_identical(load_file(ckpt / "pytorch_lora_weights.safetensors"), expected)  # step 4 is the last
+
+
+def test_a_format_3_lora_checkpoint_resumes_bit_exactly(tmp_path: Path) -> None:
+    """Resume from the diffusers-named adapters alone (text encoder too) ends with the uninterrupted weights."""
+    out = tmp_path / "out"
+    args = [*_args(out), "--train_text_encoder"]
+    run_dreambooth(args)
+    assert not list((out / "checkpoint-2" / "training").glob("*.safetensors"))
+    # As if stopped after checkpoint-2: later checkpoints and the final model gone.
+    shutil.rmtree(out / "checkpoint-4")
+    (out / "pytorch_lora_weights.safetensors").unlink()
+    proc = run_dreambooth(args)
+    assert "resumed from" in proc.stderr and "checkpoint-2" in proc.stderr, proc.stderr[-3000:]
+    expected = load_file(LORA2_FIXTURE / "uninterrupted-step-4-lora-weights.safetensors")  # this command's weights
+    assert_identical(load_file(out / "pytorch_lora_weights.safetensors"), expected)

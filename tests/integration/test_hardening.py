@@ -155,6 +155,35 @@ def test_truncated_image_is_exit_64_naming_it_unless_skipped(tmp_path: Path) -> 
     assert "skipping 1 bad image(s)" in proc.stderr and "cut.jpg" in proc.stderr
 
 
+def _read_only_mount_works(tmp_path: Path) -> bool:
+    probe = tmp_path / "ro-probe"
+    probe.mkdir()
+    cmd = 'mount --bind -o ro "$0" "$0" && ! touch "$0/x" 2>/dev/null'
+    return subprocess.run(["unshare", "-m", "sh", "-c", cmd, str(probe)], capture_output=True).returncode == 0
+
+
+def test_read_only_output_is_exit_64_naming_output_dir_before_the_model_loads(tmp_path: Path) -> None:
+    """The review: a read-only output folder ended in a crash (70). As root, only a read-only mount can refuse."""
+    if shutil.which("unshare") is None or not _read_only_mount_works(tmp_path):
+        pytest.skip("needs unshare -m and bind mounts (root with CAP_SYS_ADMIN)")
+    out = tmp_path / "out"
+    out.mkdir()
+    # A model folder the trainer would refuse (exit 64 naming --pretrained_model_name_or_path) if it got that far.
+    no_model = tmp_path / "no-model"
+    no_model.mkdir()
+    args = [*tiny_args(out, steps=1, ckpt=100), "--pretrained_model_name_or_path", str(no_model)]
+    mount = 'mount --bind -o ro "$0" "$0" && shift && exec "$@"'
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", mount, str(out), "--", sys.executable, "-m", "dreambooth_trainer", "train-lora",
+         *args],
+        capture_output=True, text=True, timeout=300, env=trainer_env(), cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 64, proc.stderr[-3000:]
+    assert "--output_dir" in proc.stderr and "read-only file system" in proc.stderr, proc.stderr[-3000:]
+    assert "pretrained_model_name_or_path" not in proc.stderr, "the model was looked at before the output"
+    assert list(out.iterdir()) == []
+
+
 # ------------------------------------------------------------------------ item 7: the model others can read
 @pytest.mark.parametrize("command", ["train", "train-lora"])
 def test_final_model_files_are_group_readable(command: str, tmp_path: Path) -> None:
@@ -170,8 +199,33 @@ def test_final_model_files_are_group_readable(command: str, tmp_path: Path) -> N
 TRIALS = 200
 
 
-def _race(store_for: Callable[[int], Store], uids: tuple[str, str]) -> list[str]:
-    """Two claims released by one barrier, TRIALS times on fresh prefixes: each trial's outcomes."""
+class _Delayed:
+    """A Store whose every read and write waits first: a claim decided by a read and then a write would lose its
+    race in nearly every trial, one decided by the store (a conditional create, an flock) in none."""
+
+    SLOW = frozenset({"create_exclusive", "write_bytes", "read_bytes", "exists", "delete", "list"})
+
+    def __init__(self, store: Store, delay: float) -> None:
+        self._store, self._delay = store, delay
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if name not in self.SLOW:
+            return attr
+
+        def slow(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(self._delay)
+            return attr(*args, **kwargs)
+
+        return slow
+
+
+def _race(store_for: Callable[[int], Store], uids: tuple[str, str], delay: float = 0.0) -> list[str]:
+    """Two claims released by one barrier, TRIALS times on fresh prefixes: each trial's outcomes.
+
+    With ``delay``, every store call waits that long first, and a winner waits again after its claim before its
+    first write into the output: the claim alone must fence the other run, not the files the winner writes.
+    """
     outcomes = []
     for trial in range(TRIALS):
         barrier = threading.Barrier(2)
@@ -179,9 +233,14 @@ def _race(store_for: Callable[[int], Store], uids: tuple[str, str]) -> list[str]
 
         def claim(i: int, trial: int = trial, barrier: threading.Barrier = barrier, results: list = results) -> None:
             store = store_for(trial)
+            if delay:
+                store = _Delayed(store, delay)  # type: ignore[assignment]
             barrier.wait()
             try:
                 results[i] = claim_output(store, uids[i])
+                if delay:
+                    time.sleep(delay)
+                    store.write_bytes(f"first-write-{i}", b"x")
             except ConfigError as exc:
                 results[i] = exc
             except BaseException as exc:  # noqa: BLE001 - reported below
@@ -205,17 +264,18 @@ def _race(store_for: Callable[[int], Store], uids: tuple[str, str]) -> list[str]
     [("local", ("", "")), ("local", ("job-a", "job-b")), ("s3", ("", "")), ("s3", ("job-a", "job-b"))],
     ids=["local-runs", "local-jobs", "s3-runs", "s3-jobs"],
 )
+@pytest.mark.parametrize("delay", [0.0, 0.003], ids=["", "delayed"])
 def test_two_simultaneous_claims_one_wins(
-    kind: str, uids: tuple[str, str], tmp_path: Path, request: pytest.FixtureRequest
+    kind: str, uids: tuple[str, str], delay: float, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """The review: 200 of 200 barrier-synchronised overlapping claims both succeeded (read-then-write)."""
     if kind == "local":
-        outcomes = _race(lambda trial: open_store(str(tmp_path / f"out-{trial}")), uids)
+        outcomes = _race(lambda trial: open_store(str(tmp_path / f"out-{trial}")), uids, delay)
     else:
         bucket = request.getfixturevalue("bucket")
         clients = [open_store(f"s3://{bucket}"), open_store(f"s3://{bucket}")]  # one per contender, as two pods
         turn = itertools.count()
-        outcomes = _race(lambda trial: clients[next(turn) % 2].child(f"out-{trial}"), uids)
+        outcomes = _race(lambda trial: clients[next(turn) % 2].child(f"out-{trial}"), uids, delay)
     bad = [f"trial {i}: {o}" for i, o in enumerate(outcomes) if o != "1 won, 1 refused"]
     assert not bad, bad[:5]
 

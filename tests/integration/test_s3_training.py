@@ -217,12 +217,12 @@ def test_lora_all_on_s3_killed_then_altered_checkpoint_falls_back(inputs: Inputs
     a.ok()
     assert not run.exists("pytorch_lora_weights.safetensors"), "run B finished before the kill"
 
-    name = "checkpoint-4/training/unet.safetensors"
+    name = "checkpoint-4/pytorch_lora_weights.safetensors"  # format 3: the adapters' only copy
     data = bytearray(run.read_bytes(name))
     data[-1] ^= 0xFF  # same size, other bytes: only the sha256 can tell
     run.write_bytes(name, bytes(data))
     log = Trainer(tmp_path, "b-resume", "train-lora", args(run_uri)).ok()
-    assert "cannot resume from checkpoint-4: checkpoint-4: file training/unet.safetensors does not match" in log
+    assert "cannot resume from checkpoint-4: checkpoint-4: file pytorch_lora_weights.safetensors does not match" in log
     assert "falling back to the previous checkpoint" in log
     assert f"resumed from {run.url('checkpoint-2')} at step 2" in log, log[-3000:]
     assert_identical(

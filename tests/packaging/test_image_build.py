@@ -118,19 +118,45 @@ def test_trainer_cpu_image_runs_help_read_only_as_1000(buildah: Buildah, trainer
     assert versions.stdout.split() == ["1000", "2.13.0+cpu", "False", "True"]
 
 
+def _operator_pod_layout() -> tuple[tuple[str, ...], dict[str, str]]:
+    """Where the operator's trainer pod may write (its emptyDirs; /dev/shm aside, runc makes one) and the env that
+    points there, read from the operator's own pod builder: the image is run as the operator will run it."""
+    from dreambooth_operator.resources import build_pod
+    from dreambooth_operator.spec import validate
+
+    training = {"pretrainedModelNameOrPath": "s3://m/", "instanceDataDir": "s3://d/", "instancePrompt": "p",
+                "outputDir": "s3://o/"}  # fmt: skip
+    body = {"apiVersion": "dreambooth.dev/v1alpha1", "kind": "DreamBoothJob",
+            "metadata": {"name": "j", "namespace": "n", "uid": "u"},
+            "spec": {"method": "lora", "training": training, "resources": {"gpusPerNode": 0}}}  # fmt: skip
+    pod = build_pod(validate(body), 1, 0)["spec"]
+    container = pod["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    empty = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+    tmpfs = tuple(
+        m["mountPath"] for m in container["volumeMounts"] if m["name"] in empty and m["mountPath"] != "/dev/shm"
+    )
+    paths = ("HOME", "HF_HOME", "TORCH_HOME", "DREAMBOOTH_CACHE", "DREAMBOOTH_SCRATCH", "TRITON_CACHE_DIR",
+             "TORCHINDUCTOR_CACHE_DIR", "CUDA_CACHE_PATH")  # fmt: skip
+    return tmpfs, {e["name"]: e["value"] for e in container["env"] if e["name"] in paths}
+
+
 def test_trainer_cpu_image_trains_two_steps_read_only(buildah: Buildah, trainer_cpu_image: str, tmp_path: Path) -> None:
-    """A 2-step LoRA run on the tiny model inside the image: the model is made in the tmpfs cache, the instance
-    images come read-only from the host and the weights land in a writable bind mount, as an S3-less pod would."""
+    """A 2-step LoRA run on the tiny model inside the image, with the operator pod's read-only root, emptyDirs and
+    env: the model is made in the cache emptyDir, the instance images come read-only from the host and the
+    weights land in a writable bind mount, as an S3-less pod would."""
     out = tmp_path / "out"
     out.mkdir()
     os.chmod(out, 0o777)  # the container's UID 1000 writes it
+    pod_tmpfs, pod_env = _operator_pod_layout()
+    assert {"/tmp", "/home/trainer", "/cache", "/scratch"} <= set(pod_tmpfs)
     proc = images.run_container(
         buildah, trainer_cpu_image,
         ["train-lora", "--pretrained_model_name_or_path", "tiny://", "--instance_data_dir", "/data/dog",
          "--instance_prompt", "a photo of sks dog", "--output_dir", "/out/run", "--resolution", "32",
          "--train_batch_size", "1", "--max_train_steps", "2", "--checkpointing_steps", "100", "--seed", "7"],
-        entrypoint=["dreambooth"], user=TRAINER_USER, read_only=True, tmpfs=TRAINER_TMPFS,
-        env={**OFFLINE, "DREAMBOOTH_RESULT_FILE": "/out/result.json"},
+        entrypoint=["dreambooth"], user=TRAINER_USER, read_only=True, tmpfs=pod_tmpfs,
+        env={**OFFLINE, **pod_env, "DREAMBOOTH_RESULT_FILE": "/out/result.json"},
         binds=[(str(DOG), "/data/dog", True), (str(out), "/out", False)], timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

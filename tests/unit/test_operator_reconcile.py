@@ -57,6 +57,7 @@ class FakeKube:
         self.events: list[dict[str, Any]] = []
         self.calls: list[str] = []
         self.fail_create_of: dict[str, int] = {}  # object name -> HTTP status, once
+        self.fail_message = "spec.volumes[4].persistentVolumeClaim.claimName: Required value"
         self.created_pods: list[str] = []
         self.rv = 1
 
@@ -103,9 +104,7 @@ class FakeKube:
         self.calls.append(f"create_{obj['kind']}")
         ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         if name in self.fail_create_of:
-            raise ApiError(
-                self.fail_create_of.pop(name), "spec.volumes[4].persistentVolumeClaim.claimName: Required value"
-            )
+            raise ApiError(self.fail_create_of.pop(name), self.fail_message)
         obj = copy.deepcopy(obj)
         obj["metadata"].update(uid=str(uuid.uuid4()), creationTimestamp=ts(self.clock.now))
         if obj["kind"] == "Pod":
@@ -452,6 +451,22 @@ def test_apiserver_refusal_of_a_built_pod_fails_the_job() -> None:
     env.kube.fail_create_of["dog-config"] = 422
     st = env.reconcile()
     assert st["phase"] == "Failed" and "refused ConfigMap" in st["message"] and "claimName" in st["message"]
+
+
+def test_pod_security_admission_refusal_fails_the_job_and_other_403s_retry() -> None:
+    env = Env()
+    env.kube.fail_message = (
+        'pods "dog-a1-0" is forbidden: violates PodSecurity "baseline:latest": hostPath volumes (volume "node")'
+    )
+    env.kube.fail_create_of["dog-a1-0"] = 403
+    st = env.reconcile()
+    assert st["phase"] == "Failed" and "violates PodSecurity" in st["message"] and "hostPath" in st["message"]
+    # A 403 that is not Pod Security (RBAC not bound yet) is no verdict on the job: it is raised and retried.
+    env = Env()
+    env.kube.fail_message = 'pods is forbidden: User "system:serviceaccount:x:y" cannot create resource "pods"'
+    env.kube.fail_create_of["dog-a1-0"] = 403
+    with pytest.raises(ApiError):
+        env.reconcile()
 
 
 def test_unschedulable_waits_without_cost_then_times_out() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dreambooth_operator import rendezvous, resources
+from dreambooth_operator import powers, rendezvous, resources
 from dreambooth_operator.resources import build_configmap, build_gang, build_pod, build_service, names_for
 from dreambooth_operator.spec import SpecError, ValidJob, validate
 
@@ -160,7 +160,7 @@ def test_pod_plumbing_cpu() -> None:
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert c["securityContext"] == {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
-                                    "capabilities": {"drop": ["ALL"]}}  # fmt: skip
+                                    "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}  # fmt: skip
     ref = pod["metadata"]["ownerReferences"][0]
     assert ref["uid"] == UID and ref["controller"] is True and ref["kind"] == "DreamBoothJob"
 
@@ -303,3 +303,86 @@ def test_hub_token_secret_reaches_the_pods_by_reference_only() -> None:
     both = {"hub": {"tokenSecretRef": {"name": "hf"}}, "podTemplate": {"env": [{"name": "HF_TOKEN", "value": "x"}]}}
     with pytest.raises(SpecError, match="spec.hub.tokenSecretRef"):
         build_pod(valid(both), 1, 0)
+
+
+def test_read_only_root_keeps_every_writable_path_on_an_emptydir() -> None:
+    """The trainer's root filesystem is read-only; whatever it (or torch, triton, CUDA) writes lands on a volume."""
+    pod = build_pod(valid(CASES["cpu-1x1"][0]), 1, 0)
+    c = pod["spec"]["containers"][0]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    empty = {v["name"] for v in pod["spec"]["volumes"] if "emptyDir" in v}
+    on_empty = [m["mountPath"] for m in c["volumeMounts"] if m["name"] in empty and not m.get("readOnly")]
+    env = _env(pod)
+    writable = ["/tmp", env["HOME"]] + [env[k] for k in (
+        "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "CUDA_CACHE_PATH", "HF_HOME", "TORCH_HOME",
+        "DREAMBOOTH_CACHE", "DREAMBOOTH_SCRATCH")]  # fmt: skip
+    for path in writable:
+        assert any(path == m or path.startswith(m + "/") for m in on_empty), f"{path} is not on an emptyDir"
+    # The trainer image's home (Dockerfile: useradd --home-dir /home/trainer) is the one mounted.
+    assert env["HOME"] == "/home/trainer"
+
+
+HOST_PATH = {"volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "d"}},
+                         {"name": "node", "hostPath": {"path": "/var/lib"}}],
+             "volumeMounts": [{"name": "node", "mountPath": "/node"}]}  # fmt: skip
+
+
+def test_host_path_in_the_pod_template_is_refused_naming_the_field_and_the_fix() -> None:
+    with pytest.raises(SpecError) as err:
+        valid({"podTemplate": HOST_PATH})
+    assert err.value.field == "spec.podTemplate.volumes[1].hostPath"
+    assert "operator.podPowers.allow" in err.value.message and "persistentVolumeClaim" in err.value.message
+    # serviceAccountName (IRSA) is no host power: allowed without the list.
+    valid({"podTemplate": {"serviceAccountName": "dreambooth-irsa"}})
+
+
+def test_host_path_allowed_by_the_chart_reaches_the_pod() -> None:
+    job = validate(job_body({"podTemplate": HOST_PATH}), allowed_powers=frozenset({"hostPath"}))
+    vols = {v["name"]: v for v in build_pod(job, 1, 0)["spec"]["volumes"]}
+    assert vols["node"]["hostPath"] == {"path": "/var/lib"}
+    # Allowing another power does not allow this one.
+    with pytest.raises(SpecError, match="hostPath"):
+        validate(job_body({"podTemplate": HOST_PATH}), allowed_powers=frozenset({"hostNetwork", "privileged"}))
+
+
+# Pod-spec-shaped fields (what a passthrough podTemplate field would carry) -> the powers found, with their paths.
+POWER_CASES: list[tuple[dict[str, Any], list[tuple[str, str]]]] = [
+    ({}, []),
+    ({"serviceAccountName": "x", "volumes": [{"name": "a", "emptyDir": {}}]}, []),
+    ({"hostNetwork": True}, [("hostNetwork", "p.hostNetwork")]),
+    ({"hostNetwork": False, "hostPID": True, "hostIPC": True},
+     [("hostPID", "p.hostPID"), ("hostIPC", "p.hostIPC")]),
+    ({"containers": [{"name": "a"}, {"name": "b", "securityContext": {"privileged": True}}]},
+     [("privileged", "p.containers[1].securityContext.privileged")]),
+    ({"initContainers": [{"securityContext": {"capabilities": {"add": ["NET_ADMIN"], "drop": ["ALL"]}}}]},
+     [("capabilities", "p.initContainers[0].securityContext.capabilities.add")]),
+    ({"securityContext": {"capabilities": {"drop": ["ALL"]}, "privileged": False}}, []),
+    ({"securityContext": {"privileged": True}}, [("privileged", "p.securityContext.privileged")]),
+    ({"volumes": [{"name": "h", "hostPath": {"path": "/"}}], "hostPID": True},
+     [("hostPath", "p.volumes[0].hostPath"), ("hostPID", "p.hostPID")]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("spec", "expected"), POWER_CASES)
+def test_find_powers_reads_pod_spec_fields(spec: dict[str, Any], expected: list[tuple[str, str]]) -> None:
+    assert powers.find_powers(spec, "p.") == expected
+    for power, _ in expected:
+        assert powers.CHART_VALUE in powers.refusal(power)
+
+
+def test_the_allow_list_names_an_unknown_power() -> None:
+    assert powers.parse_allow("") == frozenset()
+    assert powers.parse_allow(" hostPath , hostNetwork") == {"hostPath", "hostNetwork"}
+    with pytest.raises(ValueError, match="unknown power 'hostpath'.*hostPath"):
+        powers.parse_allow("hostpath")
+
+
+def test_the_chart_offers_exactly_the_powers_the_operator_knows() -> None:
+    import json
+
+    chart = Path(__file__).parents[2] / "charts" / "dreambooth-operator"
+    schema = json.loads((chart / "values.schema.json").read_text())
+    allow = schema["properties"]["operator"]["properties"]["podPowers"]["properties"]["allow"]
+    assert allow["items"]["enum"] == list(powers.POWERS)
+    deployment = (chart / "templates" / "deployment.yaml").read_text()
+    assert f"name: {powers.ENV}" in deployment and ".Values.operator.podPowers.allow" in deployment

@@ -71,6 +71,9 @@ def test_settings_from_env_and_flags() -> None:
     assert Settings.from_env({}).namespaces == ()
     s = parse_args(["-n", "x", "--metrics-port", "9200"], env)
     assert s.namespaces == ("x",) and s.metrics_port == 9200 and s.log_level == "DEBUG"
+    assert Settings.from_env({}).allowed_powers == frozenset()
+    allowed = parse_args([], {"DREAMBOOTH_POD_POWERS": "hostPath,hostIPC"}).allowed_powers
+    assert allowed == {"hostPath", "hostIPC"}
 
 
 def test_work_queue_dedupes_and_reprocesses_dirty_keys() -> None:

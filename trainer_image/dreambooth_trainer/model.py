@@ -24,11 +24,6 @@ def check_optional_libraries(cfg: CommonConfig) -> None:
         raise ConfigError("use_8bit_adam", "needs bitsandbytes: `pip install bitsandbytes`, or drop the flag.")
 
 
-def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Exactly the parameters that train, by name: what a checkpoint must hold to resume bit-identically."""
-    return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
-
-
 def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     params = dict(module.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}

@@ -38,7 +38,6 @@ from .model import (
     config_json,
     load_trainable_state,
     optimizer_class,
-    trainable_state,
     weights_file,
 )
 from .modelcard import model_card, write_model_card
@@ -49,6 +48,9 @@ from .storage import AccessDeniedError, BucketMissingError, NotFoundError, Store
 from .testhooks import hooks
 from .trackers import Trackers, trackers_for
 from .validation import Validator
+
+# The adapters of a LoRA run in diffusers' names: the final model's file, and (format 3) a checkpoint's only copy.
+LORA_FILE = "pytorch_lora_weights.safetensors"
 
 logger = logging.getLogger(__name__)
 
@@ -452,10 +454,10 @@ class Trainer:
                 # the resume reads the same file (no second copy of the weights).
                 snap.tensors[f"{name}/{weights_file(mod)}"] = ckpt.cpu_clone(mod.state_dict(), reuse, name)
                 snap.texts[f"{name}/config.json"] = config_json(mod)
-            else:
-                snap.tensors[f"training/{name}.safetensors"] = ckpt.cpu_clone(trainable_state(mod), reuse, name)
         if self.cfg.method == "lora":
-            snap.tensors["pytorch_lora_weights.safetensors"] = self._lora_layers(cpu=True)
+            # Format 3: the adapters once, in diffusers' names (what `load_lora_weights` and the scripts'
+            # checkpoints hold); the resume maps them back by the same conversion (_restore_lora).
+            snap.tensors[LORA_FILE] = self._lora_layers(cpu=True)
         snap.texts[SETTINGS_FILE] = settings_json(self.cfg)
         snap.objects["training/optimizer.pt"] = ckpt.cpu_clone(self.optimizer.state_dict(), reuse, "optimizer")
         snap.objects["training/scheduler.pt"] = self.lr_scheduler.state_dict()
@@ -473,10 +475,13 @@ class Trainer:
     def _restore(self, loaded: ckpt.Loaded) -> None:
         from safetensors.torch import load_file
 
+        files = loaded.manifest["files"]
+        if self.cfg.method == "lora" and not any(f"training/{n}.safetensors" in files for n in self._trained_names()):
+            self._restore_lora(load_file(loaded.folder / LORA_FILE))  # format 3
         for name, mod in zip(self._trained_names(), self.trained, strict=True):
-            if f"training/{name}.safetensors" in loaded.manifest["files"]:  # format 1, and LoRA in format 2
+            if f"training/{name}.safetensors" in files:  # format 1, and LoRA in format 2
                 load_trainable_state(mod, load_file(loaded.folder / f"training/{name}.safetensors"))
-            else:  # format 2, full: the part's diffusers-layout file, buffers left out
+            elif self.cfg.method == "full":  # formats 2 and 3: the part's diffusers-layout file, buffers left out
                 trains = {n for n, p in mod.named_parameters() if p.requires_grad}
                 state = load_file(loaded.folder / f"{name}/{weights_file(mod)}")
                 load_trainable_state(mod, {k: v for k, v in state.items() if k in trains})
@@ -501,6 +506,30 @@ class Trainer:
                 old.global_step, old.world_size, self.world, old.epoch, old.samples_in_epoch,
             )  # fmt: skip
         logger.info("resumed from %s at step %d", self.out.url(f"checkpoint-{loaded.step}"), loaded.step)
+
+    def _restore_lora(self, layers: dict[str, torch.Tensor]) -> None:
+        """The trained adapters from `pytorch_lora_weights.safetensors` (diffusers' names), bit for bit.
+
+        The names are mapped by running the conversion that wrote the file (peft's names to diffusers', per part)
+        on the live parameters and matching each output to its parameter by storage: the exact inverse of the
+        save, whatever names peft and diffusers use. Every trained parameter must be found, and every adapter in
+        the file used.
+        """
+        by_storage = {t.data_ptr(): key for key, t in self._lora_layers(cpu=False).items()}
+        used: set[str] = set()
+        for name, mod in zip(self._trained_names(), self.trained, strict=True):
+            state = {}
+            for pname, p in mod.named_parameters():
+                if not p.requires_grad:
+                    continue
+                key = by_storage.get(p.data_ptr())
+                if key is None or key not in layers:
+                    raise ckpt.CheckpointError(f"{LORA_FILE} holds no adapter for {name}.{pname} ({key})")
+                state[pname] = layers[key]
+                used.add(key)
+            load_trainable_state(mod, state)
+        if extra := sorted(set(layers) - used)[:3]:
+            raise ckpt.CheckpointError(f"{LORA_FILE} holds adapters this run does not train: {extra}")
 
     def _restore_script_checkpoint(self, step: int) -> None:
         name = f"checkpoint-{step}"

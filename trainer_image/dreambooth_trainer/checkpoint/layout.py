@@ -1,7 +1,9 @@
-"""Checkpoint format 2 (docs/design.md): the layout, the manifest, the state, and the writer of a snapshot's files.
+"""Checkpoint format 3 (docs/design.md): the layout, the manifest, the state, and the writer of a snapshot's files.
 
 Format 2 differs from 1 only for full fine-tunes: `<part>/` holds the part's weights in diffusers' layout (what
-`from_pretrained` loads) instead of `training/<part>.safetensors`. The reader takes either (train.Trainer._restore).
+`from_pretrained` loads) instead of `training/<part>.safetensors`. Format 3 differs from 2 only for LoRA: the
+adapters are held once, in `pytorch_lora_weights.safetensors`, no longer also in `training/<part>.safetensors`.
+The reader takes every format (train.Trainer._restore).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..storage import NotFoundError, Store
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
 OWNER = ".owner"
-FORMAT = 2
+FORMAT = 3
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 

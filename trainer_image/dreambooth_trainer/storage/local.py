@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
@@ -16,6 +17,9 @@ from .uri import join_key, normalize_key, normalize_prefix
 
 # ---------------------------------------------------------------------------------------------------------------
 # Local folders
+
+# errnos that no retry can change: the output folder is not writable for this process.
+_NEVER_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 class LocalStore(Store):
@@ -143,12 +147,22 @@ class LocalStore(Store):
         return self.root
 
     def check_writable(self) -> None:
+        """Before any work: a folder this run can never write into is bad input (64), not a crash (70).
+
+        A read-only mount (EROFS) looks the same on every retry, like a permission; other OSErrors (a full disk,
+        an I/O error) may pass, so they stay StorageError.
+        """
         probe = f".dreambooth-write-check-{uuid.uuid4().hex[:8]}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-        except PermissionError as exc:
-            raise AccessDeniedError(f"cannot create {self.uri}: permission denied ({exc})") from exc
+            with open(self.root / probe, "xb") as fh:
+                fh.write(b"ok")
+            (self.root / probe).unlink()
         except OSError as exc:
-            raise StorageError(f"cannot create {self.uri}: {exc}") from exc
-        self.write_bytes(probe, b"ok")
-        self.delete(probe)
+            if isinstance(exc, PermissionError) or exc.errno in _NEVER_WRITABLE:
+                why = "it is on a read-only file system" if exc.errno == errno.EROFS else "permission denied"
+                raise AccessDeniedError(
+                    f"cannot write into {self.uri}: {why}; use a writable folder, or mount it read-write for this "
+                    f"user ({exc.strerror})"
+                ) from exc
+            raise StorageError(f"cannot write into {self.uri}: {exc}") from exc
