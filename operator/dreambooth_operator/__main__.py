@@ -7,8 +7,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from dreambooth_api.contract import BadInputError
+from dreambooth_api.logformat import LogFormat, json_handler, log_format
 
 log = logging.getLogger("dreambooth_operator")
 
@@ -23,6 +27,7 @@ class Settings:
     backoff_base_seconds: int = 10
     cluster_domain: str = "cluster.local"
     max_nodes: int = 256
+    log_format: LogFormat = "text"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -36,6 +41,7 @@ class Settings:
             backoff_base_seconds=int(env.get("DREAMBOOTH_BACKOFF_BASE_SECONDS", "10")),
             cluster_domain=env.get("DREAMBOOTH_CLUSTER_DOMAIN", "cluster.local"),
             max_nodes=int(env.get("DREAMBOOTH_MAX_NODES", "256")),
+            log_format=log_format(env),
         )
 
 
@@ -45,7 +51,7 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] = os.environ) -> S
         prog="dreambooth operator",
         description="Run the DreamBoothJob operator. Flags override the environment (DREAMBOOTH_OPERATOR_NAMESPACES, "
         "LOG_LEVEL, METRICS_PORT, DREAMBOOTH_OPERATOR_WORKERS, DREAMBOOTH_OPERATOR_RESYNC_SECONDS, "
-        "DREAMBOOTH_BACKOFF_BASE_SECONDS, DREAMBOOTH_CLUSTER_DOMAIN, DREAMBOOTH_MAX_NODES).",
+        "DREAMBOOTH_BACKOFF_BASE_SECONDS, DREAMBOOTH_CLUSTER_DOMAIN, DREAMBOOTH_MAX_NODES, LOG_FORMAT).",
     )
     parser.add_argument("-n", "--namespace", action="append", dest="namespaces",
                         help="watch this namespace (repeatable); default: all namespaces")  # fmt: skip
@@ -63,6 +69,7 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] = os.environ) -> S
         backoff_base_seconds=base.backoff_base_seconds,
         cluster_domain=base.cluster_domain,
         max_nodes=base.max_nodes,
+        log_format=base.log_format,
     )
 
 
@@ -85,7 +92,9 @@ async def serve(settings: Settings) -> None:
     io_threads = 2 * settings.workers
     kube = Kube.from_environment(on_request=metrics.api_request, connections=settings.workers + io_threads + 4)
     opts = PlanOptions(
-        BuildOptions(cluster_domain=settings.cluster_domain), settings.backoff_base_seconds, settings.max_nodes
+        BuildOptions(cluster_domain=settings.cluster_domain, log_format=settings.log_format),
+        settings.backoff_base_seconds,
+        settings.max_nodes,
     )
     cache = Informer()
     reconciler = Reconciler(kube, opts, metrics=metrics, background_events=True, cache=cache, io_threads=io_threads)
@@ -109,8 +118,15 @@ async def serve(settings: Settings) -> None:
 
 def run_operator(argv: list[str] | None = None) -> int:
     """Entry point of `dreambooth operator` and `python -m dreambooth_operator`."""
-    settings = parse_args(argv)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = parse_args(argv)
+    except BadInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if settings.log_format == "json":
+        logging.basicConfig(level=settings.log_level, handlers=[json_handler({"component": "operator"})])
+    else:
+        logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kopf logs every event at DEBUG/INFO; keep its chatter a level below ours.
     logging.getLogger("kopf").setLevel(max(logging.getLevelName(settings.log_level), logging.INFO))
     with contextlib.suppress(KeyboardInterrupt):

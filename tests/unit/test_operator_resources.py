@@ -303,3 +303,13 @@ def test_hub_token_secret_reaches_the_pods_by_reference_only() -> None:
     both = {"hub": {"tokenSecretRef": {"name": "hf"}}, "podTemplate": {"env": [{"name": "HF_TOKEN", "value": "x"}]}}
     with pytest.raises(SpecError, match="spec.hub.tokenSecretRef"):
         build_pod(valid(both), 1, 0)
+
+
+def test_log_format_reaches_the_trainer_unless_the_job_sets_its_own() -> None:
+    job = valid(CASES["cpu-1x1"][0])
+    assert "LOG_FORMAT" not in _env(build_pod(job, 1, 0))
+    env = _env(build_pod(job, 1, 0, opts=resources.BuildOptions(log_format="json")))
+    assert env["LOG_FORMAT"] == "json" and env["DREAMBOOTH_NAMESPACE"] == "team"
+    own = valid({**CASES["cpu-1x1"][0], "podTemplate": {"env": [{"name": "LOG_FORMAT", "value": "text"}]}})
+    pod = build_pod(own, 1, 0, opts=resources.BuildOptions(log_format="json"))
+    assert [e["value"] for e in pod["spec"]["containers"][0]["env"] if e["name"] == "LOG_FORMAT"] == ["text"]

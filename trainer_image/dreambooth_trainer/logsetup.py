@@ -1,0 +1,65 @@
+"""Console logging of the launcher and the workers: plain text, or with ``LOG_FORMAT=json`` one JSON object per
+line carrying job, namespace, attempt, rank and step (docs/metrics.md). Imports nothing heavy: the launcher uses
+it and must stay free of torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+from dreambooth_api.contract import BadInputError
+from dreambooth_api.logformat import json_handler, log_format
+
+# The optimizer step this process is at, for LOG_FORMAT=json lines (set by Progress.update on every rank).
+_current_step: int | None = None
+
+
+def set_step(step: int) -> None:
+    global _current_step
+    _current_step = step
+
+
+def json_logging() -> bool:
+    try:
+        return log_format(os.environ) == "json"
+    except BadInputError as exc:
+        # A log format is no reason to lose a run: plain text, and the fix said once at the top of the log.
+        print(f"warning: {exc}; logging plain text", file=sys.stderr)
+        return False
+
+
+def context_fields(role: str) -> dict[str, Any]:
+    """The fields every JSON line carries: who (job, namespace, attempt, rank) and when in the run (step)."""
+    env = os.environ
+
+    def number(name: str) -> int | None:
+        value = env.get(name, "")
+        return int(value) if value.isdigit() else None
+
+    return {
+        "job": env.get("DREAMBOOTH_JOB_NAME") or None,
+        "namespace": env.get("DREAMBOOTH_NAMESPACE") or None,
+        "attempt": number("DREAMBOOTH_ATTEMPT"),
+        # The launcher is not a rank: it supervises them. Workers have RANK from torchrun (a single process: 0).
+        "rank": (number("RANK") or 0) if role == "worker" else None,
+        "role": role,
+        "step": lambda: _current_step,
+    }
+
+
+def setup_logging(role: str = "worker") -> None:
+    level = os.environ.get("LOG_LEVEL", "INFO").upper()
+    if json_logging():
+        logging.basicConfig(level=level, handlers=[json_handler(context_fields(role))], force=True)
+    else:
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        fmt = f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s"
+        if role == "launcher":
+            fmt = "%(asctime)s launcher %(levelname)s: %(message)s"
+        logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S")
+    for noisy in ("urllib3", "botocore", "s3transfer", "PIL", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
