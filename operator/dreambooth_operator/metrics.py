@@ -11,6 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from . import __version__
+from .resources import names_for
 from .status import FAILED, PHASES, SUCCEEDED, WAITING, parse_time
 
 if TYPE_CHECKING:
@@ -46,15 +47,18 @@ class Metrics:
             ["namespace", "phase", "reason"], registry=r,
         )  # fmt: skip
         self.job_attempt = Gauge(
-            "dreambooth_operator_job_attempt", "Current attempt number of a job.", ["namespace", "job"], registry=r
+            "dreambooth_operator_job_attempt",
+            "Current attempt number of a job.",
+            ["namespace", "dreambooth_job"],
+            registry=r,
         )
         self.job_preemptions = Gauge(
-            "dreambooth_operator_job_preemptions", "Attempts of a job ended by preemption.", ["namespace", "job"],
+            "dreambooth_operator_job_preemptions", "Attempts of a job ended by preemption.", ["namespace", "dreambooth_job"],
             registry=r,
         )  # fmt: skip
         self.job_waiting_since = Gauge(
             "dreambooth_operator_job_waiting_since_timestamp_seconds",
-            "When a job entered WaitingForResources (present only while it waits).", ["namespace", "job"], registry=r,
+            "When a job entered WaitingForResources (present only while it waits).", ["namespace", "dreambooth_job"], registry=r,
         )  # fmt: skip
         self.build_info = Gauge(
             "dreambooth_build_info", "Version of the running component; value 1.",
@@ -70,14 +74,21 @@ class Metrics:
             "dreambooth_operator_api_request_seconds", "Latency of the reconciler's apiserver requests.", ["verb"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r,
         )  # fmt: skip
+        self.api_errors = Counter(
+            "dreambooth_operator_api_errors_total",
+            "Apiserver requests that failed, by HTTP status (404/409 are routine) or exception type.",
+            ["verb", "code"], registry=r,
+        )  # fmt: skip
         self.status_writes = Counter("dreambooth_operator_status_writes_total", "Status patches written.", registry=r)
         self.progress_polls = Counter(
             "dreambooth_operator_progress_polls_total", "GET /progress calls to rank 0.", ["result"], registry=r
         )
 
-    def api_request(self, verb: str, seconds: float) -> None:
+    def api_request(self, verb: str, seconds: float, error: str | None = None) -> None:
         self.api_requests.labels(verb).inc()
         self.api_seconds.labels(verb).observe(seconds)
+        if error is not None:
+            self.api_errors.labels(verb, error).inc()
 
     def set_phases(self, counts: dict[str, int]) -> None:
         for phase in PHASES:
@@ -96,8 +107,13 @@ class Metrics:
             cond = next((c for c in new.conditions if c.type == new.phase and c.status == "True"), None)
             self.jobs_ended.labels(namespace, new.phase, (cond.reason if cond else "") or "Unknown").inc()
 
-    def job_seen(self, namespace: str, name: str, st: JobStatus) -> None:
-        """Per-job gauges from the status a reconcile planned (set every reconcile: an operator restart refills them)."""
+    def job_seen(self, namespace: str, job: str, st: JobStatus) -> None:
+        """Per-job gauges from the status a reconcile planned (set every reconcile: an operator restart refills them).
+
+        The series label is ``dreambooth_job`` (``job`` is Prometheus's own target label) with the value of the
+        pods' job-name label, so these gauges join the trainer's series of the same job.
+        """
+        name = names_for(job).base
         key = (namespace, name)
         self._job_series.add(key)
         self.job_attempt.labels(namespace, name).set(st.attempt or 0)
@@ -111,7 +127,8 @@ class Metrics:
             self._waiting.discard(key)
             self.job_waiting_since.remove(namespace, name)
 
-    def job_gone(self, namespace: str, name: str) -> None:
+    def job_gone(self, namespace: str, job: str) -> None:
+        name = names_for(job).base
         key = (namespace, name)
         if key in self._job_series:
             self._job_series.discard(key)

@@ -635,8 +635,8 @@ def test_metrics_count_requests_preemptions_and_writes() -> None:
     text = metrics.render().decode()
     assert 'dreambooth_operator_preemptions_total{namespace="ns",reason="PodDeleted"} 1.0' in text
     assert "dreambooth_operator_status_writes_total" in text
-    assert 'dreambooth_operator_job_attempt{job="dog",namespace="ns"} 1.0' in text
-    assert 'dreambooth_operator_job_preemptions{job="dog",namespace="ns"} 1.0' in text
+    assert 'dreambooth_operator_job_attempt{dreambooth_job="dog",namespace="ns"} 1.0' in text
+    assert 'dreambooth_operator_job_preemptions{dreambooth_job="dog",namespace="ns"} 1.0' in text
     assert 'dreambooth_build_info{component="operator"' in text
 
 
@@ -703,7 +703,7 @@ def test_metrics_say_since_when_a_job_waits_and_why_it_ended() -> None:
         for family in text_string_to_metric_families(metrics.render().decode())
         for s in family.samples
     }
-    key = ("dreambooth_operator_job_waiting_since_timestamp_seconds", (("job", "dog"), ("namespace", "ns")))
+    key = ("dreambooth_operator_job_waiting_since_timestamp_seconds", (("dreambooth_job", "dog"), ("namespace", "ns")))
     assert samples[key] == since.timestamp()
     env.clock.advance(301)
     env.reconcile()
@@ -711,7 +711,7 @@ def test_metrics_say_since_when_a_job_waits_and_why_it_ended() -> None:
     assert 'dreambooth_operator_restarts_total{namespace="ns",reason="SchedulingTimeout"} 1.0' in text
     assert "dreambooth_operator_job_waiting_since_timestamp_seconds{" not in text
     metrics.job_gone("ns", "dog")
-    assert 'job="dog"' not in metrics.render().decode()
+    assert 'dreambooth_job="dog"' not in metrics.render().decode()
 
     env = Env()
     env.reconciler.metrics = metrics
