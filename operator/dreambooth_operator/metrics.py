@@ -11,6 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from . import __version__
+from .policy import NO_PROGRESS_PREEMPTIONS
 from .resources import names_for
 from .status import FAILED, PHASES, SUCCEEDED, WAITING, parse_time
 
@@ -55,6 +56,11 @@ class Metrics:
         self.job_preemptions = Gauge(
             "dreambooth_operator_job_preemptions", "Attempts of a job ended by preemption.", ["namespace", "dreambooth_job"],
             registry=r,
+        )  # fmt: skip
+        self.job_no_progress = Gauge(
+            "dreambooth_operator_job_preemptions_without_progress",
+            "Consecutive preemptions of a job with no new step between them (the job fails at "
+            f"{NO_PROGRESS_PREEMPTIONS}).", ["namespace", "dreambooth_job"], registry=r,
         )  # fmt: skip
         self.job_waiting_since = Gauge(
             "dreambooth_operator_job_waiting_since_timestamp_seconds",
@@ -118,6 +124,7 @@ class Metrics:
         self._job_series.add(key)
         self.job_attempt.labels(namespace, name).set(st.attempt or 0)
         self.job_preemptions.labels(namespace, name).set(st.preemptions)
+        self.job_no_progress.labels(namespace, name).set(st.preemptions_without_progress)
         cond = next((c for c in st.conditions if c.type == WAITING and c.status == "True"), None)
         since = parse_time(cond.last_transition_time) if cond is not None and st.phase == WAITING else None
         if since is not None:
@@ -134,6 +141,7 @@ class Metrics:
             self._job_series.discard(key)
             self.job_attempt.remove(namespace, name)
             self.job_preemptions.remove(namespace, name)
+            self.job_no_progress.remove(namespace, name)
         if key in self._waiting:
             self._waiting.discard(key)
             self.job_waiting_since.remove(namespace, name)

@@ -637,6 +637,7 @@ def test_metrics_count_requests_preemptions_and_writes() -> None:
     assert "dreambooth_operator_status_writes_total" in text
     assert 'dreambooth_operator_job_attempt{dreambooth_job="dog",namespace="ns"} 1.0' in text
     assert 'dreambooth_operator_job_preemptions{dreambooth_job="dog",namespace="ns"} 1.0' in text
+    assert 'dreambooth_operator_job_preemptions_without_progress{dreambooth_job="dog",namespace="ns"}' in text
     assert 'dreambooth_build_info{component="operator"' in text
 
 
