@@ -50,10 +50,34 @@ def context_fields(role: str) -> dict[str, Any]:
     }
 
 
+def _libraries_through_root() -> None:
+    """transformers and diffusers log through a handler of their own ("[transformers] ...") and draw tqdm bars:
+    route their records to the root (JSON) handler and drop the bars. Workers import both anyway."""
+    import importlib
+
+    for name in ("transformers.utils.logging", "diffusers.utils.logging"):
+        try:
+            lib = importlib.import_module(name)
+        except ImportError:
+            continue
+        lib.disable_default_handler()
+        lib.enable_propagation()
+        lib.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+    except ImportError:
+        return
+    disable_progress_bars()
+
+
 def setup_logging(role: str = "worker") -> None:
     level = os.environ.get("LOG_LEVEL", "INFO").upper()
     if json_logging():
         logging.basicConfig(level=level, handlers=[json_handler(context_fields(role))], force=True)
+        # Every line JSON: Python warnings become log records, and the libraries' own stderr output goes too.
+        logging.captureWarnings(True)
+        if role == "worker":
+            _libraries_through_root()
     else:
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
