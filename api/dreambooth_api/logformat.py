@@ -39,13 +39,30 @@ class ContextFilter(logging.Filter):
         return True
 
 
+# Extras kopf's object loggers attach that are its internals, not facts about the event (its settings object
+# cannot even be copied). Its `k8s_ref` (the object's kind, namespace, name, uid) stays.
+KOPF_INTERNALS = ("settings", "k8s_skip")
+
+
 def json_handler(fields: Mapping[str, Any | Callable[[], Any]], stream: Any = None) -> logging.Handler:
     """A stream handler writing one JSON object per record with `fields` on each."""
-    from pythonjsonlogger.json import JsonFormatter
+    from pythonjsonlogger.core import RESERVED_ATTRS
+    from pythonjsonlogger.json import JsonEncoder, JsonFormatter
+
+    class Encoder(JsonEncoder):
+        def default(self, o: Any) -> Any:
+            # A log line is never lost to an extra the encoder cannot take: it is written as its repr.
+            try:
+                return super().default(o)
+            except Exception:
+                return repr(o)
 
     handler = logging.StreamHandler(stream)
     # ISO 8601 with the offset: pipelines parse it without being told the pod's timezone.
-    formatter = JsonFormatter(JSON_FIELDS, rename_fields=JSON_RENAME, datefmt="%Y-%m-%dT%H:%M:%S%z")
+    formatter = JsonFormatter(
+        JSON_FIELDS, rename_fields=JSON_RENAME, datefmt="%Y-%m-%dT%H:%M:%S%z", json_encoder=Encoder,
+        reserved_attrs=[*RESERVED_ATTRS, *KOPF_INTERNALS],
+    )  # fmt: skip
     handler.setFormatter(formatter)
     handler.addFilter(ContextFilter(fields))
     return handler

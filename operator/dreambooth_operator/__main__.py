@@ -125,6 +125,7 @@ def run_operator(argv: list[str] | None = None) -> int:
         return 2
     if settings.log_format == "json":
         logging.basicConfig(level=settings.log_level, handlers=[json_handler({"component": "operator"})])
+        logging.captureWarnings(True)  # every line JSON, Python warnings included
     else:
         logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kopf logs every event at DEBUG/INFO; keep its chatter a level below ours.

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +17,7 @@ pytestmark = pytest.mark.unit
 WORKER = """
 import logging, sys
 from pathlib import Path
+from typing import Any
 from dreambooth_trainer.logs import RankLog, setup_logging
 from dreambooth_trainer.progress import Progress
 setup_logging(sys.argv[1])
@@ -73,3 +75,27 @@ def test_an_unknown_format_logs_text_and_says_the_fix(tmp_path: Path) -> None:
     lines, _ = run("worker", tmp_path, LOG_FORMAT="xml")
     assert "LOG_FORMAT='xml' is not a log format: set it to text or json" in lines[0]
     assert any("at step 2" in line and not line.startswith("{") for line in lines)
+
+
+def test_an_extra_json_cannot_take_is_written_not_lost() -> None:
+    """kopf's object loggers pass their settings object (uncopyable) as an extra: the line is still written."""
+    import dataclasses
+    import io
+    import logging
+    import threading
+
+    from dreambooth_api.logformat import json_handler
+
+    @dataclasses.dataclass
+    class Settings:
+        lock: Any = dataclasses.field(default_factory=threading.Lock)  # asdict's deepcopy of it raises
+
+    out = io.StringIO()
+    log = logging.getLogger("dreambooth_test.extras")
+    log.propagate = False
+    log.addHandler(json_handler({"component": "operator"}, stream=out))
+    log.warning("handled", extra={"settings": Settings(), "k8s_skip": False, "k8s_ref": {"name": "dog"},
+                                  "odd": Settings()})  # fmt: skip
+    doc = json.loads(out.getvalue())
+    assert doc["message"] == "handled" and doc["k8s_ref"] == {"name": "dog"} and doc["component"] == "operator"
+    assert "settings" not in doc and "k8s_skip" not in doc and "lock" in doc["odd"]
