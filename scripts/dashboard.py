@@ -31,7 +31,9 @@ PER_JOB: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("Loss", "none", [("loss", f"max(dreambooth_loss{{{JOB}}})")]),
     ("Steps per second", "none", [("steps/s", f"max(dreambooth_steps_per_second{{{JOB}}})")]),
     ("Checkpoint age", "s", [
-        ("age", f"time() - max(dreambooth_last_checkpoint_timestamp_seconds{{{JOB}}})"),
+        # Before a first checkpoint: since the start of training (what the alert measures too).
+        ("age", f"time() - max(dreambooth_last_checkpoint_timestamp_seconds{{{JOB}}}"
+                f" or dreambooth_training_started_timestamp_seconds{{{JOB}}})"),
         ("3 intervals (alert)", f"3 * max(dreambooth_checkpoint_interval_steps{{{JOB}}}"
                                 f" / dreambooth_steps_per_second{{{JOB}}})"),
     ]),

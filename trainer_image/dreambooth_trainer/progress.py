@@ -48,6 +48,7 @@ class Progress:
         self.checkpoint_interval_steps: int | None = None
         self.preemptions = 0
         self._t0: float | None = None
+        self.started_at: float | None = None  # wall clock of this process's first step (Unix time)
         self._step0 = 0
         self._last_print = 0.0
         self._json = json_logging()
@@ -73,6 +74,7 @@ class Progress:
             if "step" in fields and self._t0 is None:
                 # Speed counts from the first step this process ran, not from a resumed step count.
                 self._t0, self._step0 = time.monotonic(), self.step
+                self.started_at = time.time()
         if "step" in fields:
             set_step(self.step)
         if self.enabled and "step" in fields:
@@ -149,6 +151,7 @@ def _metric_families(progress: Progress) -> Iterator[Any]:
     with progress._lock:
         stalls, publishes = list(progress.stalls), list(progress.publish_seconds)
         interval, preemptions = progress.checkpoint_interval_steps, progress.preemptions
+        started_at = progress.started_at
 
     def gauge(name: str, doc: str, value: float | None) -> Any:
         g = GaugeMetricFamily(name, doc)
@@ -174,6 +177,11 @@ def _metric_families(progress: Progress) -> Iterator[Any]:
         "dreambooth_last_checkpoint_timestamp_seconds",
         "When the newest durable checkpoint was published (Unix time; its manifest's time).",
         _unix_time(last.get("time")) if last else None,
+    )
+    yield gauge(
+        "dreambooth_training_started_timestamp_seconds",
+        "When this process started training (Unix time): the checkpoint-age reference before a first checkpoint.",
+        started_at,
     )
     yield gauge(
         "dreambooth_checkpoint_interval_steps",
