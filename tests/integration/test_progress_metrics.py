@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dreambooth_trainer import __version__
 from dreambooth_trainer.progress import Progress, ProgressServer
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 
 def scrape(progress: Progress) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
