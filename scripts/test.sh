@@ -27,9 +27,10 @@ run_tier() {
 # Debian's tools the cluster and packaging tiers use (root only; a non-root run skips what needs them):
 # buildah + debootstrap build images without a Docker engine, docker-registry is the real OCI registry,
 # runc runs containers from images: the test cluster's image pods and the packaging tier's (crun 1.8 refuses
-# this machine's hybrid cgroup layout).
-# iptables routes the kubernetes Service's address to the apiserver for pods (the test cluster's kube-proxy).
-SYSTEM_PKGS=(buildah debootstrap docker-registry runc iptables)
+# this machine's hybrid cgroup layout); prometheus (with promtool) checks the chart's alerts and scrapes a
+# real job in tests/{packaging,cluster}/test_monitoring.py; iptables routes the kubernetes Service's address to
+# the apiserver for pods (the test cluster's kube-proxy).
+SYSTEM_PKGS=(buildah debootstrap docker-registry runc prometheus iptables)
 case " $TIERS " in *" cluster "*|*" packaging "*|*" cuda-image "*|*" upgrade "*)
   missing=()
   for p in "${SYSTEM_PKGS[@]}"; do

@@ -7,8 +7,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from dreambooth_api.contract import BadInputError
+from dreambooth_api.logformat import LogFormat, json_handler, log_format
 
 from .powers import ENV as POWERS_ENV
 from .powers import parse_allow
@@ -28,6 +32,7 @@ class Settings:
     max_nodes: int = 256
     image_pull_timeout_seconds: int = 300
     allowed_powers: frozenset[str] = frozenset()
+    log_format: LogFormat = "text"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -43,6 +48,7 @@ class Settings:
             max_nodes=int(env.get("DREAMBOOTH_MAX_NODES", "256")),
             image_pull_timeout_seconds=int(env.get("DREAMBOOTH_IMAGE_PULL_TIMEOUT_SECONDS", "300")),
             allowed_powers=parse_allow(env.get(POWERS_ENV, "")),
+            log_format=log_format(env),
         )
 
 
@@ -53,7 +59,7 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] = os.environ) -> S
         description="Run the DreamBoothJob operator. Flags override the environment (DREAMBOOTH_OPERATOR_NAMESPACES, "
         "LOG_LEVEL, METRICS_PORT, DREAMBOOTH_OPERATOR_WORKERS, DREAMBOOTH_OPERATOR_RESYNC_SECONDS, "
         "DREAMBOOTH_BACKOFF_BASE_SECONDS, DREAMBOOTH_CLUSTER_DOMAIN, DREAMBOOTH_MAX_NODES, "
-        "DREAMBOOTH_IMAGE_PULL_TIMEOUT_SECONDS, DREAMBOOTH_POD_POWERS).",
+        "DREAMBOOTH_IMAGE_PULL_TIMEOUT_SECONDS, DREAMBOOTH_POD_POWERS, LOG_FORMAT).",
     )
     parser.add_argument("-n", "--namespace", action="append", dest="namespaces",
                         help="watch this namespace (repeatable); default: all namespaces")  # fmt: skip
@@ -73,6 +79,7 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] = os.environ) -> S
         max_nodes=base.max_nodes,
         image_pull_timeout_seconds=base.image_pull_timeout_seconds,
         allowed_powers=base.allowed_powers,
+        log_format=base.log_format,
     )
 
 
@@ -95,7 +102,7 @@ async def serve(settings: Settings) -> None:
     io_threads = 2 * settings.workers
     kube = Kube.from_environment(on_request=metrics.api_request, connections=settings.workers + io_threads + 4)
     opts = PlanOptions(
-        BuildOptions(cluster_domain=settings.cluster_domain),
+        BuildOptions(cluster_domain=settings.cluster_domain, log_format=settings.log_format),
         settings.backoff_base_seconds,
         settings.max_nodes,
         image_pull_timeout_seconds=settings.image_pull_timeout_seconds,
@@ -123,8 +130,16 @@ async def serve(settings: Settings) -> None:
 
 def run_operator(argv: list[str] | None = None) -> int:
     """Entry point of `dreambooth operator` and `python -m dreambooth_operator`."""
-    settings = parse_args(argv)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = parse_args(argv)
+    except BadInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if settings.log_format == "json":
+        logging.basicConfig(level=settings.log_level, handlers=[json_handler({"component": "operator"})])
+        logging.captureWarnings(True)  # every line JSON, Python warnings included
+    else:
+        logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kopf logs every event at DEBUG/INFO; keep its chatter a level below ours.
     logging.getLogger("kopf").setLevel(max(logging.getLevelName(settings.log_level), logging.INFO))
     with contextlib.suppress(KeyboardInterrupt):

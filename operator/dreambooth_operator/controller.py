@@ -196,12 +196,13 @@ class Controller:
                 self._failures[key] += 1
                 delay = min(MAX_ERROR_BACKOFF_SECONDS, 2.0 ** self._failures[key])
                 log.exception("reconcile of %s/%s failed; retrying in %.0f s", key[0], key[1], delay)
-                self.metrics.reconcile_errors.inc()
+                self.metrics.reconcile_errors.labels(key[0]).inc()
                 self.queue.schedule(key, delay)
             else:
                 self._failures.pop(key, None)
                 if result is None:
                     self.phases.pop(key, None)
+                    self.metrics.job_gone(*key)
                     self.queue.forget(key)
                 else:
                     if result.resource_version:

@@ -55,7 +55,9 @@ class Kube:
     accepts (an int GPU count, fields newer than the client): objects go out exactly as the builders made them.
     """
 
-    def __init__(self, api_client: Any = None, on_request: Callable[[str, float], None] | None = None) -> None:
+    def __init__(
+        self, api_client: Any = None, on_request: Callable[[str, float, str | None], None] | None = None
+    ) -> None:
         from kubernetes import client
 
         self._client = client
@@ -65,7 +67,9 @@ class Kube:
         self._on_request = on_request
 
     @classmethod
-    def from_environment(cls, on_request: Callable[[str, float], None] | None = None, connections: int = 20) -> Kube:
+    def from_environment(
+        cls, on_request: Callable[[str, float, str | None], None] | None = None, connections: int = 20
+    ) -> Kube:
         from kubernetes import client, config
 
         configuration = client.Configuration()
@@ -82,11 +86,16 @@ class Kube:
         with self._lock:
             self.requests[verb] += 1
         started = time.perf_counter()
+        error: str | None = None
         try:
             return self._send(method, path, body, query, content_type)
+        except Exception as exc:
+            # The HTTP status (404 and 409 are routine), or the exception's type when none came back.
+            error = str(getattr(exc, "status", None) or type(exc).__name__)
+            raise
         finally:
             if self._on_request is not None:
-                self._on_request(verb, time.perf_counter() - started)
+                self._on_request(verb, time.perf_counter() - started, error)
 
     def _send(self, method: str, path: str, body: Any, query: dict[str, str] | None, content_type: str) -> Any:
         headers = {"Accept": "application/json"}

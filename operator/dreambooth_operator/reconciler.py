@@ -155,6 +155,8 @@ class Reconciler:
             job = updated
             self._record_events(job, planned, now)
             result = Result(planned.status.phase, planned.requeue_after, _rv(job))
+            if self.metrics is not None:
+                self.metrics.job_seen(namespace, name, planned.status)
             if not planned.actions:
                 return result
             if not planned.act_first:
@@ -281,8 +283,7 @@ class Reconciler:
             self.cache.job_read(updated, written=True)
         if self.metrics is not None and updated is not None:
             self.metrics.status_writes.inc()
-            self.metrics.preemptions.inc(max(0, planned.status.preemptions - int(old.get("preemptions") or 0)))
-            self.metrics.restarts.inc(max(0, planned.status.restarts - int(old.get("restarts") or 0)))
+            self.metrics.job_status(namespace, name, old, planned.status)
         return updated
 
     def _record_events(self, job: dict[str, Any], planned: Plan, now: datetime) -> None:

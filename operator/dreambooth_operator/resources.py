@@ -100,6 +100,8 @@ def names_for(job_name: str) -> Names:
 @dataclass(frozen=True)
 class BuildOptions:
     cluster_domain: str = "cluster.local"
+    # LOG_FORMAT of the trainer pods (the chart's logFormat); a job's podTemplate env may still set its own.
+    log_format: str = "text"
 
 
 def owner_reference(job: ValidJob) -> dict[str, Any]:
@@ -181,6 +183,7 @@ def _env(job: ValidJob, attempt: int, index: int, memory_savers: bool, opts: Bui
     env = _value_env(
         {
             "DREAMBOOTH_JOB_NAME": job.name,
+            "DREAMBOOTH_NAMESPACE": job.namespace,
             "DREAMBOOTH_JOB_UID": job.uid,
             "DREAMBOOTH_ATTEMPT": str(attempt),
             "DREAMBOOTH_GRACE_SECONDS": str(policy.termination_grace_period_seconds),
@@ -224,7 +227,10 @@ def _env(job: ValidJob, attempt: int, index: int, memory_savers: bool, opts: Bui
             "OMP_NUM_THREADS": str(omp_threads(job)),
         }
     )
-    return env + [dict(v) for v in job.spec.pod_template.env]
+    user = [dict(v) for v in job.spec.pod_template.env]
+    if opts.log_format != "text" and not any(v.get("name") == "LOG_FORMAT" for v in user):
+        env.append({"name": "LOG_FORMAT", "value": opts.log_format})
+    return env + user
 
 
 def _volumes(job: ValidJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -648,8 +648,12 @@ def test_metrics_count_requests_preemptions_and_writes() -> None:
     env.kube.delete_pod("ns", "dog-a1-0")
     env.reconcile()
     text = metrics.render().decode()
-    assert "dreambooth_operator_preemptions_total 1.0" in text
+    assert 'dreambooth_operator_preemptions_total{namespace="ns",reason="PodDeleted"} 1.0' in text
     assert "dreambooth_operator_status_writes_total" in text
+    assert 'dreambooth_operator_job_attempt{dreambooth_job="dog",namespace="ns"} 1.0' in text
+    assert 'dreambooth_operator_job_preemptions{dreambooth_job="dog",namespace="ns"} 1.0' in text
+    assert 'dreambooth_operator_job_preemptions_without_progress{dreambooth_job="dog",namespace="ns"}' in text
+    assert 'dreambooth_build_info{component="operator"' in text
 
 
 def test_emergency_checkpoint_from_the_termination_message() -> None:
@@ -694,3 +698,43 @@ def test_a_reconcile_builds_only_the_pods_it_creates(monkeypatch: pytest.MonkeyP
     env.reconciler = env.new_reconciler()
     env.reconcile()
     assert sorted(built) == sorted(set(range(50)) - present) and len(env.kube.job_pods()) == 50
+
+
+def test_metrics_say_since_when_a_job_waits_and_why_it_ended() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dreambooth_operator.metrics import Metrics
+
+    env = Env()
+    metrics = Metrics()
+    env.reconciler.metrics = metrics
+    env.reconcile()
+    for pod in env.kube.job_pods():
+        env.kube.unschedulable(pod)
+    env.reconcile()
+    since = S.parse_time(env.cond("WaitingForResources")["lastTransitionTime"])
+    assert since is not None
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for s in family.samples
+    }
+    key = ("dreambooth_operator_job_waiting_since_timestamp_seconds", (("dreambooth_job", "dog"), ("namespace", "ns")))
+    assert samples[key] == since.timestamp()
+    env.clock.advance(301)
+    env.reconcile()
+    text = metrics.render().decode()
+    assert 'dreambooth_operator_restarts_total{namespace="ns",reason="SchedulingTimeout"} 1.0' in text
+    assert "dreambooth_operator_job_waiting_since_timestamp_seconds{" not in text
+    metrics.job_gone("ns", "dog")
+    assert 'dreambooth_job="dog"' not in metrics.render().decode()
+
+    env = Env()
+    env.reconciler.metrics = metrics
+    env.reconcile()
+    env.kube.run_all()
+    env.kube.exit(env.kube.job_pods()[0], 64, {"reason": "bad-input", "message": "spec.training.instanceDataDir: none"})
+    assert env.reconcile()["phase"] == "Failed"
+    assert 'dreambooth_operator_jobs_ended_total{namespace="ns",phase="Failed",reason="BadInput"} 1.0' in (
+        metrics.render().decode()
+    )

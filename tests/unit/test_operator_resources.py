@@ -386,3 +386,13 @@ def test_the_chart_offers_exactly_the_powers_the_operator_knows() -> None:
     assert allow["items"]["enum"] == list(powers.POWERS)
     deployment = (chart / "templates" / "deployment.yaml").read_text()
     assert f"name: {powers.ENV}" in deployment and ".Values.operator.podPowers.allow" in deployment
+
+
+def test_log_format_reaches_the_trainer_unless_the_job_sets_its_own() -> None:
+    job = valid(CASES["cpu-1x1"][0])
+    assert "LOG_FORMAT" not in _env(build_pod(job, 1, 0))
+    env = _env(build_pod(job, 1, 0, opts=resources.BuildOptions(log_format="json")))
+    assert env["LOG_FORMAT"] == "json" and env["DREAMBOOTH_NAMESPACE"] == "team"
+    own = valid({**CASES["cpu-1x1"][0], "podTemplate": {"env": [{"name": "LOG_FORMAT", "value": "text"}]}})
+    pod = build_pod(own, 1, 0, opts=resources.BuildOptions(log_format="json"))
+    assert [e["value"] for e in pod["spec"]["containers"][0]["env"] if e["name"] == "LOG_FORMAT"] == ["text"]

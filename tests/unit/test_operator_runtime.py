@@ -238,3 +238,12 @@ def test_kopf_handlers_route_events_to_the_controller() -> None:
     owners = [{"kind": "DreamBoothJob", "name": "j", "controller": True}]
     assert rec.pods == [("ns", owners, {"body": {"p": 1}, "deleted": False}),
                         ("ns", owners, {"body": {"p": 2}, "deleted": True})]  # fmt: skip
+
+
+def test_log_format_is_text_or_json_and_says_the_fix() -> None:
+    from dreambooth_api.contract import BadInputError
+
+    assert Settings.from_env({}).log_format == "text"
+    assert Settings.from_env({"LOG_FORMAT": "JSON"}).log_format == "json"
+    with pytest.raises(BadInputError, match="LOG_FORMAT='xml'.*text or json"):
+        Settings.from_env({"LOG_FORMAT": "xml"})

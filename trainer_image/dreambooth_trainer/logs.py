@@ -20,6 +20,7 @@ import threading
 import traceback
 from pathlib import Path
 
+from .logsetup import setup_logging
 from .storage import Store, open_store
 
 logger = logging.getLogger(__name__)
@@ -40,12 +41,10 @@ def _env_seconds(name: str, default: float) -> float:
     return value if value > 0 else default
 
 
-def _root_formatter() -> logging.Formatter:
-    # The same lines as the console (cli._setup_logging), so a downloaded log reads like the pod's output.
-    for handler in logging.getLogger().handlers:
-        if handler.formatter is not None:
-            return handler.formatter
-    return logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _root_handler() -> logging.Handler | None:
+    # The same lines as the console (setup_logging), so a downloaded log reads like the pod's output: its
+    # formatter, and its filters (LOG_FORMAT=json adds the job/rank/step fields by a filter).
+    return next((h for h in logging.getLogger().handlers if h.formatter is not None), None)
 
 
 class RankLog:
@@ -56,7 +55,13 @@ class RankLog:
         local.parent.mkdir(parents=True, exist_ok=True)
         # Appending: a restarted attempt on the same machine keeps what the earlier process logged.
         self.handler = logging.FileHandler(local, mode="a", encoding="utf-8")
-        self.handler.setFormatter(_root_formatter())
+        root = _root_handler()
+        self.handler.setFormatter(
+            root.formatter if root is not None and root.formatter is not None
+            else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )  # fmt: skip
+        for flt in root.filters if root is not None else []:
+            self.handler.addFilter(flt)
         logging.getLogger().addHandler(self.handler)
         self.url: str | None = None
         self._store: Store | None = None
@@ -144,16 +149,4 @@ class RankLog:
         self.handler.close()
 
 
-__all__ = ["RankLog", "log_key"]
-
-
-def setup_logging() -> None:
-    rank = os.environ.get("RANK")
-    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("urllib3", "botocore", "s3transfer", "PIL", "filelock", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+__all__ = ["RankLog", "log_key", "setup_logging"]

@@ -15,12 +15,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from . import __version__
+from .logsetup import json_logging, set_step
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +48,12 @@ class Progress:
         self.checkpoint_interval_steps: int | None = None
         self.preemptions = 0
         self._t0: float | None = None
+        self.started_at: float | None = None  # wall clock of this process's first step (Unix time)
         self._step0 = 0
         self._last_print = 0.0
-        self.console = enabled and (sys.stderr.isatty() if console is None else console)
+        self._json = json_logging()
+        # JSON logs get the progress line whether or not stderr is a terminal: the pipeline is the console.
+        self.console = enabled and (self._json or (sys.stderr.isatty() if console is None else console))
 
     @property
     def steps_per_second(self) -> float | None:
@@ -66,6 +74,9 @@ class Progress:
             if "step" in fields and self._t0 is None:
                 # Speed counts from the first step this process ran, not from a resumed step count.
                 self._t0, self._step0 = time.monotonic(), self.step
+                self.started_at = time.time()
+        if "step" in fields:
+            set_step(self.step)
         if self.enabled and "step" in fields:
             self._print()
 
@@ -108,11 +119,29 @@ class Progress:
         if now - self._last_print < 1.0 and self.step < self.max_steps:
             return
         self._last_print = now
-        print(f"[dreambooth] {self.line()}", file=sys.stderr, flush=True)
+        self._emit()
+
+    def _emit(self) -> None:
+        if self._json:
+            # A JSON pipeline gets the figures as fields, not only inside the sentence.
+            s = self.snapshot()
+            logger.info(self.line(), extra={"loss": s["loss"], "steps_per_second": s["stepsPerSecond"],
+                                            "eta_seconds": s["etaSeconds"], "max_steps": s["maxSteps"]})  # fmt: skip
+        else:
+            print(f"[dreambooth] {self.line()}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.enabled:
-            print(f"[dreambooth] {self.line()}", file=sys.stderr, flush=True)
+            self._emit()
+
+
+def _unix_time(value: Any) -> float | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def _metric_families(progress: Progress) -> Iterator[Any]:
@@ -122,6 +151,7 @@ def _metric_families(progress: Progress) -> Iterator[Any]:
     with progress._lock:
         stalls, publishes = list(progress.stalls), list(progress.publish_seconds)
         interval, preemptions = progress.checkpoint_interval_steps, progress.preemptions
+        started_at = progress.started_at
 
     def gauge(name: str, doc: str, value: float | None) -> Any:
         g = GaugeMetricFamily(name, doc)
@@ -142,6 +172,16 @@ def _metric_families(progress: Progress) -> Iterator[Any]:
     last = snap["lastCheckpoint"]
     yield gauge(
         "dreambooth_last_checkpoint_step", "Step of the newest durable checkpoint.", last["step"] if last else None
+    )
+    yield gauge(
+        "dreambooth_last_checkpoint_timestamp_seconds",
+        "When the newest durable checkpoint was published (Unix time; its manifest's time).",
+        _unix_time(last.get("time")) if last else None,
+    )
+    yield gauge(
+        "dreambooth_training_started_timestamp_seconds",
+        "When this process started training (Unix time): the checkpoint-age reference before a first checkpoint.",
+        started_at,
     )
     yield gauge(
         "dreambooth_checkpoint_interval_steps",
@@ -168,6 +208,11 @@ def _metric_families(progress: Progress) -> Iterator[Any]:
     yield CounterMetricFamily(
         "dreambooth_preemptions", "SIGTERM stops (emergency checkpoints) in this process.", value=preemptions
     )
+    info = GaugeMetricFamily(
+        "dreambooth_build_info", "Version of the running component; value 1.", labels=["component", "version", "python"]
+    )
+    info.add_metric(["trainer", __version__, platform.python_version()], 1.0)
+    yield info
     attempt = os.environ.get("DREAMBOOTH_ATTEMPT", "")
     yield gauge(
         "dreambooth_attempt", "The operator's attempt number of this run.", int(attempt) if attempt.isdigit() else None

@@ -55,11 +55,9 @@ logger = logging.getLogger("dreambooth_trainer.launch")
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s launcher %(levelname)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    from ..logsetup import setup_logging
+
+    setup_logging(role="launcher")
 
 
 def main(argv: list[str] | None = None) -> int:
