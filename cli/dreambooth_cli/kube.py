@@ -78,12 +78,14 @@ class Kube:
         if isinstance(e, k8s.client.ApiException):
             if e.status == 404:
                 return UserError(f"{what} not found in namespace {self.namespace} (see `dreambooth get`)")
+            reason = ""
+            with contextlib.suppress(ValueError, AttributeError):
+                reason = json.loads(e.body or "{}").get("message", "")
             if e.status in (401, 403):
-                reason = ""
-                with contextlib.suppress(ValueError):
-                    reason = json.loads(e.body or "{}").get("message", "")
                 return UserError(f"not allowed to read {what}: {reason or e.reason} (check your kubeconfig's user)")
-            return UserError(f"{what}: the apiserver answered {e.status} {e.reason}")
+            return UserError(
+                f"{what}: the apiserver answered {e.status} {e.reason}" + (f": {reason}" if reason else "")
+            )
         return UserError(
             f"cannot reach the apiserver at {self.server}: {type(e).__name__} (check --context/kubeconfig)"
         )

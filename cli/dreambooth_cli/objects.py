@@ -130,7 +130,7 @@ def output_for(job: dict[str, Any], endpoint: str | None = None) -> Output:
     style = "path" if storage.get("pathStyle") else os.environ.get("DREAMBOOTH_S3_ADDRESSING_STYLE", "auto")
     region = storage.get("region") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     client = boto3.client("s3", endpoint_url=url, region_name=region or "us-east-1",
-                          config=Config(s3={"addressing_style": style}, retries={"max_attempts": 3}))  # fmt: skip
+                          config=Config(s3={"addressing_style": style}, retries={"max_attempts": 3}, signature_version="s3v4"))  # fmt: skip
     return Output(client, bucket, prefix)
 
 

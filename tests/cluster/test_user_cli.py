@@ -1,0 +1,176 @@
+"""The user CLI (`dreambooth get|watch|logs|images|download`, `kubectl dbj`) against the real apiserver and SeaweedFS.
+
+The fast jobs run the fake trainer of operator_support.py under the real operator; the S3 side reads what the
+real trainer wrote (a 2-step LoRA run on the tiny model, in a subprocess, to the test's bucket): checkpoints with
+their manifests, the final model with its sha256 metadata, the rank log and the validation images.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from k8s_harness import Cluster, tools
+from operator_support import Jobs, fake_job
+
+from gallery_check import check_gallery  # tests/ is on sys.path (tests/conftest.py)
+
+pytestmark = pytest.mark.cluster
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli_env(cluster: Cluster, **extra: str) -> dict[str, str]:
+    env = {**cluster.env(), **extra}
+    # The console scripts (dreambooth, kubectl-dbj) of this interpreter's environment first: kubectl finds its
+    # plugin on PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}:{tools.bin_dir()}:{env['PATH']}"
+    for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        env.pop(proxy, None)
+    return env
+
+
+def dbj(cluster: Cluster, namespace: str, *args: str, env: dict[str, str] | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """`dreambooth ARGS -n NAMESPACE` as a user runs it (the console script, the cluster's admin kubeconfig)."""
+    return subprocess.run(["dreambooth", *args, "-n", namespace], env=env or cli_env(cluster), capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    for n in needles:
+        assert n in proc.stderr, proc.stderr
+
+
+def test_get_watch_and_live_logs_of_a_running_job(jobs: Jobs, cluster: Cluster, tmp_path: Path) -> None:
+    ns = jobs.ns
+    jobs.create(fake_job("seen", nodes=2, seconds=30))
+    env = cli_env(cluster)
+    # watch from the first moment to the end: phase changes, Events, progress; exit 0 on Succeeded.
+    watch = subprocess.Popen(["dreambooth", "watch", "seen", "-n", ns, "--interval", "0.5"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        jobs.wait("seen", lambda s: s.get("step") is not None, 60, "progress in status")
+        table = dbj(cluster, ns, "get")
+        assert table.returncode == 0, table.stderr
+        head, row = table.stdout.splitlines()[:2]
+        assert head.split() == ["NAME", "PHASE", "ATTEMPT", "RESTARTS", "PREEMPTIONS", "QUEUE", "STEP", "MAX",
+                                "LOSS", "ETA", "LAST-CHECKPOINT", "AGE"]  # fmt: skip
+        cells = row.split()
+        assert cells[:6] == ["seen", "Running", "1", "0", "0", "<none>"] and cells[7:11] == ["1000", "0.25", "42s", "2"]
+        # While it runs, a rank's log comes from its pod, through the apiserver's pods/log.
+        logs = dbj(cluster, ns, "logs", "seen", "--rank", "1")
+        assert logs.returncode == 0, logs.stderr
+        assert "fake trainer: attempt 1 rank 1" in logs.stdout, logs.stdout
+        as_json = json.loads(dbj(cluster, ns, "get", "seen", "-o", "json").stdout)
+        assert as_json["status"]["attempt"] == 1 and as_json["metadata"]["name"] == "seen"
+        as_yaml = yaml.safe_load(dbj(cluster, ns, "get", "-o", "yaml").stdout)
+        assert [j["metadata"]["name"] for j in as_yaml["items"]] == ["seen"]
+        # kubectl's plugin mechanism: `kubectl dbj` runs the kubectl-dbj console script.
+        plugin = subprocess.run([str(tools.tool_path("kubectl")), "dbj", "get", "seen", "-n", ns], env=env,
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert plugin.returncode == 0 and plugin.stdout.splitlines()[1].split()[0] == "seen", plugin
+        out, err = watch.communicate(timeout=120)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+    assert watch.returncode == 0, (out, err)
+    lines = out.splitlines()
+    assert any(line.startswith("phase Running") or "-> Running" in line for line in lines), out
+    assert any(line.startswith("event Normal AllPodsRunning") for line in lines), out
+    assert any("/1000" in line and "loss 0.25" in line and "checkpoint 2" in line for line in lines), out
+    assert lines[-1].startswith("seen Succeeded"), out
+
+
+def test_watch_exits_1_on_failure_and_bad_input_is_one_line(jobs: Jobs, cluster: Cluster, tmp_path: Path) -> None:
+    ns = jobs.ns
+    jobs.create(fake_job("bad", nodes=1, seconds=1, env={"FAKE_CODE": "64"}))
+    watch = dbj(cluster, ns, "watch", "bad", "--interval", "0.5")
+    assert watch.returncode == 1, watch
+    assert watch.stdout.splitlines()[-1].startswith("bad Failed") and "instanceDataDir" in watch.stdout
+    one_line_error(dbj(cluster, ns, "get", "nope"), "dreamboothjob nope not found", ns)
+    one_line_error(dbj(cluster, ns, "watch", "nope"), "not found")
+    no_config = cli_env(cluster, KUBECONFIG=str(tmp_path / "missing"))
+    one_line_error(dbj(cluster, ns, "get", env=no_config), "no kubeconfig", "--kubeconfig")
+
+
+def _train_to(output: str, env: dict[str, str]) -> None:
+    """The real trainer, 2 full fine-tune steps on the tiny model: checkpoints 1 and 2, the final pipeline, a
+    validation after each step."""
+    args = ["train", "--pretrained_model_name_or_path", "tiny://", "--instance_data_dir",
+            str(REPO / "examples" / "data" / "dog"), "--instance_prompt", "a photo of sks dog", "--output_dir", output,
+            "--resolution", "32", "--train_batch_size", "1", "--max_train_steps", "2", "--checkpointing_steps", "1",
+            "--seed", "7", "--validation_prompt", "a photo of sks dog", "--num_validation_images", "2",
+            "--validation_steps", "1"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "dreambooth_trainer", *args], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=REPO)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_download_logs_and_gallery_from_s3(cluster: Cluster, namespace: str, s3: Any, bucket: str,
+                                           tmp_path: Path) -> None:  # fmt: skip
+    out_uri = f"s3://{bucket}/runs/real/"
+    env = cli_env(cluster, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+                  DREAMBOOTH_ATTEMPT="1", **s3.env())  # fmt: skip
+    _train_to(out_uri, env)
+    # The job object as the operator's users see it (no pods needed: everything here is read from S3).
+    job = fake_job("real", nodes=1, training={"outputDir": out_uri, "validationPrompt": "a photo of sks dog"})
+    job["spec"]["storage"] = {"endpoint": f"http://127.0.0.1:{s3.s3_port}", "region": s3.region, "pathStyle": True}
+    cluster.kube_api.create(f"/apis/dreambooth.dev/v1alpha1/namespaces/{namespace}/dreamboothjobs", job)
+
+    final = dbj(cluster, namespace, "download", "real", str(tmp_path / "model"), env=env)
+    assert final.returncode == 0, final.stderr
+    assert (tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size > 0
+    assert (tmp_path / "model" / "model_index.json").is_file()
+    assert not (tmp_path / "model" / "checkpoint-1").exists() and not (tmp_path / "model" / "logs").exists()
+    ckpt = dbj(cluster, namespace, "download", "real", str(tmp_path / "ckpt"), "--checkpoint", "latest", env=env)
+    assert ckpt.returncode == 0 and "checkpoint-2" in ckpt.stdout, ckpt.stderr
+    manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
+    assert manifest["step"] == 2 and all((tmp_path / "ckpt" / rel).is_file() for rel in manifest["files"])
+    presigned = dbj(cluster, namespace, "download", "real", "x", "--checkpoint", "1", "--presign", env=env)
+    assert presigned.returncode == 0 and "X-Amz-Signature=" in presigned.stdout, presigned.stderr
+    name, url = presigned.stdout.splitlines()[0].split("\t")
+    with urllib.request.urlopen(url, timeout=30) as resp:  # a presigned URL needs no credentials
+        assert resp.read() == s3.client().get_object(Bucket=bucket, Key=f"runs/real/checkpoint-1/{name}")["Body"].read()
+    one_line_error(dbj(cluster, namespace, "download", "real", str(tmp_path / "c9"), "--checkpoint", "9", env=env),
+                   "no checkpoint 9", "complete checkpoints: 1, 2")  # fmt: skip
+
+    # Tampered objects are refused, naming the file: one byte changed in a checkpoint, the final weights replaced.
+    client = s3.client()
+    key = f"runs/real/checkpoint-1/{sorted(json.loads(client.get_object(Bucket=bucket, Key='runs/real/checkpoint-1/manifest.json')['Body'].read())['files'])[0]}"
+    data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[-1] ^= 1
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+    one_line_error(dbj(cluster, namespace, "download", "real", str(tmp_path / "t1"), "--checkpoint", "1", env=env),
+                   key, "does not match")  # fmt: skip
+    weights = "runs/real/unet/diffusion_pytorch_model.safetensors"
+    meta = client.head_object(Bucket=bucket, Key=weights)["Metadata"]
+    client.put_object(Bucket=bucket, Key=weights, Body=b"not the model", Metadata=meta)
+    one_line_error(dbj(cluster, namespace, "download", "real", str(tmp_path / "t2"), env=env), weights,
+                   "does not match")  # fmt: skip
+    assert not (tmp_path / "t2" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+    # After the run, a rank's log comes from S3.
+    logs = dbj(cluster, namespace, "logs", "real", "--attempt", "1", env=env)
+    assert logs.returncode == 0 and "model saved to" in logs.stdout, logs.stderr
+    one_line_error(dbj(cluster, namespace, "logs", "real", "--attempt", "3", env=env), "logs/attempt-1/rank-0.log")
+
+    # The gallery: every image it shows decodes, newest step first, the prompt on the page.
+    gallery = tmp_path / "gallery"
+    shown = dbj(cluster, namespace, "images", "real", str(gallery), env=env)
+    assert shown.returncode == 0, shown.stderr
+
+    steps = check_gallery((gallery / "index.html").read_text())
+    assert steps[0][0] == max(s for s, _ in steps) and all(n == 2 for _, n in steps), steps
+    assert "a photo of sks dog" in (gallery / "index.html").read_text()
+
+    no_creds = {k: v for k, v in env.items() if not k.startswith("AWS_")}
+    no_creds["AWS_CONFIG_FILE"] = no_creds["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "none")
+    one_line_error(dbj(cluster, namespace, "download", "real", str(tmp_path / "n"), env=no_creds), "no S3 credentials")
