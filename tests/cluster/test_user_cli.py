@@ -19,7 +19,7 @@ import yaml
 from k8s_harness import Cluster, tools
 from operator_support import Jobs, fake_job
 
-from gallery_check import check_gallery  # tests/ is on sys.path (tests/conftest.py)
+from gallery_check import check_gallery, render_in_chromium  # tests/ is on sys.path (tests/conftest.py)
 
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
@@ -170,6 +170,9 @@ def test_download_logs_and_gallery_from_s3(cluster: Cluster, namespace: str, s3:
     steps = check_gallery((gallery / "index.html").read_text())
     assert steps[0][0] == max(s for s, _ in steps) and all(n == 2 for _, n in steps), steps
     assert "a photo of sks dog" in (gallery / "index.html").read_text()
+    # ... and a real browser shows every one of them (the screenshot stays in the test's tmp folder).
+    decoded, total = render_in_chromium(gallery / "index.html", tmp_path / "gallery.png")
+    assert decoded == total == sum(n for _, n in steps) and (tmp_path / "gallery.png").stat().st_size > 0
 
     no_creds = {k: v for k, v in env.items() if not k.startswith("AWS_")}
     no_creds["AWS_CONFIG_FILE"] = no_creds["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "none")
