@@ -69,6 +69,9 @@ def test_get_watch_and_live_logs_of_a_running_job(jobs: Jobs, cluster: Cluster, 
         logs = dbj(cluster, ns, "logs", "seen", "--rank", "1")
         assert logs.returncode == 0, logs.stderr
         assert "fake trainer: attempt 1 rank 1" in logs.stdout, logs.stdout
+        kubectl_logs = subprocess.run([str(tools.tool_path("kubectl")), "logs", "seen-a1-0", "--tail", "1", "-n", ns],
+                                      env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert kubectl_logs.stdout == "fake trainer: attempt 1 rank 0 exit 0 after 30.0 s\n", kubectl_logs
         as_json = json.loads(dbj(cluster, ns, "get", "seen", "-o", "json").stdout)
         assert as_json["status"]["attempt"] == 1 and as_json["metadata"]["name"] == "seen"
         as_yaml = yaml.safe_load(dbj(cluster, ns, "get", "-o", "yaml").stdout)
