@@ -161,8 +161,12 @@ def cmd_logs(args: argparse.Namespace) -> int:
         if gpus > 1:
             print(f"(pod {pod['metadata']['name']} holds ranks {index * gpus}..{index * gpus + gpus - 1})",
                   file=sys.stderr)  # fmt: skip
-        _write_bytes(kube.pod_log(pod["metadata"]["name"], follow=args.follow))
-        return 0
+        try:
+            _write_bytes(kube.pod_log(pod["metadata"]["name"], follow=args.follow))
+            return 0
+        except UserError as e:
+            # A node's kubelet may be unreachable from the apiserver: the trainer's copy in S3 is seconds behind.
+            print(f"({e}; showing the copy in S3 instead)", file=sys.stderr)
     out = output_for(job, args.s3_endpoint)
     key = f"logs/attempt-{attempt}/rank-{args.rank}.log"
     try:

@@ -56,6 +56,7 @@ def test_get_watch_and_live_logs_of_a_running_job(jobs: Jobs, cluster: Cluster, 
     # watch from the first moment to the end: phase changes, Events, progress; exit 0 on Succeeded.
     watch = subprocess.Popen(["dreambooth", "watch", "seen", "-n", ns, "--interval", "0.5"], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    follow: subprocess.Popen[str] | None = None
     try:
         jobs.wait("seen", lambda s: s.get("step") is not None, 60, "progress in status")
         table = dbj(cluster, ns, "get")
@@ -69,6 +70,8 @@ def test_get_watch_and_live_logs_of_a_running_job(jobs: Jobs, cluster: Cluster, 
         logs = dbj(cluster, ns, "logs", "seen", "--rank", "1")
         assert logs.returncode == 0, logs.stderr
         assert "fake trainer: attempt 1 rank 1" in logs.stdout, logs.stdout
+        follow = subprocess.Popen(["dreambooth", "logs", "seen", "-f", "-n", ns], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)  # fmt: skip
         kubectl_logs = subprocess.run([str(tools.tool_path("kubectl")), "logs", "seen-a1-0", "--tail", "1", "-n", ns],
                                       env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
         assert kubectl_logs.stdout == "fake trainer: attempt 1 rank 0 exit 0 after 30.0 s\n", kubectl_logs
@@ -82,9 +85,13 @@ def test_get_watch_and_live_logs_of_a_running_job(jobs: Jobs, cluster: Cluster, 
         assert plugin.returncode == 0 and plugin.stdout.splitlines()[1].split()[0] == "seen", plugin
         out, err = watch.communicate(timeout=120)
     finally:
-        if watch.poll() is None:
-            watch.kill()
+        for proc in (watch, follow):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
     assert watch.returncode == 0, (out, err)
+    # `logs -f` ended by itself when the container did, with everything it wrote.
+    followed, ferr = follow.communicate(timeout=60)
+    assert follow.returncode == 0 and followed == "fake trainer: attempt 1 rank 0 exit 0 after 30.0 s\n", ferr
     lines = out.splitlines()
     assert any(line.startswith("phase Running") or "-> Running" in line for line in lines), out
     assert any(line.startswith("event Normal AllPodsRunning") for line in lines), out
