@@ -21,7 +21,6 @@ from .errors import UserError
 
 SHA256_METADATA = "sha256"  # the trainer's storage.localfs.SHA256_METADATA (x-amz-meta-sha256)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)/$")
-VALIDATION_RE = re.compile(r"^validation/step-(\d+)/image-(\d+)\.png$")
 # Under an output prefix, what is not the final model: run state, checkpoints, logs, validation images.
 NOT_MODEL = ("checkpoint-", "logs/", "validation/", ".owner", ".lock", "LATEST")
 
@@ -199,9 +198,6 @@ def download_final(out: Output, dest: Path, phase: str | None) -> list[str]:
 # ----------------------------------------------------------------------------------------------- validation
 def validation_images(out: Output) -> dict[int, list[str]]:
     """step -> image keys (in image order), from ``validation/step-N/image-I.png``."""
-    found: dict[int, list[tuple[int, str]]] = {}
-    for key in out.list_keys("validation/"):
-        m = VALIDATION_RE.match(key)
-        if m:
-            found.setdefault(int(m.group(1)), []).append((int(m.group(2)), key))
-    return {step: [k for _, k in sorted(items)] for step, items in found.items()}
+    from dreambooth_trainer.gallery import group
+
+    return group(out.list_keys("validation/"))

@@ -17,7 +17,9 @@ from typing import Any
 
 import yaml
 
-from . import gallery, render
+from dreambooth_trainer import gallery
+
+from . import render
 from .errors import UserError
 from .kube import Kube, KubeTarget
 from .objects import download_checkpoint, download_final, output_for, validation_images

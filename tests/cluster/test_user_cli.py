@@ -180,6 +180,9 @@ def test_download_logs_and_gallery_from_s3(cluster: Cluster, namespace: str, s3:
     steps = check_gallery((gallery / "index.html").read_text())
     assert steps[0][0] == max(s for s, _ in steps) and all(n == 2 for _, n in steps), steps
     assert "a photo of sks dog" in (gallery / "index.html").read_text()
+    # The trainer wrote the same page to the output at its last validation.
+    written = s3.client().get_object(Bucket=bucket, Key="runs/real/validation/index.html")["Body"].read().decode()
+    assert check_gallery(written) == steps and "a photo of sks dog" in written
     # ... and a real browser shows every one of them (the screenshot stays in the test's tmp folder).
     decoded, total = render_in_chromium(gallery / "index.html", tmp_path / "gallery.png")
     assert decoded == total == sum(n for _, n in steps) and (tmp_path / "gallery.png").stat().st_size > 0

@@ -8,9 +8,10 @@ from datetime import UTC, datetime
 import pytest
 from PIL import Image
 
-from dreambooth_cli import gallery, render
+from dreambooth_cli import render
 from dreambooth_cli.errors import UserError
 from dreambooth_cli.objects import split_s3
+from dreambooth_trainer import gallery
 from gallery_check import check_gallery  # tests/ is on sys.path (tests/conftest.py)
 
 pytestmark = pytest.mark.unit

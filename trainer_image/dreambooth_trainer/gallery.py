@@ -1,15 +1,20 @@
 """The validation gallery: one self-contained HTML page (images inlined as data: URIs), newest step first.
 
-Pure: bytes in, text out. Self-contained so that the page can be mailed, attached to a ticket or opened from
-any folder without the PNGs next to it.
+Written by the trainer to ``<output>/validation/index.html`` at every validation (validation.py) and by
+`dreambooth images` next to the downloaded PNGs. Pure standard library: bytes in, text out. Self-contained so
+that the page can be mailed, attached to a ticket or opened from any folder or a presigned URL.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+
+# validation/step-N/image-I.png (validation.py writes them; grid.png is left out: the images are shown anyway).
+IMAGE_KEY = re.compile(r"^validation/step-(\d+)/image-(\d+)\.png$")
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222}
@@ -56,3 +61,13 @@ def render(
         out.append("</div></section>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
+
+
+def group(keys: Sequence[str]) -> dict[int, list[str]]:
+    """step -> its image keys in image order, from keys relative to the output."""
+    found: dict[int, list[tuple[int, str]]] = {}
+    for key in keys:
+        m = IMAGE_KEY.match(key)
+        if m:
+            found.setdefault(int(m.group(1)), []).append((int(m.group(2)), key))
+    return {step: [k for _, k in sorted(items)] for step, items in found.items()}
