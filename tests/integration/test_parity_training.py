@@ -101,7 +101,7 @@ def test_lora_bf16_validates_every_n_epochs_and_at_the_end_with_text_encoder_lor
     proc = run_dreambooth(["train-lora", *tiny_args(out, steps=7, ckpt=1000, batch=1, extra=[
         "--train_text_encoder", "--rank", "2", "--mixed_precision", "bf16", "--validation_prompt", PROMPT, "--validation_epochs", "1",
         "--num_validation_images", "2", "--report_to", "none"])])  # fmt: skip
-    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-5", "step-7"]
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["index.html", "step-5", "step-7"]
     assert (out / "validation" / "step-7" / "grid.png").is_file()
     layers = load_file(out / "pytorch_lora_weights.safetensors")
     te = [k for k in layers if k.startswith("text_encoder.")]
