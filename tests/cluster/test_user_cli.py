@@ -8,6 +8,8 @@ their manifests, the final model with its sha256 metadata, the rank log and the 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -20,6 +22,7 @@ from k8s_harness import Cluster, tools
 from operator_support import Jobs, fake_job
 
 from gallery_check import check_gallery, render_in_chromium  # tests/ is on sys.path (tests/conftest.py)
+from preemption_utils import LaunchedRun, training
 
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
@@ -111,25 +114,25 @@ def test_watch_exits_1_on_failure_and_bad_input_is_one_line(jobs: Jobs, cluster:
     one_line_error(dbj(cluster, ns, "get", env=no_config), "no kubeconfig", "--kubeconfig")
 
 
-def _train_to(output: str, env: dict[str, str]) -> None:
-    """The real trainer, 2 full fine-tune steps on the tiny model: checkpoints 1 and 2, the final pipeline, a
-    validation after each step."""
-    args = ["train", "--pretrained_model_name_or_path", "tiny://", "--instance_data_dir",
-            str(REPO / "examples" / "data" / "dog"), "--instance_prompt", "a photo of sks dog", "--output_dir", output,
-            "--resolution", "32", "--train_batch_size", "1", "--max_train_steps", "2", "--checkpointing_steps", "1",
-            "--seed", "7", "--validation_prompt", "a photo of sks dog", "--num_validation_images", "2",
-            "--validation_steps", "1"]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "dreambooth_trainer", *args], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=REPO)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def _train_preempted(output: str, tmp: Path) -> None:
+    """The real launcher and trainer, 3 full fine-tune steps on the tiny model, checkpoint and validation after
+    every step, preempted once: attempt 1 gets SIGTERM after step 1 (emergency checkpoint, exit 75), attempt 2
+    resumes and saves the final pipeline."""
+    train = training(output, steps=3, ckpt=1, validationPrompt="a photo of sks dog", validationSteps=1,
+                     numValidationImages=2)  # fmt: skip
+    first = LaunchedRun(tmp, "full", train, name="a1", DREAMBOOTH_ATTEMPT="1", DREAMBOOTH_TEST_STEP_DELAY_SECONDS="1")
+    first.start().wait_until("step 1", lambda p: (p.get("step") or 0) >= 1, timeout=300)
+    first.signal(signal.SIGTERM)
+    assert first.wait(120) == 75, first.log()
+    second = LaunchedRun(tmp, "full", train, name="a2", DREAMBOOTH_ATTEMPT="2")
+    assert second.run(300) == 0, second.log()
 
 
 def test_download_logs_and_gallery_from_s3(cluster: Cluster, namespace: str, s3: Any, bucket: str,
                                            tmp_path: Path) -> None:  # fmt: skip
     out_uri = f"s3://{bucket}/runs/real/"
-    env = cli_env(cluster, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-                  DREAMBOOTH_ATTEMPT="1", **s3.env())  # fmt: skip
-    _train_to(out_uri, env)
+    env = cli_env(cluster, **s3.env())
+    _train_preempted(out_uri, tmp_path / "runs")
     # The job object as the operator's users see it (no pods needed: everything here is read from S3).
     job = fake_job("real", nodes=1, training={"outputDir": out_uri, "validationPrompt": "a photo of sks dog"})
     job["spec"]["storage"] = {"endpoint": f"http://127.0.0.1:{s3.s3_port}", "region": s3.region, "pathStyle": True}
@@ -141,16 +144,16 @@ def test_download_logs_and_gallery_from_s3(cluster: Cluster, namespace: str, s3:
     assert (tmp_path / "model" / "model_index.json").is_file()
     assert not (tmp_path / "model" / "checkpoint-1").exists() and not (tmp_path / "model" / "logs").exists()
     ckpt = dbj(cluster, namespace, "download", "real", str(tmp_path / "ckpt"), "--checkpoint", "latest", env=env)
-    assert ckpt.returncode == 0 and "checkpoint-2" in ckpt.stdout, ckpt.stderr
+    assert ckpt.returncode == 0 and "checkpoint-3" in ckpt.stdout, ckpt.stderr
     manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
-    assert manifest["step"] == 2 and all((tmp_path / "ckpt" / rel).is_file() for rel in manifest["files"])
+    assert manifest["step"] == 3 and all((tmp_path / "ckpt" / rel).is_file() for rel in manifest["files"])
     presigned = dbj(cluster, namespace, "download", "real", "x", "--checkpoint", "1", "--presign", env=env)
     assert presigned.returncode == 0 and "X-Amz-Signature=" in presigned.stdout, presigned.stderr
     name, url = presigned.stdout.splitlines()[0].split("\t")
     with urllib.request.urlopen(url, timeout=30) as resp:  # a presigned URL needs no credentials
         assert resp.read() == s3.client().get_object(Bucket=bucket, Key=f"runs/real/checkpoint-1/{name}")["Body"].read()
     one_line_error(dbj(cluster, namespace, "download", "real", str(tmp_path / "c9"), "--checkpoint", "9", env=env),
-                   "no checkpoint 9", "complete checkpoints: 1, 2")  # fmt: skip
+                   "no checkpoint 9", "complete checkpoints: 1, 2, 3")  # fmt: skip
 
     # Tampered objects are refused, naming the file: one byte changed in a checkpoint, the final weights replaced.
     client = s3.client()
@@ -167,10 +170,27 @@ def test_download_logs_and_gallery_from_s3(cluster: Cluster, namespace: str, s3:
                    "does not match")  # fmt: skip
     assert not (tmp_path / "t2" / "unet" / "diffusion_pytorch_model.safetensors").exists()
 
-    # After the run, a rank's log comes from S3.
-    logs = dbj(cluster, namespace, "logs", "real", "--attempt", "1", env=env)
-    assert logs.returncode == 0 and "model saved to" in logs.stdout, logs.stderr
-    one_line_error(dbj(cluster, namespace, "logs", "real", "--attempt", "3", env=env), "logs/attempt-1/rank-0.log")
+    # After the run, each attempt's rank log comes from S3: the preempted one and the one that finished.
+    first = dbj(cluster, namespace, "logs", "real", "--attempt", "1", env=env)
+    assert first.returncode == 0 and "SIGTERM" in first.stdout and "model saved to" not in first.stdout, first.stderr
+    second = dbj(cluster, namespace, "logs", "real", "--attempt", "2", env=env)
+    assert second.returncode == 0 and "resumed from" in second.stdout and "model saved to" in second.stdout
+    one_line_error(dbj(cluster, namespace, "logs", "real", "--attempt", "3", env=env),
+                   "logs/attempt-1/rank-0.log, logs/attempt-2/rank-0.log")  # fmt: skip
+
+    # TensorBoard's own loader reads both attempts' events from S3 (S3_ENDPOINT: its S3 reader's endpoint).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    os.environ["S3_ENDPOINT"] = f"http://127.0.0.1:{s3.s3_port}"
+    try:
+        losses = {}
+        for attempt in (1, 2):
+            events = EventAccumulator(f"{out_uri}logs/tensorboard/attempt-{attempt}/dreambooth",
+                                      size_guidance={"scalars": 0}).Reload()  # fmt: skip
+            losses[attempt] = [e.step for e in events.Scalars("loss")]
+    finally:
+        del os.environ["S3_ENDPOINT"]
+    assert losses[1][0] == 1 and losses[2][-1] == 3 and losses[2][0] <= losses[1][-1] + 1, losses
 
     # The gallery: every image it shows decodes, newest step first, the prompt on the page.
     gallery = tmp_path / "gallery"
@@ -178,7 +198,7 @@ def test_download_logs_and_gallery_from_s3(cluster: Cluster, namespace: str, s3:
     assert shown.returncode == 0, shown.stderr
 
     steps = check_gallery((gallery / "index.html").read_text())
-    assert steps[0][0] == max(s for s, _ in steps) and all(n == 2 for _, n in steps), steps
+    assert steps == [(3, 2), (2, 2), (1, 2)], steps  # attempt 1's validations too
     assert "a photo of sks dog" in (gallery / "index.html").read_text()
     # The trainer wrote the same page to the output at its last validation.
     written = s3.client().get_object(Bucket=bucket, Key="runs/real/validation/index.html")["Body"].read().decode()

@@ -614,6 +614,24 @@ class Trainer:
             self.progress.record_stall(time.monotonic() - t0)
             self.interval.observe_stall(time.monotonic() - t0)
             self.interval.saved(self.state.global_step)
+            self.publish_events()
+
+    def publish_events(self) -> None:
+        """TensorBoard's event files to ``<output>/logs/tensorboard/attempt-N/`` of an s3:// output, at every
+        checkpoint and at exit: the run can be watched while it trains, and a preempted attempt's events outlive
+        its emptyDir (docs/cli.md). A local output holds them in place already. Best effort: a failed upload
+        is a warning, never a failed checkpoint or run."""
+        trackers: Trackers | None = getattr(self, "trackers", None)
+        if trackers is None or not trackers.active or self.out.local_root() is not None:
+            return
+        base = f"logs/tensorboard/attempt-{self.env.attempt}"
+        try:
+            trackers.flush()
+            for path in sorted(trackers.local_dir.rglob("*")):
+                if path.is_file():
+                    self.out.upload_file(path, f"{base}/{path.relative_to(trackers.local_dir).as_posix()}")
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            logger.warning("TensorBoard events not uploaded to %s: %s", self.out.url(base), exc)
 
     def fit(self) -> TrainResult:
         cfg, acc, st = self.cfg, self.accelerator, self.state
@@ -727,6 +745,7 @@ class Trainer:
         if acc.is_main_process:
             self.publisher.wait()
             self._save_final()
+            self.publish_events()
         acc.wait_for_everyone()
         self.trackers.finish()
         self.progress.update(phase="Succeeded")
@@ -822,6 +841,8 @@ def run_training(cfg: CommonConfig, env: RunEnv | None = None) -> TrainResult:
         raise
     finally:
         # The per-rank log's last upload, on success, preemption and crash alike (bounded: S3 may be down).
+        if failure is not None and not isinstance(failure, Preempted):
+            trainer.publish_events()  # a crashed attempt's events too (a preempted one's went with its checkpoint)
         rank_log: logs.RankLog | None = getattr(trainer, "rank_log", None)
         if rank_log is not None:
             rank_log.close(failure)
