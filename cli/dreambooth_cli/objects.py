@@ -146,11 +146,16 @@ def _fetch_verified(out: Output, key: str, dest: Path, size: int | None, sha256:
             n += len(chunk)
             f.write(chunk)
     got = h.hexdigest()
-    if (size is not None and n != size) or (sha256 is not None and got != sha256):
+    wrong = []
+    if size is not None and n != size:
+        wrong.append(f"size {n}, published {size}")
+    if sha256 is not None and got != sha256:
+        wrong.append(f"sha256 {got[:16]}…, published {sha256[:16]}…")
+    if wrong:
         tmp.unlink()
         raise UserError(
-            f"{out.uri}{key} does not match what was published (size {n} vs {size}, sha256 {got[:16]}… vs "
-            f"{(sha256 or '?')[:16]}…): the object changed after it was written; nothing trusted was kept"
+            f"{out.uri}{key} does not match what was published ({'; '.join(wrong)}): the object changed after it "
+            "was written; the file was not kept"
         )
     os.replace(tmp, dest)
 

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,25 @@ def dbj(cluster: Cluster, namespace: str, *args: str, env: dict[str, str] | None
                           text=True, timeout=timeout)  # fmt: skip
 
 
+@pytest.fixture
+def cli(cluster: Cluster, namespace: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> Callable[..., subprocess.CompletedProcess[str]]:  # fmt: skip
+    """The same commands in this process (no interpreter start per call: the checks of errors and outputs)."""
+    import dreambooth_cli
+
+    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
+    for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        capsys.readouterr()
+        code = dreambooth_cli.main([*args, "-n", namespace])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, out, err)
+
+    return run
+
+
 def one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
     assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -52,9 +72,10 @@ def one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> Non
         assert n in proc.stderr, proc.stderr
 
 
-def test_get_watch_and_live_logs_of_a_running_job(jobs: Jobs, cluster: Cluster, tmp_path: Path) -> None:
+def test_get_watch_and_live_logs_of_a_running_job(jobs: Jobs, cluster: Cluster, tmp_path: Path, cli: Any) -> None:
     ns = jobs.ns
-    jobs.create(fake_job("seen", nodes=2, seconds=30))
+    jobs.create(fake_job("seen", nodes=2, seconds=25))
+    jobs.create(fake_job("bad", nodes=1, seconds=1, env={"FAKE_CODE": "64"}))
     env = cli_env(cluster)
     # watch from the first moment to the end: phase changes, Events, progress; exit 0 on Succeeded.
     watch = subprocess.Popen(["dreambooth", "watch", "seen", "-n", ns, "--interval", "0.5"], env=env,
@@ -64,10 +85,11 @@ def test_get_watch_and_live_logs_of_a_running_job(jobs: Jobs, cluster: Cluster, 
         jobs.wait("seen", lambda s: s.get("step") is not None, 60, "progress in status")
         table = dbj(cluster, ns, "get")
         assert table.returncode == 0, table.stderr
-        head, row = table.stdout.splitlines()[:2]
+        head = table.stdout.splitlines()[0]
         assert head.split() == ["NAME", "PHASE", "ATTEMPT", "RESTARTS", "PREEMPTIONS", "QUEUE", "STEP", "MAX",
                                 "LOSS", "ETA", "LAST-CHECKPOINT", "AGE"]  # fmt: skip
-        cells = row.split()
+        assert table.stdout.splitlines()[1].split()[0] == "bad"
+        cells = table.stdout.splitlines()[2].split()
         assert cells[:6] == ["seen", "Running", "1", "0", "0", "<none>"] and cells[7:11] == ["1000", "0.25", "42s", "2"]
         # While it runs, a rank's log comes from its pod, through the apiserver's pods/log.
         logs = dbj(cluster, ns, "logs", "seen", "--rank", "1")
@@ -77,15 +99,22 @@ def test_get_watch_and_live_logs_of_a_running_job(jobs: Jobs, cluster: Cluster, 
                                   stderr=subprocess.PIPE, text=True)  # fmt: skip
         kubectl_logs = subprocess.run([str(tools.tool_path("kubectl")), "logs", "seen-a1-0", "--tail", "1", "-n", ns],
                                       env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
-        assert kubectl_logs.stdout == "fake trainer: attempt 1 rank 0 exit 0 after 30.0 s\n", kubectl_logs
-        as_json = json.loads(dbj(cluster, ns, "get", "seen", "-o", "json").stdout)
+        assert kubectl_logs.stdout == "fake trainer: attempt 1 rank 0 exit 0 after 25.0 s\n", kubectl_logs
+        as_json = json.loads(cli("get", "seen", "-o", "json").stdout)
         assert as_json["status"]["attempt"] == 1 and as_json["metadata"]["name"] == "seen"
-        as_yaml = yaml.safe_load(dbj(cluster, ns, "get", "-o", "yaml").stdout)
-        assert [j["metadata"]["name"] for j in as_yaml["items"]] == ["seen"]
+        as_yaml = yaml.safe_load(cli("get", "-o", "yaml").stdout)
+        assert [j["metadata"]["name"] for j in as_yaml["items"]] == ["bad", "seen"]
         # kubectl's plugin mechanism: `kubectl dbj` runs the kubectl-dbj console script.
         plugin = subprocess.run([str(tools.tool_path("kubectl")), "dbj", "get", "seen", "-n", ns], env=env,
                                 capture_output=True, text=True, timeout=60)  # fmt: skip
         assert plugin.returncode == 0 and plugin.stdout.splitlines()[1].split()[0] == "seen", plugin
+        # A failed job: watch says why and exits 1; a job that does not exist or no kubeconfig: one line, exit 1.
+        failed = cli("watch", "bad", "--interval", "0.5")
+        assert failed.returncode == 1 and failed.stdout.splitlines()[-1].startswith("bad Failed"), failed
+        assert "instanceDataDir" in failed.stdout
+        one_line_error(cli("get", "nope"), "dreamboothjob nope not found", ns)
+        one_line_error(cli("watch", "nope"), "not found")
+        one_line_error(cli("logs", "nope", "--kubeconfig", str(tmp_path / "missing")), "no kubeconfig", "--kubeconfig")
         out, err = watch.communicate(timeout=120)
     finally:
         for proc in (watch, follow):
@@ -94,24 +123,12 @@ def test_get_watch_and_live_logs_of_a_running_job(jobs: Jobs, cluster: Cluster, 
     assert watch.returncode == 0, (out, err)
     # `logs -f` ended by itself when the container did, with everything it wrote.
     followed, ferr = follow.communicate(timeout=60)
-    assert follow.returncode == 0 and followed == "fake trainer: attempt 1 rank 0 exit 0 after 30.0 s\n", ferr
+    assert follow.returncode == 0 and followed == "fake trainer: attempt 1 rank 0 exit 0 after 25.0 s\n", ferr
     lines = out.splitlines()
     assert any(line.startswith("phase Running") or "-> Running" in line for line in lines), out
     assert any(line.startswith("event Normal AllPodsRunning") for line in lines), out
     assert any("/1000" in line and "loss 0.25" in line and "checkpoint 2" in line for line in lines), out
     assert lines[-1].startswith("seen Succeeded"), out
-
-
-def test_watch_exits_1_on_failure_and_bad_input_is_one_line(jobs: Jobs, cluster: Cluster, tmp_path: Path) -> None:
-    ns = jobs.ns
-    jobs.create(fake_job("bad", nodes=1, seconds=1, env={"FAKE_CODE": "64"}))
-    watch = dbj(cluster, ns, "watch", "bad", "--interval", "0.5")
-    assert watch.returncode == 1, watch
-    assert watch.stdout.splitlines()[-1].startswith("bad Failed") and "instanceDataDir" in watch.stdout
-    one_line_error(dbj(cluster, ns, "get", "nope"), "dreamboothjob nope not found", ns)
-    one_line_error(dbj(cluster, ns, "watch", "nope"), "not found")
-    no_config = cli_env(cluster, KUBECONFIG=str(tmp_path / "missing"))
-    one_line_error(dbj(cluster, ns, "get", env=no_config), "no kubeconfig", "--kubeconfig")
 
 
 def _train_preempted(output: str, tmp: Path) -> None:
@@ -128,8 +145,8 @@ def _train_preempted(output: str, tmp: Path) -> None:
     assert second.run(300) == 0, second.log()
 
 
-def test_download_logs_and_gallery_from_s3(cluster: Cluster, namespace: str, s3: Any, bucket: str,
-                                           tmp_path: Path) -> None:  # fmt: skip
+def test_download_logs_and_gallery_from_s3(cluster: Cluster, namespace: str, s3: Any, bucket: str, tmp_path: Path,
+                                           cli: Any) -> None:  # fmt: skip
     out_uri = f"s3://{bucket}/runs/real/"
     env = cli_env(cluster, **s3.env())
     _train_preempted(out_uri, tmp_path / "runs")
@@ -147,13 +164,13 @@ def test_download_logs_and_gallery_from_s3(cluster: Cluster, namespace: str, s3:
     assert ckpt.returncode == 0 and "checkpoint-3" in ckpt.stdout, ckpt.stderr
     manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
     assert manifest["step"] == 3 and all((tmp_path / "ckpt" / rel).is_file() for rel in manifest["files"])
-    presigned = dbj(cluster, namespace, "download", "real", "x", "--checkpoint", "1", "--presign", env=env)
+    presigned = cli("download", "real", "x", "--checkpoint", "1", "--presign")
     assert presigned.returncode == 0 and "X-Amz-Signature=" in presigned.stdout, presigned.stderr
     name, url = presigned.stdout.splitlines()[0].split("\t")
     with urllib.request.urlopen(url, timeout=30) as resp:  # a presigned URL needs no credentials
         assert resp.read() == s3.client().get_object(Bucket=bucket, Key=f"runs/real/checkpoint-1/{name}")["Body"].read()
-    one_line_error(dbj(cluster, namespace, "download", "real", str(tmp_path / "c9"), "--checkpoint", "9", env=env),
-                   "no checkpoint 9", "complete checkpoints: 1, 2, 3")  # fmt: skip
+    one_line_error(cli("download", "real", str(tmp_path / "c9"), "--checkpoint", "9"), "no checkpoint 9",
+                   "complete checkpoints: 1, 2, 3")  # fmt: skip
 
     # Tampered objects are refused, naming the file: one byte changed in a checkpoint, the final weights replaced.
     client = s3.client()
@@ -161,13 +178,11 @@ def test_download_logs_and_gallery_from_s3(cluster: Cluster, namespace: str, s3:
     data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
     data[-1] ^= 1
     client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
-    one_line_error(dbj(cluster, namespace, "download", "real", str(tmp_path / "t1"), "--checkpoint", "1", env=env),
-                   key, "does not match")  # fmt: skip
+    one_line_error(cli("download", "real", str(tmp_path / "t1"), "--checkpoint", "1"), key, "does not match")
     weights = "runs/real/unet/diffusion_pytorch_model.safetensors"
     meta = client.head_object(Bucket=bucket, Key=weights)["Metadata"]
     client.put_object(Bucket=bucket, Key=weights, Body=b"not the model", Metadata=meta)
-    one_line_error(dbj(cluster, namespace, "download", "real", str(tmp_path / "t2"), env=env), weights,
-                   "does not match")  # fmt: skip
+    one_line_error(cli("download", "real", str(tmp_path / "t2")), weights, "does not match")
     assert not (tmp_path / "t2" / "unet" / "diffusion_pytorch_model.safetensors").exists()
 
     # After the run, each attempt's rank log comes from S3: the preempted one and the one that finished.
@@ -175,8 +190,7 @@ def test_download_logs_and_gallery_from_s3(cluster: Cluster, namespace: str, s3:
     assert first.returncode == 0 and "SIGTERM" in first.stdout and "model saved to" not in first.stdout, first.stderr
     second = dbj(cluster, namespace, "logs", "real", "--attempt", "2", env=env)
     assert second.returncode == 0 and "resumed from" in second.stdout and "model saved to" in second.stdout
-    one_line_error(dbj(cluster, namespace, "logs", "real", "--attempt", "3", env=env),
-                   "logs/attempt-1/rank-0.log, logs/attempt-2/rank-0.log")  # fmt: skip
+    one_line_error(cli("logs", "real", "--attempt", "3"), "logs/attempt-1/rank-0.log, logs/attempt-2/rank-0.log")
 
     # TensorBoard's own loader reads both attempts' events from S3 (S3_ENDPOINT: its S3 reader's endpoint).
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -207,6 +221,7 @@ def test_download_logs_and_gallery_from_s3(cluster: Cluster, namespace: str, s3:
     decoded, total = render_in_chromium(gallery / "index.html", tmp_path / "gallery.png")
     assert decoded == total == sum(n for _, n in steps) and (tmp_path / "gallery.png").stat().st_size > 0
 
+    # A fresh process (boto3 caches the credentials it found in this one).
     no_creds = {k: v for k, v in env.items() if not k.startswith("AWS_")}
     no_creds["AWS_CONFIG_FILE"] = no_creds["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "none")
     one_line_error(dbj(cluster, namespace, "download", "real", str(tmp_path / "n"), env=no_creds), "no S3 credentials")
