@@ -1,8 +1,10 @@
 """The user CLI (`dreambooth get|watch|logs|images|download`, `kubectl dbj`) against the real apiserver and SeaweedFS.
 
-The fast jobs run the fake trainer of operator_support.py under the real operator; the S3 side reads what the
-real trainer wrote (a 2-step LoRA run on the tiny model, in a subprocess, to the test's bucket): checkpoints with
-their manifests, the final model with its sha256 metadata, the rank log and the validation images.
+The running job is the fake trainer of operator_support.py under the real operator (get, watch, logs through
+pods/log, kubectl dbj). The S3 side reads what the real launcher and trainer wrote to the test's bucket: a 3-step
+full fine-tune on the tiny model, preempted once (SIGTERM, emergency checkpoint, exit 75) and resumed as attempt
+2 — checkpoints with their manifests, the final model with its sha256 metadata, both attempts' rank logs and
+TensorBoard events, the validation images and the trainer's gallery page.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from gallery_check import check_gallery, render_in_chromium  # tests/ is on sys.
 from preemption_utils import LaunchedRun, training
 
 pytestmark = pytest.mark.cluster
-REPO = Path(__file__).resolve().parents[2]
 
 
 def cli_env(cluster: Cluster, **extra: str) -> dict[str, str]:
