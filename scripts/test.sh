@@ -30,8 +30,9 @@ run_tier() {
 # runc runs containers from images: the test cluster's image pods and the packaging tier's (crun 1.8 refuses
 # this machine's hybrid cgroup layout); prometheus (with promtool) checks the chart's alerts and scrapes a
 # real job in tests/{packaging,cluster}/test_monitoring.py; iptables routes the kubernetes Service's address to
-# the apiserver for pods (the test cluster's kube-proxy).
-SYSTEM_PKGS=(buildah debootstrap docker-registry runc prometheus iptables)
+# the apiserver for pods (the test cluster's kube-proxy); chromium (headless) renders the validation gallery of
+# `dreambooth images` (tests/cluster/test_user_cli.py).
+SYSTEM_PKGS=(buildah debootstrap docker-registry runc prometheus iptables chromium)
 case " $TIERS " in *" cluster "*|*" packaging "*|*" cuda-image "*|*" upgrade "*)
   missing=()
   for p in "${SYSTEM_PKGS[@]}"; do
