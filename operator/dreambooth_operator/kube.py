@@ -41,6 +41,7 @@ class KubeApi(Protocol):
         ...
 
     def delete_pod(self, namespace: str, name: str, grace_seconds: int | None = None) -> None: ...
+    def patch_pod(self, namespace: str, name: str, patch: dict[str, Any]) -> None: ...
     def create_event(self, namespace: str, event: dict[str, Any]) -> None: ...
 
 
@@ -175,6 +176,15 @@ class Kube:
             body["gracePeriodSeconds"] = grace_seconds
         try:
             self._request("delete", "DELETE", f"/api/v1/namespaces/{namespace}/pods/{name}", body)
+        except self._client.ApiException as exc:
+            if not is_status(exc, 404):
+                raise
+
+    def patch_pod(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        """A merge patch (metadata only); a pod gone meanwhile is not an error."""
+        try:
+            self._request("patch", "PATCH", f"/api/v1/namespaces/{namespace}/pods/{name}", patch,
+                          content_type="application/merge-patch+json")  # fmt: skip
         except self._client.ApiException as exc:
             if not is_status(exc, 404):
                 raise

@@ -18,6 +18,7 @@ from dreambooth_api.config import parse_training
 from . import policy, status
 from .policy import Counters, Kind, PodView, Timing
 from .resources import (
+    ANNOTATION_CHECKPOINT_TIME,
     ANNOTATION_GANG_SIZE,
     LABEL_ATTEMPT,
     LABEL_INDEX,
@@ -58,7 +59,7 @@ class World:
 
 @dataclass(frozen=True)
 class Action:
-    verb: Literal["create", "delete", "force-delete", "delete-job"]
+    verb: Literal["create", "delete", "force-delete", "delete-job", "annotate"]
     obj: dict[str, Any] | None = None
     name: str = ""
 
@@ -382,6 +383,7 @@ class _Planner:
         decision = policy.apply_run_policy(verdict, self._counters(), run_policy, self.opts.backoff_base_seconds)
         if decision.action == "wait":
             self._waiting(attempt, verdict)
+            self._annotate_checkpoint_time(attempt)
         elif decision.action == "succeed":
             self._succeeded(views)
         else:
@@ -390,6 +392,17 @@ class _Planner:
                 self._fail(decision.reason, decision.message)
             else:
                 self._retry(attempt, verdict, decision, views)
+
+    def _annotate_checkpoint_time(self, attempt: int) -> None:
+        """The newest checkpoint's time onto each live pod of the attempt that does not carry it yet."""
+        ck = self.job_status.last_checkpoint
+        if ck is None or not ck.time:
+            return
+        for a, v, pod in self.views:
+            annotations = (pod.get("metadata") or {}).get("annotations") or {}
+            if a == attempt and v.active and not v.deleting and annotations.get(ANNOTATION_CHECKPOINT_TIME) != ck.time:
+                patch = {"metadata": {"annotations": {ANNOTATION_CHECKPOINT_TIME: ck.time}}}
+                self.actions.append(Action("annotate", obj=patch, name=v.name))
 
     def _gang_size(self, attempt: int, default: int) -> int:
         for a, _, pod in self.views:

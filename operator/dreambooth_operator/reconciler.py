@@ -167,8 +167,13 @@ class Reconciler:
             if any(a.verb in ("delete", "force-delete") for a in planned.actions):
                 # Nothing more to decide until those pods are gone, and their events will say when.
                 return result
+            if all(a.verb == "annotate" for a in planned.actions):
+                # Metadata only: the decision does not depend on it.
+                return result
             wanted = [
-                a.obj["metadata"]["name"] for a in planned.actions if a.obj is not None and a.obj["kind"] == "Pod"
+                a.obj["metadata"]["name"]
+                for a in planned.actions
+                if a.verb == "create" and a.obj is not None and a.obj["kind"] == "Pod"
             ]
             if refused is None and all(n in created for n in wanted):
                 # Every pod we asked for came back from its create: no need to list to confirm them.
@@ -320,6 +325,8 @@ class Reconciler:
                 self.kube.delete_pod(namespace, action.name, grace_seconds=0)
             elif action.verb == "delete-job":
                 self.kube.delete_job(namespace, name, uid)
+            elif action.verb == "annotate" and action.obj is not None:
+                self.kube.patch_pod(namespace, action.name, action.obj)
         return None, created
 
     def _create(self, obj: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:

@@ -37,6 +37,9 @@ MANAGER = "dreambooth-operator"
 ANNOTATION_CONFIG_HASH = f"{API_GROUP}/config-hash"
 # The gang size an attempt was created with (spec.resources.nodes may be edited for the next attempt).
 ANNOTATION_GANG_SIZE = f"{API_GROUP}/gang-size"
+# The newest durable checkpoint's time on every running pod: what a scheduler choosing preemption victims reads
+# (Kueue issue #477 asks workloads to publish it); the job's Checkpointed condition carries the same time.
+ANNOTATION_CHECKPOINT_TIME = f"{API_GROUP}/last-checkpoint-time"
 
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 KUEUE_GROUP = "kueue.x-k8s.io/pod-group-name"

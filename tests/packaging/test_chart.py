@@ -216,7 +216,7 @@ JOB_RULES = {
     ("dreambooth.dev", "dreamboothjobs"): {"get", "list", "watch", "delete"},
     ("dreambooth.dev", "dreamboothjobs/status"): {"get", "patch"},
     ("dreambooth.dev", "dreamboothjobs/finalizers"): {"update"},
-    ("", "pods"): {"list", "watch", "create", "delete"},
+    ("", "pods"): {"list", "watch", "create", "patch", "delete"},
     ("", "services"): {"create"},
     ("", "configmaps"): {"get", "create"},
     ("", "events"): {"create"},

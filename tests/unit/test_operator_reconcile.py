@@ -120,6 +120,12 @@ class FakeKube:
         self.other[key] = obj
         return copy.deepcopy(obj)
 
+    def patch_pod(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        self.calls.append("patch_pod")
+        pod = self.pods.get((namespace, name))
+        if pod is not None:
+            pod["metadata"].setdefault("annotations", {}).update(patch["metadata"]["annotations"])
+
     def delete_pod(self, namespace: str, name: str, grace_seconds: int | None = None) -> None:
         self.calls.append("delete_pod" if grace_seconds is None else "force_delete_pod")
         pod = self.pods.get((namespace, name))
@@ -289,6 +295,14 @@ def test_happy_path_fills_every_status_field() -> None:
     assert checkpointed["lastTransitionTime"] == "2026-01-01T12:00:03Z" and "checkpoint-5" in checkpointed["message"]
     assert st["validationImages"] == ["s3://runs/dog/validation/step-5-0.png"]
     assert env.fetches == ["10.0.0.1"]  # rank 0 only
+    # The same time on every running pod, for schedulers that pick preemption victims by checkpoint freshness;
+    # written once per new checkpoint, not at every reconcile.
+    for pod in env.kube.job_pods():
+        assert pod["metadata"]["annotations"]["dreambooth.dev/last-checkpoint-time"] == "2026-01-01T12:00:03Z"
+    assert env.kube.calls.count("patch_pod") == 2
+    env.clock.advance(11)
+    env.reconcile()
+    assert env.kube.calls.count("patch_pod") == 2
 
     env.clock.advance(5)
     for pod in env.kube.job_pods():

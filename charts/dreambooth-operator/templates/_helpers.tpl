@@ -74,10 +74,10 @@ credentials Secret reaches the trainer pods by secretKeyRef, which the kubelet r
   resources: ["dreamboothjobs/finalizers"]
   verbs: ["update"]
 # The gang: kopf watches pods (by label) to wake the reconciler; the reconciler lists a job's pods, creates an
-# attempt's pods and deletes them to tear an attempt down.
+# attempt's pods, annotates them with the newest checkpoint's time and deletes them to tear an attempt down.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list", "watch", "create", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 # The headless Service that gives each pod its DNS name for the torchrun rendezvous.
 - apiGroups: [""]
   resources: ["services"]
