@@ -5,7 +5,8 @@ and every weight comes from a seeded generator, so the same seed gives the same 
 versions. The shapes are the smallest that still exercise every code path of real SD training (cross
 attention, VAE encode/decode, text encoder, scheduler) at resolution 32 and 64.
 
-CLI: ``dreambooth tiny-model DIR [--seed N] [--prediction-type epsilon|v_prediction]``.
+CLI: ``dreambooth tiny-model DIR [--seed N] [--prediction-type epsilon|v_prediction] [--family sd|sdxl]`` (the
+SDXL one: tiny_sdxl).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -30,6 +32,7 @@ logger = logging.getLogger(__name__)
 TINY_MODEL_VERSION = "1"
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+TINY_FAMILIES = ("sd", "sdxl")
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -338,16 +341,40 @@ def default_cache_root() -> Path:
     return Path.home() / ".cache" / "dreambooth-operator"
 
 
-def tiny_model_dirname(prediction_type: str = "epsilon") -> str:
+def tiny_model_dirname(prediction_type: str = "epsilon", family: str = "sd") -> str:
+    if family == "sdxl":
+        from .tiny_sdxl import TINY_SDXL_VERSION
+
+        return f"tiny-sdxl-model-{TINY_SDXL_VERSION}"
     suffix = "" if prediction_type == "epsilon" else f"-{prediction_type}"
     return f"tiny-model-{TINY_MODEL_VERSION}{suffix}"
+
+
+def tiny_uri_model(uri: str) -> tuple[str, str]:
+    """(family, prediction type) of a ``tiny://`` model name: tiny://, tiny://v_prediction, tiny://sdxl."""
+    name = uri.removeprefix("tiny://") or "epsilon"
+    if name == "sdxl":
+        return "sdxl", "epsilon"
+    return "sd", name
+
+
+def make_family_model(out_dir: Path, *, family: str = "sd", seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"family must be one of {TINY_FAMILIES}, not {family!r}")
+    if family == "sdxl":
+        if prediction_type != "epsilon":
+            raise ValueError("the tiny SDXL model predicts epsilon only")
+        from .tiny_sdxl import make_tiny_sdxl_model
+
+        return make_tiny_sdxl_model(out_dir, seed=seed)
+    return make_tiny_model(out_dir, seed=seed, prediction_type=prediction_type)
 
 
 def _is_complete(folder: Path) -> bool:
     return (folder / "model_index.json").is_file()
 
 
-def ensure_tiny_model(cache_dir: Path | None = None, prediction_type: str = "epsilon") -> Path:
+def ensure_tiny_model(cache_dir: Path | None = None, prediction_type: str = "epsilon", family: str = "sd") -> Path:
     """Return the cached tiny model (seed 0), making it on first use.
 
     ``cache_dir`` is the cache root (default ``$DREAMBOOTH_CACHE`` or ``~/.cache/dreambooth-operator``); the
@@ -358,7 +385,7 @@ def ensure_tiny_model(cache_dir: Path | None = None, prediction_type: str = "eps
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, not {prediction_type!r}")
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
-    final = root / tiny_model_dirname(prediction_type)
+    final = root / tiny_model_dirname(prediction_type, family)
     if _is_complete(final):
         return final
     root.mkdir(parents=True, exist_ok=True)
@@ -376,7 +403,7 @@ def ensure_tiny_model(cache_dir: Path | None = None, prediction_type: str = "eps
                 final.rename(aside)
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
             try:
-                make_tiny_model(tmp, seed=0, prediction_type=prediction_type)
+                make_family_model(tmp, family=family, seed=0, prediction_type=prediction_type)
                 os.rename(tmp, final)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -400,14 +427,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="epsilon",
         help="the scheduler's prediction_type (what the UNet is trained to predict)",
     )
+    parser.add_argument(
+        "--family",
+        choices=TINY_FAMILIES,
+        default="sd",
+        help="sd: Stable Diffusion 1.x/2.x (StableDiffusionPipeline); sdxl: StableDiffusionXLPipeline",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    out = make_tiny_model(args.dir, seed=args.seed, prediction_type=args.prediction_type)
+    family = getattr(args, "family", "sd")
+    try:
+        out = make_family_model(args.dir, family=family, seed=args.seed, prediction_type=args.prediction_type)
+    except ValueError as exc:
+        print(f"error: --prediction-type: {exc}", file=sys.stderr)
+        return 64
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    kind = "Stable Diffusion XL" if family == "sdxl" else "Stable Diffusion"
     print(
-        f"wrote tiny Stable Diffusion pipeline to {out} ({size / 1e6:.1f} MB, "
+        f"wrote tiny {kind} pipeline to {out} ({size / 1e6:.1f} MB, "
         f"{time.perf_counter() - start:.1f} s, seed {args.seed}, {args.prediction_type})"
     )
     return 0

@@ -95,14 +95,16 @@ def naming_field(field: str):  # noqa: ANN201 - a context manager
 def stage_folder(uri: str, what: str, field: str | None = None, *, may_be_empty: bool = False) -> Path:
     """A local folder holding the contents of `uri` (an s3:// prefix is synced into a cache).
 
-    `tiny://epsilon` or `tiny://v_prediction` names the project's tiny test model, made once into a cache.
+    `tiny://epsilon`, `tiny://v_prediction` or `tiny://sdxl` names one of the project's tiny test models, made
+    once into a cache.
     With `field`, storage errors and an s3:// prefix holding nothing (a typo reads as an empty prefix: S3 has no
     folders) say which setting to fix, before any model loads.
     """
     if uri.startswith("tiny://"):
-        from .tiny import ensure_tiny_model
+        from .tiny import ensure_tiny_model, tiny_uri_model
 
-        return ensure_tiny_model(prediction_type=uri.removeprefix("tiny://") or "epsilon")
+        family, prediction_type = tiny_uri_model(uri)
+        return ensure_tiny_model(prediction_type=prediction_type, family=family)
     with naming_field(field) if field else contextlib.nullcontext():
         store = open_store(uri)
         root = store.local_root()
