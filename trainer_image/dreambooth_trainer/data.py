@@ -192,7 +192,23 @@ def transform_image(
     random_flip: bool = False,
     interpolation: str = "bilinear",
 ) -> torch.Tensor:
-    """Resize the shorter side to ``size``, crop ``size`` x ``size``, → float CHW in [-1, 1].
+    """Resize the shorter side to ``size``, crop ``size`` x ``size``, → float CHW in [-1, 1] (see transform_with_crop)."""
+    return transform_with_crop(
+        image, size, center_crop=center_crop, generator=generator, random_flip=random_flip, interpolation=interpolation
+    )[0]
+
+
+def transform_with_crop(
+    image: Image.Image,
+    size: int,
+    *,
+    center_crop: bool,
+    generator: torch.Generator | None = None,
+    random_flip: bool = False,
+    interpolation: str = "bilinear",
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize the shorter side to ``size``, crop ``size`` x ``size``, → float CHW in [-1, 1], and the crop's
+    (top, left) in the resized (and, when flipped, mirrored) image: SDXL's ``crop_top_left`` conditioning.
 
     Matches torchvision's Resize(size, interpolation) + CenterCrop/RandomCrop + ToTensor + Normalize([0.5],[0.5])
     on PIL images (train_dreambooth.py resizes with bilinear, train_dreambooth_lora.py with
@@ -226,11 +242,13 @@ def transform_image(
             raise ValueError("a random flip needs a generator (pass item_generator(seed, epoch, index))")
         if torch.rand(1, generator=generator).item() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            # The SDXL script flips before it crops: this crop, in the mirrored image, starts here.
+            left = new_w - size - left
 
     array = np.asarray(image, dtype=np.uint8)
     tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
     # Same operations in the same order as ToTensor + Normalize, so the values are bit-identical to theirs.
-    return tensor.to(torch.float32).div(255).sub(0.5).div(0.5)
+    return tensor.to(torch.float32).div(255).sub(0.5).div(0.5), (top, left)
 
 
 # ----------------------------------------------------------------------------------------------- prompts
@@ -276,6 +294,8 @@ class DreamBoothDataset(Dataset):
         random_flip: bool = False,
         interpolation: str = "bilinear",
         skip_bad_images: bool = False,
+        repeats: int = 1,
+        with_geometry: bool = False,
     ) -> None:
         if size <= 0:
             raise DataError(f"resolution must be positive, not {size}")
@@ -296,6 +316,11 @@ class DreamBoothDataset(Dataset):
         self.instance_images_path = list_images(
             self.instance_data_root, flag="instance_data_dir", skip_bad=skip_bad_images
         )
+        if repeats > 1:
+            # As train_dreambooth_lora_sdxl.py's --repeats: each image `repeats` times in a row, one epoch longer.
+            self.instance_images_path = [p for p in self.instance_images_path for _ in range(repeats)]
+        # SDXL conditions on each image's original size and crop (add_time_ids): items then carry both.
+        self.with_geometry = with_geometry
         self.num_instance_images = len(self.instance_images_path)
         self.instance_prompt = instance_prompt
         self._length = self.num_instance_images
@@ -341,16 +366,33 @@ class DreamBoothDataset(Dataset):
         return self._length
 
     def _image(self, path: Path, epoch: int, index: int, stream: int) -> torch.Tensor:
+        return self._image_and_geometry(path, epoch, index, stream)[0]
+
+    def _image_and_geometry(
+        self, path: Path, epoch: int, index: int, stream: int
+    ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """The image tensor, its original (height, width) and its crop's (top, left)."""
         needs_rng = not self.center_crop or self.random_flip
         generator = item_generator(self.seed, epoch, index, stream) if needs_rng else None
-        return transform_image(
-            load_image(path),
+        image = load_image(path)
+        tensor, crop = transform_with_crop(
+            image,
             self.size,
             center_crop=self.center_crop,
             generator=generator,
             random_flip=self.random_flip,
             interpolation=self.interpolation,
         )
+        return tensor, (image.height, image.width), crop
+
+    def _add_image(self, example: dict[str, Any], kind: str, path: Path, epoch: int, index: int, stream: int) -> None:
+        if not self.with_geometry:
+            example[f"{kind}_images"] = self._image(path, epoch, index, stream)
+            return
+        tensor, original, crop = self._image_and_geometry(path, epoch, index, stream)
+        example[f"{kind}_images"] = tensor
+        example[f"{kind}_original_size"] = original
+        example[f"{kind}_crop_top_left"] = crop
 
     def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
         if isinstance(index, tuple):
@@ -362,7 +404,7 @@ class DreamBoothDataset(Dataset):
 
         example: dict[str, Any] = {}
         instance_path = self.instance_images_path[index % self.num_instance_images]
-        example["instance_images"] = self._image(instance_path, epoch, index, _STREAM_INSTANCE)
+        self._add_image(example, "instance", instance_path, epoch, index, _STREAM_INSTANCE)
         ids, mask = self._instance_text
         example["instance_prompt_ids"] = ids
         if mask is not None:
@@ -370,7 +412,7 @@ class DreamBoothDataset(Dataset):
 
         if self.class_data_root is not None and self._class_text is not None:
             class_path = self.class_images_path[index % self.num_class_images]
-            example["class_images"] = self._image(class_path, epoch, index, _STREAM_CLASS)
+            self._add_image(example, "class", class_path, epoch, index, _STREAM_CLASS)
             ids, mask = self._class_text
             example["class_prompt_ids"] = ids
             if mask is not None:
@@ -378,7 +420,7 @@ class DreamBoothDataset(Dataset):
         return example
 
 
-def collate_fn(examples: Sequence[dict[str, Any]], with_prior_preservation: bool = False) -> dict[str, torch.Tensor]:
+def collate_fn(examples: Sequence[dict[str, Any]], with_prior_preservation: bool = False) -> dict[str, Any]:
     """Batch items: instance rows first, then (with prior preservation) the class rows, in one tensor each.
 
     One forward pass then serves both losses; the trainer splits the batch in halves.
@@ -402,6 +444,10 @@ def collate_fn(examples: Sequence[dict[str, Any]], with_prior_preservation: bool
     }
     if has_attention_mask:
         batch["attention_mask"] = torch.cat(attention_mask, dim=0)
+    if "instance_original_size" in examples[0]:
+        kinds = ("instance", "class") if with_prior_preservation else ("instance",)
+        batch["original_sizes"] = [ex[f"{k}_original_size"] for k in kinds for ex in examples]
+        batch["crop_top_lefts"] = [ex[f"{k}_crop_top_left"] for k in kinds for ex in examples]
     return batch
 
 

@@ -32,7 +32,7 @@ def is_hub_id(name: str) -> bool:
 
 def _front_matter(cfg: CommonConfig) -> str:
     tags = ["text-to-image", "dreambooth", "diffusers-training", "stable-diffusion", "stable-diffusion-diffusers"]
-    if cfg.method == "lora":
+    if isinstance(cfg, LoraConfig):
         tags.append("lora")
     meta: dict[str, object] = {"license": "creativeml-openrail-m", "library_name": "diffusers"}
     if is_hub_id(cfg.pretrained_model_name_or_path):
@@ -67,7 +67,7 @@ def model_card(
     """README.md text. ``validation_images``: paths relative to the output folder (images, then the grid)."""
     base = cfg.pretrained_model_name_or_path
     title = repo_id or Path(cfg.output_dir.rstrip("/")).name or "model"
-    if cfg.method == "lora":
+    if isinstance(cfg, LoraConfig):
         heading = f"# LoRA DreamBooth - {title}"
         what = (
             f"These are LoRA adaption weights (rank {cfg.rank if isinstance(cfg, LoraConfig) else '?'}) for {base}, trained on "
@@ -104,7 +104,7 @@ def model_card(
         "",
         what,
         "",
-        f"- Method: {'LoRA' if cfg.method == 'lora' else 'full fine-tune'} ({cfg.script}'s flags and defaults)",
+        f"- Method: {'LoRA' if isinstance(cfg, LoraConfig) else 'full fine-tune'} ({cfg.script}'s flags and defaults)",
         f"- Base model: {base}",
         f"- Instance prompt: `{cfg.instance_prompt}`",
         f"- Training steps: {steps}",

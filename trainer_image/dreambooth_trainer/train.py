@@ -38,6 +38,7 @@ from .model import (
     config_json,
     load_trainable_state,
     optimizer_class,
+    optimizer_options,
     trainable_state,
     weights_file,
 )
@@ -203,6 +204,12 @@ class Trainer:
                 else None
             )
         self.family.check_model_dir(self.model_dir)
+        # Parts given apart from the model folder (SDXL's --pretrained_vae_model_name_or_path), staged like it.
+        self.extra_dirs: dict[str, Path] = {}
+        vae_uri = getattr(cfg, "pretrained_vae_model_name_or_path", None)
+        if vae_uri:
+            with acc.local_main_process_first():
+                self.extra_dirs["vae"] = stage_folder(vae_uri, "VAE", "pretrained_vae_model_name_or_path")
         # A missing or empty instance folder fails now, before any model loads.
         list_images(self.instance_dir, flag=flag_and_field("instance_data_dir"), skip_bad=cfg.skip_bad_images)
         # As the scripts do, the Hub repository is made before training: a bad token fails in seconds.
@@ -237,17 +244,19 @@ class Trainer:
         set_seed(self.run_seed)
         if cfg.with_prior_preservation:
             self._prepare_class_images()
-        self.models = m = self.family.load(cfg, self.model_dir)
-        if cfg.method == "lora":
+        self.models = m = self.family.load(cfg, self.model_dir, self.extra_dirs)
+        if isinstance(cfg, LoraConfig):
             self.family.add_lora(m, cfg)
         self.trained = self.family.set_trainable(m, cfg)
         self.family.enable_memory_savers(m, cfg, self.grad_ckpt)
         wdtype = _weight_dtype(acc)
         # In fp32 only the device changes: diffusers warns on every to(dtype=...) of a model, even a no-op one.
-        m.vae.to(acc.device, **({"dtype": wdtype} if wdtype != torch.float32 else {}))
+        vae_dtype = torch.float32 if self.family.upcast_vae and "vae" not in self.extra_dirs else wdtype
+        m.vae.to(acc.device, **({"dtype": vae_dtype} if vae_dtype != torch.float32 else {}))
         if not cfg.train_text_encoder:
-            m.text_encoder.to(acc.device, dtype=wdtype)
-        if cfg.method == "lora" and wdtype != torch.float32:
+            for encoder in self.family.text_encoders(m).values():
+                encoder.to(acc.device, dtype=wdtype)
+        if isinstance(cfg, LoraConfig) and wdtype != torch.float32:
             from diffusers.training_utils import cast_training_params
 
             m.unet.to(acc.device, dtype=wdtype)
@@ -267,8 +276,8 @@ class Trainer:
         # has had since torch 2.4); on GPU the default (foreach) is kept, as in the scripts.
         fused = {"fused": True} if opt_class is torch.optim.AdamW and acc.device.type == "cpu" else {}
         self.optimizer = opt_class(
-            params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-            eps=cfg.adam_epsilon, **fused,
+            self.family.optimizer_params(cfg, self.trained, lr), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, **(optimizer_options(cfg) or fused),
         )  # fmt: skip
         from diffusers.optimization import get_scheduler
 
@@ -330,7 +339,7 @@ class Trainer:
         self.local_out = self.out.local_root() or (self.scratch / "final")
         logs = Path(cfg.logging_dir) if Path(cfg.logging_dir).is_absolute() else self.local_out / cfg.logging_dir
         self.trackers = Trackers(
-            self.tracker_names, run_name="dreambooth-lora" if cfg.method == "lora" else "dreambooth", local_dir=logs,
+            self.tracker_names, run_name="dreambooth-lora" if isinstance(cfg, LoraConfig) else "dreambooth", local_dir=logs,
             config=cfg.model_dump(mode="json"), enabled=acc.is_main_process,
         )  # fmt: skip
         self.validator = Validator(
@@ -343,11 +352,17 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         m, acc = self.models, self.accelerator
+        encoders = self.family.text_encoders(m)
+        if self.cfg.train_text_encoder:
+            encoders = {
+                name: acc.unwrap_model(mod) for name, mod in zip(encoders, self.trained_wrapped[1:], strict=False)
+            }
+        first = encoders.pop("text_encoder", None)
         run = self.validator.run(
             self.state.global_step,
             unet=acc.unwrap_model(self.trained_wrapped[0]),
-            text_encoder=acc.unwrap_model(self.trained_wrapped[1]) if self.cfg.train_text_encoder else m.text_encoder,
-            vae=m.vae, tokenizer=m.tokenizer, noise_scheduler=m.noise_scheduler, tag=tag,
+            text_encoder=first if self.cfg.train_text_encoder else m.text_encoder,
+            vae=m.vae, tokenizer=m.tokenizer, noise_scheduler=m.noise_scheduler, tag=tag, more=encoders,
         )  # fmt: skip
         self.progress.update(validation_images=run.uris)
 
@@ -389,6 +404,7 @@ class Trainer:
             seed=self.run_seed,
             interpolation=cfg.resize_interpolation,
             skip_bad_images=cfg.skip_bad_images,
+            **self.family.dataset_options(cfg),
         )
         if cfg.cache_latents:
             self.dataset = CachedLatentsDataset(self.dataset, self._encode_latent_parameters)
@@ -449,14 +465,14 @@ class Trainer:
         reuse = self.publisher.staging
         snap = ckpt.Snapshot(state=ckpt.TrainState(**vars(self.state)))
         for name, mod in zip(self._trained_names(), self.trained, strict=True):
-            if self.cfg.method == "full":
+            if isinstance(self.cfg, FullConfig):
                 # Format 2: the part in diffusers' layout, so `from_pretrained(".../checkpoint-N/unet")` loads it;
                 # the resume reads the same file (no second copy of the weights).
                 snap.tensors[f"{name}/{weights_file(mod)}"] = ckpt.cpu_clone(mod.state_dict(), reuse, name)
                 snap.texts[f"{name}/config.json"] = config_json(mod)
             else:
                 snap.tensors[f"training/{name}.safetensors"] = ckpt.cpu_clone(trainable_state(mod), reuse, name)
-        if self.cfg.method == "lora":
+        if isinstance(self.cfg, LoraConfig):
             snap.tensors["pytorch_lora_weights.safetensors"] = self._lora_layers(cpu=True)
         snap.texts[SETTINGS_FILE] = settings_json(self.cfg)
         snap.objects["training/optimizer.pt"] = ckpt.cpu_clone(self.optimizer.state_dict(), reuse, "optimizer")
@@ -509,7 +525,7 @@ class Trainer:
         with self.accelerator.local_main_process_first():
             folder = diffusers_format.fetch(self.out, step, self.scratch / "resume")
         diffusers_format.restore(
-            folder, method=self.cfg.method, trained=list(zip(self._trained_names(), self.trained, strict=True)),
+            folder, method="lora" if isinstance(self.cfg, LoraConfig) else "full", trained=list(zip(self._trained_names(), self.trained, strict=True)),
             optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, scaler=self.accelerator.scaler,
             where=self.out.url(name),
         )  # fmt: skip
@@ -537,24 +553,20 @@ class Trainer:
             dist = DiagonalGaussianDistribution(batch["latent_parameters"].to(acc.device, dtype=wdtype))
             latents = dist.sample(generator=gen)
         else:
-            pixel_values = batch["pixel_values"].to(acc.device, dtype=wdtype)
+            pixel_values = batch["pixel_values"].to(acc.device, dtype=m.vae.dtype if self.family.upcast_vae else wdtype)
             with torch.no_grad():
                 latents = m.vae.encode(pixel_values).latent_dist.sample(generator=gen)
         latents = latents * self.latent_scale
+        if self.family.upcast_vae:
+            latents = latents.to(wdtype)
         family = self.family
         noise = family.sample_noise(latents, gen, cfg)
         timesteps = family.sample_timesteps(m, latents.shape[0], gen, latents.device)
         noisy = family.add_noise(m, latents, noise, timesteps)
-        if cfg.pre_compute_text_embeddings:
-            states = batch["input_ids"].to(acc.device)
-        else:
-            mask = batch.get("attention_mask") if cfg.text_encoder_use_attention_mask else None
-            text_encoder = self.trained_wrapped[1] if cfg.train_text_encoder else m.text_encoder
-            states = family.encode_prompt(
-                text_encoder, batch["input_ids"].to(acc.device), None if mask is None else mask.to(acc.device)
-            )
-        extra = family.extra_conditioning(batch, acc.device)
-        model_pred = family.denoise(self.trained_wrapped[0], noisy, timesteps, states, extra)
+        text_encoders = self.trained_wrapped[1:] if cfg.train_text_encoder else list(family.text_encoders(m).values())
+        states, prompt_extra = family.encode_batch(cfg, m, text_encoders, batch, acc.device)
+        extra = {**family.extra_conditioning(batch, acc.device), **prompt_extra}
+        model_pred = family.denoise(m, self.trained_wrapped[0], noisy, timesteps, states, extra)
         return family.loss(m, cfg, model_pred, latents, noise, timesteps)
 
     def _stop_agreed(self) -> bool:
@@ -742,8 +754,8 @@ class Trainer:
         self._check_weights_finite()
         local = self.out.local_root() or (self.scratch / "final")
         local.mkdir(parents=True, exist_ok=True)
-        if cfg.method == "lora":
-            written = self.family.save_lora(local, self._lora_layers(cpu=True))
+        if isinstance(cfg, LoraConfig):
+            written = self.family.save_lora(local, self._lora_layers(cpu=True), cfg)
         else:
             trained = {
                 name: self.accelerator.unwrap_model(mod)
