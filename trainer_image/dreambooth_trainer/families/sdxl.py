@@ -423,6 +423,6 @@ class StableDiffusionXL(ModelFamily):
         return StableDiffusionXLPipeline.from_pretrained(model_dir, **given, revision=cfg.revision, variant=cfg.variant)
 
     def write_tiny_model(self, out_dir: Path) -> Path:
-        from ..tiny_sdxl import make_tiny_sdxl_model
+        from ..tiny import make_tiny_sdxl_model
 
         return make_tiny_sdxl_model(out_dir)
