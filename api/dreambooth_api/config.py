@@ -196,7 +196,9 @@ class CommonConfig(BaseModel):
             if value == info.get_default(call_default_factory=True) and not info.is_required():
                 continue
             if isinstance(value, bool):
-                if value:
+                if info.get_default() is True:  # a switch that defaults on takes a value (cli_args._bool_value)
+                    out.extend([f"--{name}", str(value).lower()])
+                elif value:
                     out.append(f"--{name}")
             elif isinstance(value, list):
                 out.append(f"--{name}")

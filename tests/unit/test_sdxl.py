@@ -69,6 +69,8 @@ def test_switches_that_default_on_take_a_value_that_means_what_it_says() -> None
     cfg = parse_cli(SdxlLoraConfig, [*BASE, "--prodigy_decouple", "false", "--train_text_encoder"], "x")
     assert cfg.prodigy_decouple is False and cfg.prodigy_use_bias_correction is True and cfg.train_text_encoder
     assert cfg.resolution == 1024 and cfg.learning_rate == 1e-4 and cfg.method == "lora-sdxl"
+    # The flags a config gives back (torchrun command lines, --print-config) reproduce it.
+    assert parse_cli(SdxlLoraConfig, cfg.cli_args(), "x") == cfg
 
 
 def test_manifest_method_lora_sdxl_and_its_rules() -> None:
