@@ -385,6 +385,8 @@ def check_sdxl_rules(cfg: SdxlLoraConfig) -> None:
         raise ConfigError(
             "snr_gamma", "Min-SNR weighting is not supported with --do_edm_style_training (as in the script); drop one."
         )
+    if cfg.cache_latents and cfg.random_flip:
+        raise ConfigError("cache_latents", "cannot be used with --random_flip (a flip changes the latents); drop one.")
     check_location("pretrained_vae_model_name_or_path", cfg.pretrained_vae_model_name_or_path)
 
 

@@ -167,9 +167,10 @@ def test_world_size_2_resume_is_bit_exact(tiny_sdxl, tmp_path):
     assert_identical(load_file(ref / name), load_file(resumed / name))
 
 
-def test_edm_style_training_runs_and_saves(tiny_sdxl, tmp_path):
+def test_edm_style_training_with_cached_latents_runs_and_saves(tiny_sdxl, tmp_path):
     out = tmp_path / "out"
-    run_dreambooth(["train-lora-sdxl", *sdxl_args(tiny_sdxl, out, steps=2, ckpt=2, extra=["--do_edm_style_training"])])
+    extra = ["--do_edm_style_training", "--cache_latents", "--center_crop"]
+    run_dreambooth(["train-lora-sdxl", *sdxl_args(tiny_sdxl, out, steps=2, ckpt=2, extra=extra)])
     weights = load_file(out / "pytorch_lora_weights.safetensors")
     assert weights and all(torch.isfinite(v).all() for v in weights.values())
 

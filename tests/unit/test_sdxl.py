@@ -83,6 +83,8 @@ def test_manifest_method_lora_sdxl_and_its_rules() -> None:
         parse_training("lora-sdxl", {**training, "preComputeTextEmbeddings": True})
     with pytest.raises(ConfigError, match=r"--dataset_name .*--instance_data_dir"):
         parse_training("lora-sdxl", {**training, "datasetName": "user/dogs"})
+    with pytest.raises(ConfigError, match=r"--cache_latents .*--random_flip"):
+        parse_training("lora-sdxl", {**training, "cacheLatents": True, "centerCrop": True, "randomFlip": True})
     with pytest.raises(ConfigError, match=r"--resolution .*not a multiple of 8"):
         parse_training("lora-sdxl", {**training, "resolution": 1020})
     with pytest.raises(ConfigError, match=r"spec.method must be 'full', 'lora' or 'lora-sdxl'"):

@@ -466,11 +466,23 @@ class CachedLatentsDataset(Dataset):
             raise DataError("cached latents need center crops and no flips (an item must not vary by epoch)")
         self.dataset = dataset
 
-        def encode_all(paths: list[Path], stream: int) -> list[torch.Tensor]:
-            return [encode(dataset._image(p, 0, 0, stream).unsqueeze(0))[0].detach().to("cpu") for p in paths]
+        # SDXL's conditioning on each image's size and crop: fixed per file under center crops, kept beside it.
+        self.geometry: dict[tuple[str, Path], tuple[tuple[int, int], tuple[int, int]]] = {}
 
-        self.instance_latents = encode_all(dataset.instance_images_path, _STREAM_INSTANCE)
-        self.class_latents = encode_all(dataset.class_images_path, _STREAM_CLASS)
+        def encode_all(paths: list[Path], stream: int, kind: str) -> list[torch.Tensor]:
+            out = []
+            for p in paths:
+                pixels, original, crop = dataset._image_and_geometry(p, 0, 0, stream)
+                self.geometry[(kind, p)] = (original, crop)
+                out.append(encode(pixels.unsqueeze(0))[0].detach().to("cpu"))
+            return out
+
+        self.instance_latents = encode_all(dataset.instance_images_path, _STREAM_INSTANCE, "instance")
+        self.class_latents = encode_all(dataset.class_images_path, _STREAM_CLASS, "class")
+
+    def _add_geometry(self, example: dict[str, Any], kind: str, path: Path) -> None:
+        if self.dataset.with_geometry:
+            example[f"{kind}_original_size"], example[f"{kind}_crop_top_left"] = self.geometry[(kind, path)]
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
@@ -485,12 +497,14 @@ class CachedLatentsDataset(Dataset):
         if not 0 <= index < len(ds):
             raise IndexError(f"index {index} out of range for a dataset of {len(ds)}")
         example: dict[str, Any] = {"instance_latents": self.instance_latents[index % ds.num_instance_images]}
+        self._add_geometry(example, "instance", ds.instance_images_path[index % ds.num_instance_images])
         ids, mask = ds._instance_text
         example["instance_prompt_ids"] = ids
         if mask is not None:
             example["instance_attention_mask"] = mask
         if ds.class_data_root is not None and ds._class_text is not None:
             example["class_latents"] = self.class_latents[index % ds.num_class_images]
+            self._add_geometry(example, "class", ds.class_images_path[index % ds.num_class_images])
             ids, mask = ds._class_text
             example["class_prompt_ids"] = ids
             if mask is not None:

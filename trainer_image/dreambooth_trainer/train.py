@@ -630,15 +630,16 @@ class Trainer:
             self.interval.saved(self.state.global_step)
 
     def fit(self) -> TrainResult:
-        cfg, acc, st = self.cfg, self.accelerator, self.state
+        """Train to max_steps: `step` per micro-batch, `end_epoch` when an epoch runs out before training does."""
+        acc, st = self.accelerator, self.state
         for mod in self.trained_wrapped:
             mod.train()
-        loss_value: float | None = None
-        accum_loss = 0.0
+        self._last_loss: float | None = None
+        self._accum_loss = 0.0
         # All-true while every loss was finite; updated on the device, read only with the per-step stop vote.
         self._loss_finite = torch.ones((), dtype=torch.bool, device=acc.device)
-        test_hooks = hooks()
-        oom_step = test_hooks.oom_at(self.rank)
+        self._test_hooks = hooks()
+        self._oom_step = self._test_hooks.oom_at(self.rank)
         if self._stop_agreed():
             # SIGTERM during setup: nothing was trained since the checkpoint this run started from.
             uri = self.out.url(f"checkpoint-{self.resumed.step}") if self.resumed else None
@@ -648,61 +649,72 @@ class Trainer:
             )
         t_start = time.monotonic()
         while st.global_step < self.max_steps:
-            loader = self._loader(st.epoch, st.micro_in_epoch)
-            for batch in loader:
-                micro = st.micro_in_epoch
-                sync = (micro + 1) % self.accum == 0 or micro + 1 == self.batches_per_epoch
-                gen = step_generator(self.run_seed, st.epoch, micro, self.rank, acc.device)
-                if isinstance(cfg, LoraConfig) and cfg.lora_dropout:
-                    # Dropout draws from the global RNG, which checkpoints do not hold: reseed it per position.
-                    seed_global_rng(self.run_seed, st.epoch, micro, self.rank)
-                with contextlib.ExitStack() as stack:
-                    if not sync:
-                        for mod in self.trained_wrapped:
-                            stack.enter_context(acc.no_sync(mod))
-                    with acc.autocast():
-                        loss = self._micro_step(batch, gen)
-                    acc.backward(loss / self.accum)
-                self._loss_finite &= torch.isfinite(loss.detach()).all()
-                accum_loss += loss.detach().item() / self.accum
-                st.micro_in_epoch += 1
-                st.samples_in_epoch += self.batch_size * self.world
-                if not sync:
-                    continue
-                if cfg.max_grad_norm is not None:
-                    acc.clip_grad_norm_(self.params_to_clip, cfg.max_grad_norm)
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                # train_dreambooth.py zeroes grads unless --set_grads_to_none; the LoRA script sets them to None.
-                self.optimizer.zero_grad(set_to_none=not isinstance(cfg, FullConfig) or cfg.set_grads_to_none)
-                st.global_step += 1
-                loss_value, accum_loss = accum_loss, 0.0
-                test_hooks.after_step()
-                if st.global_step == oom_step:
-                    raise torch.OutOfMemoryError(f"test hook: simulated CUDA out of memory at step {oom_step}")
-                lr = self.lr_scheduler.get_last_lr()[0]
-                self.progress.update(step=st.global_step, loss=loss_value, lr=lr)
-                self.trackers.log({"loss": loss_value, "lr": lr}, st.global_step)
-                if self.validator.due_after_step(st.global_step):
-                    self._validate()
+            for batch in self._loader(st.epoch, st.micro_in_epoch):
+                self.step(batch)
                 if st.global_step >= self.max_steps:
                     break
-                if self._stop_agreed():
-                    self._emergency_stop()
-                if self._checkpoint_due(st.global_step):
-                    self.save_checkpoint(background=True)
-            else:
-                if self.validator.due_after_epoch(st.epoch):
-                    self._validate()
-                st.epoch += 1
-                st.micro_in_epoch = 0
-                st.samples_in_epoch = 0
-                continue
-            break
-        if st.global_step >= self.max_steps and st.micro_in_epoch >= self.batches_per_epoch:
+            if st.global_step < self.max_steps:
+                self.end_epoch()
+        if st.micro_in_epoch >= self.batches_per_epoch:
+            # The last step ended its epoch too: a checkpoint of the finished run points at the next one.
             st.epoch, st.micro_in_epoch, st.samples_in_epoch = st.epoch + 1, 0, 0
         logger.info("training loop done: %d steps in %.1fs", st.global_step, time.monotonic() - t_start)
-        return self.finish(loss_value)
+        return self.finish(self._last_loss)
+
+    def step(self, batch: dict[str, Any]) -> None:
+        """One micro-batch: forward and backward; at the end of an accumulation, the optimizer step and what follows
+        it (progress, validation, the stop vote, a periodic checkpoint)."""
+        cfg, acc, st = self.cfg, self.accelerator, self.state
+        micro = st.micro_in_epoch
+        sync = (micro + 1) % self.accum == 0 or micro + 1 == self.batches_per_epoch
+        gen = step_generator(self.run_seed, st.epoch, micro, self.rank, acc.device)
+        if isinstance(cfg, LoraConfig) and cfg.lora_dropout:
+            # Dropout draws from the global RNG, which checkpoints do not hold: reseed it per position.
+            seed_global_rng(self.run_seed, st.epoch, micro, self.rank)
+        with contextlib.ExitStack() as stack:
+            if not sync:
+                for mod in self.trained_wrapped:
+                    stack.enter_context(acc.no_sync(mod))
+            with acc.autocast():
+                loss = self._micro_step(batch, gen)
+            acc.backward(loss / self.accum)
+        self._loss_finite &= torch.isfinite(loss.detach()).all()
+        self._accum_loss += loss.detach().item() / self.accum
+        st.micro_in_epoch += 1
+        st.samples_in_epoch += self.batch_size * self.world
+        if not sync:
+            return
+        if cfg.max_grad_norm is not None:
+            acc.clip_grad_norm_(self.params_to_clip, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        # train_dreambooth.py zeroes grads unless --set_grads_to_none; the LoRA script sets them to None.
+        self.optimizer.zero_grad(set_to_none=not isinstance(cfg, FullConfig) or cfg.set_grads_to_none)
+        st.global_step += 1
+        self._last_loss, self._accum_loss = self._accum_loss, 0.0
+        self._test_hooks.after_step()
+        if st.global_step == self._oom_step:
+            raise torch.OutOfMemoryError(f"test hook: simulated CUDA out of memory at step {self._oom_step}")
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.progress.update(step=st.global_step, loss=self._last_loss, lr=lr)
+        self.trackers.log({"loss": self._last_loss, "lr": lr}, st.global_step)
+        if self.validator.due_after_step(st.global_step):
+            self._validate()
+        if st.global_step >= self.max_steps:
+            return  # the end of training: finish() takes the last checkpoint and the stop vote
+        if self._stop_agreed():
+            self._emergency_stop()
+        if self._checkpoint_due(st.global_step):
+            self.save_checkpoint(background=True)
+
+    def end_epoch(self) -> None:
+        """An epoch ran out before training did: its validation, then the next epoch's counters."""
+        st = self.state
+        if self.validator.due_after_epoch(st.epoch):
+            self._validate()
+        st.epoch += 1
+        st.micro_in_epoch = 0
+        st.samples_in_epoch = 0
 
     def _emergency_stop(self) -> None:
         """SIGTERM on some rank: every rank stopped at this step; publish it now, synchronously.
