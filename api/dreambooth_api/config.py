@@ -222,7 +222,7 @@ OPERATIONAL_FIELDS = frozenset(
         "sample_batch_size", "prior_generation_precision", "skip_save_text_encoder", "gradient_checkpointing",
         "enable_xformers_memory_efficient_attention", "allow_tf32", "expected_preemption_interval_seconds",
         "instance_data_dir", "class_data_dir", "pretrained_model_name_or_path", "allow_large_resolution",
-        "skip_bad_images", "unsafe_shared_output", "cache_dir", "pretrained_vae_model_name_or_path",
+        "skip_bad_images", "unsafe_shared_output", "cache_dir", "pretrained_vae_model_name_or_path", "dataset_name",
         "output_kohya_format",
     }
 )  # fmt: skip
@@ -281,7 +281,9 @@ class SdxlLoraConfig(LoraConfig):
         None, "A VAE folder (local or s3://) to use in place of the model's, e.g. an fp16-safe SDXL VAE."
     )
     dataset_name: str | None = _f(
-        None, "An image folder with a metadata.jsonl of captions (not yet supported here: use instance_data_dir)."
+        None,
+        "An image folder (local or s3://, the imagefolder convention) with a metadata.jsonl of captions, in place of "
+        "instance_data_dir; Hub dataset names are refused (no Hub access here).",
     )
     dataset_config_name: str | None = _f(None, "Hub dataset config name (Hub datasets are not supported here).")
     cache_dir: str | None = _f(None, "Where downloaded models and datasets are cached.")
@@ -373,14 +375,22 @@ def check_sdxl_rules(cfg: SdxlLoraConfig) -> None:
                 name,
                 f"is a setting of the SD 1.x/2.x scripts, not of {cfg.script} (SDXL has two text encoders); remove it.",
             )
-    if cfg.dataset_name is not None:
+    # As the script: one source of instance images.
+    if cfg.dataset_name is None and cfg.instance_data_dir is None:
         raise ConfigError(
-            "dataset_name",
-            "is not supported by this trainer yet (Hub datasets never: no network to the Hub here); put the images "
-            "in a local or s3:// folder and pass it as --instance_data_dir (spec.training.instanceDataDir).",
+            "instance_data_dir",
+            "is required: a folder of images (local or s3://), or --dataset_name for one with captions.",
         )
-    if cfg.instance_data_dir is None:
-        raise ConfigError("instance_data_dir", "is required (this trainer reads images from a folder, local or s3://).")
+    if cfg.dataset_name is not None and cfg.instance_data_dir is not None:
+        raise ConfigError(
+            "dataset_name", "and --instance_data_dir are both set; give only one of them (as the script)."
+        )
+    if cfg.dataset_config_name is not None:
+        raise ConfigError(
+            "dataset_config_name",
+            "names a Hub dataset's config; an image folder has none (Hub datasets are not read here).",
+        )
+    check_location("dataset_name", cfg.dataset_name)
     if cfg.do_edm_style_training and cfg.snr_gamma is not None:
         raise ConfigError(
             "snr_gamma", "Min-SNR weighting is not supported with --do_edm_style_training (as in the script); drop one."

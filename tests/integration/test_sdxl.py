@@ -189,6 +189,24 @@ def test_model_and_data_and_output_on_s3(tiny_sdxl, bucket, tmp_path):
     assert (local / "pytorch_lora_weights.safetensors").is_file() and (local / "checkpoint-2").is_dir()
 
 
+def test_dataset_name_image_folder_with_captions(tiny_sdxl, tmp_path):
+    import json
+
+    data = tmp_path / "data"
+    shutil.copytree(DOG, data)
+    rows = [{"file_name": p.name, "text": f"a photo of sks dog, view {i}"} for i, p in enumerate(sorted(DOG.iterdir()))]
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = sdxl_args(tiny_sdxl, tmp_path / "out", steps=2, ckpt=2, extra=["--caption_column", "text"])
+    args[args.index("--instance_data_dir") : args.index("--instance_data_dir") + 2] = ["--dataset_name", str(data)]
+    run_dreambooth(["train-lora-sdxl", *args])
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    # A Hub dataset name: exit 64 before any model loads, naming the flag and the fix.
+    args[args.index("--dataset_name") + 1] = "someone/dogs"
+    args[args.index("--output_dir") + 1] = str(tmp_path / "hub")
+    proc = run_dreambooth(["train-lora-sdxl", *args], check=False)
+    assert proc.returncode == 64 and "--dataset_name" in proc.stderr and "Hub datasets are not read" in proc.stderr
+
+
 def test_wrong_family_for_the_model_folder_is_exit_64(tiny_sdxl, tmp_path):
     from dreambooth_trainer.tiny import ensure_tiny_model
 

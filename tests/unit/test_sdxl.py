@@ -136,3 +136,41 @@ def test_docs_flags_table_lists_every_sdxl_setting() -> None:
     assert set(rows) == set(SdxlLoraConfig.model_fields), sorted(set(rows) ^ set(SdxlLoraConfig.model_fields))
     for name, info in SdxlLoraConfig.model_fields.items():
         assert f"`spec.training.{info.alias}`" in rows[name], name
+
+
+def test_image_folder_captions_repeats_and_crop_geometry(tmp_path) -> None:
+    """--dataset_name's imagefolder captions per image, --repeats in the script's order, and each item's original
+    size and crop (what add_time_ids is made of)."""
+    import json as _json
+
+    from PIL import Image
+
+    from dreambooth_trainer.data import DataError, DreamBoothDataset, collate_fn, read_captions
+    from dreambooth_trainer.tiny import make_tokenizer
+
+    for name, size in (("a.png", (48, 40)), ("b.png", (40, 40))):
+        Image.new("RGB", size, (200, 100, 50)).save(tmp_path / name)
+    lines = [{"file_name": "a.png", "text": "a photo of sks dog"}, {"file_name": "b.png", "text": ""}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(_json.dumps(line) for line in lines) + "\n")
+    captions = read_captions(tmp_path, "image", "text")
+    assert captions == {"a.png": "a photo of sks dog", "b.png": ""}
+    with pytest.raises(DataError, match="--caption_column 'caption' is not a column"):
+        read_captions(tmp_path, "image", "caption")
+    with pytest.raises(DataError, match="--image_column"):
+        read_captions(tmp_path, "picture", "text")
+
+    tok = make_tokenizer()
+    ds = DreamBoothDataset(
+        tmp_path, "a photo of dog", tok, size=32, center_crop=True, repeats=2, with_geometry=True, captions=captions
+    )
+    assert len(ds) == 4  # each image twice in a row
+    ids = [ds[i]["instance_prompt_ids"] for i in range(4)]
+    assert torch.equal(ids[0], ids[1]) and not torch.equal(ids[1], ids[2])
+    # An empty caption falls back to the instance prompt, as in the script.
+    assert torch.equal(
+        ids[2], tok("a photo of dog", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    )
+    batch = collate_fn([ds[0], ds[2]])
+    # a.png is 48 wide, 40 high: resized to 38x32 (torchvision's rule), centre crop left (38-32)/2 = 3.
+    assert batch["original_sizes"] == [(40, 48), (40, 40)]
+    assert batch["crop_top_lefts"] == [(0, 3), (0, 0)]

@@ -15,6 +15,7 @@ PIL and torch, reproducing torchvision's Resize / CenterCrop / RandomCrop / ToTe
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -260,6 +261,44 @@ def tokenize_prompt(tokenizer: Any, prompt: str, tokenizer_max_length: int | Non
     return tokenizer(prompt, truncation=True, padding="max_length", max_length=max_length, return_tensors="pt")
 
 
+# ---------------------------------------------------------------------------------------------- captions
+
+METADATA_FILE = "metadata.jsonl"
+
+
+def read_captions(folder: Path, image_column: str, caption_column: str | None) -> dict[str, str]:
+    """Captions by image path relative to `folder`, from an image folder's metadata.jsonl (datasets' imagefolder
+    convention: one JSON object per line with `file_name` and the caption columns). Without `caption_column`
+    there are none (every image gets the instance prompt, as in the script)."""
+    if image_column != "image":
+        raise DataError(
+            f"--image_column: an image folder's image column is 'image' (its files, named by metadata.jsonl's "
+            f"file_name), not {image_column!r}"
+        )
+    if caption_column is None:
+        return {}
+    path = folder / METADATA_FILE
+    if not path.is_file():
+        raise DataError(f"--caption_column {caption_column!r}: {folder} has no {METADATA_FILE} to read captions from")
+    out: dict[str, str] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}, line {number}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or "file_name" not in row:
+            raise DataError(f"{path}, line {number}: each line needs a file_name")
+        if caption_column not in row:
+            raise DataError(
+                f"--caption_column {caption_column!r} is not a column of {path} (line {number} has "
+                f"{', '.join(sorted(row))})"
+            )
+        out[str(row["file_name"])] = str(row[caption_column] or "")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- datasets
 
 
@@ -296,6 +335,7 @@ class DreamBoothDataset(Dataset):
         skip_bad_images: bool = False,
         repeats: int = 1,
         with_geometry: bool = False,
+        captions: dict[str, str] | None = None,
     ) -> None:
         if size <= 0:
             raise DataError(f"resolution must be positive, not {size}")
@@ -316,9 +356,18 @@ class DreamBoothDataset(Dataset):
         self.instance_images_path = list_images(
             self.instance_data_root, flag="instance_data_dir", skip_bad=skip_bad_images
         )
+        # Per-image captions (the SDXL script's --dataset_name/--caption_column); an empty or missing one falls
+        # back to the instance prompt, as there.
+        prompts = None
+        if captions:
+            root = self.instance_data_root
+            prompts = [
+                captions.get(p.relative_to(root).as_posix()) or instance_prompt for p in self.instance_images_path
+            ]
         if repeats > 1:
             # As train_dreambooth_lora_sdxl.py's --repeats: each image `repeats` times in a row, one epoch longer.
             self.instance_images_path = [p for p in self.instance_images_path for _ in range(repeats)]
+            prompts = None if prompts is None else [c for c in prompts for _ in range(repeats)]
         # SDXL conditions on each image's original size and crop (add_time_ids): items then carry both.
         self.with_geometry = with_geometry
         self.num_instance_images = len(self.instance_images_path)
@@ -341,6 +390,10 @@ class DreamBoothDataset(Dataset):
 
         # The prompts never change between items: tokenize once instead of once per item.
         self._instance_text = self._tokenize(instance_prompt, encoder_hidden_states, "instance_prompt")
+        self._instance_texts: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        if prompts is not None:
+            tokenized = {c: self._tokenize(c, None, "caption") for c in dict.fromkeys(prompts)}
+            self._instance_texts = [tokenized[c] for c in prompts]
         self._class_text = (
             self._tokenize(class_prompt, class_prompt_encoder_hidden_states, "class_prompt")
             if self.class_data_root is not None
@@ -364,6 +417,11 @@ class DreamBoothDataset(Dataset):
 
     def __len__(self) -> int:
         return self._length
+
+    def _instance_text_of(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._instance_texts is not None:
+            return self._instance_texts[index % self.num_instance_images]
+        return self._instance_text
 
     def _image(self, path: Path, epoch: int, index: int, stream: int) -> torch.Tensor:
         return self._image_and_geometry(path, epoch, index, stream)[0]
@@ -405,7 +463,7 @@ class DreamBoothDataset(Dataset):
         example: dict[str, Any] = {}
         instance_path = self.instance_images_path[index % self.num_instance_images]
         self._add_image(example, "instance", instance_path, epoch, index, _STREAM_INSTANCE)
-        ids, mask = self._instance_text
+        ids, mask = self._instance_text_of(index)
         example["instance_prompt_ids"] = ids
         if mask is not None:
             example["instance_attention_mask"] = mask
@@ -498,7 +556,7 @@ class CachedLatentsDataset(Dataset):
             raise IndexError(f"index {index} out of range for a dataset of {len(ds)}")
         example: dict[str, Any] = {"instance_latents": self.instance_latents[index % ds.num_instance_images]}
         self._add_geometry(example, "instance", ds.instance_images_path[index % ds.num_instance_images])
-        ids, mask = ds._instance_text
+        ids, mask = ds._instance_text_of(index)
         example["instance_prompt_ids"] = ids
         if mask is not None:
             example["instance_attention_mask"] = mask

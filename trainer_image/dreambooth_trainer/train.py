@@ -119,6 +119,18 @@ def stage_folder(uri: str, what: str, field: str | None = None, *, may_be_empty:
     return local
 
 
+def check_image_folder(uri: str, field: str) -> None:
+    """--dataset_name names an image folder here (local or s3://); a Hub dataset id is refused with the fix."""
+    if field != "dataset_name" or uri.startswith(("s3://", "file://")) or Path(uri).is_dir():
+        return
+    raise ConfigError(
+        "dataset_name",
+        f"{uri!r} is not a local or s3:// image folder. Hub datasets are not read here (no network to the Hub): save "
+        "the images and a metadata.jsonl of captions (datasets' imagefolder layout) to a folder or S3 prefix and "
+        "give that, or use --instance_data_dir for images without captions.",
+    )
+
+
 def _check_device_precision(cfg: CommonConfig) -> None:
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision", "fp16 needs a GPU; on CPU use bf16 or no.")
@@ -197,7 +209,10 @@ class Trainer:
             self.model_dir = hub.download_model(cfg) or stage_folder(
                 cfg.pretrained_model_name_or_path, "model", "pretrained_model_name_or_path"
             )
-            self.instance_dir = stage_folder(cfg.instance_data_dir, "instance images", "instance_data_dir")
+            self.instance_field = "instance_data_dir" if cfg.instance_data_dir else "dataset_name"
+            instance_uri = cfg.instance_data_dir or getattr(cfg, "dataset_name", None) or ""
+            check_image_folder(instance_uri, self.instance_field)
+            self.instance_dir = stage_folder(instance_uri, "instance images", self.instance_field)
             self.class_dir = (
                 stage_folder(cfg.class_data_dir, "class images", "class_data_dir", may_be_empty=True)
                 if cfg.with_prior_preservation
@@ -211,7 +226,7 @@ class Trainer:
             with acc.local_main_process_first():
                 self.extra_dirs["vae"] = stage_folder(vae_uri, "VAE", "pretrained_vae_model_name_or_path")
         # A missing or empty instance folder fails now, before any model loads.
-        list_images(self.instance_dir, flag=flag_and_field("instance_data_dir"), skip_bad=cfg.skip_bad_images)
+        list_images(self.instance_dir, flag=flag_and_field(self.instance_field), skip_bad=cfg.skip_bad_images)
         # As the scripts do, the Hub repository is made before training: a bad token fails in seconds.
         self.hub_repo = hub.create_hub_repo(cfg) if cfg.push_to_hub and acc.is_main_process else None
 
@@ -405,6 +420,7 @@ class Trainer:
             interpolation=cfg.resize_interpolation,
             skip_bad_images=cfg.skip_bad_images,
             **self.family.dataset_options(cfg),
+            **self._captions(),
         )
         if cfg.cache_latents:
             self.dataset = CachedLatentsDataset(self.dataset, self._encode_latent_parameters)
@@ -426,6 +442,15 @@ class Trainer:
             # model folder): free the VAE, as diffusers' train_dreambooth_lora_sdxl.py does with --cache_latents
             # (SD's VAE: 83.6M parameters, 335 MB in fp32, on the GPU on a GPU run).
             m.vae = None  # type: ignore[assignment]
+
+    def _captions(self) -> dict[str, Any]:
+        """Per-image captions of a --dataset_name image folder (its metadata.jsonl), for the dataset."""
+        cfg = self.cfg
+        if not getattr(cfg, "dataset_name", None):
+            return {}
+        from .data import read_captions
+
+        return {"captions": read_captions(self.instance_dir, cfg.image_column, cfg.caption_column)}
 
     def _encode_latent_parameters(self, pixels: torch.Tensor) -> torch.Tensor:
         """VAE latent-distribution parameters (mean and log-variance) of a batch of images, for cache_latents."""
