@@ -88,7 +88,9 @@ def test_lora_with_text_encoders_and_prior_loads_in_the_sdxl_pipeline_and_change
     lora = load_file(out / "pytorch_lora_weights.safetensors")
     assert {k.split(".")[0] for k in lora} == {"unet", "text_encoder", "text_encoder_2"}
     assert (out / "pytorch_lora_weights_kohya.safetensors").is_file()
-    assert list((out / "validation").rglob("*.png")) and (out / "README.md").is_file()
+    assert list((out / "validation").rglob("*.png"))
+    card = (out / "README.md").read_text()
+    assert "# SDXL LoRA DreamBooth" in card and "stable-diffusion-xl" in card and "openrail++" in card
     before, after = generate(tiny_sdxl), generate(tiny_sdxl, out)
     assert np.abs(before - after).max() > 0, "the LoRA did not change the pipeline's output at a fixed seed"
 
