@@ -174,3 +174,21 @@ def test_image_folder_captions_repeats_and_crop_geometry(tmp_path) -> None:
     # a.png is 48 wide, 40 high: resized to 38x32 (torchvision's rule), centre crop left (38-32)/2 = 3.
     assert batch["original_sizes"] == [(40, 48), (40, 40)]
     assert batch["crop_top_lefts"] == [(0, 3), (0, 0)]
+
+
+def test_a_missing_optimizer_library_is_named_with_its_flag() -> None:
+    import importlib.util
+
+    from dreambooth_trainer.model import check_optional_libraries
+
+    if importlib.util.find_spec("prodigyopt") is not None:
+        pytest.skip("prodigyopt is installed here")
+    cfg = parse_cli(SdxlLoraConfig, [*BASE, "--optimizer", "prodigy", "--learning_rate", "1.0"], "x")
+    with pytest.raises(ConfigError, match=r"--optimizer .*pip install prodigyopt"):
+        check_optional_libraries(cfg)
+    # Any other name falls back to AdamW with the script's warning, no library needed.
+    from dreambooth_trainer.compat import script_warnings
+
+    other = parse_cli(SdxlLoraConfig, [*BASE, "--optimizer", "lion"], "x")
+    check_optional_libraries(other)
+    assert any("Defaulting to adamW" in w for w in script_warnings(other))
