@@ -2,13 +2,14 @@
 
     git -C <diffusers checkout> show HEAD:examples/dreambooth/train_dreambooth_lora_sdxl.py \\
         > benchmarks/.upstream/train_dreambooth_lora_sdxl.py      # git-ignored; any copy of the script
-    python benchmarks/sdxl_script.py [--short 10] [--long 40] [--repeats 3]
+    python benchmarks/sdxl_script.py [--short 10] [--long 160] [--repeats 3]
 
 Both get the same flags (resolution 32, batch 1, no checkpoints within the run, TensorBoard) and one intra-op
 thread, each run in its own process. The measure is the same for both: the wall time of a long run minus that
 of a short one, so start-up, model loading and the final save cancel out; runs are interleaved (ours short,
 script short, ours long, script long, per repeat) and the median rate is printed, with the peak RSS of the long
-runs. The script runs with this venv's libraries and torchvision stand-ins (benchmarks/script_shim: PyPI's
+runs; the same rate from CPU seconds (user + system) is printed beside it, since on a shared machine wall
+time moves with the neighbours' load. The script runs with this venv's libraries and torchvision stand-ins (benchmarks/script_shim: PyPI's
 torchvision wheel does not load its ops beside the CPU torch). Prints one line per implementation and the
 ratio: ``sdxl impl=ours steps_per_s=X peak_rss_mb=Y``.
 """
@@ -34,7 +35,8 @@ MEASURE = (
     "t = time.monotonic(); rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
     "dt = time.monotonic() - t\n"
     "if rc.returncode: sys.stderr.write(rc.stderr.decode()[-3000:]); sys.exit(rc.returncode)\n"
-    "print(json.dumps({'seconds': dt, 'rss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))\n"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "print(json.dumps({'seconds': dt, 'cpu': u.ru_utime + u.ru_stime, 'rss_kb': u.ru_maxrss}))\n"
 )
 
 
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--script", type=Path, default=DEFAULT_SCRIPT)
     parser.add_argument("--model", type=Path, default=None, help="an SDXL pipeline folder (default: the tiny SDXL)")
     parser.add_argument("--short", type=int, default=10)
-    parser.add_argument("--long", type=int, default=40)
+    parser.add_argument("--long", type=int, default=160)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--resolution", type=int, default=32)
     args = parser.parse_args(argv)
@@ -80,25 +82,38 @@ def main(argv: list[str] | None = None) -> int:
 
         args.model = ensure_tiny_model(family="sdxl")
     rates: dict[str, list[float]] = {"ours": [], "script": []}
+    cpu_rates: dict[str, list[float]] = {"ours": [], "script": []}
     rss: dict[str, int] = {"ours": 0, "script": 0}
     with tempfile.TemporaryDirectory(prefix="sdxl-bench-") as tmp:
         for repeat in range(args.repeats):
             times: dict[tuple[str, int], float] = {}
+            cpu: dict[tuple[str, int], float] = {}
             for steps in (args.short, args.long):
                 for impl in ("ours", "script"):
                     m = measure(impl, args.script, args.model, steps, args.resolution, Path(tmp))
                     times[(impl, steps)] = m["seconds"]
+                    cpu[(impl, steps)] = m["cpu"]
                     if steps == args.long:
                         rss[impl] = max(rss[impl], m["rss_kb"])
             for impl in rates:
                 rate = (args.long - args.short) / (times[(impl, args.long)] - times[(impl, args.short)])
                 rates[impl].append(rate)
-                print(f"#repeat {repeat} impl={impl} steps_per_s={rate:.2f}", file=sys.stderr, flush=True)
+                cpu_rate = (args.long - args.short) / (cpu[(impl, args.long)] - cpu[(impl, args.short)])
+                cpu_rates[impl].append(cpu_rate)
+                print(
+                    f"#repeat {repeat} impl={impl} steps_per_s={rate:.2f} steps_per_cpu_s={cpu_rate:.2f}",
+                    file=sys.stderr, flush=True,
+                )  # fmt: skip
     med = {impl: statistics.median(r) for impl, r in rates.items()}
+    med_cpu = {impl: statistics.median(r) for impl, r in cpu_rates.items()}
     for impl in ("ours", "script"):
-        print(f"sdxl impl={impl} steps_per_s={med[impl]:.2f} peak_rss_mb={rss[impl] / 1024:.0f}")
+        print(
+            f"sdxl impl={impl} steps_per_s={med[impl]:.2f} steps_per_cpu_s={med_cpu[impl]:.2f} "
+            f"peak_rss_mb={rss[impl] / 1024:.0f}"
+        )
     print(
-        f"sdxl ours/script speed={med['ours'] / med['script']:.2f}x rss={rss['ours'] / rss['script']:.2f}x "
+        f"sdxl ours/script speed={med['ours'] / med['script']:.2f}x "
+        f"cpu_speed={med_cpu['ours'] / med_cpu['script']:.2f}x rss={rss['ours'] / rss['script']:.2f}x "
         f"(resolution {args.resolution}, batch 1, {args.long}-{args.short} steps, {args.repeats} repeats)"
     )
     return 0
