@@ -1,8 +1,9 @@
 """The typed trainer config: the one definition the CLI flags and the manifest's ``spec.training`` derive from.
 
-Two models, one per diffusers script, so each keeps its own flag names and defaults:
-``FullConfig`` mirrors ``train_dreambooth.py`` (``dreambooth train``) and ``LoraConfig`` mirrors
-``train_dreambooth_lora.py`` (``dreambooth train-lora``). Field names are the scripts' snake_case flags; the
+One model per diffusers script, so each keeps its own flag names and defaults:
+``FullConfig`` mirrors ``train_dreambooth.py`` (``dreambooth train``), ``LoraConfig`` mirrors
+``train_dreambooth_lora.py`` (``dreambooth train-lora``) and ``SdxlLoraConfig`` mirrors
+``train_dreambooth_lora_sdxl.py`` (``dreambooth train-lora-sdxl``, ``spec.method: lora-sdxl``). Field names are the scripts' snake_case flags; the
 manifest uses the same fields in camelCase. Importable without torch: the operator uses it to build the CRD.
 """
 
@@ -20,7 +21,7 @@ from pydantic.alias_generators import to_camel
 
 from .contract import BadInputError
 
-Method = Literal["full", "lora"]
+Method = Literal["full", "lora", "lora-sdxl"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 PriorPrecision = Literal["no", "fp32", "fp16", "bf16"]
 LrScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
@@ -195,7 +196,9 @@ class CommonConfig(BaseModel):
             if value == info.get_default(call_default_factory=True) and not info.is_required():
                 continue
             if isinstance(value, bool):
-                if value:
+                if info.get_default() is True:  # a switch that defaults on takes a value (cli_args._bool_value)
+                    out.extend([f"--{name}", str(value).lower()])
+                elif value:
                     out.append(f"--{name}")
             elif isinstance(value, list):
                 out.append(f"--{name}")
@@ -219,7 +222,8 @@ OPERATIONAL_FIELDS = frozenset(
         "sample_batch_size", "prior_generation_precision", "skip_save_text_encoder", "gradient_checkpointing",
         "enable_xformers_memory_efficient_attention", "allow_tf32", "expected_preemption_interval_seconds",
         "instance_data_dir", "class_data_dir", "pretrained_model_name_or_path", "allow_large_resolution",
-        "skip_bad_images", "unsafe_shared_output",
+        "skip_bad_images", "unsafe_shared_output", "cache_dir", "pretrained_vae_model_name_or_path", "dataset_name",
+        "output_kohya_format",
     }
 )  # fmt: skip
 
@@ -264,7 +268,56 @@ class LoraConfig(CommonConfig):
         return self.image_interpolation_mode
 
 
-MODELS: dict[str, type[CommonConfig]] = {"full": FullConfig, "lora": LoraConfig}
+class SdxlLoraConfig(LoraConfig):
+    """``train_dreambooth_lora_sdxl.py``: LoRA on the SDXL UNet (and optionally both text encoders)."""
+
+    method: ClassVar[Method] = "lora-sdxl"
+    script: ClassVar[str] = "train_dreambooth_lora_sdxl.py"
+
+    instance_data_dir: str | None = _f(  # type: ignore[assignment]
+        None, "Folder (local or s3://) holding the instance images (required unless dataset_name is given)."
+    )
+    pretrained_vae_model_name_or_path: str | None = _f(
+        None, "A VAE folder (local or s3://) to use in place of the model's, e.g. an fp16-safe SDXL VAE."
+    )
+    dataset_name: str | None = _f(
+        None,
+        "An image folder (local or s3://, the imagefolder convention) with a metadata.jsonl of captions, in place of "
+        "instance_data_dir; Hub dataset names are refused (no Hub access here).",
+    )
+    dataset_config_name: str | None = _f(None, "Hub dataset config name (Hub datasets are not supported here).")
+    cache_dir: str | None = _f(None, "Where downloaded models and datasets are cached.")
+    image_column: str = _f("image", "The dataset column holding the images (with dataset_name).")
+    caption_column: str | None = _f(None, "The dataset column holding the captions (with dataset_name).")
+    repeats: int = _f(1, "How many times each training image is repeated per epoch.", ge=1, le=MAX_STEPS)
+    resolution: int = _f(1024, "Resolution of the training images (multiple of 8).", ge=8)
+    random_flip: bool = _f(False, "Flip training images horizontally at random.")
+    learning_rate: float = _f(1e-4, "Initial learning rate (after warmup).", gt=0)
+    text_encoder_lr: float = _f(5e-6, "Learning rate of the text encoders' LoRA (with train_text_encoder).", gt=0)
+    optimizer: str = _f("AdamW", "AdamW or prodigy; any other value warns and falls back to AdamW, as the script does.")
+    prodigy_beta3: float | None = _f(None, "Prodigy's beta3 (default: sqrt(beta2)).")
+    prodigy_decouple: bool = _f(True, "Prodigy: decoupled weight decay (AdamW style).")
+    prodigy_use_bias_correction: bool = _f(True, "Prodigy: Adam's bias correction.")
+    prodigy_safeguard_warmup: bool = _f(True, "Prodigy: remove the learning rate from D's estimate in warmup.")
+    adam_weight_decay: float = _f(1e-04, "AdamW weight decay of the UNet's parameters.")
+    adam_weight_decay_text_encoder: float = _f(1e-03, "AdamW weight decay of the text encoders' parameters.")
+    use_dora: bool = _f(False, "Train DoRA (weight-decomposed LoRA) adapters instead of plain LoRA.")
+    do_edm_style_training: bool = _f(False, "Train with the EDM formulation (Karras et al. 2022) on Euler sigmas.")
+    output_kohya_format: bool = _f(False, "Also write the LoRA in kohya's format (pytorch_lora_weights_kohya).")
+
+    @property
+    def uses_prodigy(self) -> bool:
+        return self.optimizer.lower() == "prodigy"
+
+
+MODELS: dict[str, type[CommonConfig]] = {"full": FullConfig, "lora": LoraConfig, "lora-sdxl": SdxlLoraConfig}
+# Settings of the SD scripts that the SDXL script does not have and that make no sense for SDXL's two encoders.
+SD_ONLY_FIELDS = (
+    "tokenizer_name",
+    "pre_compute_text_embeddings",
+    "tokenizer_max_length",
+    "text_encoder_use_attention_mask",
+)
 IF_ONLY_FIELDS = ("validation_images", "class_labels_conditioning")
 
 
@@ -304,6 +357,8 @@ def check_rules(cfg: CommonConfig) -> None:
         )
     if cfg.cache_latents and not cfg.center_crop:
         raise ConfigError("cache_latents", "needs --center_crop (random crops change the latents every epoch).")
+    if isinstance(cfg, SdxlLoraConfig):
+        check_sdxl_rules(cfg)
     if cfg.hub_token and cfg.report_to in ("wandb", "all"):
         # As the scripts: the tracker records the run's arguments, token included.
         raise ConfigError(
@@ -311,6 +366,38 @@ def check_rules(cfg: CommonConfig) -> None:
             f"cannot be used with --report_to {cfg.report_to}: the tracker would record the token. Log in with "
             "`hf auth login` or set HF_TOKEN instead.",
         )
+
+
+def check_sdxl_rules(cfg: SdxlLoraConfig) -> None:
+    for name in SD_ONLY_FIELDS:
+        if getattr(cfg, name) not in (None, False):
+            raise ConfigError(
+                name,
+                f"is a setting of the SD 1.x/2.x scripts, not of {cfg.script} (SDXL has two text encoders); remove it.",
+            )
+    # As the script: one source of instance images.
+    if cfg.dataset_name is None and cfg.instance_data_dir is None:
+        raise ConfigError(
+            "instance_data_dir",
+            "is required: a folder of images (local or s3://), or --dataset_name for one with captions.",
+        )
+    if cfg.dataset_name is not None and cfg.instance_data_dir is not None:
+        raise ConfigError(
+            "dataset_name", "and --instance_data_dir are both set; give only one of them (as the script)."
+        )
+    if cfg.dataset_config_name is not None:
+        raise ConfigError(
+            "dataset_config_name",
+            "names a Hub dataset's config; an image folder has none (Hub datasets are not read here).",
+        )
+    check_location("dataset_name", cfg.dataset_name)
+    if cfg.do_edm_style_training and cfg.snr_gamma is not None:
+        raise ConfigError(
+            "snr_gamma", "Min-SNR weighting is not supported with --do_edm_style_training (as in the script); drop one."
+        )
+    if cfg.cache_latents and cfg.random_flip:
+        raise ConfigError("cache_latents", "cannot be used with --random_flip (a flip changes the latents); drop one.")
+    check_location("pretrained_vae_model_name_or_path", cfg.pretrained_vae_model_name_or_path)
 
 
 def check_location(name: str, value: str | None) -> None:
@@ -334,7 +421,7 @@ def check_location(name: str, value: str | None) -> None:
 def parse_training(method: str, training: dict[str, Any]) -> CommonConfig:
     """Build a config from a manifest's ``spec.training`` (camelCase; snake_case accepted), or raise ConfigError."""
     if method not in MODELS:
-        raise ConfigError("method", f"spec.method must be 'full' or 'lora', not {quote(method)}.")
+        raise ConfigError("method", f"spec.method must be 'full', 'lora' or 'lora-sdxl', not {quote(method)}.")
     model = MODELS[method]
     try:
         return model.model_validate(training)
@@ -385,8 +472,11 @@ def nearest(name: str, known: Iterable[str]) -> str | None:
     return close[0] if close else None
 
 
+COMMANDS: dict[str, str] = {"full": "train", "lora": "train-lora", "lora-sdxl": "train-lora-sdxl"}
+
+
 def _cmd(model: type[CommonConfig]) -> str:
-    return "train" if model.method == "full" else "train-lora"
+    return COMMANDS[model.method]
 
 
 def _snake(name: str) -> str:

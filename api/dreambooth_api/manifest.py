@@ -134,7 +134,11 @@ class RunPolicy(_Spec):
 
 
 class JobSpec(_Spec):
-    method: Method = Field("full", description="full (train_dreambooth.py) or lora (train_dreambooth_lora.py).")
+    method: Method = Field(
+        "full",
+        description="full (train_dreambooth.py), lora (train_dreambooth_lora.py) or lora-sdxl "
+        "(train_dreambooth_lora_sdxl.py).",
+    )
     training: dict[str, Any] = Field(
         ..., description="Every trainer setting: the flags of the method's script, in camelCase."
     )

@@ -1,6 +1,6 @@
 """The DreamBoothJob CRD, generated from the typed models so the manifest, the CLI and the trainer never disagree.
 
-``spec.training`` is the union of FullConfig and LoraConfig (defaults only where both scripts agree);
+``spec.training`` is the union of the method models in ``MODELS`` (defaults only where all scripts agree);
 the other spec sections come from ``dreambooth_api.manifest``, the status from ``status.JobStatus``.
 The schema is structural and uses nothing newer than apiextensions.k8s.io/v1 on Kubernetes 1.20 (no CEL).
 """
@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from dreambooth_api.config import FullConfig, LoraConfig
+from dreambooth_api.config import MODELS
 from dreambooth_api.manifest import API_GROUP, API_VERSION, KIND, PLURAL, SHORT_NAME, JobSpec
 
 from .status import JobStatus
@@ -103,33 +103,33 @@ def _model_schema(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def training_schema() -> dict[str, Any]:
-    """spec.training: every flag of both scripts. A default only where both scripts agree on it."""
-    full = _model_schema(FullConfig)["properties"]
-    lora = _model_schema(LoraConfig)["properties"]
+    """spec.training: every flag of every script. A default only where all scripts that have it agree on it."""
+    schemas = {method: _model_schema(model)["properties"] for method, model in MODELS.items()}
     props: dict[str, Any] = {}
-    for name in list(full) + [n for n in lora if n not in full]:
-        f, lo = full.get(name), lora.get(name)
-        prop = copy.deepcopy(f or lo)
-        assert prop is not None
-        if f is None or lo is None:
-            only = "full" if lo is None else "lora"
+    names = list(dict.fromkeys(name for schema in schemas.values() for name in schema))
+    for name in names:
+        having = {method: schema[name] for method, schema in schemas.items() if name in schema}
+        prop = copy.deepcopy(next(iter(having.values())))
+        defaults = {method: p.get("default") for method, p in having.items()}
+        if len(having) < len(schemas):
             prop.pop("default", None)
-            prop["description"] = f"({only} only) {prop.get('description', '')}".strip()
-        elif f.get("default") != lo.get("default"):
+            prop["description"] = f"({', '.join(having)} only) {prop.get('description', '')}".strip()
+        if len(set(map(repr, defaults.values()))) > 1:
             prop.pop("default", None)
-            prop["description"] = (
-                f"{f.get('description', '')} Default: {f.get('default')!r} (full), {lo.get('default')!r} (lora)."
-            )
+            each = ", ".join(f"{d!r} ({m})" for m, d in defaults.items())
+            prop["description"] = f"{prop.get('description', '')} Default: {each}."
         props[name] = prop
     # The type allows any int; the trainer's rule (positive, or 'auto') belongs in the schema too.
     props["checkpointingSteps"]["minimum"] = 1
-    required = sorted(set(FullConfig.model_json_schema(by_alias=True).get("required", []))
-                      & set(LoraConfig.model_json_schema(by_alias=True).get("required", [])))  # fmt: skip
+    required = sorted(
+        set.intersection(*(set(m.model_json_schema(by_alias=True).get("required", [])) for m in MODELS.values()))
+    )
     return {
         "type": "object",
         "description": (
-            "Every trainer setting, and only here: the flags of train_dreambooth.py (method full) or "
-            "train_dreambooth_lora.py (method lora) in camelCase, e.g. maxTrainSteps for --max_train_steps. "
+            "Every trainer setting, and only here: the flags of train_dreambooth.py (method full), "
+            "train_dreambooth_lora.py (method lora) or train_dreambooth_lora_sdxl.py (method lora-sdxl) in camelCase, "
+            "e.g. maxTrainSteps for --max_train_steps. "
             "Unknown names are kept so the operator can name them; editing this section of a running job is refused."
         ),
         "required": required,

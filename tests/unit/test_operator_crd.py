@@ -8,7 +8,7 @@ import pytest
 import yaml
 from pydantic.alias_generators import to_camel
 
-from dreambooth_api.config import FullConfig, LoraConfig
+from dreambooth_api.config import MODELS
 from dreambooth_operator import crd
 
 pytestmark = pytest.mark.unit
@@ -85,29 +85,38 @@ def test_structural_for_apiserver_1_20() -> None:
             assert isinstance(node["exclusiveMinimum"], bool), f"{path}: OpenAPI v3.0 form"
 
 
-def test_training_is_the_union_of_both_scripts() -> None:
+def test_training_is_the_union_of_every_script() -> None:
     training = _schema()["properties"]["spec"]["properties"]["training"]
     props = training["properties"]
-    expected = {to_camel(n) for n in FullConfig.model_fields} | {to_camel(n) for n in LoraConfig.model_fields}
+    expected = {to_camel(n) for model in MODELS.values() for n in model.model_fields}
     assert set(props) == expected
-    assert training["required"] == ["instanceDataDir", "instancePrompt", "pretrainedModelNameOrPath"]
+    # The SDXL script takes --dataset_name in place of --instance_data_dir: the trainer requires one of them.
+    assert training["required"] == ["instancePrompt", "pretrainedModelNameOrPath"]
     # Unknown names are kept so the operator can name the typo (1.20 would prune them silently).
     assert training["x-kubernetes-preserve-unknown-fields"] is True
 
 
-def test_defaults_only_where_both_scripts_agree() -> None:
+def test_defaults_only_where_all_scripts_agree() -> None:
     props = _schema()["properties"]["spec"]["properties"]["training"]["properties"]
     for name, prop in props.items():
-        snake = next(n for n in {**FullConfig.model_fields, **LoraConfig.model_fields} if to_camel(n) == name)
-        f, lo = FullConfig.model_fields.get(snake), LoraConfig.model_fields.get(snake)
-        agreed = f is not None and lo is not None and f.default == lo.default and f.default is not None
-        if agreed and not f.is_required():
-            assert prop.get("default") == f.default, name
+        snake = next(n for model in MODELS.values() for n in model.model_fields if to_camel(n) == name)
+        fields = [model.model_fields.get(snake) for model in MODELS.values()]
+        first = fields[0]
+        agreed = (
+            all(f is not None for f in fields)
+            and first is not None
+            and all(f is not None and f.default == first.default for f in fields)
+            and first.default is not None
+        )
+        if agreed and first is not None and not first.is_required():
+            assert prop.get("default") == first.default, name
         else:
             assert "default" not in prop, name
     assert "default" not in props["learningRate"] and "5e-06" in props["learningRate"]["description"]
+    assert "1024 (lora-sdxl)" in props["resolution"]["description"]
     assert "default" not in props["outputDir"]
-    assert "default" not in props["rank"] and props["rank"]["description"].startswith("(lora only)")
+    assert "default" not in props["rank"] and props["rank"]["description"].startswith("(lora, lora-sdxl only)")
+    assert props["useDora"]["description"].startswith("(lora-sdxl only)")
     assert props["validationSteps"]["description"].startswith("(full only)")
 
 
@@ -121,7 +130,7 @@ def test_types_enums_minimums() -> None:
     assert props["learningRate"]["minimum"] == 0 and props["learningRate"]["exclusiveMinimum"] is True
     spec = _schema()["properties"]["spec"]
     assert spec["required"] == ["training"]
-    assert spec["properties"]["method"]["enum"] == ["full", "lora"]
+    assert spec["properties"]["method"]["enum"] == ["full", "lora", "lora-sdxl"]
     assert spec["properties"]["resources"]["properties"]["nodes"]["minimum"] == 1
     assert spec["properties"]["resources"]["default"] == {}
     quantity = spec["properties"]["resources"]["properties"]["limits"]["additionalProperties"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from dreambooth_api.config import CommonConfig, ConfigError, FullConfig, LoraConfig
+from dreambooth_api.config import CommonConfig, ConfigError, FullConfig, LoraConfig, SdxlLoraConfig
 from dreambooth_api.contract import EXIT_BAD_INPUT
 
 from .logs import setup_logging
@@ -14,8 +14,10 @@ USAGE = """usage: dreambooth COMMAND [ARGS]
 commands:
   train        DreamBooth full fine-tune with train_dreambooth.py's flags and defaults
   train-lora   DreamBooth LoRA with train_dreambooth_lora.py's flags and defaults
+  train-lora-sdxl
+               SDXL DreamBooth LoRA with train_dreambooth_lora_sdxl.py's flags and defaults
   run          run a DreamBoothJob manifest on this machine, no cluster needed
-  tiny-model   write a tiny random Stable Diffusion pipeline (tests, quickstart)
+  tiny-model   write a tiny random Stable Diffusion (or, --family sdxl, SDXL) pipeline (tests, quickstart)
   crd          print the DreamBoothJob CustomResourceDefinition
   operator     run the Kubernetes operator
 
@@ -47,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train_command(FullConfig, rest, "dreambooth train")
     if cmd == "train-lora":
         return _train_command(LoraConfig, rest, "dreambooth train-lora")
+    if cmd == "train-lora-sdxl":
+        return _train_command(SdxlLoraConfig, rest, "dreambooth train-lora-sdxl")
     if cmd == "worker":
         import argparse
 

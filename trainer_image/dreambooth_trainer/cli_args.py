@@ -16,6 +16,16 @@ def _int_or_auto(text: str) -> int | str:
     return text if text == "auto" else int(text)
 
 
+def _bool_value(text: str) -> bool:
+    """A value for a flag that defaults to true (the SDXL script's --prodigy_decouple ...): true/false, 1/0."""
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
 def _flag_kwargs(annotation: Any) -> dict[str, Any]:
     """argparse keyword arguments for one field type."""
     if annotation is bool:
@@ -46,6 +56,10 @@ def build_parser(model: type[CommonConfig], prog: str) -> argparse.ArgumentParse
     )
     for name, info in model.model_fields.items():
         kwargs = _flag_kwargs(info.annotation)
+        if kwargs.get("action") == "store_true" and info.default is True:
+            # A switch that is on already cannot be a store_true flag: it takes a value (--prodigy_decouple false).
+            # The script's type=bool reads any non-empty text, "False" included, as true; this one means it.
+            kwargs = {"type": _bool_value, "metavar": "{true,false}"}
         help_text = info.description or ""
         if kwargs.get("action") != "store_true":
             default = None if info.is_required() else info.get_default(call_default_factory=True)

@@ -15,6 +15,7 @@ PIL and torch, reproducing torchvision's Resize / CenterCrop / RandomCrop / ToTe
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -192,7 +193,23 @@ def transform_image(
     random_flip: bool = False,
     interpolation: str = "bilinear",
 ) -> torch.Tensor:
-    """Resize the shorter side to ``size``, crop ``size`` x ``size``, → float CHW in [-1, 1].
+    """Resize the shorter side to ``size``, crop ``size`` x ``size``, → float CHW in [-1, 1] (see transform_with_crop)."""
+    return transform_with_crop(
+        image, size, center_crop=center_crop, generator=generator, random_flip=random_flip, interpolation=interpolation
+    )[0]
+
+
+def transform_with_crop(
+    image: Image.Image,
+    size: int,
+    *,
+    center_crop: bool,
+    generator: torch.Generator | None = None,
+    random_flip: bool = False,
+    interpolation: str = "bilinear",
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize the shorter side to ``size``, crop ``size`` x ``size``, → float CHW in [-1, 1], and the crop's
+    (top, left) in the resized (and, when flipped, mirrored) image: SDXL's ``crop_top_left`` conditioning.
 
     Matches torchvision's Resize(size, interpolation) + CenterCrop/RandomCrop + ToTensor + Normalize([0.5],[0.5])
     on PIL images (train_dreambooth.py resizes with bilinear, train_dreambooth_lora.py with
@@ -226,11 +243,13 @@ def transform_image(
             raise ValueError("a random flip needs a generator (pass item_generator(seed, epoch, index))")
         if torch.rand(1, generator=generator).item() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            # The SDXL script flips before it crops: this crop, in the mirrored image, starts here.
+            left = new_w - size - left
 
     array = np.asarray(image, dtype=np.uint8)
     tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
     # Same operations in the same order as ToTensor + Normalize, so the values are bit-identical to theirs.
-    return tensor.to(torch.float32).div(255).sub(0.5).div(0.5)
+    return tensor.to(torch.float32).div(255).sub(0.5).div(0.5), (top, left)
 
 
 # ----------------------------------------------------------------------------------------------- prompts
@@ -240,6 +259,44 @@ def tokenize_prompt(tokenizer: Any, prompt: str, tokenizer_max_length: int | Non
     """Tokenize one prompt padded to the max length (the tokenizer's own unless given), as diffusers does."""
     max_length = tokenizer_max_length if tokenizer_max_length is not None else tokenizer.model_max_length
     return tokenizer(prompt, truncation=True, padding="max_length", max_length=max_length, return_tensors="pt")
+
+
+# ---------------------------------------------------------------------------------------------- captions
+
+METADATA_FILE = "metadata.jsonl"
+
+
+def read_captions(folder: Path, image_column: str, caption_column: str | None) -> dict[str, str]:
+    """Captions by image path relative to `folder`, from an image folder's metadata.jsonl (datasets' imagefolder
+    convention: one JSON object per line with `file_name` and the caption columns). Without `caption_column`
+    there are none (every image gets the instance prompt, as in the script)."""
+    if image_column != "image":
+        raise DataError(
+            f"--image_column: an image folder's image column is 'image' (its files, named by metadata.jsonl's "
+            f"file_name), not {image_column!r}"
+        )
+    if caption_column is None:
+        return {}
+    path = folder / METADATA_FILE
+    if not path.is_file():
+        raise DataError(f"--caption_column {caption_column!r}: {folder} has no {METADATA_FILE} to read captions from")
+    out: dict[str, str] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}, line {number}: not JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or "file_name" not in row:
+            raise DataError(f"{path}, line {number}: each line needs a file_name")
+        if caption_column not in row:
+            raise DataError(
+                f"--caption_column {caption_column!r} is not a column of {path} (line {number} has "
+                f"{', '.join(sorted(row))})"
+            )
+        out[str(row["file_name"])] = str(row[caption_column] or "")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- datasets
@@ -276,6 +333,9 @@ class DreamBoothDataset(Dataset):
         random_flip: bool = False,
         interpolation: str = "bilinear",
         skip_bad_images: bool = False,
+        repeats: int = 1,
+        with_geometry: bool = False,
+        captions: dict[str, str] | None = None,
     ) -> None:
         if size <= 0:
             raise DataError(f"resolution must be positive, not {size}")
@@ -296,6 +356,20 @@ class DreamBoothDataset(Dataset):
         self.instance_images_path = list_images(
             self.instance_data_root, flag="instance_data_dir", skip_bad=skip_bad_images
         )
+        # Per-image captions (the SDXL script's --dataset_name/--caption_column); an empty or missing one falls
+        # back to the instance prompt, as there.
+        prompts = None
+        if captions:
+            root = self.instance_data_root
+            prompts = [
+                captions.get(p.relative_to(root).as_posix()) or instance_prompt for p in self.instance_images_path
+            ]
+        if repeats > 1:
+            # As train_dreambooth_lora_sdxl.py's --repeats: each image `repeats` times in a row, one epoch longer.
+            self.instance_images_path = [p for p in self.instance_images_path for _ in range(repeats)]
+            prompts = None if prompts is None else [c for c in prompts for _ in range(repeats)]
+        # SDXL conditions on each image's original size and crop (add_time_ids): items then carry both.
+        self.with_geometry = with_geometry
         self.num_instance_images = len(self.instance_images_path)
         self.instance_prompt = instance_prompt
         self._length = self.num_instance_images
@@ -316,6 +390,10 @@ class DreamBoothDataset(Dataset):
 
         # The prompts never change between items: tokenize once instead of once per item.
         self._instance_text = self._tokenize(instance_prompt, encoder_hidden_states, "instance_prompt")
+        self._instance_texts: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        if prompts is not None:
+            tokenized = {c: self._tokenize(c, None, "caption") for c in dict.fromkeys(prompts)}
+            self._instance_texts = [tokenized[c] for c in prompts]
         self._class_text = (
             self._tokenize(class_prompt, class_prompt_encoder_hidden_states, "class_prompt")
             if self.class_data_root is not None
@@ -340,17 +418,39 @@ class DreamBoothDataset(Dataset):
     def __len__(self) -> int:
         return self._length
 
+    def _instance_text_of(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._instance_texts is not None:
+            return self._instance_texts[index % self.num_instance_images]
+        return self._instance_text
+
     def _image(self, path: Path, epoch: int, index: int, stream: int) -> torch.Tensor:
+        return self._image_and_geometry(path, epoch, index, stream)[0]
+
+    def _image_and_geometry(
+        self, path: Path, epoch: int, index: int, stream: int
+    ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """The image tensor, its original (height, width) and its crop's (top, left)."""
         needs_rng = not self.center_crop or self.random_flip
         generator = item_generator(self.seed, epoch, index, stream) if needs_rng else None
-        return transform_image(
-            load_image(path),
+        image = load_image(path)
+        tensor, crop = transform_with_crop(
+            image,
             self.size,
             center_crop=self.center_crop,
             generator=generator,
             random_flip=self.random_flip,
             interpolation=self.interpolation,
         )
+        return tensor, (image.height, image.width), crop
+
+    def _add_image(self, example: dict[str, Any], kind: str, path: Path, epoch: int, index: int, stream: int) -> None:
+        if not self.with_geometry:
+            example[f"{kind}_images"] = self._image(path, epoch, index, stream)
+            return
+        tensor, original, crop = self._image_and_geometry(path, epoch, index, stream)
+        example[f"{kind}_images"] = tensor
+        example[f"{kind}_original_size"] = original
+        example[f"{kind}_crop_top_left"] = crop
 
     def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any]:
         if isinstance(index, tuple):
@@ -362,15 +462,15 @@ class DreamBoothDataset(Dataset):
 
         example: dict[str, Any] = {}
         instance_path = self.instance_images_path[index % self.num_instance_images]
-        example["instance_images"] = self._image(instance_path, epoch, index, _STREAM_INSTANCE)
-        ids, mask = self._instance_text
+        self._add_image(example, "instance", instance_path, epoch, index, _STREAM_INSTANCE)
+        ids, mask = self._instance_text_of(index)
         example["instance_prompt_ids"] = ids
         if mask is not None:
             example["instance_attention_mask"] = mask
 
         if self.class_data_root is not None and self._class_text is not None:
             class_path = self.class_images_path[index % self.num_class_images]
-            example["class_images"] = self._image(class_path, epoch, index, _STREAM_CLASS)
+            self._add_image(example, "class", class_path, epoch, index, _STREAM_CLASS)
             ids, mask = self._class_text
             example["class_prompt_ids"] = ids
             if mask is not None:
@@ -378,7 +478,7 @@ class DreamBoothDataset(Dataset):
         return example
 
 
-def collate_fn(examples: Sequence[dict[str, Any]], with_prior_preservation: bool = False) -> dict[str, torch.Tensor]:
+def collate_fn(examples: Sequence[dict[str, Any]], with_prior_preservation: bool = False) -> dict[str, Any]:
     """Batch items: instance rows first, then (with prior preservation) the class rows, in one tensor each.
 
     One forward pass then serves both losses; the trainer splits the batch in halves.
@@ -402,6 +502,10 @@ def collate_fn(examples: Sequence[dict[str, Any]], with_prior_preservation: bool
     }
     if has_attention_mask:
         batch["attention_mask"] = torch.cat(attention_mask, dim=0)
+    if "instance_original_size" in examples[0]:
+        kinds = ("instance", "class") if with_prior_preservation else ("instance",)
+        batch["original_sizes"] = [ex[f"{k}_original_size"] for k in kinds for ex in examples]
+        batch["crop_top_lefts"] = [ex[f"{k}_crop_top_left"] for k in kinds for ex in examples]
     return batch
 
 
@@ -420,11 +524,23 @@ class CachedLatentsDataset(Dataset):
             raise DataError("cached latents need center crops and no flips (an item must not vary by epoch)")
         self.dataset = dataset
 
-        def encode_all(paths: list[Path], stream: int) -> list[torch.Tensor]:
-            return [encode(dataset._image(p, 0, 0, stream).unsqueeze(0))[0].detach().to("cpu") for p in paths]
+        # SDXL's conditioning on each image's size and crop: fixed per file under center crops, kept beside it.
+        self.geometry: dict[tuple[str, Path], tuple[tuple[int, int], tuple[int, int]]] = {}
 
-        self.instance_latents = encode_all(dataset.instance_images_path, _STREAM_INSTANCE)
-        self.class_latents = encode_all(dataset.class_images_path, _STREAM_CLASS)
+        def encode_all(paths: list[Path], stream: int, kind: str) -> list[torch.Tensor]:
+            out = []
+            for p in paths:
+                pixels, original, crop = dataset._image_and_geometry(p, 0, 0, stream)
+                self.geometry[(kind, p)] = (original, crop)
+                out.append(encode(pixels.unsqueeze(0))[0].detach().to("cpu"))
+            return out
+
+        self.instance_latents = encode_all(dataset.instance_images_path, _STREAM_INSTANCE, "instance")
+        self.class_latents = encode_all(dataset.class_images_path, _STREAM_CLASS, "class")
+
+    def _add_geometry(self, example: dict[str, Any], kind: str, path: Path) -> None:
+        if self.dataset.with_geometry:
+            example[f"{kind}_original_size"], example[f"{kind}_crop_top_left"] = self.geometry[(kind, path)]
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
@@ -439,12 +555,14 @@ class CachedLatentsDataset(Dataset):
         if not 0 <= index < len(ds):
             raise IndexError(f"index {index} out of range for a dataset of {len(ds)}")
         example: dict[str, Any] = {"instance_latents": self.instance_latents[index % ds.num_instance_images]}
-        ids, mask = ds._instance_text
+        self._add_geometry(example, "instance", ds.instance_images_path[index % ds.num_instance_images])
+        ids, mask = ds._instance_text_of(index)
         example["instance_prompt_ids"] = ids
         if mask is not None:
             example["instance_attention_mask"] = mask
         if ds.class_data_root is not None and ds._class_text is not None:
             example["class_latents"] = self.class_latents[index % ds.num_class_images]
+            self._add_geometry(example, "class", ds.class_images_path[index % ds.num_class_images])
             ids, mask = ds._class_text
             example["class_prompt_ids"] = ids
             if mask is not None:

@@ -8,7 +8,7 @@ import logging
 
 import torch
 
-from dreambooth_api.config import CommonConfig, ConfigError
+from dreambooth_api.config import CommonConfig, ConfigError, SdxlLoraConfig
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +20,9 @@ def check_optional_libraries(cfg: CommonConfig) -> None:
             "enable_xformers_memory_efficient_attention",
             "needs xformers: `pip install xformers` (matching your torch build), or drop the flag (SDPA is the default).",
         )
-    if cfg.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+    if _prodigy(cfg) and importlib.util.find_spec("prodigyopt") is None:
+        raise ConfigError("optimizer", "prodigy needs prodigyopt: `pip install prodigyopt`, or use AdamW.")
+    if cfg.use_8bit_adam and not _prodigy(cfg) and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("use_8bit_adam", "needs bitsandbytes: `pip install bitsandbytes`, or drop the flag.")
 
 
@@ -35,7 +37,25 @@ def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]
             params[name].copy_(value)
 
 
+def _prodigy(cfg: CommonConfig) -> bool:
+    return isinstance(cfg, SdxlLoraConfig) and cfg.uses_prodigy
+
+
+def optimizer_options(cfg: CommonConfig) -> dict[str, object]:
+    """Keyword arguments of the optimizer beyond AdamW's (the SDXL script's --prodigy_* flags)."""
+    if not (isinstance(cfg, SdxlLoraConfig) and cfg.uses_prodigy):
+        return {}
+    return {
+        "beta3": cfg.prodigy_beta3, "decouple": cfg.prodigy_decouple,
+        "use_bias_correction": cfg.prodigy_use_bias_correction, "safeguard_warmup": cfg.prodigy_safeguard_warmup,
+    }  # fmt: skip
+
+
 def optimizer_class(cfg: CommonConfig):
+    if _prodigy(cfg):
+        import prodigyopt
+
+        return prodigyopt.Prodigy
     if cfg.use_8bit_adam:
         import bitsandbytes as bnb
 

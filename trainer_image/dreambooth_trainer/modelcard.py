@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from dreambooth_api.config import CommonConfig, LoraConfig, flag_and_field
+from dreambooth_api.config import CommonConfig, LoraConfig, SdxlLoraConfig, flag_and_field
 
 # A Hub model id ("org/name" or "name"); the Hub rejects any other base_model in the card's metadata.
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
@@ -31,10 +31,22 @@ def is_hub_id(name: str) -> bool:
 
 
 def _front_matter(cfg: CommonConfig) -> str:
-    tags = ["text-to-image", "dreambooth", "diffusers-training", "stable-diffusion", "stable-diffusion-diffusers"]
-    if cfg.method == "lora":
-        tags.append("lora")
-    meta: dict[str, object] = {"license": "creativeml-openrail-m", "library_name": "diffusers"}
+    sdxl = isinstance(cfg, SdxlLoraConfig)
+    tags = ["text-to-image", "dreambooth", "diffusers-training"]
+    # The SDXL script's tags and license (openrail++, SDXL's), DoRA named as such.
+    tags += (
+        ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"]
+        if sdxl
+        else ["stable-diffusion", "stable-diffusion-diffusers"]
+    )
+    if isinstance(cfg, LoraConfig):
+        tags.append("dora" if sdxl and cfg.use_dora else "lora")
+    if sdxl:
+        tags.append("template:sd-lora")
+    meta: dict[str, object] = {
+        "license": "openrail++" if sdxl else "creativeml-openrail-m",
+        "library_name": "diffusers",
+    }
     if is_hub_id(cfg.pretrained_model_name_or_path):
         meta["base_model"] = cfg.pretrained_model_name_or_path
     meta["instance_prompt"] = cfg.instance_prompt
@@ -67,13 +79,16 @@ def model_card(
     """README.md text. ``validation_images``: paths relative to the output folder (images, then the grid)."""
     base = cfg.pretrained_model_name_or_path
     title = repo_id or Path(cfg.output_dir.rstrip("/")).name or "model"
-    if cfg.method == "lora":
+    if isinstance(cfg, LoraConfig):
         heading = f"# LoRA DreamBooth - {title}"
         what = (
             f"These are LoRA adaption weights (rank {cfg.rank if isinstance(cfg, LoraConfig) else '?'}) for {base}, trained on "
             f"`{cfg.instance_prompt}` with [DreamBooth](https://dreambooth.github.io/)."
         )
         te = f"LoRA for the text encoder was enabled: {cfg.train_text_encoder}."
+        if isinstance(cfg, SdxlLoraConfig):
+            heading = f"# SDXL LoRA DreamBooth - {title}"
+            te += f"\n\nSpecial VAE used for training: {cfg.pretrained_vae_model_name_or_path}."
         usage = (
             "```python\nfrom diffusers import DiffusionPipeline\n\n"
             f"pipe = DiffusionPipeline.from_pretrained({base!r})\n"
@@ -104,7 +119,7 @@ def model_card(
         "",
         what,
         "",
-        f"- Method: {'LoRA' if cfg.method == 'lora' else 'full fine-tune'} ({cfg.script}'s flags and defaults)",
+        f"- Method: {'LoRA' if isinstance(cfg, LoraConfig) else 'full fine-tune'} ({cfg.script}'s flags and defaults)",
         f"- Base model: {base}",
         f"- Instance prompt: `{cfg.instance_prompt}`",
         f"- Training steps: {steps}",

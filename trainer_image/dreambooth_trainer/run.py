@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dreambooth_api.config import ConfigError
+from dreambooth_api.config import COMMANDS, ConfigError
 from dreambooth_api.contract import EXIT_BAD_INPUT
 from dreambooth_api.manifest import Job, load_job
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError:
         print(f"error: {args.manifest} does not exist", file=sys.stderr)
         return EXIT_BAD_INPUT
-    cmd = "train" if cfg.method == "full" else "train-lora"
+    cmd = COMMANDS[cfg.method]
     misplaced = misplaced_paths(cfg, Path(args.manifest), Path.cwd())
     if misplaced:
         print(f"error: {args.manifest}: {misplaced[0]}", file=sys.stderr)
@@ -76,7 +76,7 @@ def _summary(cfg, code: int) -> None:
 
     out = open_store(cfg.output_dir)
     if code == 0:
-        what = "LoRA weights (pytorch_lora_weights.safetensors)" if cfg.method == "lora" else "diffusers pipeline"
+        what = "LoRA weights (pytorch_lora_weights.safetensors)" if cfg.method != "full" else "diffusers pipeline"
         print(f"\ndone: {what} in {out.uri}")
     else:
         print(f"\nrun ended with exit code {code} (64 bad input, 70 crash, 71 GPU OOM, 75 preempted)")

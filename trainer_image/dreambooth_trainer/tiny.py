@@ -5,7 +5,8 @@ and every weight comes from a seeded generator, so the same seed gives the same 
 versions. The shapes are the smallest that still exercise every code path of real SD training (cross
 attention, VAE encode/decode, text encoder, scheduler) at resolution 32 and 64.
 
-CLI: ``dreambooth tiny-model DIR [--seed N] [--prediction-type epsilon|v_prediction]``.
+CLI: ``dreambooth tiny-model DIR [--seed N] [--prediction-type epsilon|v_prediction] [--family sd|sdxl]`` (the
+SDXL one: make_tiny_sdxl_model).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -30,6 +32,7 @@ logger = logging.getLogger(__name__)
 TINY_MODEL_VERSION = "1"
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+TINY_FAMILIES = ("sd", "sdxl")
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -232,6 +235,120 @@ def make_tiny_model(out_dir: Path, seed: int = 0, prediction_type: str = "epsilo
     return out_dir
 
 
+# ------------------------------------------------------------------------------------------ tiny SDXL
+
+# A tiny, randomly initialised Stable Diffusion XL pipeline (`--family sdxl`): SDXL's shape at toy size, a UNet
+# conditioned on `text_time` (pooled text embeddings + the six add_time_ids), CLIPTextModel +
+# CLIPTextModelWithProjection whose penultimate hidden states are concatenated (32 + 32 = the UNet's
+# cross-attention width 64), the project's tokenizer twice, a VAE and SDXL's Euler scheduler.
+TINY_SDXL_VERSION = "1"
+# add_time_ids are six numbers (original h, w, crop top, left, target h, w), each embedded in this width;
+# with the second text encoder's projection (32) they make the UNet's added-embedding input.
+ADDITION_TIME_EMBED_DIM = 8
+PROJECTION_DIM = 32
+
+
+def _text_config(tokenizer, hidden: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        projection_dim=PROJECTION_DIM,
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def make_tiny_sdxl_model(out_dir: Path, seed: int = 0) -> Path:
+    """Write a tiny random SDXL pipeline folder to ``out_dir`` and return it."""
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, not {seed}")
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer()
+    with _seeded(seed * 5 + 0):
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
+            transformer_layers_per_block=(1, 1),
+            projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM + PROJECTION_DIM,
+            cross_attention_dim=64,
+            norm_num_groups=32,
+        )
+    with _seeded(seed * 5 + 1):
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=32,
+            scaling_factor=0.13025,  # SDXL's VAE factor
+        )
+    with _seeded(seed * 5 + 2):
+        text_encoder = CLIPTextModel(_text_config(tokenizer, 32))
+    with _seeded(seed * 5 + 3):
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, 32))
+    # SDXL base's scheduler folder (the script loads DDPMScheduler from it, or Euler for EDM-style training).
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        interpolation_type="linear",
+        prediction_type="epsilon",
+    )
+    for model in (unet, vae, text_encoder, text_encoder_2):
+        model.eval()
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=make_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    # As in tiny.make_tiny_model: transformers skips weights off rank 0, and the project's tokenizer files last.
+    from safetensors.torch import save_file
+
+    for name, module in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        folder = out_dir / name
+        if not (folder / "model.safetensors").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            module.config.to_json_file(folder / "config.json")
+            state = {k: v.contiguous() for k, v in module.state_dict().items()}
+            save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    write_tokenizer_files(out_dir / "tokenizer")
+    write_tokenizer_files(out_dir / "tokenizer_2")
+    return out_dir
+
+
 # ------------------------------------------------------------------------------------------ sample images
 
 # The instance subject: one particular dog (golden coat, dark ears, white chest), seen in different poses
@@ -338,16 +455,36 @@ def default_cache_root() -> Path:
     return Path.home() / ".cache" / "dreambooth-operator"
 
 
-def tiny_model_dirname(prediction_type: str = "epsilon") -> str:
+def tiny_model_dirname(prediction_type: str = "epsilon", family: str = "sd") -> str:
+    if family == "sdxl":
+        return f"tiny-sdxl-model-{TINY_SDXL_VERSION}"
     suffix = "" if prediction_type == "epsilon" else f"-{prediction_type}"
     return f"tiny-model-{TINY_MODEL_VERSION}{suffix}"
+
+
+def tiny_uri_model(uri: str) -> tuple[str, str]:
+    """(family, prediction type) of a ``tiny://`` model name: tiny://, tiny://v_prediction, tiny://sdxl."""
+    name = uri.removeprefix("tiny://") or "epsilon"
+    if name == "sdxl":
+        return "sdxl", "epsilon"
+    return "sd", name
+
+
+def make_family_model(out_dir: Path, *, family: str = "sd", seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"family must be one of {TINY_FAMILIES}, not {family!r}")
+    if family == "sdxl":
+        if prediction_type != "epsilon":
+            raise ValueError("the tiny SDXL model predicts epsilon only")
+        return make_tiny_sdxl_model(out_dir, seed=seed)
+    return make_tiny_model(out_dir, seed=seed, prediction_type=prediction_type)
 
 
 def _is_complete(folder: Path) -> bool:
     return (folder / "model_index.json").is_file()
 
 
-def ensure_tiny_model(cache_dir: Path | None = None, prediction_type: str = "epsilon") -> Path:
+def ensure_tiny_model(cache_dir: Path | None = None, prediction_type: str = "epsilon", family: str = "sd") -> Path:
     """Return the cached tiny model (seed 0), making it on first use.
 
     ``cache_dir`` is the cache root (default ``$DREAMBOOTH_CACHE`` or ``~/.cache/dreambooth-operator``); the
@@ -358,7 +495,7 @@ def ensure_tiny_model(cache_dir: Path | None = None, prediction_type: str = "eps
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, not {prediction_type!r}")
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
-    final = root / tiny_model_dirname(prediction_type)
+    final = root / tiny_model_dirname(prediction_type, family)
     if _is_complete(final):
         return final
     root.mkdir(parents=True, exist_ok=True)
@@ -376,7 +513,7 @@ def ensure_tiny_model(cache_dir: Path | None = None, prediction_type: str = "eps
                 final.rename(aside)
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
             try:
-                make_tiny_model(tmp, seed=0, prediction_type=prediction_type)
+                make_family_model(tmp, family=family, seed=0, prediction_type=prediction_type)
                 os.rename(tmp, final)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -400,14 +537,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="epsilon",
         help="the scheduler's prediction_type (what the UNet is trained to predict)",
     )
+    parser.add_argument(
+        "--family",
+        choices=TINY_FAMILIES,
+        default="sd",
+        help="sd: Stable Diffusion 1.x/2.x (StableDiffusionPipeline); sdxl: StableDiffusionXLPipeline",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    out = make_tiny_model(args.dir, seed=args.seed, prediction_type=args.prediction_type)
+    family = getattr(args, "family", "sd")
+    try:
+        out = make_family_model(args.dir, family=family, seed=args.seed, prediction_type=args.prediction_type)
+    except ValueError as exc:
+        print(f"error: --prediction-type: {exc}", file=sys.stderr)
+        return 64
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    kind = "Stable Diffusion XL" if family == "sdxl" else "Stable Diffusion"
     print(
-        f"wrote tiny Stable Diffusion pipeline to {out} ({size / 1e6:.1f} MB, "
+        f"wrote tiny {kind} pipeline to {out} ({size / 1e6:.1f} MB, "
         f"{time.perf_counter() - start:.1f} s, seed {args.seed}, {args.prediction_type})"
     )
     return 0

@@ -38,6 +38,7 @@ from .model import (
     config_json,
     load_trainable_state,
     optimizer_class,
+    optimizer_options,
     weights_file,
 )
 from .modelcard import model_card, write_model_card
@@ -97,14 +98,16 @@ def naming_field(field: str):  # noqa: ANN201 - a context manager
 def stage_folder(uri: str, what: str, field: str | None = None, *, may_be_empty: bool = False) -> Path:
     """A local folder holding the contents of `uri` (an s3:// prefix is synced into a cache).
 
-    `tiny://epsilon` or `tiny://v_prediction` names the project's tiny test model, made once into a cache.
+    `tiny://epsilon`, `tiny://v_prediction` or `tiny://sdxl` names one of the project's tiny test models, made
+    once into a cache.
     With `field`, storage errors and an s3:// prefix holding nothing (a typo reads as an empty prefix: S3 has no
     folders) say which setting to fix, before any model loads.
     """
     if uri.startswith("tiny://"):
-        from .tiny import ensure_tiny_model
+        from .tiny import ensure_tiny_model, tiny_uri_model
 
-        return ensure_tiny_model(prediction_type=uri.removeprefix("tiny://") or "epsilon")
+        family, prediction_type = tiny_uri_model(uri)
+        return ensure_tiny_model(prediction_type=prediction_type, family=family)
     with naming_field(field) if field else contextlib.nullcontext():
         store = open_store(uri)
         root = store.local_root()
@@ -116,6 +119,18 @@ def stage_folder(uri: str, what: str, field: str | None = None, *, may_be_empty:
         raise ConfigError(field, f"{uri} holds no objects: upload the {what} there, or fix the bucket or prefix.")
     logger.info("%s %s synced to %s", what, uri, local)
     return local
+
+
+def check_image_folder(uri: str, field: str) -> None:
+    """--dataset_name names an image folder here (local or s3://); a Hub dataset id is refused with the fix."""
+    if field != "dataset_name" or uri.startswith(("s3://", "file://")) or Path(uri).is_dir():
+        return
+    raise ConfigError(
+        "dataset_name",
+        f"{uri!r} is not a local or s3:// image folder. Hub datasets are not read here (no network to the Hub): save "
+        "the images and a metadata.jsonl of captions (datasets' imagefolder layout) to a folder or S3 prefix and "
+        "give that, or use --instance_data_dir for images without captions.",
+    )
 
 
 def _check_device_precision(cfg: CommonConfig) -> None:
@@ -196,15 +211,24 @@ class Trainer:
             self.model_dir = hub.download_model(cfg) or stage_folder(
                 cfg.pretrained_model_name_or_path, "model", "pretrained_model_name_or_path"
             )
-            self.instance_dir = stage_folder(cfg.instance_data_dir, "instance images", "instance_data_dir")
+            self.instance_field = "instance_data_dir" if cfg.instance_data_dir else "dataset_name"
+            instance_uri = cfg.instance_data_dir or getattr(cfg, "dataset_name", None) or ""
+            check_image_folder(instance_uri, self.instance_field)
+            self.instance_dir = stage_folder(instance_uri, "instance images", self.instance_field)
             self.class_dir = (
                 stage_folder(cfg.class_data_dir, "class images", "class_data_dir", may_be_empty=True)
                 if cfg.with_prior_preservation
                 else None
             )
         self.family.check_model_dir(self.model_dir)
+        # Parts given apart from the model folder (SDXL's --pretrained_vae_model_name_or_path), staged like it.
+        self.extra_dirs: dict[str, Path] = {}
+        vae_uri = getattr(cfg, "pretrained_vae_model_name_or_path", None)
+        if vae_uri:
+            with acc.local_main_process_first():
+                self.extra_dirs["vae"] = stage_folder(vae_uri, "VAE", "pretrained_vae_model_name_or_path")
         # A missing or empty instance folder fails now, before any model loads.
-        list_images(self.instance_dir, flag=flag_and_field("instance_data_dir"), skip_bad=cfg.skip_bad_images)
+        list_images(self.instance_dir, flag=flag_and_field(self.instance_field), skip_bad=cfg.skip_bad_images)
         # As the scripts do, the Hub repository is made before training: a bad token fails in seconds.
         self.hub_repo = hub.create_hub_repo(cfg) if cfg.push_to_hub and acc.is_main_process else None
 
@@ -237,17 +261,19 @@ class Trainer:
         set_seed(self.run_seed)
         if cfg.with_prior_preservation:
             self._prepare_class_images()
-        self.models = m = self.family.load(cfg, self.model_dir)
-        if cfg.method == "lora":
+        self.models = m = self.family.load(cfg, self.model_dir, self.extra_dirs)
+        if isinstance(cfg, LoraConfig):
             self.family.add_lora(m, cfg)
         self.trained = self.family.set_trainable(m, cfg)
         self.family.enable_memory_savers(m, cfg, self.grad_ckpt)
         wdtype = _weight_dtype(acc)
         # In fp32 only the device changes: diffusers warns on every to(dtype=...) of a model, even a no-op one.
-        m.vae.to(acc.device, **({"dtype": wdtype} if wdtype != torch.float32 else {}))
+        vae_dtype = torch.float32 if self.family.upcast_vae and "vae" not in self.extra_dirs else wdtype
+        m.vae.to(acc.device, **({"dtype": vae_dtype} if vae_dtype != torch.float32 else {}))
         if not cfg.train_text_encoder:
-            m.text_encoder.to(acc.device, dtype=wdtype)
-        if cfg.method == "lora" and wdtype != torch.float32:
+            for encoder in self.family.text_encoders(m).values():
+                encoder.to(acc.device, dtype=wdtype)
+        if isinstance(cfg, LoraConfig) and wdtype != torch.float32:
             from diffusers.training_utils import cast_training_params
 
             m.unet.to(acc.device, dtype=wdtype)
@@ -267,8 +293,8 @@ class Trainer:
         # has had since torch 2.4); on GPU the default (foreach) is kept, as in the scripts.
         fused = {"fused": True} if opt_class is torch.optim.AdamW and acc.device.type == "cpu" else {}
         self.optimizer = opt_class(
-            params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-            eps=cfg.adam_epsilon, **fused,
+            self.family.optimizer_params(cfg, self.trained, lr), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, **(optimizer_options(cfg) or fused),
         )  # fmt: skip
         from diffusers.optimization import get_scheduler
 
@@ -330,7 +356,7 @@ class Trainer:
         self.local_out = self.out.local_root() or (self.scratch / "final")
         logs = Path(cfg.logging_dir) if Path(cfg.logging_dir).is_absolute() else self.local_out / cfg.logging_dir
         self.trackers = Trackers(
-            self.tracker_names, run_name="dreambooth-lora" if cfg.method == "lora" else "dreambooth", local_dir=logs,
+            self.tracker_names, run_name="dreambooth-lora" if isinstance(cfg, LoraConfig) else "dreambooth", local_dir=logs,
             config=cfg.model_dump(mode="json"), enabled=acc.is_main_process,
         )  # fmt: skip
         self.validator = Validator(
@@ -343,11 +369,17 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         m, acc = self.models, self.accelerator
+        encoders = self.family.text_encoders(m)
+        if self.cfg.train_text_encoder:
+            encoders = {
+                name: acc.unwrap_model(mod) for name, mod in zip(encoders, self.trained_wrapped[1:], strict=False)
+            }
+        first = encoders.pop("text_encoder", None)
         run = self.validator.run(
             self.state.global_step,
             unet=acc.unwrap_model(self.trained_wrapped[0]),
-            text_encoder=acc.unwrap_model(self.trained_wrapped[1]) if self.cfg.train_text_encoder else m.text_encoder,
-            vae=m.vae, tokenizer=m.tokenizer, noise_scheduler=m.noise_scheduler, tag=tag,
+            text_encoder=first if self.cfg.train_text_encoder else m.text_encoder,
+            vae=m.vae, tokenizer=m.tokenizer, noise_scheduler=m.noise_scheduler, tag=tag, more=encoders,
         )  # fmt: skip
         self.progress.update(validation_images=run.uris)
 
@@ -389,6 +421,8 @@ class Trainer:
             seed=self.run_seed,
             interpolation=cfg.resize_interpolation,
             skip_bad_images=cfg.skip_bad_images,
+            **self.family.dataset_options(cfg),
+            **self._captions(),
         )
         if cfg.cache_latents:
             self.dataset = CachedLatentsDataset(self.dataset, self._encode_latent_parameters)
@@ -410,6 +444,15 @@ class Trainer:
             # model folder): free the VAE, as diffusers' train_dreambooth_lora_sdxl.py does with --cache_latents
             # (SD's VAE: 83.6M parameters, 335 MB in fp32, on the GPU on a GPU run).
             m.vae = None  # type: ignore[assignment]
+
+    def _captions(self) -> dict[str, Any]:
+        """Per-image captions of a --dataset_name image folder (its metadata.jsonl), for the dataset."""
+        cfg = self.cfg
+        if not getattr(cfg, "dataset_name", None):
+            return {}
+        from .data import read_captions
+
+        return {"captions": read_captions(self.instance_dir, cfg.image_column, cfg.caption_column)}
 
     def _encode_latent_parameters(self, pixels: torch.Tensor) -> torch.Tensor:
         """VAE latent-distribution parameters (mean and log-variance) of a batch of images, for cache_latents."""
@@ -449,12 +492,12 @@ class Trainer:
         reuse = self.publisher.staging
         snap = ckpt.Snapshot(state=ckpt.TrainState(**vars(self.state)))
         for name, mod in zip(self._trained_names(), self.trained, strict=True):
-            if self.cfg.method == "full":
+            if isinstance(self.cfg, FullConfig):
                 # Format 2: the part in diffusers' layout, so `from_pretrained(".../checkpoint-N/unet")` loads it;
                 # the resume reads the same file (no second copy of the weights).
                 snap.tensors[f"{name}/{weights_file(mod)}"] = ckpt.cpu_clone(mod.state_dict(), reuse, name)
                 snap.texts[f"{name}/config.json"] = config_json(mod)
-        if self.cfg.method == "lora":
+        if isinstance(self.cfg, LoraConfig):
             # Format 3: the adapters once, in diffusers' names (what `load_lora_weights` and the scripts'
             # checkpoints hold); the resume maps them back by the same conversion (_restore_lora).
             snap.tensors[LORA_FILE] = self._lora_layers(cpu=True)
@@ -476,7 +519,9 @@ class Trainer:
         from safetensors.torch import load_file
 
         files = loaded.manifest["files"]
-        if self.cfg.method == "lora" and not any(f"training/{n}.safetensors" in files for n in self._trained_names()):
+        if isinstance(self.cfg, LoraConfig) and not any(
+            f"training/{n}.safetensors" in files for n in self._trained_names()
+        ):
             self._restore_lora(load_file(loaded.folder / LORA_FILE))  # format 3
         for name, mod in zip(self._trained_names(), self.trained, strict=True):
             if f"training/{name}.safetensors" in files:  # format 1, and LoRA in format 2
@@ -533,10 +578,18 @@ class Trainer:
 
     def _restore_script_checkpoint(self, step: int) -> None:
         name = f"checkpoint-{step}"
+        if self.cfg.method not in ("lora", "full"):
+            # The scripts' SDXL checkpoints hold two text encoders' adapters the SD mapping does not know yet.
+            raise ConfigError(
+                "resume_from_checkpoint",
+                f"{name} was written by diffusers' script; resuming a script checkpoint is supported for methods lora "
+                f"and full, not {self.cfg.method} yet. Start a new output, or resume from one of this trainer's "
+                "checkpoints.",
+            )
         with self.accelerator.local_main_process_first():
             folder = diffusers_format.fetch(self.out, step, self.scratch / "resume")
         diffusers_format.restore(
-            folder, method=self.cfg.method, trained=list(zip(self._trained_names(), self.trained, strict=True)),
+            folder, method="lora" if isinstance(self.cfg, LoraConfig) else "full", trained=list(zip(self._trained_names(), self.trained, strict=True)),
             optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, scaler=self.accelerator.scaler,
             where=self.out.url(name),
         )  # fmt: skip
@@ -564,24 +617,20 @@ class Trainer:
             dist = DiagonalGaussianDistribution(batch["latent_parameters"].to(acc.device, dtype=wdtype))
             latents = dist.sample(generator=gen)
         else:
-            pixel_values = batch["pixel_values"].to(acc.device, dtype=wdtype)
+            pixel_values = batch["pixel_values"].to(acc.device, dtype=m.vae.dtype if self.family.upcast_vae else wdtype)
             with torch.no_grad():
                 latents = m.vae.encode(pixel_values).latent_dist.sample(generator=gen)
         latents = latents * self.latent_scale
+        if self.family.upcast_vae:
+            latents = latents.to(wdtype)
         family = self.family
         noise = family.sample_noise(latents, gen, cfg)
         timesteps = family.sample_timesteps(m, latents.shape[0], gen, latents.device)
         noisy = family.add_noise(m, latents, noise, timesteps)
-        if cfg.pre_compute_text_embeddings:
-            states = batch["input_ids"].to(acc.device)
-        else:
-            mask = batch.get("attention_mask") if cfg.text_encoder_use_attention_mask else None
-            text_encoder = self.trained_wrapped[1] if cfg.train_text_encoder else m.text_encoder
-            states = family.encode_prompt(
-                text_encoder, batch["input_ids"].to(acc.device), None if mask is None else mask.to(acc.device)
-            )
-        extra = family.extra_conditioning(batch, acc.device)
-        model_pred = family.denoise(self.trained_wrapped[0], noisy, timesteps, states, extra)
+        text_encoders = self.trained_wrapped[1:] if cfg.train_text_encoder else list(family.text_encoders(m).values())
+        states, prompt_extra = family.encode_batch(cfg, m, text_encoders, batch, acc.device)
+        extra = {**family.extra_conditioning(batch, acc.device), **prompt_extra}
+        model_pred = family.denoise(m, self.trained_wrapped[0], noisy, timesteps, states, extra)
         return family.loss(m, cfg, model_pred, latents, noise, timesteps)
 
     def _stop_agreed(self) -> bool:
@@ -678,15 +727,16 @@ class Trainer:
             logger.warning("TensorBoard events not uploaded to %s: %s", self.out.url(base), exc)
 
     def fit(self) -> TrainResult:
-        cfg, acc, st = self.cfg, self.accelerator, self.state
+        """Train to max_steps: `step` per micro-batch, `end_epoch` when an epoch runs out before training does."""
+        acc, st = self.accelerator, self.state
         for mod in self.trained_wrapped:
             mod.train()
-        loss_value: float | None = None
-        accum_loss = 0.0
+        self._last_loss: float | None = None
+        self._accum_loss = 0.0
         # All-true while every loss was finite; updated on the device, read only with the per-step stop vote.
         self._loss_finite = torch.ones((), dtype=torch.bool, device=acc.device)
-        test_hooks = hooks()
-        oom_step = test_hooks.oom_at(self.rank)
+        self._test_hooks = hooks()
+        self._oom_step = self._test_hooks.oom_at(self.rank)
         if self._stop_agreed():
             # SIGTERM during setup: nothing was trained since the checkpoint this run started from.
             uri = self.out.url(f"checkpoint-{self.resumed.step}") if self.resumed else None
@@ -696,61 +746,72 @@ class Trainer:
             )
         t_start = time.monotonic()
         while st.global_step < self.max_steps:
-            loader = self._loader(st.epoch, st.micro_in_epoch)
-            for batch in loader:
-                micro = st.micro_in_epoch
-                sync = (micro + 1) % self.accum == 0 or micro + 1 == self.batches_per_epoch
-                gen = step_generator(self.run_seed, st.epoch, micro, self.rank, acc.device)
-                if isinstance(cfg, LoraConfig) and cfg.lora_dropout:
-                    # Dropout draws from the global RNG, which checkpoints do not hold: reseed it per position.
-                    seed_global_rng(self.run_seed, st.epoch, micro, self.rank)
-                with contextlib.ExitStack() as stack:
-                    if not sync:
-                        for mod in self.trained_wrapped:
-                            stack.enter_context(acc.no_sync(mod))
-                    with acc.autocast():
-                        loss = self._micro_step(batch, gen)
-                    acc.backward(loss / self.accum)
-                self._loss_finite &= torch.isfinite(loss.detach()).all()
-                accum_loss += loss.detach().item() / self.accum
-                st.micro_in_epoch += 1
-                st.samples_in_epoch += self.batch_size * self.world
-                if not sync:
-                    continue
-                if cfg.max_grad_norm is not None:
-                    acc.clip_grad_norm_(self.params_to_clip, cfg.max_grad_norm)
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                # train_dreambooth.py zeroes grads unless --set_grads_to_none; the LoRA script sets them to None.
-                self.optimizer.zero_grad(set_to_none=not isinstance(cfg, FullConfig) or cfg.set_grads_to_none)
-                st.global_step += 1
-                loss_value, accum_loss = accum_loss, 0.0
-                test_hooks.after_step()
-                if st.global_step == oom_step:
-                    raise torch.OutOfMemoryError(f"test hook: simulated CUDA out of memory at step {oom_step}")
-                lr = self.lr_scheduler.get_last_lr()[0]
-                self.progress.update(step=st.global_step, loss=loss_value, lr=lr)
-                self.trackers.log({"loss": loss_value, "lr": lr}, st.global_step)
-                if self.validator.due_after_step(st.global_step):
-                    self._validate()
+            for batch in self._loader(st.epoch, st.micro_in_epoch):
+                self.step(batch)
                 if st.global_step >= self.max_steps:
                     break
-                if self._stop_agreed():
-                    self._emergency_stop()
-                if self._checkpoint_due(st.global_step):
-                    self.save_checkpoint(background=True)
-            else:
-                if self.validator.due_after_epoch(st.epoch):
-                    self._validate()
-                st.epoch += 1
-                st.micro_in_epoch = 0
-                st.samples_in_epoch = 0
-                continue
-            break
-        if st.global_step >= self.max_steps and st.micro_in_epoch >= self.batches_per_epoch:
+            if st.global_step < self.max_steps:
+                self.end_epoch()
+        if st.micro_in_epoch >= self.batches_per_epoch:
+            # The last step ended its epoch too: a checkpoint of the finished run points at the next one.
             st.epoch, st.micro_in_epoch, st.samples_in_epoch = st.epoch + 1, 0, 0
         logger.info("training loop done: %d steps in %.1fs", st.global_step, time.monotonic() - t_start)
-        return self.finish(loss_value)
+        return self.finish(self._last_loss)
+
+    def step(self, batch: dict[str, Any]) -> None:
+        """One micro-batch: forward and backward; at the end of an accumulation, the optimizer step and what follows
+        it (progress, validation, the stop vote, a periodic checkpoint)."""
+        cfg, acc, st = self.cfg, self.accelerator, self.state
+        micro = st.micro_in_epoch
+        sync = (micro + 1) % self.accum == 0 or micro + 1 == self.batches_per_epoch
+        gen = step_generator(self.run_seed, st.epoch, micro, self.rank, acc.device)
+        if isinstance(cfg, LoraConfig) and cfg.lora_dropout:
+            # Dropout draws from the global RNG, which checkpoints do not hold: reseed it per position.
+            seed_global_rng(self.run_seed, st.epoch, micro, self.rank)
+        with contextlib.ExitStack() as stack:
+            if not sync:
+                for mod in self.trained_wrapped:
+                    stack.enter_context(acc.no_sync(mod))
+            with acc.autocast():
+                loss = self._micro_step(batch, gen)
+            acc.backward(loss / self.accum)
+        self._loss_finite &= torch.isfinite(loss.detach()).all()
+        self._accum_loss += loss.detach().item() / self.accum
+        st.micro_in_epoch += 1
+        st.samples_in_epoch += self.batch_size * self.world
+        if not sync:
+            return
+        if cfg.max_grad_norm is not None:
+            acc.clip_grad_norm_(self.params_to_clip, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        # train_dreambooth.py zeroes grads unless --set_grads_to_none; the LoRA script sets them to None.
+        self.optimizer.zero_grad(set_to_none=not isinstance(cfg, FullConfig) or cfg.set_grads_to_none)
+        st.global_step += 1
+        self._last_loss, self._accum_loss = self._accum_loss, 0.0
+        self._test_hooks.after_step()
+        if st.global_step == self._oom_step:
+            raise torch.OutOfMemoryError(f"test hook: simulated CUDA out of memory at step {self._oom_step}")
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.progress.update(step=st.global_step, loss=self._last_loss, lr=lr)
+        self.trackers.log({"loss": self._last_loss, "lr": lr}, st.global_step)
+        if self.validator.due_after_step(st.global_step):
+            self._validate()
+        if st.global_step >= self.max_steps:
+            return  # the end of training: finish() takes the last checkpoint and the stop vote
+        if self._stop_agreed():
+            self._emergency_stop()
+        if self._checkpoint_due(st.global_step):
+            self.save_checkpoint(background=True)
+
+    def end_epoch(self) -> None:
+        """An epoch ran out before training did: its validation, then the next epoch's counters."""
+        st = self.state
+        if self.validator.due_after_epoch(st.epoch):
+            self._validate()
+        st.epoch += 1
+        st.micro_in_epoch = 0
+        st.samples_in_epoch = 0
 
     def _emergency_stop(self) -> None:
         """SIGTERM on some rank: every rank stopped at this step; publish it now, synchronously.
@@ -803,8 +864,8 @@ class Trainer:
         self._check_weights_finite()
         local = self.out.local_root() or (self.scratch / "final")
         local.mkdir(parents=True, exist_ok=True)
-        if cfg.method == "lora":
-            written = self.family.save_lora(local, self._lora_layers(cpu=True))
+        if isinstance(cfg, LoraConfig):
+            written = self.family.save_lora(local, self._lora_layers(cpu=True), cfg)
         else:
             trained = {
                 name: self.accelerator.unwrap_model(mod)

@@ -125,17 +125,19 @@ class Validator:
         return getattr(diffusers, name).from_config(config)
 
     def run(self, step: int, *, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, vae: torch.nn.Module,
-            tokenizer: Any, noise_scheduler: Any, tag: str = "validation") -> ValidationRun:  # fmt: skip
+            tokenizer: Any, noise_scheduler: Any, tag: str = "validation",
+            more: dict[str, Any] | None = None) -> ValidationRun:  # fmt: skip
         """Generate, save and log one validation; every module's train/eval mode is restored afterwards."""
         cfg = self.cfg
         logger.info("validation at step %d: %d image(s) of %r", step, cfg.num_validation_images, cfg.validation_prompt)
-        modules = [m for m in (unet, text_encoder, vae) if m is not None]
+        # `more`: a family's further parts (SDXL's text_encoder_2), by pipeline name.
+        modules = [m for m in (unet, text_encoder, vae, *(more or {}).values()) if m is not None]
         modes = [m.training for m in modules]
         pipeline = self.family.validation_pipeline(
             self.model_dir,
             cfg,
             {"unet": unet, "text_encoder": text_encoder, "vae": vae, "tokenizer": tokenizer,
-             "scheduler": self._scheduler(noise_scheduler)},
+             "scheduler": self._scheduler(noise_scheduler), **(more or {})},
         )  # fmt: skip
         pipeline.set_progress_bar_config(disable=True)
         if self.prompt_embeds is not None:

@@ -41,6 +41,8 @@ class ModelFamily(ABC):
     name: str
     # manifest `spec.method` -> the config model of that method's script (its flags and defaults)
     methods: Mapping[str, type[CommonConfig]]
+    # Keep the VAE in fp32 under mixed precision unless a VAE was given apart (SDXL's stock VAE overflows in fp16).
+    upcast_vae: bool = False
 
     # -------------------------------------------------------------------- parts
     @abstractmethod
@@ -48,7 +50,8 @@ class ModelFamily(ABC):
         """Raise ConfigError naming --pretrained_model_name_or_path when `path` is not this family's pipeline."""
 
     @abstractmethod
-    def load(self, cfg: CommonConfig, model_dir: Path) -> Parts: ...
+    def load(self, cfg: CommonConfig, model_dir: Path, extra_dirs: Mapping[str, Path] | None = None) -> Parts:
+        """The parts from the model folder; `extra_dirs` holds staged folders of parts given apart (SDXL's VAE)."""
 
     @abstractmethod
     def add_lora(self, parts: Parts, cfg: CommonConfig) -> None:
@@ -65,7 +68,36 @@ class ModelFamily(ABC):
     @abstractmethod
     def enable_memory_savers(self, parts: Parts, cfg: CommonConfig, gradient_checkpointing: bool) -> None: ...
 
+    def text_encoders(self, parts: Parts) -> dict[str, torch.nn.Module]:
+        """The text encoders by pipeline name, in the order they train (after the denoiser in `set_trainable`)."""
+        return {} if parts.text_encoder is None else {"text_encoder": parts.text_encoder}
+
+    def dataset_options(self, cfg: CommonConfig) -> dict[str, Any]:
+        """Keyword arguments for DreamBoothDataset beyond the shared ones (SDXL: crop geometry, flips, repeats)."""
+        return {}
+
+    def optimizer_params(self, cfg: CommonConfig, trained: list[torch.nn.Module], lr: float) -> list[Any]:
+        """What the optimizer is built on: the trained parameters, or parameter groups with their own settings."""
+        return [p for mod in trained for p in mod.parameters() if p.requires_grad]
+
     # -------------------------------------------------------------------- one step
+    def encode_batch(
+        self,
+        cfg: CommonConfig,
+        parts: Parts,
+        text_encoders: list[torch.nn.Module],
+        batch: Mapping[str, Any],
+        device: torch.device,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The prompt states of a batch for the denoiser, and extra denoiser arguments that come from the text."""
+        if getattr(cfg, "pre_compute_text_embeddings", False):
+            return batch["input_ids"].to(device), {}
+        mask = batch.get("attention_mask") if getattr(cfg, "text_encoder_use_attention_mask", False) else None
+        states = self.encode_prompt(
+            text_encoders[0], batch["input_ids"].to(device), None if mask is None else mask.to(device)
+        )
+        return states, {}
+
     @abstractmethod
     def encode_prompt(
         self, text_encoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
@@ -91,6 +123,7 @@ class ModelFamily(ABC):
     @abstractmethod
     def denoise(
         self,
+        parts: Parts,
         denoiser: torch.nn.Module,
         noisy: torch.Tensor,
         timesteps: torch.Tensor,
@@ -116,7 +149,7 @@ class ModelFamily(ABC):
         """The LoRA weights in diffusers' saved layout (keys prefixed unet./text_encoder./...)."""
 
     @abstractmethod
-    def save_lora(self, folder: Path, layers: dict[str, torch.Tensor]) -> list[str]:
+    def save_lora(self, folder: Path, layers: dict[str, torch.Tensor], cfg: CommonConfig | None = None) -> list[str]:
         """Write `pytorch_lora_weights.safetensors` (as the family's pipeline loads it); return the files."""
 
     @abstractmethod

@@ -33,6 +33,14 @@ class StableDiffusion(ModelFamily):
             raise ConfigError(
                 "pretrained_model_name_or_path", f"{path} does not exist; point it at a diffusers pipeline folder."
             )
+        if (path / "text_encoder_2").exists() or (path / "tokenizer_2").exists():
+            # An SDXL folder would load here and fail at the first step on the UNet's missing added conditions.
+            raise ConfigError(
+                "pretrained_model_name_or_path",
+                f"{path} holds a Stable Diffusion XL pipeline (text_encoder_2, tokenizer_2), and spec.method full or "
+                "lora trains SD 1.x/2.x: SDXL trains with LoRA only, as spec.method: lora-sdxl "
+                "(`dreambooth train-lora-sdxl`).",
+            )
         missing = [p for p in PIPELINE_PARTS if not (path / p).exists()]
         if missing:
             raise ConfigError(
@@ -41,7 +49,7 @@ class StableDiffusion(ModelFamily):
                 "pipe.save_pretrained(DIR) or make a test model with `dreambooth tiny-model DIR`.",
             )
 
-    def load(self, cfg: CommonConfig, model_dir: Path) -> Parts:
+    def load(self, cfg: CommonConfig, model_dir: Path, extra_dirs: Mapping[str, Path] | None = None) -> Parts:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
 
@@ -120,6 +128,7 @@ class StableDiffusion(ModelFamily):
 
     def denoise(
         self,
+        parts: Parts,
         denoiser: torch.nn.Module,
         noisy: torch.Tensor,
         timesteps: torch.Tensor,
@@ -165,7 +174,7 @@ class StableDiffusion(ModelFamily):
             )
         return out
 
-    def save_lora(self, folder: Path, layers: dict[str, torch.Tensor]) -> list[str]:
+    def save_lora(self, folder: Path, layers: dict[str, torch.Tensor], cfg: CommonConfig | None = None) -> list[str]:
         from diffusers import StableDiffusionPipeline
 
         unet_layers = {k[len("unet.") :]: v for k, v in layers.items() if k.startswith("unet.")}
