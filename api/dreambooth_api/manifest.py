@@ -72,6 +72,19 @@ class Resources(_Spec):
 
 
 class PodTemplate(_Spec):
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra pod labels (Kueue priority class, cost allocation, workload identity); the operator's "
+        "own keys (dreambooth.dev/*, app.kubernetes.io/managed-by, the Kueue pod-group keys) are refused.",
+    )
+    annotations: dict[str, str] = Field(
+        default_factory=dict, description="Extra pod annotations; the operator's own keys are refused."
+    )
+    scheduler_name: str = Field("", description="Scheduler of the pods (e.g. volcano); empty = the default one.")
+    runtime_class_name: str = Field("", description="RuntimeClass of the pods (e.g. nvidia); empty = the node's.")
+    topology_spread_constraints: list[dict[str, Any]] = Field(
+        default_factory=list, description="Pod topologySpreadConstraints, passed through as written."
+    )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match.")
     tolerations: list[dict[str, Any]] = Field(
         default_factory=list, description="Extra tolerations (e.g. for spot or GPU taints)."
