@@ -260,7 +260,8 @@ _Loader.add_implicit_resolver(
 )
 
 
-def load_job(path: str | Path) -> tuple[Job, CommonConfig]:
+def load_documents(path: str | Path) -> list[Any]:
+    """The non-empty YAML documents of a manifest file, read with the same limits as any manifest."""
     with open(path, "rb") as f:
         raw = f.read(MAX_MANIFEST_BYTES + 1)
     if len(raw) > MAX_MANIFEST_BYTES:
@@ -275,6 +276,11 @@ def load_job(path: str | Path) -> tuple[Job, CommonConfig]:
         docs = [d for d in yaml.load_all(text, Loader=_Loader) if d]  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         raise ManifestError("manifest", f"{path} is not valid YAML: {str(exc)[:500]}") from None
+    return docs
+
+
+def load_job(path: str | Path) -> tuple[Job, CommonConfig]:
+    docs = load_documents(path)
     jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
     if len(docs) == 1 and not jobs:
         return parse_job(docs[0])  # names what is wrong with the one document: its kind, or that it is no mapping

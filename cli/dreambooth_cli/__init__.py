@@ -1,4 +1,4 @@
-"""The `dreambooth` console script: the trainer's commands plus `crd` and `operator`.
+"""The `dreambooth` console script: the trainer's commands plus `crd`, `operator` and `validate`.
 
 The only module that knows both sides: the trainer never imports the operator and the operator never imports
 the trainer (docs/design.md, "Packages and layers"), so the one command line that reaches both lives here.
@@ -16,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
         from dreambooth_operator.crd import main as crd_main
 
         return crd_main(rest)
+    if cmd == "validate":
+        from .validate import main as validate_main
+
+        return validate_main(rest)
     if cmd == "operator":
         from dreambooth_operator.__main__ import main as operator_main
 
