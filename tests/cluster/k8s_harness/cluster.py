@@ -247,6 +247,9 @@ class Cluster:
                 "--allow-privileged=true",
                 # The kubernetes Service's endpoint would be 127.0.0.1, which Endpoints validation refuses.
                 "--endpoint-reconciler-type=none",
+                # No kube-proxy here: the apiserver calls admission webhooks given as a Service at the Service's
+                # endpoint (pod) IPs, which the host reaches, instead of at its ClusterIP (the chart's webhook).
+                "--enable-aggregator-routing=true",
                 "--enable-priority-and-fairness=false",
                 "--profiling=false",
                 "--v=1",
