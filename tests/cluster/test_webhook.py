@@ -3,9 +3,10 @@
 
 The operator runs as a host process (OperatorProcess) serving the webhook over TLS; the
 ValidatingWebhookConfiguration reaches it by its ``url:`` form (https://127.0.0.1:PORT/...), which needs no
-Service routing: the test cluster has no kube-proxy. The chart's ``service:`` form is rendered and checked in
-tests/packaging/test_chart.py. The configuration only selects this test's namespace (by a label), so the rest of
-the session's tests never go through it.
+Service routing: the test cluster has no kube-proxy. The chart's ``service:`` form is checked separately with the
+webhook server in a pod behind a Service: the harness's apiserver runs with --enable-aggregator-routing=true,
+which makes 1.20 call Service webhooks at the Service's endpoint (pod) IPs, reachable from the host. Each
+configuration only selects its test's namespace (by a label), so the rest of the session never goes through it.
 """
 
 from __future__ import annotations
@@ -19,15 +20,34 @@ from typing import Any
 
 import pytest
 import yaml
-from k8s_harness import ApiError, Cluster
+from k8s_harness import ApiError, Cluster, wait_until
 from k8s_harness.pki import Pki
 from k8s_harness.util import free_port
-from operator_support import Jobs, OperatorProcess, fake_job
+from operator_support import IMAGE, Jobs, OperatorProcess, fake_job
 
 from dreambooth_operator import webhook
 
 pytestmark = pytest.mark.cluster
 HOOK = "validate.dreambooth.dev"
+
+
+def _webhook_config(name: str, namespace: str, client: dict[str, Any], ca: Path) -> dict[str, Any]:
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [{
+            "name": HOOK,
+            "clientConfig": {**client, "caBundle": base64.b64encode(ca.read_bytes()).decode()},
+            "rules": [{"apiGroups": ["dreambooth.dev"], "apiVersions": ["v1alpha1"],
+                       "operations": ["CREATE", "UPDATE"], "resources": ["dreamboothjobs"]}],
+            "namespaceSelector": {"matchLabels": {"dreambooth.dev/webhook-test": namespace}},
+            "failurePolicy": "Fail",
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": 10,
+        }],
+    }  # fmt: skip
 
 
 @pytest.fixture
@@ -44,23 +64,7 @@ def hooked(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Operato
                          DREAMBOOTH_WEBHOOK_PORT=str(port)).start()  # fmt: skip
     cluster.kubectl("label", "namespace", namespace, f"dreambooth.dev/webhook-test={namespace}")
     config_name = f"dreambooth-test-{namespace}"
-    config = {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingWebhookConfiguration",
-        "metadata": {"name": config_name},
-        "webhooks": [{
-            "name": HOOK,
-            "clientConfig": {"url": f"https://127.0.0.1:{port}{webhook.PATH}",
-                             "caBundle": base64.b64encode(pki.ca.cert.read_bytes()).decode()},
-            "rules": [{"apiGroups": ["dreambooth.dev"], "apiVersions": ["v1alpha1"],
-                       "operations": ["CREATE", "UPDATE"], "resources": ["dreamboothjobs"]}],
-            "namespaceSelector": {"matchLabels": {"dreambooth.dev/webhook-test": namespace}},
-            "failurePolicy": "Fail",
-            "sideEffects": "None",
-            "admissionReviewVersions": ["v1"],
-            "timeoutSeconds": 10,
-        }],
-    }  # fmt: skip
+    config = _webhook_config(config_name, namespace, {"url": f"https://127.0.0.1:{port}{webhook.PATH}"}, pki.ca.cert)
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(config))
     try:
         yield op
@@ -126,8 +130,25 @@ def test_training_edit_after_acceptance_is_refused_and_restart_still_serves(
 ) -> None:
     jobs = Jobs(cluster, namespace, hooked)
     job = fake_job("edit", nodes=1, seconds=60)
+    job["spec"]["podTemplate"].update({
+        "labels": {"kueue.x-k8s.io/priority-class": "high", "team.example.com/cost-center": "ml-42"},
+        "annotations": {"team.example.com/owner": "Ada Lovelace <ada@example.com>"},
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                       "whenUnsatisfiable": "ScheduleAnyway",
+                                       "labelSelector": {"matchLabels": {"dreambooth.dev/job-name": "edit"}}}],
+    })  # fmt: skip
     assert _apply(cluster, namespace, job)[0] == 0
     jobs.wait("edit", lambda s: s.get("trainingHash"), 60, "the job accepted")
+    # podTemplate metadata and scheduling reach the pods the apiserver stored, beside the operator's own.
+    wait_until(lambda: jobs.pods("edit"), 60, 0.25, "the job's pod")
+    (pod,) = jobs.pods("edit")
+    labels, annotations = pod["metadata"]["labels"], pod["metadata"]["annotations"]
+    assert labels["team.example.com/cost-center"] == "ml-42" and labels["kueue.x-k8s.io/priority-class"] == "high"
+    assert (
+        labels["dreambooth.dev/job-name"] == "edit" and labels["app.kubernetes.io/managed-by"] == "dreambooth-operator"
+    )
+    assert annotations["team.example.com/owner"] == "Ada Lovelace <ada@example.com>"
+    assert pod["spec"]["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
     edited = _with(job, "spec.training", {**job["spec"]["training"], "maxTrainSteps": 200})
     rc, out = _apply(cluster, namespace, edited)
     assert rc != 0 and f'admission webhook "{HOOK}" denied the request: spec.training' in out, out
@@ -141,3 +162,56 @@ def test_training_edit_after_acceptance_is_refused_and_restart_still_serves(
     assert rc != 0 and f'admission webhook "{HOOK}" denied the request: spec.trainng' in out, out
     with pytest.raises(ApiError):
         jobs.create(edited | {"metadata": {"name": "edit2"}, "spec": {**edited["spec"], "trainng": {}}})
+
+
+# The webhook server alone (the operator's, with its limits), as the chart's container serves it.
+SERVE = """
+import asyncio, pathlib
+from dreambooth_operator import webhook
+async def main():
+    await webhook.serve(webhook.Limits(), pathlib.Path("/certs"), 9443)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+def test_a_service_webhook_reaches_its_pod_without_kube_proxy(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+    """What the chart renders: clientConfig.service + caBundle for <service>.<namespace>.svc, served by a pod."""
+    service = "dbj-webhook"
+    pki = Pki(tmp_path / "pki")
+    pki.create_ca()
+    pair = pki.issue("webhook", "webhook", server_sans=(f"DNS:{service}.{namespace}.svc",))
+    cluster.kubectl("create", "secret", "tls", "webhook-tls", "-n", namespace,
+                    f"--cert={pair.cert}", f"--key={pair.key}")  # fmt: skip
+    pod = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "webhook", "labels": {"app": "webhook"}},
+        "spec": {"containers": [{"name": "webhook", "image": IMAGE, "command": ["python", "-c", SERVE],
+                                 "ports": [{"name": "webhook", "containerPort": 9443}],
+                                 "volumeMounts": [{"name": "tls", "mountPath": "/certs"}]}],
+                 "volumes": [{"name": "tls", "secret": {"secretName": "webhook-tls"}}]},
+    }  # fmt: skip
+    svc = {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": service},
+        "spec": {"selector": {"app": "webhook"}, "ports": [{"port": 443, "targetPort": "webhook"}]},
+    }  # fmt: skip
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all([pod, svc]))
+    cluster.wait_pod_phase(namespace, "webhook", "Running", timeout=60)
+    cluster.kubectl("label", "namespace", namespace, f"dreambooth.dev/webhook-test={namespace}")
+    name = f"dreambooth-svc-test-{namespace}"
+    client = {"service": {"name": service, "namespace": namespace, "path": webhook.PATH, "port": 443}}
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(_webhook_config(name, namespace, client, pki.ca.cert)))
+    try:
+        bad = _with(fake_job("typo", nodes=1), "spec.trainng", {})
+        # The pod's server may still be binding when it is Running: the first calls may fail (failurePolicy Fail).
+        last: list[str] = [""]
+
+        def denied() -> bool:
+            last[0] = _apply(cluster, namespace, bad, "--dry-run=server")[1]
+            return "denied the request" in last[0]
+
+        wait_until(denied, 30, 0.5, "the webhook pod answering through its Service")
+        assert f'admission webhook "{HOOK}" denied the request: spec.trainng' in last[0], last[0]
+        assert _apply(cluster, namespace, fake_job("good", nodes=1), "--dry-run=server")[0] == 0
+    finally:
+        cluster.kubectl("delete", "validatingwebhookconfiguration", name, "--ignore-not-found", check=False)
