@@ -32,7 +32,8 @@ def _ours(doc: Any) -> bool:
 def check_file(path: str, max_nodes: int, allowed: frozenset[str]) -> tuple[list[str], str | None]:
     """The names of the valid jobs in ``path``, and the first error ("field: message"), if any."""
     try:
-        docs = load_documents(path)
+        # "-": a rendered stream (kustomize build | dreambooth validate -), read with the same limits as a file.
+        docs = load_documents("/dev/stdin" if path == "-" else path)
     except FileNotFoundError:
         return [], "does not exist"
     except IsADirectoryError:
@@ -55,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         description=f"Check DreamBoothJob manifests as the operator would, without a cluster. Documents of other "
         f"kinds are skipped. Exit {EXIT_BAD_INPUT} on the first bad file, naming the field and the fix.",
     )
-    parser.add_argument("manifests", nargs="+", metavar="MANIFEST", help="YAML files (several documents allowed)")
+    parser.add_argument(
+        "manifests", nargs="+", metavar="MANIFEST", help="YAML files (several documents allowed); - reads stdin"
+    )
     parser.add_argument(
         "--max-nodes",
         type=int,

@@ -90,3 +90,9 @@ def test_the_console_script_exit_code(tmp_path: Path) -> None:
         [sys.executable, "-m", "dreambooth_cli", "validate", bad], capture_output=True, text=True, check=False
     )
     assert run.returncode == 64 and "spec.training.outputDir: 'runs/x' is a relative path" in run.stderr
+    # A rendered stream on stdin (kustomize build | dreambooth validate -).
+    piped = subprocess.run(
+        [sys.executable, "-m", "dreambooth_cli", "validate", "-"],
+        input=Path(bad).read_text(), capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert piped.returncode == 64 and "error: -: spec.training.outputDir" in piped.stderr
