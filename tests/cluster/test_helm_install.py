@@ -168,6 +168,21 @@ def _uninterrupted(jobs: Jobs, cluster: Cluster, storage: dict[str, Any], image:
     return _UNINTERRUPTED["weights"]
 
 
+def test_the_charts_webhook_refuses_a_bad_job_at_apply(
+    installed: OperatorPod, cluster: Cluster, namespace: str
+) -> None:
+    """The chart as installed: its ValidatingWebhookConfiguration, Service, generated certificate and the operator
+    pod serving it (the apiserver reaches the pod's IP: --enable-aggregator-routing, no kube-proxy here)."""
+    doc = yaml.safe_load((EXAMPLES / "dog-lora.yaml").read_text())
+    doc["spec"]["trainng"] = {}  # a misspelt key the CRD schema lets through
+    proc = cluster.kubectl("apply", "-n", namespace, "--dry-run=server", "-f", "-", input=yaml.safe_dump(doc),
+                           check=False)  # fmt: skip
+    assert proc.returncode != 0
+    assert 'admission webhook "validate.dreambooth.dev" denied the request: spec.trainng' in proc.stderr, (
+        proc.stderr + installed.log()
+    )
+
+
 def test_dog_lora_as_a_user_applies_it_succeeds_with_the_model_in_s3(
     installed: OperatorPod, cluster: Cluster, namespace: str, storage: dict[str, Any], trainer_image: str,
     tmp_path: Path,
