@@ -428,6 +428,12 @@ def test_webhook_with_cert_manager_and_without_webhook(chart: Helm) -> None:
                          "--set", "webhook.certManager.issuerRef.name=corp-ca",
                          "--set", "webhook.certManager.issuerRef.kind=ClusterIssuer")  # fmt: skip
     assert not by_kind(own, "Issuer") and one(own, "Certificate")["spec"]["issuerRef"]["kind"] == "ClusterIssuer"
+    # With watchNamespaces, only those namespaces go through this release's webhook.
+    (scoped,) = one(chart.template("--set", "watchNamespaces={team-a,team-b}"), "ValidatingWebhookConfiguration")[
+        "webhooks"
+    ]
+    assert scoped["namespaceSelector"] == {"matchExpressions": [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}]}  # fmt: skip
     off = chart.template("--set", "webhook.enabled=false")
     assert not by_kind(off, "ValidatingWebhookConfiguration") and not by_kind(off, "Secret")
     assert "DREAMBOOTH_WEBHOOK_CERT_DIR" not in env_of(off)
