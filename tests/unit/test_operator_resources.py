@@ -433,7 +433,23 @@ POWER_CASES: list[tuple[dict[str, Any], list[tuple[str, str]]]] = [
     ({"securityContext": {"privileged": True}}, [("privileged", "p.securityContext.privileged")]),
     ({"volumes": [{"name": "h", "hostPath": {"path": "/"}}], "hostPID": True},
      [("hostPath", "p.volumes[0].hostPath"), ("hostPID", "p.hostPID")]),
+    ({"annotations": {"container.apparmor.security.beta.kubernetes.io/trainer": "unconfined",
+                      "seccomp.security.alpha.kubernetes.io/pod": "runtime/default",
+                      "container.seccomp.security.alpha.kubernetes.io/trainer": "Unconfined",
+                      "team.example.com/note": "unconfined"}},
+     [("unconfined", 'p.annotations["container.apparmor.security.beta.kubernetes.io/trainer"]'),
+      ("unconfined", 'p.annotations["container.seccomp.security.alpha.kubernetes.io/trainer"]')]),
 ]  # fmt: skip
+
+
+def test_an_unconfined_profile_annotation_is_a_power_the_chart_must_allow() -> None:
+    ann = {"podTemplate": {"annotations": {"container.apparmor.security.beta.kubernetes.io/trainer": "unconfined"}}}
+    with pytest.raises(SpecError) as err:
+        validate(job_body(ann))
+    assert err.value.field == 'spec.podTemplate.annotations["container.apparmor.security.beta.kubernetes.io/trainer"]'
+    assert "operator.podPowers.allow" in err.value.message and "unconfined" in err.value.message
+    pod = build_pod(validate(job_body(ann), allowed_powers=frozenset({"unconfined"})), 1, 0)
+    assert pod["metadata"]["annotations"]["container.apparmor.security.beta.kubernetes.io/trainer"] == "unconfined"
 
 
 @pytest.mark.parametrize(("spec", "expected"), POWER_CASES)
