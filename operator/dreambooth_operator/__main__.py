@@ -160,8 +160,12 @@ def run_operator(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kopf logs every event at DEBUG/INFO; keep its chatter a level below ours.
     logging.getLogger("kopf").setLevel(max(logging.getLevelName(settings.log_level), logging.INFO))
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(settings))
+    except BadInputError as exc:  # a setting only found wrong at start-up (the webhook's certificate)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

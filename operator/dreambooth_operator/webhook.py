@@ -23,6 +23,8 @@ from typing import Any
 
 from aiohttp import web
 
+from dreambooth_api.contract import BadInputError
+
 from .spec import DEFAULT_MAX_NODES, SpecError, training_hash, validate
 
 log = logging.getLogger(__name__)
@@ -92,7 +94,13 @@ def make_app(limits: Limits) -> web.Application:
 
 def tls_context(cert_dir: Path) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert_dir / CERT_FILE, cert_dir / KEY_FILE)
+    try:
+        ctx.load_cert_chain(cert_dir / CERT_FILE, cert_dir / KEY_FILE)
+    except (OSError, ssl.SSLError) as exc:
+        raise BadInputError(
+            f"DREAMBOOTH_WEBHOOK_CERT_DIR={cert_dir}: cannot load {CERT_FILE} and {KEY_FILE} ({exc}); mount the "
+            "webhook's TLS Secret there (the chart does), or unset the variable to run without the webhook."
+        ) from None
     return ctx
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
 from test_operator_resources import job_body
 
+from dreambooth_api.contract import BadInputError
 from dreambooth_operator import webhook
 from dreambooth_operator.spec import training_hash
 
@@ -62,3 +64,8 @@ def test_metadata_edits_of_a_job_that_is_already_invalid_are_not_blocked() -> No
     relabelled["metadata"]["labels"] = {"team": "ml"}
     assert webhook.review(request(relabelled, "UPDATE", invalid), LIMITS) is None
     assert webhook.review(request(invalid), LIMITS) is not None
+
+
+def test_a_missing_certificate_names_the_variable_and_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(BadInputError, match="DREAMBOOTH_WEBHOOK_CERT_DIR=.*mount the webhook's TLS Secret"):
+        webhook.tls_context(tmp_path)
