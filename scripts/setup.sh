@@ -25,7 +25,7 @@ if ! python -c "import torch" 2>/dev/null; then
     python -m pip install -q torch==2.13.0
   fi
 fi
-echo "[setup] installing dreambooth-operator[trainer,operator,dev]"
-python -m pip install -q -e ".[trainer,operator,dev]"
+echo "[setup] installing dreambooth-operator[trainer,operator,cli,dev]"
+python -m pip install -q -e ".[trainer,operator,cli,dev]"
 touch "$stamp"
 echo "[setup] done in $(( $(date +%s) - t0 ))s"

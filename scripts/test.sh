@@ -2,7 +2,8 @@
 # Every test tier, set up from nothing: .venv, the local Kubernetes (built once, cached), SeaweedFS (started by
 # the tests themselves). Each tier prints its wall time. Pick tiers with TIERS="unit integration" (default: all
 # but the opt-in cuda-image tier).
-# Extra arguments go to every pytest call (e.g. -x, -k NAME).
+# Extra arguments go to every pytest call (e.g. -x, -k NAME). The slowest tests of each tier are printed, so a
+# budget overrun names its cause.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 TIERS=${TIERS:-"lint unit integration cluster packaging"}
@@ -29,8 +30,9 @@ run_tier() {
 # runc runs containers from images: the test cluster's image pods and the packaging tier's (crun 1.8 refuses
 # this machine's hybrid cgroup layout); prometheus (with promtool) checks the chart's alerts and scrapes a
 # real job in tests/{packaging,cluster}/test_monitoring.py; iptables routes the kubernetes Service's address to
-# the apiserver for pods (the test cluster's kube-proxy).
-SYSTEM_PKGS=(buildah debootstrap docker-registry runc prometheus iptables)
+# the apiserver for pods (the test cluster's kube-proxy); chromium (headless) renders the validation gallery of
+# `dreambooth images` (tests/cluster/test_user_cli.py).
+SYSTEM_PKGS=(buildah debootstrap docker-registry runc prometheus iptables chromium)
 case " $TIERS " in *" cluster "*|*" packaging "*|*" cuda-image "*|*" upgrade "*)
   missing=()
   for p in "${SYSTEM_PKGS[@]}"; do
@@ -44,12 +46,12 @@ for tier in $TIERS; do
   case $tier in
     lint) run_tier lint bash -c "ruff check . && ruff format --check ." ;;
     unit) run_tier unit python -m pytest tests/unit -q "$@" ;;
-    integration) run_tier integration python -m pytest tests/integration -q "$@" ;;
+    integration) run_tier integration python -m pytest tests/integration -q --durations=15 "$@" ;;
     cluster)
       run_tier k8s-build bash .ci/k8s-build.sh
-      run_tier cluster python -m pytest tests/cluster -q "$@" ;;
+      run_tier cluster python -m pytest tests/cluster -q --durations=15 "$@" ;;
     packaging)
-      run_tier packaging python -m pytest tests/packaging -q "$@" ;;
+      run_tier packaging python -m pytest tests/packaging -q --durations=10 "$@" ;;
     upgrade)
       # Opt-in: helm upgrade from 0.1.0, whose operator image is built from its commit (pip from the index).
       run_tier k8s-build bash .ci/k8s-build.sh

@@ -50,9 +50,9 @@ def check_file(path: str, max_nodes: int, allowed: frozenset[str]) -> tuple[list
     return names, None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "dreambooth validate") -> int:
     parser = argparse.ArgumentParser(
-        prog="dreambooth validate",
+        prog=prog,
         description=f"Check DreamBoothJob manifests as the operator would, without a cluster. Documents of other "
         f"kinds are skipped. Exit {EXIT_BAD_INPUT} on the first bad file, naming the field and the fix.",
     )

@@ -493,8 +493,34 @@ class _Planner:
             return
         stamp = when_text if isinstance(when_text, str) else status.timestamp(when or self.now)
         job_status.last_checkpoint = status.Checkpoint(step=step, uri=uri or None, time=stamp)
+        _mark_checkpointed(job_status, step, uri, stamp)
         # A new durable checkpoint is progress: preemptions before it no longer count as a loop.
         job_status.preemptions_without_progress = 0
+
+
+def _mark_checkpointed(job_status: status.JobStatus, step: int, uri: str, stamp: str) -> None:
+    """The Checkpointed condition: True from the first durable checkpoint on; unlike other conditions its
+    lastTransitionTime follows every newer checkpoint (its time, not the operator's), which is what a scheduler
+    comparing checkpoint freshness reads."""
+    message = f"checkpoint-{step} at {uri}" if uri else f"checkpoint-{step}"
+    cond = status.get_condition(job_status, status.CHECKPOINTED)
+    if cond is None:
+        job_status.conditions.append(
+            status.Condition(
+                type=status.CHECKPOINTED,
+                status="True",
+                reason=status.R_CHECKPOINT_PUBLISHED,
+                message=message,
+                last_transition_time=stamp,
+            )  # fmt: skip
+        )
+        return
+    cond.status, cond.reason, cond.message, cond.last_transition_time = (
+        "True",
+        status.R_CHECKPOINT_PUBLISHED,
+        message,
+        stamp,
+    )
 
 
 def _with_node(view: PodView, since: datetime) -> PodView:

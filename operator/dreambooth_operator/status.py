@@ -21,6 +21,9 @@ SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 # Not a phase: an edit of spec.training the operator refused.
 SPEC_CHANGE_REFUSED = "SpecChangeRefused"
+# Not a phase: a durable checkpoint exists; its lastTransitionTime is that checkpoint's time (what Kueue's
+# issue #477 asks a workload to publish, so a scheduler can prefer victims with fresh checkpoints).
+CHECKPOINTED = "Checkpointed"
 
 # "Pending" covers the moments with no gang at all: just accepted, or waiting out the backoff after a failure.
 PENDING = "Pending"
@@ -48,6 +51,7 @@ R_GPU_OOM = "GPUOutOfMemory"
 R_DEADLINE = "DeadlineExceeded"
 R_TRAINING_EDITED = "TrainingEdited"
 R_TRAINING_RESTORED = "TrainingRestored"
+R_CHECKPOINT_PUBLISHED = "CheckpointPublished"
 
 # Causes that end one attempt (policy.Verdict.reason); they appear in conditions and Events too.
 R_CRASH = "TrainerCrashed"
@@ -70,7 +74,8 @@ class _Status(BaseModel):
 
 class Condition(_Status):
     type: str = Field(
-        description="Created, WaitingForResources, Running, Preempted, Suspended, Succeeded, Failed or SpecChangeRefused."
+        description="Created, WaitingForResources, Running, Preempted, Suspended, Succeeded, Failed, SpecChangeRefused "
+        "or Checkpointed (lastTransitionTime: the newest durable checkpoint's time)."
     )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field("", description="Machine-readable CamelCase reason.")

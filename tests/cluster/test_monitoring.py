@@ -26,7 +26,6 @@ import yaml
 from k8s_harness import Cluster, wait_until
 from operator_support import Jobs, OperatorProcess, dreambooth_job
 from prometheus_client.parser import text_string_to_metric_families
-from test_operator_e2e import storage  # noqa: F401 - the fixture: the bucket with the tiny model and dog images
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))

@@ -62,7 +62,11 @@ def test_validation_saves_images_and_grid_and_leaves_training_bit_identical(tmp_
         assert Image.open(folder / "image-0.png").size == (32, 32)
         assert Image.open(folder / "grid.png").size == (64, 64)  # 3 images: 2 x 2 cells
     # Step 6 is the last step and was validated: no second, final validation of the same weights.
-    assert sorted(p.name for p in (validated / "validation").iterdir()) == ["step-3", "step-6"]
+    assert sorted(p.name for p in (validated / "validation").iterdir()) == ["index.html", "step-3", "step-6"]
+    # ... and the gallery page shows both, newest first, every image decodable (docs/cli.md).
+    from gallery_check import check_gallery  # tests/ is on sys.path (tests/conftest.py)
+
+    assert check_gallery((validated / "validation" / "index.html").read_text()) == [(6, 3), (3, 3)]
     last = [
         f"{validated.as_uri()}/validation/step-6/{n}" for n in ("image-0.png", "image-1.png", "image-2.png", "grid.png")
     ]
@@ -97,7 +101,7 @@ def test_lora_bf16_validates_every_n_epochs_and_at_the_end_with_text_encoder_lor
     proc = run_dreambooth(["train-lora", *tiny_args(out, steps=7, ckpt=1000, batch=1, extra=[
         "--train_text_encoder", "--rank", "2", "--mixed_precision", "bf16", "--validation_prompt", PROMPT, "--validation_epochs", "1",
         "--num_validation_images", "2", "--report_to", "none"])])  # fmt: skip
-    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-5", "step-7"]
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["index.html", "step-5", "step-7"]
     assert (out / "validation" / "step-7" / "grid.png").is_file()
     layers = load_file(out / "pytorch_lora_weights.safetensors")
     te = [k for k in layers if k.startswith("text_encoder.")]

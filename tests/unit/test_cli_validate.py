@@ -96,3 +96,11 @@ def test_the_console_script_exit_code(tmp_path: Path) -> None:
         input=Path(bad).read_text(), capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert piped.returncode == 64 and "error: -: spec.training.outputDir" in piped.stderr
+
+
+def test_the_kubectl_plugin_runs_it_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dreambooth_cli import kubectl_main
+
+    bad = write(tmp_path, "bad.yaml", job(podTemplate={"labels": {"app.kubernetes.io/managed-by": "me"}}))
+    monkeypatch.setattr(sys, "argv", ["kubectl-dbj", "validate", str(EXAMPLES / "dog-lora.yaml"), bad])
+    assert kubectl_main() == 64

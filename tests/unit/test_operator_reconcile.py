@@ -283,6 +283,10 @@ def test_happy_path_fills_every_status_field() -> None:
     assert (st["step"], st["maxSteps"], st["loss"], st["stepsPerSecond"]) == (7, 20, 0.123, 2.0)
     assert st["etaSeconds"] == 6 and st["eta"] == "6s" and st["trainerPhase"] == "training"
     assert st["lastCheckpoint"] == {"step": 5, "uri": "s3://runs/dog/checkpoint-5", "time": "2026-01-01T12:00:03Z"}
+    # Checkpointed: its time is the checkpoint's (what a checkpoint-aware scheduler compares); not a phase.
+    checkpointed = env.cond("Checkpointed")
+    assert (checkpointed["status"], checkpointed["reason"]) == ("True", "CheckpointPublished")
+    assert checkpointed["lastTransitionTime"] == "2026-01-01T12:00:03Z" and "checkpoint-5" in checkpointed["message"]
     assert st["validationImages"] == ["s3://runs/dog/validation/step-5-0.png"]
     assert env.fetches == ["10.0.0.1"]  # rank 0 only
 
@@ -668,6 +672,9 @@ def test_emergency_checkpoint_from_the_termination_message() -> None:
     st = env.reconcile()
     assert st["preemptions"] == 1 and st["lastCheckpoint"]["step"] == 9
     assert st["lastCheckpoint"]["uri"] == "s3://runs/dog/checkpoint-9"
+    # The emergency checkpoint moves the Checkpointed condition's time to when the pods said so.
+    assert env.cond("Checkpointed")["lastTransitionTime"] == st["lastCheckpoint"]["time"]
+    assert "checkpoint-9" in env.cond("Checkpointed")["message"]
     assert env.cond("Preempted")["reason"] == S.R_LAUNCHER_PREEMPTED
     assert "emergency checkpoint at step 9" in env.cond("Preempted")["message"]
 

@@ -643,6 +643,39 @@ class Trainer:
             self.progress.record_stall(time.monotonic() - t0)
             self.interval.observe_stall(time.monotonic() - t0)
             self.interval.saved(self.state.global_step)
+            self.publish_events(sync=not background)
+
+    def publish_events(self, *, wait: bool = False, sync: bool = False) -> None:
+        """TensorBoard's event files to ``<output>/logs/tensorboard/attempt-N/`` of an s3:// output, at every
+        checkpoint and at exit: the run can be watched while it trains, and a preempted attempt's events outlive
+        its emptyDir (docs/cli.md). A local output holds them in place already. On a background thread, one at a
+        time (the files only grow: a skipped upload is caught up by the next); ``wait`` = now, on this thread,
+        after the one in flight (the final save). ``sync`` (the emergency checkpoint, inside the grace period) =
+        on this thread unless one is in flight. Best effort: a failed upload is a warning, never a failed
+        checkpoint or run. A crashed attempt's events reach S3 up to its last checkpoint."""
+        trackers: Trackers | None = getattr(self, "trackers", None)
+        if trackers is None or not trackers.active or self.out.local_root() is not None:
+            return
+        trackers.flush()
+        running: threading.Thread | None = getattr(self, "_events_thread", None)
+        busy = running is not None and running.is_alive()
+        if wait and running is not None:
+            running.join()
+        if wait or (sync and not busy):
+            self._upload_events(trackers)
+        elif not busy:
+            self._events_thread = threading.Thread(target=self._upload_events, args=(trackers,), daemon=True,
+                                                   name="tensorboard-upload")  # fmt: skip
+            self._events_thread.start()
+
+    def _upload_events(self, trackers: Trackers) -> None:
+        base = f"logs/tensorboard/attempt-{self.env.attempt}"
+        try:
+            for path in sorted(trackers.local_dir.rglob("*")):
+                if path.is_file():
+                    self.out.upload_file(path, f"{base}/{path.relative_to(trackers.local_dir).as_posix()}")
+        except Exception as exc:  # noqa: BLE001 - see publish_events
+            logger.warning("TensorBoard events not uploaded to %s: %s", self.out.url(base), exc)
 
     def fit(self) -> TrainResult:
         cfg, acc, st = self.cfg, self.accelerator, self.state
@@ -756,6 +789,7 @@ class Trainer:
         if acc.is_main_process:
             self.publisher.wait()
             self._save_final()
+            self.publish_events(wait=True)
         acc.wait_for_everyone()
         self.trackers.finish()
         self.progress.update(phase="Succeeded")

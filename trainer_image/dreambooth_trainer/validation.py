@@ -4,7 +4,8 @@ Follows diffusers' DreamBooth scripts: ``num_validation_images`` images of ``val
 ``validation_steps`` optimizer steps (``train_dreambooth.py``) or at the end of every ``validation_epochs``-th
 epoch (``train_dreambooth_lora.py``), generated with the model being trained, 25 inference steps, the
 ``validation_scheduler`` (DPM-Solver++ for LoRA, which has no such flag). On top of what the scripts do, every
-validation is saved: ``<output>/validation/step-N/image-I.png`` plus ``grid.png``, and the URIs go to /progress.
+validation is saved: ``<output>/validation/step-N/image-I.png`` plus ``grid.png``, the URIs go to /progress, and
+``<output>/validation/index.html`` (gallery.py) shows every validation so far.
 
 Validation must not change training: it draws only from its own generator (seeded from the run's seed, as the
 scripts seed theirs), never from the global RNG, and restores each module's train/eval mode afterwards.
@@ -16,6 +17,7 @@ import contextlib
 import io
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from PIL import Image
 
 from dreambooth_api.config import CommonConfig, FullConfig, LoraConfig
 
+from . import gallery
 from .families import ModelFamily, family_for
 from .trackers import Trackers
 
@@ -184,4 +187,23 @@ class Validator:
             if local_root is None or Path(local_root) != self.local_out:
                 self.out.write_bytes(key, data)
         files = list(blobs)
+        self._write_gallery()
         return ValidationRun(step, images, files, [self.out.url(k) for k in files])
+
+    def _write_gallery(self) -> None:
+        """``validation/index.html``: every validation of the output so far, newest first, one self-contained page.
+        Earlier attempts' images are read from the output (this attempt's scratch mirror does not hold them)."""
+        try:
+            keys = gallery.group([o.key for o in self.out.list("validation/")])
+            steps = {}
+            for step, step_keys in keys.items():
+                steps[step] = []
+                for key in step_keys:
+                    local = self.local_out / key
+                    data = local.read_bytes() if local.is_file() else self.out.read_bytes(key)
+                    steps[step].append((key.rsplit("/", 1)[-1], data))
+            name = os.environ.get("DREAMBOOTH_JOB_NAME") or Path(self.out.url("")).name or "run"
+            page = gallery.render(name, steps, self.cfg.validation_prompt, source=self.out.url("validation/"))
+            self.out.write_text("validation/index.html", page)
+        except Exception as e:  # noqa: BLE001 - a page for people must never fail the training it shows
+            logger.warning("could not write validation/index.html: %s", e)

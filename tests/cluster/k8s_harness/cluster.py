@@ -177,6 +177,11 @@ class Cluster:
         # The process kubelet acts for every Node and also plays scheduler/eviction roles in test hooks:
         # admin rights (documented limitation; the Node authorizer is not used).
         kubelet_cert = self.pki.issue("process-kubelet", "system:process-kubelet", orgs=("system:masters",))
+        # pods/log: the apiserver dials the kubelet API (kubelet_api.py) with this client certificate, as kubeadm's
+        # apiserver-kubelet-client; the kubelet's serving certificate is not verified (no --kubelet-certificate-authority).
+        kubelet_client = self.pki.issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client",
+                                        orgs=("system:masters",))  # fmt: skip
+        kubelet_serving = self.pki.issue("kubelet-serving", "process-kubelet", server_sans=("IP:127.0.0.1",))
         self.timings["pki"] = time.monotonic() - t
 
         for name in ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler"):
@@ -245,6 +250,10 @@ class Cluster:
                 # Pods in a brand-new namespace would fail until the token controller made the default SA's Secret.
                 "--disable-admission-plugins=ServiceAccount",
                 "--allow-privileged=true",
+                f"--kubelet-client-certificate={kubelet_client.cert}",
+                f"--kubelet-client-key={kubelet_client.key}",
+                # The Node's Hostname (node-0) resolves nowhere; its InternalIP is the kubelet's address.
+                "--kubelet-preferred-address-types=InternalIP",
                 # The kubernetes Service's endpoint would be 127.0.0.1, which Endpoints validation refuses.
                 "--endpoint-reconciler-type=none",
                 # No kube-proxy here: the apiserver calls admission webhooks given as a Service at the Service's
@@ -309,6 +318,10 @@ class Cluster:
                 json.dumps([asdict(n) for n in self.nodes]),
                 "--image-commands",
                 json.dumps(image_commands),
+                "--api-tls",
+                str(kubelet_serving.cert),
+                str(kubelet_serving.key),
+                str(pki.ca.cert),
             ]
             if not network:
                 cmd.append("--no-network")

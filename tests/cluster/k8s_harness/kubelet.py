@@ -1526,6 +1526,7 @@ class ProcessKubelet:
         image_commands: dict[str, list[str]] | None = None,
         keep_pod_dirs: bool = True,
         heartbeat_seconds: float = 5.0,
+        api_tls: tuple[Path, Path, Path] | None = None,
     ):
         self.kube = kube
         self.state_dir = state_dir
@@ -1573,6 +1574,10 @@ class ProcessKubelet:
         self.control: ThreadingHTTPServer | None = None
         self.forwards: dict[int, socket.socket] = {}
         self.kubernetes_service: tuple[str, int] | None = None  # (ClusterIP, port) pods reach the apiserver at
+        # The kubelet API the apiserver proxies pods/log to (kubelet_api.py): (serving cert, key, client CA).
+        self.api_tls = api_tls
+        self.api_server: ThreadingHTTPServer | None = None
+        self.api_port = 10250
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> dict[str, Any]:
@@ -1590,6 +1595,11 @@ class ProcessKubelet:
             self.host_ip = self.network.gateway
             self.dns = ClusterDNS(self.host_ip, self.records.lookup)
             self.dns.start()
+        if self.api_tls is not None:
+            from . import kubelet_api
+
+            self.api_server = kubelet_api.start(self, self.host_ip, *self.api_tls)
+            self.api_port = self.api_server.server_address[1]
         for name in self.node_configs:
             self._register_node(name)
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
@@ -1763,7 +1773,7 @@ class ProcessKubelet:
             "allocatable": cfg.capacity(),
             "conditions": cond,
             "addresses": [{"type": "InternalIP", "address": self.host_ip}, {"type": "Hostname", "address": name}],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.api_port}},
             "nodeInfo": {
                 "machineID": name,
                 "systemUUID": name,
@@ -2154,12 +2164,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", required=True, help="JSON list of NodeConfig dicts")
     p.add_argument("--no-network", action="store_true")
     p.add_argument("--image-commands", default="{}", help="JSON {image prefix: [entrypoint...]}")
+    p.add_argument("--api-tls", nargs=3, type=Path, metavar=("CERT", "KEY", "CLIENT_CA"),
+                   help="serve the kubelet API (containerLogs) with this serving pair, for clients the CA signed")  # fmt: skip
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(threadName)s %(message)s")
     kube = Kube.from_kubeconfig(a.kubeconfig)
     nodes = [NodeConfig.from_dict(d) for d in json.loads(a.nodes)]
     kubelet = ProcessKubelet(
-        kube, a.state_dir, a.cluster_id, nodes, network=not a.no_network, image_commands=json.loads(a.image_commands)
+        kube,
+        a.state_dir,
+        a.cluster_id,
+        nodes,
+        network=not a.no_network,
+        image_commands=json.loads(a.image_commands),
+        api_tls=tuple(a.api_tls) if a.api_tls else None,
     )
     done = threading.Event()
 
