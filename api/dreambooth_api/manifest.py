@@ -72,6 +72,19 @@ class Resources(_Spec):
 
 
 class PodTemplate(_Spec):
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra pod labels (Kueue priority class, cost allocation, workload identity); the operator's "
+        "own keys (dreambooth.dev/*, app.kubernetes.io/managed-by, the Kueue pod-group keys) are refused.",
+    )
+    annotations: dict[str, str] = Field(
+        default_factory=dict, description="Extra pod annotations; the operator's own keys are refused."
+    )
+    scheduler_name: str = Field("", description="Scheduler of the pods (e.g. volcano); empty = the default one.")
+    runtime_class_name: str = Field("", description="RuntimeClass of the pods (e.g. nvidia); empty = the node's.")
+    topology_spread_constraints: list[dict[str, Any]] = Field(
+        default_factory=list, description="Pod topologySpreadConstraints, passed through as written."
+    )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match.")
     tolerations: list[dict[str, Any]] = Field(
         default_factory=list, description="Extra tolerations (e.g. for spot or GPU taints)."
@@ -251,7 +264,8 @@ _Loader.add_implicit_resolver(
 )
 
 
-def load_job(path: str | Path) -> tuple[Job, CommonConfig]:
+def load_documents(path: str | Path) -> list[Any]:
+    """The non-empty YAML documents of a manifest file, read with the same limits as any manifest."""
     with open(path, "rb") as f:
         raw = f.read(MAX_MANIFEST_BYTES + 1)
     if len(raw) > MAX_MANIFEST_BYTES:
@@ -266,6 +280,11 @@ def load_job(path: str | Path) -> tuple[Job, CommonConfig]:
         docs = [d for d in yaml.load_all(text, Loader=_Loader) if d]  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as exc:
         raise ManifestError("manifest", f"{path} is not valid YAML: {str(exc)[:500]}") from None
+    return docs
+
+
+def load_job(path: str | Path) -> tuple[Job, CommonConfig]:
+    docs = load_documents(path)
     jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
     if len(docs) == 1 and not jobs:
         return parse_job(docs[0])  # names what is wrong with the one document: its kind, or that it is no mapping

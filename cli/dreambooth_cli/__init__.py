@@ -1,5 +1,6 @@
-"""The `dreambooth` console script: the trainer's commands plus `crd`, `operator` and the user commands
-(`get`, `watch`, `logs`, `images`, `download`: dreambooth_cli.user, also the kubectl plugin `kubectl-dbj`).
+"""The `dreambooth` console script: the trainer's commands plus `crd`, `operator`, `validate` (dreambooth_cli.validate)
+and the user commands (`get`, `watch`, `logs`, `images`, `download`: dreambooth_cli.user, also the kubectl plugin
+`kubectl-dbj`).
 
 The only module that knows both sides: the trainer never imports the operator and the operator never imports
 the trainer (docs/design.md, "Packages and layers"), so the one command line that reaches both lives here.
@@ -19,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
         from dreambooth_operator.crd import main as crd_main
 
         return crd_main(rest)
+    if cmd == "validate":
+        from .validate import main as validate_main
+
+        return validate_main(rest)
     if cmd == "operator":
         from dreambooth_operator.__main__ import main as operator_main
 
@@ -38,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def kubectl_main() -> int:
+    if sys.argv[1:2] == ["validate"]:
+        from .validate import main as validate_main
+
+        return validate_main(sys.argv[2:], prog="kubectl dbj validate")
     from .user import kubectl_main as plugin_main
 
     return plugin_main()

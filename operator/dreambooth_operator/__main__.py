@@ -33,6 +33,9 @@ class Settings:
     image_pull_timeout_seconds: int = 300
     allowed_powers: frozenset[str] = frozenset()
     log_format: LogFormat = "text"
+    # The admission webhook is served when a certificate directory is given (the chart mounts one).
+    webhook_cert_dir: str = ""
+    webhook_port: int = 9443
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -49,6 +52,8 @@ class Settings:
             image_pull_timeout_seconds=int(env.get("DREAMBOOTH_IMAGE_PULL_TIMEOUT_SECONDS", "300")),
             allowed_powers=parse_allow(env.get(POWERS_ENV, "")),
             log_format=log_format(env),
+            webhook_cert_dir=env.get("DREAMBOOTH_WEBHOOK_CERT_DIR", ""),
+            webhook_port=int(env.get("DREAMBOOTH_WEBHOOK_PORT", "9443")),
         )
 
 
@@ -59,7 +64,8 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] = os.environ) -> S
         description="Run the DreamBoothJob operator. Flags override the environment (DREAMBOOTH_OPERATOR_NAMESPACES, "
         "LOG_LEVEL, METRICS_PORT, DREAMBOOTH_OPERATOR_WORKERS, DREAMBOOTH_OPERATOR_RESYNC_SECONDS, "
         "DREAMBOOTH_BACKOFF_BASE_SECONDS, DREAMBOOTH_CLUSTER_DOMAIN, DREAMBOOTH_MAX_NODES, "
-        "DREAMBOOTH_IMAGE_PULL_TIMEOUT_SECONDS, DREAMBOOTH_POD_POWERS, LOG_FORMAT).",
+        "DREAMBOOTH_IMAGE_PULL_TIMEOUT_SECONDS, DREAMBOOTH_POD_POWERS, LOG_FORMAT, "
+        "DREAMBOOTH_WEBHOOK_CERT_DIR, DREAMBOOTH_WEBHOOK_PORT).",
     )
     parser.add_argument("-n", "--namespace", action="append", dest="namespaces",
                         help="watch this namespace (repeatable); default: all namespaces")  # fmt: skip
@@ -80,6 +86,8 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] = os.environ) -> S
         image_pull_timeout_seconds=base.image_pull_timeout_seconds,
         allowed_powers=base.allowed_powers,
         log_format=base.log_format,
+        webhook_cert_dir=base.webhook_cert_dir,
+        webhook_port=base.webhook_port,
     )
 
 
@@ -117,6 +125,14 @@ async def serve(settings: Settings) -> None:
     runner = await serve_metrics(make_app(metrics, controller.heartbeat.check), settings.metrics_port)
     log.info("watching %s; /healthz and /metrics on :%d",
              ", ".join(settings.namespaces) or "all namespaces", settings.metrics_port)  # fmt: skip
+    hook = None
+    if settings.webhook_cert_dir:
+        from pathlib import Path
+
+        from . import webhook
+
+        limits = webhook.Limits(settings.max_nodes, settings.allowed_powers)
+        hook = await webhook.serve(limits, Path(settings.webhook_cert_dir), settings.webhook_port)
     try:
         await kopf.operator(
             registry=registry,
@@ -125,6 +141,8 @@ async def serve(settings: Settings) -> None:
             namespaces=list(settings.namespaces),
         )
     finally:
+        if hook is not None:
+            await hook.cleanup()
         await runner.cleanup()
 
 
@@ -142,8 +160,12 @@ def run_operator(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kopf logs every event at DEBUG/INFO; keep its chatter a level below ours.
     logging.getLogger("kopf").setLevel(max(logging.getLevelName(settings.log_level), logging.INFO))
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(settings))
+    except BadInputError as exc:  # a setting only found wrong at start-up (the webhook's certificate)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -7,7 +7,7 @@ The namespace's Pod Security Admission still judges every pod the operator creat
 controller; this list is the operator's own, earlier and clearer, refusal.
 
 ``find_powers`` reads pod-spec-shaped fields (``volumes``, ``hostNetwork``, ``containers[].securityContext`` ...)
-under the names a PodSpec gives them, so a podTemplate field passed through to the pod later (the platform-fit
+under the names a PodSpec gives them, and the pod ``annotations`` a podTemplate carries (confinement profiles), so a podTemplate field passed through to the pod later (the platform-fit
 issue's passthrough fields) is judged by the same list just by carrying its PodSpec name.
 """
 
@@ -27,7 +27,16 @@ POWERS: dict[str, str] = {
     "hostIPC": "the node's IPC namespace",
     "privileged": "a privileged container (every device, no confinement)",
     "capabilities": "added Linux capabilities",
+    "unconfined": "no AppArmor or seccomp confinement (an 'unconfined' profile annotation)",
 }
+
+# Pod annotations that choose a confinement profile (kubelets of 1.20-1.29 still honour them): the value
+# "unconfined" switches AppArmor or seccomp off for a container or the whole pod.
+_PROFILE_ANNOTATIONS = (
+    "container.apparmor.security.beta.kubernetes.io/",
+    "seccomp.security.alpha.kubernetes.io/pod",
+    "container.seccomp.security.alpha.kubernetes.io/",
+)
 
 
 def parse_allow(text: str) -> frozenset[str]:
@@ -54,6 +63,9 @@ def find_powers(spec: Mapping[str, Any], prefix: str) -> list[tuple[str, str]]:
     for i, vol in enumerate(spec.get("volumes") or []):
         if isinstance(vol, Mapping) and "hostPath" in vol:
             found.append(("hostPath", f"{prefix}volumes[{i}].hostPath"))
+    for key, value in (spec.get("annotations") or {}).items():
+        if str(key).startswith(_PROFILE_ANNOTATIONS) and str(value).strip().lower() == "unconfined":
+            found.append(("unconfined", f'{prefix}annotations["{key}"]'))
     for power in ("hostNetwork", "hostPID", "hostIPC"):
         if spec.get(power):
             found.append((power, f"{prefix}{power}"))

@@ -1,4 +1,5 @@
-"""What the operator sets in every pod, and so what a job's podTemplate may not set: env, volumes, mount paths.
+"""What the operator sets in every pod, and so what a job's podTemplate may not set: env, volumes, mount paths,
+label and annotation keys.
 
 One list for both sides: the builders (resources.py) fill these in, and spec.py refuses a job that sets them too,
 naming the field. A name the builders start to set is refused from then on, with nothing else to update.
@@ -6,7 +7,7 @@ naming the field. A name the builders start to set is refused from then on, with
 
 from __future__ import annotations
 
-from dreambooth_api.manifest import Storage
+from dreambooth_api.manifest import API_GROUP, Storage
 
 CONFIG_DIR = "/etc/dreambooth"
 SCRATCH_DIR = "/scratch"
@@ -43,3 +44,26 @@ ENV_OWNERS: dict[str, str] = {
         "CUDA_CACHE_PATH")},
     "OMP_NUM_THREADS": "spec.resources.requests.cpu (split among the pod's workers)",
 }  # fmt: skip
+
+# Pod metadata the operator sets. Its own prefix is reserved whole: the operator finds its pods, attempts and
+# gangs by these labels, so a user value would hide a pod from it or adopt a stranger's.
+RESERVED_PREFIX = f"{API_GROUP}/"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+KUEUE_GROUP = "kueue.x-k8s.io/pod-group-name"
+KUEUE_TOTAL = "kueue.x-k8s.io/pod-group-total-count"
+KUEUE_RETRIABLE = "kueue.x-k8s.io/retriable-in-group"
+METADATA_OWNERS: dict[str, str] = {
+    LABEL_MANAGED_BY: "the operator (it marks the pods it manages)",
+    KUEUE_QUEUE: "spec.runPolicy.queueName (set the queue there)",
+    KUEUE_GROUP: "the operator (one Kueue pod group per attempt)",
+    KUEUE_TOTAL: "the operator (the gang size, spec.resources.nodes)",
+    KUEUE_RETRIABLE: "the operator (a gang is retried as a whole)",
+}
+
+
+def metadata_owner(key: str) -> str | None:
+    """Who sets a pod label or annotation key, or None when a job may set it."""
+    if key.startswith(RESERVED_PREFIX):
+        return f"the operator (every {RESERVED_PREFIX}* key is its own)"
+    return METADATA_OWNERS.get(key)

@@ -23,6 +23,11 @@ from .reserved import (
     GPU_RESOURCE,
     HOME_DIR,
     HUB_TOKEN_ENV,
+    KUEUE_GROUP,
+    KUEUE_QUEUE,
+    KUEUE_RETRIABLE,
+    KUEUE_TOTAL,
+    LABEL_MANAGED_BY,
     SCRATCH_DIR,
     VOLUMES,
 )
@@ -32,7 +37,6 @@ LABEL_JOB_NAME = f"{API_GROUP}/job-name"
 LABEL_JOB_UID = f"{API_GROUP}/job-uid"
 LABEL_ATTEMPT = f"{API_GROUP}/attempt"
 LABEL_INDEX = f"{API_GROUP}/pod-index"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "dreambooth-operator"
 ANNOTATION_CONFIG_HASH = f"{API_GROUP}/config-hash"
 # The gang size an attempt was created with (spec.resources.nodes may be edited for the next attempt).
@@ -40,11 +44,6 @@ ANNOTATION_GANG_SIZE = f"{API_GROUP}/gang-size"
 # The newest durable checkpoint's time on every running pod: what a scheduler choosing preemption victims reads
 # (Kueue issue #477 asks workloads to publish it); the job's Checkpointed condition carries the same time.
 ANNOTATION_CHECKPOINT_TIME = f"{API_GROUP}/last-checkpoint-time"
-
-KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
-KUEUE_GROUP = "kueue.x-k8s.io/pod-group-name"
-KUEUE_TOTAL = "kueue.x-k8s.io/pod-group-total-count"
-KUEUE_RETRIABLE = "kueue.x-k8s.io/retriable-in-group"
 
 CONTAINER = "trainer"
 CONFIG_KEY = "config.json"
@@ -287,7 +286,13 @@ def _command(job: ValidJob) -> tuple[list[str], list[str]]:
 
 
 def pod_labels(job: ValidJob, attempt: int, index: int) -> dict[str, str]:
-    labels = {**job_labels(job), LABEL_ATTEMPT: str(attempt), LABEL_INDEX: str(index)}
+    # The job's own labels first: spec.py refuses the keys below, so nothing of theirs is overwritten here.
+    labels = {
+        **job.spec.pod_template.labels,
+        **job_labels(job),
+        LABEL_ATTEMPT: str(attempt),
+        LABEL_INDEX: str(index),
+    }
     queue = job.spec.run_policy.queue_name
     if queue:
         labels[KUEUE_QUEUE] = queue
@@ -304,7 +309,11 @@ def build_pod(
     tpl = job.spec.pod_template
     command, args = _command(job)
     volumes, mounts = _volumes(job)
-    annotations = {ANNOTATION_CONFIG_HASH: config_hash(job.config), ANNOTATION_GANG_SIZE: str(job.spec.resources.nodes)}
+    annotations = {
+        **tpl.annotations,
+        ANNOTATION_CONFIG_HASH: config_hash(job.config),
+        ANNOTATION_GANG_SIZE: str(job.spec.resources.nodes),
+    }
     if job.spec.run_policy.queue_name:
         annotations[KUEUE_TOTAL] = str(job.spec.resources.nodes)
         annotations[KUEUE_RETRIABLE] = "false"
@@ -360,6 +369,12 @@ def build_pod(
         spec["priorityClassName"] = tpl.priority_class_name
     if tpl.image_pull_secrets:
         spec["imagePullSecrets"] = [dict(s) for s in tpl.image_pull_secrets]
+    if tpl.scheduler_name:
+        spec["schedulerName"] = tpl.scheduler_name
+    if tpl.runtime_class_name:
+        spec["runtimeClassName"] = tpl.runtime_class_name
+    if tpl.topology_spread_constraints:
+        spec["topologySpreadConstraints"] = [dict(c) for c in tpl.topology_spread_constraints]
     meta = _metadata(job, names.pod(attempt, index), pod_labels(job, attempt, index))
     meta["annotations"] = annotations
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}

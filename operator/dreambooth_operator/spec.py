@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ from dreambooth_api.config import CommonConfig, ConfigError
 from dreambooth_api.manifest import JobSpec, parse_job
 
 from .powers import find_powers, refusal
-from .reserved import ENV_OWNERS, GPU_RESOURCE, HUB_TOKEN_ENV, VOLUMES
+from .reserved import ENV_OWNERS, GPU_RESOURCE, HUB_TOKEN_ENV, VOLUMES, metadata_owner
 
 # Pods in one gang unless the chart says otherwise (operator.maxNodes): a typo of 20,000 nodes would otherwise
 # make the operator build and create 20,000 pods.
@@ -115,6 +116,43 @@ def check_operator_rules(config: CommonConfig) -> None:
             )
 
 
+# Kubernetes' own rules for label keys and values (apimachinery validation.IsQualifiedName / IsValidLabelValue):
+# checked here so a bad label fails the job at once, not at its first pod creation.
+_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
+_QUALIFIED_NAME = re.compile(rf"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?{_NAME}$")
+_LABEL_VALUE = re.compile(rf"^({_NAME})?$")
+
+
+def _bad_key(key: str) -> str | None:
+    prefix, _, name = key.rpartition("/")
+    if not _QUALIFIED_NAME.match(key) or len(name) > 63 or len(prefix) > 253:
+        return (
+            f"{key!r} is not a valid key: an optional DNS-subdomain prefix and '/', then a name of at most 63 "
+            "letters, digits, '-', '_' or '.', starting and ending with a letter or digit (e.g. team.example.com/cost-center)."
+        )
+    return None
+
+
+def check_pod_metadata(spec: JobSpec) -> None:
+    """podTemplate labels and annotations: valid Kubernetes keys (and label values), none of the operator's own."""
+    tpl = spec.pod_template
+    for section, values in (("labels", tpl.labels), ("annotations", tpl.annotations)):
+        for key, value in values.items():
+            field = f'spec.podTemplate.{section}["{key}"]'
+            problem = _bad_key(key)
+            if problem:
+                raise SpecError(field, problem)
+            owner = metadata_owner(key)
+            if owner:
+                raise SpecError(field, f"is set by {owner}; remove it from spec.podTemplate.{section}.")
+            if section == "labels" and (len(value) > 63 or not _LABEL_VALUE.match(value)):
+                raise SpecError(
+                    field,
+                    f"{value!r} is not a valid label value: at most 63 letters, digits, '-', '_' or '.', starting "
+                    "and ending with a letter or digit (or empty); put longer text in spec.podTemplate.annotations.",
+                )
+
+
 def check_pod_template(spec: JobSpec, allowed_powers: frozenset[str] = frozenset()) -> None:
     """What the job adds to its pods must not collide with what the operator sets in every one (reserved.py),
     nor give them host or privilege powers the chart does not allow (powers.py).
@@ -123,6 +161,7 @@ def check_pod_template(spec: JobSpec, allowed_powers: frozenset[str] = frozenset
     told of the first one there.
     """
     tpl = spec.pod_template
+    check_pod_metadata(spec)
     for power, field in find_powers(tpl.model_dump(by_alias=True), "spec.podTemplate."):
         if power not in allowed_powers:
             raise SpecError(field, refusal(power))

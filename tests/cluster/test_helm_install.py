@@ -168,6 +168,40 @@ def _uninterrupted(jobs: Jobs, cluster: Cluster, storage: dict[str, Any], image:
     return _UNINTERRUPTED["weights"]
 
 
+def _webhook_trust(cluster: Cluster) -> tuple[str, str]:
+    secret = cluster.kube_api.get(f"/api/v1/namespaces/{OP_NS}/secrets/{RELEASE}-webhook-tls")
+    config = cluster.kube_api.get(f"/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/{RELEASE}")
+    return secret["data"]["ca.crt"], config["webhooks"][0]["clientConfig"]["caBundle"]
+
+
+def test_the_charts_webhook_refuses_a_bad_job_at_apply(
+    installed: OperatorPod, cluster: Cluster, namespace: str, released: Any
+) -> None:
+    """The chart as installed: its ValidatingWebhookConfiguration, Service, generated certificate and the operator
+    pod serving it (the apiserver reaches the pod's IP: --enable-aggregator-routing, no kube-proxy here); a `helm
+    upgrade` keeps the certificate (lookup), so the apiserver's trust never breaks."""
+    doc = yaml.safe_load((EXAMPLES / "dog-lora.yaml").read_text())
+    doc["spec"]["trainng"] = {}  # a misspelt key the CRD schema lets through
+
+    def refused() -> None:
+        proc = cluster.kubectl("apply", "-n", namespace, "--dry-run=server", "-f", "-", input=yaml.safe_dump(doc),
+                               check=False)  # fmt: skip
+        assert proc.returncode != 0
+        assert 'admission webhook "validate.dreambooth.dev" denied the request: spec.trainng' in proc.stderr, (
+            proc.stderr + installed.log()
+        )
+
+    refused()
+    ca, bundle = _webhook_trust(cluster)
+    assert ca == bundle
+    chart_ref, _ = released.refs["chart"]
+    proc = cluster.helm("upgrade", RELEASE, chart_ref.rsplit(":", 1)[0], "--version", VERSION, "--plain-http",
+                        "--namespace", OP_NS, "--reuse-values", "--wait", "--timeout", "5m", check=False)  # fmt: skip
+    assert proc.returncode == 0, _helm_failure(cluster, proc)
+    assert _webhook_trust(cluster) == (ca, bundle)
+    refused()
+
+
 def test_dog_lora_as_a_user_applies_it_succeeds_with_the_model_in_s3(
     installed: OperatorPod, cluster: Cluster, namespace: str, storage: dict[str, Any], trainer_image: str,
     tmp_path: Path,

@@ -3,8 +3,10 @@ Kubernetes 1.29 and 1.34 schemas, refuse wrong values, and keep the CRD and RBAC
 
 from __future__ import annotations
 
+import base64
 import filecmp
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import pytest
 import yaml
 from pkg_support import CHART, KUBE_VERSIONS, REPO, Helm, by_kind, one
 
+from dreambooth_operator import webhook
 from dreambooth_operator.__main__ import Settings
 
 pytestmark = pytest.mark.packaging
@@ -44,7 +47,11 @@ CUSTOM_VALUES: dict[str, Any] = {
     "metrics": {"service": {"enabled": True, "type": "NodePort", "port": 9090},
                 "serviceMonitor": {"enabled": True, "interval": "15s", "scrapeTimeout": "5s",
                                    "labels": {"release": "kube-prometheus-stack"}}},
+    "webhook": {"enabled": True, "failurePolicy": "Fail", "timeoutSeconds": 10, "port": 8443,
+                "namespaceSelector": {"matchLabels": {"dreambooth.dev/validate": "true"}}, "certValidityDays": 365,
+                "certManager": {"enabled": False, "issuerRef": {}}},
 }  # fmt: skip
+WEBHOOK_CERT_DIR = "/etc/dreambooth-operator/webhook-tls"
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +74,11 @@ def custom_docs(chart: Helm, custom_values: Path) -> list[dict[str, Any]]:
 def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
     (c,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
     return c
+
+
+def metrics_service(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (svc,) = [d for d in by_kind(docs, "Service") if d["metadata"]["name"].endswith("-metrics")]
+    return svc
 
 
 def env_of(docs: list[dict[str, Any]]) -> dict[str, str]:
@@ -144,10 +156,11 @@ def test_environment_reaches_the_operator_settings(
     default_docs: list[dict[str, Any]], custom_docs: list[dict[str, Any]]
 ) -> None:
     """The env the chart sets is read by the operator's own Settings.from_env as the values say."""
-    assert Settings.from_env(env_of(default_docs)) == Settings()
+    assert Settings.from_env(env_of(default_docs)) == Settings(webhook_cert_dir=WEBHOOK_CERT_DIR)
     got = Settings.from_env(env_of(custom_docs))
     assert got == Settings(namespaces=("team-a", "team-b"), log_level="DEBUG", metrics_port=9090, workers=3,
-                           resync_seconds=5.0, backoff_base_seconds=20, cluster_domain="corp.internal")  # fmt: skip
+                           resync_seconds=5.0, backoff_base_seconds=20, cluster_domain="corp.internal",
+                           webhook_cert_dir=WEBHOOK_CERT_DIR, webhook_port=8443)  # fmt: skip
     assert env_of(custom_docs)["HTTPS_PROXY"] == "http://proxy:3128"
 
 
@@ -167,13 +180,13 @@ def test_custom_values_are_applied(custom_docs: list[dict[str, Any]]) -> None:
     sa = one(custom_docs, "ServiceAccount")
     assert sa["metadata"]["name"] == pod["serviceAccountName"] == "dbo-sa"
     assert sa["metadata"]["annotations"] == CUSTOM_VALUES["serviceAccount"]["annotations"]
-    svc = one(custom_docs, "Service")
+    svc = metrics_service(custom_docs)
     assert svc["spec"]["type"] == "NodePort" and svc["spec"]["ports"][0]["port"] == 9090
 
 
 def test_metrics_service_and_servicemonitor_select_the_operator(custom_docs: list[dict[str, Any]]) -> None:
     dep = one(custom_docs, "Deployment")
-    svc = one(custom_docs, "Service")
+    svc = metrics_service(custom_docs)
     sm = one(custom_docs, "ServiceMonitor")
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= pod_labels.items()
@@ -297,7 +310,8 @@ def test_crds_as_templates(chart: Helm, default_docs: list[dict[str, Any]], cust
 def test_rbac_and_service_account_can_be_left_out(chart: Helm) -> None:
     docs = chart.template("--set", "rbac.create=false", "--set", "rbac.aggregateToDefaultRoles=false",
                           "--set", "serviceAccount.create=false",
-                          "--set", "serviceAccount.name=existing", "--set", "metrics.service.enabled=false")  # fmt: skip
+                          "--set", "serviceAccount.name=existing", "--set", "metrics.service.enabled=false",
+                          "--set", "webhook.enabled=false")  # fmt: skip
     assert {d["kind"] for d in docs} == {"Deployment"}
     assert one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "existing"
 
@@ -320,6 +334,8 @@ def test_rbac_and_service_account_can_be_left_out(chart: Helm) -> None:
         (["--set", "metrics.serviceMonitor.interval=often"], "/metrics/serviceMonitor/interval"),
         (["--set-string", "rbac.create=yes"], "/rbac/create"),
         (["--set", "nodeSelector.disk=1"], "/nodeSelector/disk"),
+        (["--set", "webhook.failurePolicy=Retry"], "/webhook/failurePolicy"),
+        (["--set", "webhook.timeoutSeconds=60"], "/webhook/timeoutSeconds"),
     ],
     ids=lambda v: v if isinstance(v, str) else v[-1],
 )
@@ -342,3 +358,82 @@ def test_notes_say_how_to_run_the_first_job() -> None:
         assert needle in notes
     for example in ("examples/s3-secret-minio.yaml", "examples/irsa-service-account.yaml", "examples/dog-lora.yaml"):
         assert (REPO / example).exists(), example
+
+
+# ---------------------------------------------------------------------------------------------- webhook
+
+
+def _sans(pem: bytes, tmp_path: Path) -> str:
+    path = tmp_path / "cert.pem"
+    path.write_bytes(pem)
+    out = subprocess.run(["openssl", "x509", "-in", str(path), "-noout", "-ext", "subjectAltName"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("which", ["default", "custom"])
+def test_webhook_certificate_service_and_configuration_fit_together(
+    which: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The apiserver calls <service>.<namespace>.svc:443/validate-dreamboothjob, trusts the caBundle, and lands on
+    the container port the operator serves the webhook on, with the certificate the Secret mounts."""
+    docs = request.getfixturevalue(f"{which}_docs")
+    namespace = one(docs, "Deployment")["metadata"]["namespace"]
+    (vwc,) = one(docs, "ValidatingWebhookConfiguration")["webhooks"]
+    secret = one(docs, "Secret")
+    (svc,) = [d for d in by_kind(docs, "Service") if d["metadata"]["name"].endswith("-webhook")]
+    ref = vwc["clientConfig"]["service"]
+    assert (ref["name"], ref["namespace"], ref["path"], ref["port"]) == (
+        svc["metadata"]["name"],
+        namespace,
+        webhook.PATH,
+        svc["spec"]["ports"][0]["port"],
+    )
+    c = container(docs)
+    (port,) = [p for p in c["ports"] if p["name"] == svc["spec"]["ports"][0]["targetPort"]]
+    assert port["containerPort"] == int(env_of(docs)["DREAMBOOTH_WEBHOOK_PORT"])
+    assert vwc["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
+    sans = _sans(base64.b64decode(secret["data"]["tls.crt"]), tmp_path)
+    assert f"DNS:{ref['name']}.{namespace}.svc" in sans
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == env_of(docs)["DREAMBOOTH_WEBHOOK_CERT_DIR"]]
+    (vol,) = [v for v in one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert vol["secret"]["secretName"] == secret["metadata"]["name"]
+    assert {i["path"] for i in vol["secret"]["items"]} == {webhook.CERT_FILE, webhook.KEY_FILE}
+    assert vwc["sideEffects"] == "None" and vwc["admissionReviewVersions"] == ["v1"]
+    assert (
+        vwc["rules"][0]["resources"] == ["dreamboothjobs"]
+        and "dreamboothjobs/status" not in vwc["rules"][0]["resources"]
+    )
+    if which == "default":
+        assert vwc["failurePolicy"] == "Ignore" and "namespaceSelector" not in vwc
+    else:
+        assert vwc["failurePolicy"] == "Fail" and vwc["timeoutSeconds"] == 10
+        assert vwc["namespaceSelector"] == {"matchLabels": {"dreambooth.dev/validate": "true"}}
+
+
+def test_webhook_with_cert_manager_and_without_webhook(chart: Helm) -> None:
+    docs = chart.template("--set", "webhook.certManager.enabled=true")
+    assert not by_kind(docs, "Secret")
+    cert, issuer = one(docs, "Certificate"), one(docs, "Issuer")
+    vwc = one(docs, "ValidatingWebhookConfiguration")
+    assert "caBundle" not in vwc["webhooks"][0]["clientConfig"]
+    ns = cert["metadata"]["namespace"]
+    assert vwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == f"{ns}/{cert['metadata']['name']}"
+    svc = vwc["webhooks"][0]["clientConfig"]["service"]["name"]
+    assert f"{svc}.{ns}.svc" in cert["spec"]["dnsNames"]
+    assert cert["spec"]["issuerRef"]["name"] == issuer["metadata"]["name"]
+    mounted = one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert cert["spec"]["secretName"] in [v.get("secret", {}).get("secretName") for v in mounted]
+    own = chart.template("--set", "webhook.certManager.enabled=true",
+                         "--set", "webhook.certManager.issuerRef.name=corp-ca",
+                         "--set", "webhook.certManager.issuerRef.kind=ClusterIssuer")  # fmt: skip
+    assert not by_kind(own, "Issuer") and one(own, "Certificate")["spec"]["issuerRef"]["kind"] == "ClusterIssuer"
+    # With watchNamespaces, only those namespaces go through this release's webhook.
+    (scoped,) = one(chart.template("--set", "watchNamespaces={team-a,team-b}"), "ValidatingWebhookConfiguration")[
+        "webhooks"
+    ]
+    assert scoped["namespaceSelector"] == {"matchExpressions": [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}]}  # fmt: skip
+    off = chart.template("--set", "webhook.enabled=false")
+    assert not by_kind(off, "ValidatingWebhookConfiguration") and not by_kind(off, "Secret")
+    assert "DREAMBOOTH_WEBHOOK_CERT_DIR" not in env_of(off)

@@ -19,6 +19,8 @@ import pytest
 import yaml
 from pkg_support import KUBE_VERSIONS, REPO, Helm, by_kind, one
 
+from dreambooth_operator.__main__ import Settings
+
 sys.path.insert(0, str(REPO / "tests"))
 
 from monitoring_support import (  # noqa: E402
@@ -171,6 +173,9 @@ def test_networkpolicy_example_is_valid() -> None:
     for obj in objects:
         for version in KUBE_VERSIONS:
             kubernetes_validate.validate(obj, version, strict=True)
+    # The admission webhook stays reachable by the apiserver (no `from`: it is not in the pod network).
+    operator = objects[0]["spec"]
+    assert {"ports": [{"port": Settings().webhook_port, "protocol": "TCP"}]} in operator["ingress"]
     trainer = objects[1]["spec"]
     assert trainer["podSelector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "dreambooth-operator"}
     assert {"port": 8080, "protocol": "TCP"} in trainer["ingress"][1]["ports"]

@@ -97,6 +97,32 @@ CASES: dict[str, tuple[dict[str, Any], int, bool]] = {
         },
         1, False,
     ),
+    "pod-metadata": (
+        {
+            "resources": {"nodes": 2, "gpusPerNode": 1},
+            "runPolicy": {"queueName": "team-a"},
+            "podTemplate": {
+                "labels": {"kueue.x-k8s.io/priority-class": "high", "team.example.com/cost-center": "ml-42",
+                           "azure.workload.identity/use": "true"},
+                "annotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
+                                "team.example.com/owner": "Ada Lovelace <ada@example.com>"},
+            },
+        },
+        1, False,
+    ),
+    "pod-scheduling": (
+        {
+            "resources": {"nodes": 2, "gpusPerNode": 8},
+            "podTemplate": {
+                "schedulerName": "volcano",
+                "runtimeClassName": "nvidia",
+                "topologySpreadConstraints": [
+                    {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule",
+                     "labelSelector": {"matchLabels": {"dreambooth.dev/job-name": "sks-dog"}}}],
+            },
+        },
+        1, False,
+    ),
     "kueue-queue-memory-savers": (
         {"resources": {"nodes": 2, "gpusPerNode": 4}, "runPolicy": {"queueName": "team-a"}},
         3, True,
@@ -219,6 +245,53 @@ def test_kueue_labels_new_group_per_attempt() -> None:
     assert a3["metadata"]["annotations"]["kueue.x-k8s.io/retriable-in-group"] == "false"
     assert _env(a3)["DREAMBOOTH_MEMORY_SAVERS"] == "1" and "DREAMBOOTH_MEMORY_SAVERS" not in _env(a4)
     assert "kueue.x-k8s.io/queue-name" not in build_pod(valid(), 1, 0)["metadata"]["labels"]
+
+
+def test_pod_metadata_and_scheduling_reach_every_pod() -> None:
+    meta_job, sched_job = valid(CASES["pod-metadata"][0]), valid(CASES["pod-scheduling"][0])
+    for pod in build_gang(meta_job, 1):
+        assert pod["metadata"]["labels"]["team.example.com/cost-center"] == "ml-42"
+        assert pod["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high"
+        # Ours sit beside theirs.
+        assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+        assert pod["metadata"]["annotations"]["team.example.com/owner"] == "Ada Lovelace <ada@example.com>"
+        assert "dreambooth.dev/config-hash" in pod["metadata"]["annotations"]
+    for pod in build_gang(sched_job, 1):
+        spec = pod["spec"]
+        assert spec["schedulerName"] == "volcano" and spec["runtimeClassName"] == "nvidia"
+        assert spec["topologySpreadConstraints"][0]["topologyKey"] == "topology.kubernetes.io/zone"
+    plain = build_pod(valid(), 1, 0)["spec"]
+    assert not {"schedulerName", "runtimeClassName", "topologySpreadConstraints"} & set(plain)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "owner"),
+    [("labels", "dreambooth.dev/job-uid", "dreambooth.dev/*"), ("labels", "dreambooth.dev/anything", "dreambooth.dev/*"),
+     ("labels", "app.kubernetes.io/managed-by", "the operator"),
+     ("labels", "kueue.x-k8s.io/queue-name", "spec.runPolicy.queueName"),
+     ("labels", "kueue.x-k8s.io/pod-group-name", "pod group"),
+     ("annotations", "kueue.x-k8s.io/pod-group-total-count", "gang size"),
+     ("annotations", "kueue.x-k8s.io/retriable-in-group", "as a whole"),
+     ("annotations", "dreambooth.dev/config-hash", "dreambooth.dev/*")],
+)  # fmt: skip
+def test_the_operators_metadata_keys_are_refused(section: str, key: str, owner: str) -> None:
+    with pytest.raises(SpecError) as err:
+        valid({"podTemplate": {section: {"team.example.com/ok": "1", key: "x"}}})
+    assert err.value.field == f'spec.podTemplate.{section}["{key}"]'
+    assert owner in err.value.message and f"remove it from spec.podTemplate.{section}" in err.value.message
+
+
+def test_malformed_label_keys_and_values_are_refused_before_any_pod() -> None:
+    with pytest.raises(SpecError, match="not a valid key") as err:
+        valid({"podTemplate": {"annotations": {"cost center": "x"}}})
+    assert err.value.field == 'spec.podTemplate.annotations["cost center"]'
+    with pytest.raises(SpecError, match="not a valid label value.*annotations") as err:
+        valid({"podTemplate": {"labels": {"owner": "Ada Lovelace"}}})
+    assert err.value.field == 'spec.podTemplate.labels["owner"]'
+    with pytest.raises(SpecError, match="not a valid label value"):
+        valid({"podTemplate": {"labels": {"x": "y" * 64}}})
+    # An annotation value is free text.
+    assert valid({"podTemplate": {"annotations": {"note": "any text, at all: " + "z" * 300}}})
 
 
 @pytest.mark.parametrize(
@@ -360,7 +433,23 @@ POWER_CASES: list[tuple[dict[str, Any], list[tuple[str, str]]]] = [
     ({"securityContext": {"privileged": True}}, [("privileged", "p.securityContext.privileged")]),
     ({"volumes": [{"name": "h", "hostPath": {"path": "/"}}], "hostPID": True},
      [("hostPath", "p.volumes[0].hostPath"), ("hostPID", "p.hostPID")]),
+    ({"annotations": {"container.apparmor.security.beta.kubernetes.io/trainer": "unconfined",
+                      "seccomp.security.alpha.kubernetes.io/pod": "runtime/default",
+                      "container.seccomp.security.alpha.kubernetes.io/trainer": "Unconfined",
+                      "team.example.com/note": "unconfined"}},
+     [("unconfined", 'p.annotations["container.apparmor.security.beta.kubernetes.io/trainer"]'),
+      ("unconfined", 'p.annotations["container.seccomp.security.alpha.kubernetes.io/trainer"]')]),
 ]  # fmt: skip
+
+
+def test_an_unconfined_profile_annotation_is_a_power_the_chart_must_allow() -> None:
+    ann = {"podTemplate": {"annotations": {"container.apparmor.security.beta.kubernetes.io/trainer": "unconfined"}}}
+    with pytest.raises(SpecError) as err:
+        validate(job_body(ann))
+    assert err.value.field == 'spec.podTemplate.annotations["container.apparmor.security.beta.kubernetes.io/trainer"]'
+    assert "operator.podPowers.allow" in err.value.message and "unconfined" in err.value.message
+    pod = build_pod(validate(job_body(ann), allowed_powers=frozenset({"unconfined"})), 1, 0)
+    assert pod["metadata"]["annotations"]["container.apparmor.security.beta.kubernetes.io/trainer"] == "unconfined"
 
 
 @pytest.mark.parametrize(("spec", "expected"), POWER_CASES)

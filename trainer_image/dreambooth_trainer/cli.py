@@ -1,4 +1,4 @@
-"""The trainer's commands: train, train-lora, run, tiny-model (`dreambooth` adds crd and operator: dreambooth_cli)."""
+"""The trainer's commands: train, train-lora, run, tiny-model (`dreambooth` adds crd, operator, validate: dreambooth_cli)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ commands:
   tiny-model   write a tiny random Stable Diffusion (or, --family sdxl, SDXL) pipeline (tests, quickstart)
   crd          print the DreamBoothJob CustomResourceDefinition
   operator     run the Kubernetes operator
+  validate     check DreamBoothJob manifests as the operator would, offline (GitOps CI)
 
 `dreambooth COMMAND --help` lists each command's flags. Paths may be s3:// URIs.
 """

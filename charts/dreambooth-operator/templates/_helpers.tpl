@@ -91,3 +91,12 @@ credentials Secret reaches the trainer pods by secretKeyRef, which the kubelet r
   resources: ["events"]
   verbs: ["create"]
 {{- end -}}
+
+{{/* The webhook's Service and the name its serving certificate is for. */}}
+{{- define "dreambooth-operator.webhookService" -}}
+{{- printf "%s-webhook" (include "dreambooth-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "dreambooth-operator.webhookSecret" -}}
+{{- printf "%s-webhook-tls" (include "dreambooth-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}

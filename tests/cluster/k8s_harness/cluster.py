@@ -256,6 +256,9 @@ class Cluster:
                 "--kubelet-preferred-address-types=InternalIP",
                 # The kubernetes Service's endpoint would be 127.0.0.1, which Endpoints validation refuses.
                 "--endpoint-reconciler-type=none",
+                # No kube-proxy here: the apiserver calls admission webhooks given as a Service at the Service's
+                # endpoint (pod) IPs, which the host reaches, instead of at its ClusterIP (the chart's webhook).
+                "--enable-aggregator-routing=true",
                 "--enable-priority-and-fairness=false",
                 "--profiling=false",
                 "--v=1",
