@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every test tier, set up from nothing: .venv, the local Kubernetes (built once, cached), SeaweedFS (started by
 # the tests themselves). Each tier prints its wall time. Pick tiers with TIERS="unit integration" (default: all
-# but the opt-in cuda-image tier).
+# but the opt-in tiers extended, upgrade and cuda-image).
 # Extra arguments go to every pytest call (e.g. -x, -k NAME). The slowest tests of each tier are printed, so a
 # budget overrun names its cause.
 set -uo pipefail
@@ -33,7 +33,7 @@ run_tier() {
 # the apiserver for pods (the test cluster's kube-proxy); chromium (headless) renders the validation gallery of
 # `dreambooth images` (tests/cluster/test_user_cli.py).
 SYSTEM_PKGS=(buildah debootstrap docker-registry runc prometheus iptables chromium)
-case " $TIERS " in *" cluster "*|*" packaging "*|*" cuda-image "*|*" upgrade "*)
+case " $TIERS " in *" cluster "*|*" packaging "*|*" cuda-image "*|*" upgrade "*|*" extended "*)
   missing=()
   for p in "${SYSTEM_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -46,12 +46,17 @@ for tier in $TIERS; do
   case $tier in
     lint) run_tier lint bash -c "ruff check . && ruff format --check ." ;;
     unit) run_tier unit python -m pytest tests/unit -q "$@" ;;
-    integration) run_tier integration python -m pytest tests/integration -q --durations=15 "$@" ;;
+    integration) run_tier integration python -m pytest tests/integration -q -m "not extended" --durations=15 "$@" ;;
     cluster)
       run_tier k8s-build bash .ci/k8s-build.sh
-      run_tier cluster python -m pytest tests/cluster -q --durations=15 "$@" ;;
+      run_tier cluster python -m pytest tests/cluster -q -m "not extended" --durations=15 "$@" ;;
     packaging)
       run_tier packaging python -m pytest tests/packaging -q --durations=10 "$@" ;;
+    extended)
+      # Opt-in: slow variants of behaviour the default tiers already cover (a second SIGTERM, world size 2 of
+      # SDXL, a 20 s S3 outage at the storage layer, operator restart + suspend on the real trainer).
+      run_tier k8s-build bash .ci/k8s-build.sh
+      run_tier extended python -m pytest tests/integration tests/cluster -q -m extended --durations=15 "$@" ;;
     upgrade)
       # Opt-in: helm upgrade from 0.1.0, whose operator image is built from its commit (pip from the index).
       run_tier k8s-build bash .ci/k8s-build.sh

@@ -167,6 +167,9 @@ def test_node_loss_resumes_from_the_periodic_checkpoint_bit_identical(
     _assert_identical(final_weights(storage, "lost", tmp_path / "lost"), reference)
 
 
+# Extended tier (suspend/resume and operator adoption are in the operator's fast tests; exactness across a
+# preemption in test_helm_install and above).
+@pytest.mark.extended
 def test_operator_restart_then_suspend_and_resume_bit_identical(
     jobs: Jobs, operator: OperatorProcess, storage: dict[str, Any], tmp_path: Path, trainer_image: str
 ) -> None:

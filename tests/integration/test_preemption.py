@@ -92,6 +92,8 @@ def _assert_nothing_partial(uri: str, stop: int, previous: int) -> None:
     assert ckpt.checkpoint_steps(store)[0] == previous
 
 
+# Extended tier (one SIGTERM mid-run, during an upload and at world size 2 stay in the default run).
+@pytest.mark.extended
 def test_sigterm_mid_epoch_with_a_second_sigterm_resumes_bit_exact(tmp_path: Path, baseline) -> None:
     """full, world size 1, local: SIGTERM early in a 5-step epoch, and again in the middle of the save."""
     out = tmp_path / "out"
@@ -139,6 +141,8 @@ def test_sigterm_during_an_upload_to_s3_resumes_bit_exact(tmp_path: Path, baseli
     _resume_and_compare(tmp_path, "full", train, 1, baseline("full", 1), stop)
 
 
+# Extended tier (world size 2 SIGTERM: the mid-epoch S3 one stays in the default run).
+@pytest.mark.extended
 @pytest.mark.slow
 def test_sigterm_right_after_a_periodic_checkpoint_world_size_2(tmp_path: Path, baseline) -> None:
     """LoRA, world size 2 (torchrun, gloo), local: SIGTERM as soon as checkpoint-2 is durable."""

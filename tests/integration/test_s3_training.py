@@ -199,6 +199,8 @@ def test_full_all_on_s3_killed_mid_upload_resumes_exactly(inputs: Inputs, tmp_pa
     assert_identical(_final_weights(ref, "full", tmp_path / "a"), _final_weights(run, "full", tmp_path / "b"))
 
 
+# Extended tier (damaged-checkpoint fallback: test_hardening stays in the default run).
+@pytest.mark.extended
 @pytest.mark.slow
 def test_lora_all_on_s3_killed_then_altered_checkpoint_falls_back(inputs: Inputs, tmp_path: Path, caplog) -> None:
     """LoRA with user class images in S3. Run B is SIGKILLed right after checkpoint-4 is published; a byte of

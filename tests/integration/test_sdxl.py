@@ -151,6 +151,8 @@ def test_resume_mid_epoch_is_bit_exact(tiny_sdxl, tmp_path):
     assert_identical(load_file(ref / name), load_file(resumed / name))
 
 
+# Extended tier (world size 2 exactness of the shared loop: test_trainer's stays in the default run).
+@pytest.mark.extended
 @pytest.mark.slow
 def test_world_size_2_resume_is_bit_exact(tiny_sdxl, tmp_path):
     from dreambooth_api.config import SdxlLoraConfig

@@ -328,6 +328,8 @@ def test_unreachable_endpoint_gives_up_at_the_deadline(s3: SeaweedS3, monkeypatc
     assert time.monotonic() - started < 15
 
 
+# Extended tier (the same outage mid-training: test_s3_training's 20 s outage test stays in the default run).
+@pytest.mark.extended
 @pytest.mark.slow
 def test_upload_survives_server_down_for_20s(s3: SeaweedS3, bucket: str, tmp_path: Path) -> None:
     """Stop SeaweedFS mid-upload for ~20 s: the upload and a small write retry and complete once it is back."""
