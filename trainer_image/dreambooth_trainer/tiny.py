@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,24 @@ def make_tokenizer():  # -> transformers.CLIPTokenizer
 # ------------------------------------------------------------------------------------------------- models
 
 
+def _tiny_vae(**overrides: Any) -> Any:
+    """The 2-block VAE both tiny families share (32 px samples, 4 latent channels); call it seeded."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+        **overrides,
+    )
+
+
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Seed torch's global RNG for a model's __init__ without disturbing the caller's RNG state.
@@ -135,7 +154,7 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 def _build_components(seed: int, prediction_type: str, tokenizer) -> dict:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     # Each component gets its own seed so changing one component's shape leaves the others' bytes alone.
@@ -155,17 +174,7 @@ def _build_components(seed: int, prediction_type: str, tokenizer) -> dict:
             norm_num_groups=32,
         )
     with _seeded(seed * 4 + 1):
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=32,
-        )
+        vae = _tiny_vae()
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -270,7 +279,7 @@ def make_tiny_sdxl_model(out_dir: Path, seed: int = 0) -> Path:
     """Write a tiny random SDXL pipeline folder to ``out_dir`` and return it."""
     if seed < 0:
         raise ValueError(f"seed must be >= 0, not {seed}")
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     out_dir = Path(out_dir)
@@ -295,18 +304,7 @@ def make_tiny_sdxl_model(out_dir: Path, seed: int = 0) -> Path:
             norm_num_groups=32,
         )
     with _seeded(seed * 5 + 1):
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=32,
-            sample_size=32,
-            scaling_factor=0.13025,  # SDXL's VAE factor
-        )
+        vae = _tiny_vae(scaling_factor=0.13025)  # SDXL's VAE factor
     with _seeded(seed * 5 + 2):
         text_encoder = CLIPTextModel(_text_config(tokenizer, 32))
     with _seeded(seed * 5 + 3):
