@@ -66,6 +66,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     d.add_argument("dir")
     d.add_argument("--checkpoint", help="a checkpoint step, or 'latest' (default: the final model)")
     d.add_argument("--presign", action="store_true", help="print presigned URLs instead of downloading")
+    # Listed for --help only: the command line is handed to dreambooth_cli.validate before this parser runs.
+    sub.add_parser("validate", help="check manifests offline as the operator would (exit 64 on the first bad file)")
     return p
 
 
