@@ -825,14 +825,13 @@ class PodWorker(threading.Thread):
             automount = account.get("automountServiceAccountToken")
         if automount is False:
             return None
-        body = {
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenRequest",
-            "spec": {
-                "expirationSeconds": SERVICE_ACCOUNT_TOKEN_SECONDS,
-                "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": self.name, "uid": self.uid},
-            },
-        }
+        spec: dict[str, Any] = {"expirationSeconds": SERVICE_ACCOUNT_TOKEN_SECONDS}
+        if self.spec.get("serviceAccountName") or self.spec.get("serviceAccount"):
+            # Bound to the pod like a kubelet's token. The apiserver binds only to a pod that names the account,
+            # and without the ServiceAccount admission plugin nothing fills in "default": such a pod gets an
+            # unbound token of the same account.
+            spec["boundObjectRef"] = {"kind": "Pod", "apiVersion": "v1", "name": self.name, "uid": self.uid}
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
         tr = self.kube.create(f"/api/v1/namespaces/{self.ns}/serviceaccounts/{sa}/token", body)
         out = self.dir / "serviceaccount"
         out.mkdir(exist_ok=True)
