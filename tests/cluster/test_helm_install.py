@@ -83,6 +83,23 @@ def installed(cluster: Cluster, released: Any) -> Iterator[OperatorPod]:
         yield OperatorPod(cluster)
     finally:
         cluster.helm("uninstall", RELEASE, "--namespace", OP_NS, "--wait", "--timeout", "2m", check=False)
+        _no_operator_left(cluster)
+
+
+def _no_operator_left(cluster: Cluster) -> None:
+    """This operator watches every namespace: the tests after this module run their own, so none may linger."""
+    path = f"/api/v1/namespaces/{OP_NS}/pods"
+
+    def gone() -> bool:
+        return not cluster.kube_api.get(path, labelSelector="app.kubernetes.io/component=operator")["items"]
+
+    try:
+        wait_until(gone, 60, 1, "the operator pod gone after helm uninstall")
+    except TimeoutError:
+        for pod in cluster.kube_api.get(path, labelSelector="app.kubernetes.io/component=operator")["items"]:
+            cluster.kubectl("delete", "pod", "-n", OP_NS, pod["metadata"]["name"], "--grace-period=0", "--force",
+                            check=False)  # fmt: skip
+        wait_until(gone, 60, 1, "the operator pod force-deleted")
 
 
 def test_the_operator_runs_as_the_charts_pod_with_its_own_service_account(

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from k8s_harness import Cluster, wait_until
 from operator_support import Jobs
-from test_helm_install import FAST, OperatorPod, _apply, _dog_lora
+from test_helm_install import FAST, OperatorPod, _apply, _dog_lora, _no_operator_left
 
 pytestmark = [
     pytest.mark.cluster,
@@ -102,6 +102,7 @@ def old_installed(cluster: Cluster, released: Any, tmp_path_factory: pytest.Temp
         yield repo
     finally:
         cluster.helm("uninstall", RELEASE, "--namespace", OP_NS, "--wait", "--timeout", "2m", check=False)
+        _no_operator_left(cluster)
         cluster.kubectl("apply", "-f", str(REPO / "crds"))
 
 

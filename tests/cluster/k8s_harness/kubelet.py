@@ -888,6 +888,11 @@ class PodWorker(threading.Thread):
                 )
         for vm in spec.get("volumeMounts") or []:
             src = _mount_source(vm, vols, env)
+            if vm["mountPath"].rstrip("/") == "/tmp" and not self.k.private_tmp:
+                # /tmp holds this Python (and the pod folders): a volume there would hide them. The volume is
+                # the container's temp dir through TMPDIR instead, which is all /tmp is for.
+                env["TMPDIR"] = str(src)
+                continue
             mounts.append(
                 {
                     "type": "bind",
