@@ -247,9 +247,10 @@ def test_dog_lora_preempted_mid_run_resumes_bit_identical(
     reference = _uninterrupted(jobs, cluster, storage, trainer_image, tmp_path)
     doc = _dog_lora(storage, trainer_image, "sks-dog-pre")
     # The trainer's test knob slows steps so the preemption lands mid-run (it never changes the math).
-    doc["spec"]["podTemplate"]["env"] = [{"name": "DREAMBOOTH_TEST_STEP_DELAY_SECONDS", "value": "1.5"}]
+    # Slow enough that the operator's progress poll (every 10 s) sees step 2 well before the end (step 8).
+    doc["spec"]["podTemplate"]["env"] = [{"name": "DREAMBOOTH_TEST_STEP_DELAY_SECONDS", "value": "4"}]
     _apply(cluster, namespace, doc, tmp_path)
-    jobs.wait("sks-dog-pre", lambda s: (s.get("step") or 0) >= 3, 600, "step 3")
+    jobs.wait("sks-dog-pre", lambda s: (s.get("step") or 0) >= 2, 600, "step 2")
     cluster.preempt(namespace, "sks-dog-pre-a1-1")
     jobs.wait("sks-dog-pre", lambda s: s.get("preemptions") == 1, 120, "the preemption counted")
     st = jobs.wait_phase("sks-dog-pre", "Succeeded", 900)
