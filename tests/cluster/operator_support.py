@@ -112,6 +112,22 @@ def dreambooth_job(
     return {"apiVersion": "dreambooth.dev/v1alpha1", "kind": "DreamBoothJob", "metadata": {"name": name}, "spec": spec}
 
 
+def tiny_training(name: str, bucket: str, steps: int, **extra: Any) -> dict[str, Any]:
+    """spec.training of a real run on the tiny model, data and output in the ``storage`` fixture's bucket."""
+    return {
+        "pretrainedModelNameOrPath": f"s3://{bucket}/models/tiny/",
+        "instanceDataDir": f"s3://{bucket}/data/dog/",
+        "instancePrompt": "a photo of sks dog",
+        "outputDir": f"s3://{bucket}/runs/{name}/",
+        "resolution": 32,
+        "trainBatchSize": 1,
+        "maxTrainSteps": steps,
+        "checkpointingSteps": 2,
+        "seed": 7,
+        **extra,
+    }
+
+
 def fake_training(name: str, bucket: str = "fake", **overrides: Any) -> dict[str, Any]:
     """spec.training that the schema and the operator accept; nothing reads the S3 paths (the pods never train)."""
     return {

@@ -24,7 +24,7 @@ import pytest
 import requests
 import yaml
 from k8s_harness import Cluster, wait_until
-from operator_support import Jobs, OperatorProcess, dreambooth_job
+from operator_support import Jobs, OperatorProcess, dreambooth_job, tiny_training
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,17 +108,7 @@ def monitored(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[tupl
 
 def monitored_job(name: str, storage: dict[str, Any]) -> dict[str, Any]:  # noqa: F811
     bucket = storage["bucket"]
-    training = {
-        "pretrainedModelNameOrPath": f"s3://{bucket}/models/tiny/",
-        "instanceDataDir": f"s3://{bucket}/data/dog/",
-        "instancePrompt": "a photo of sks dog",
-        "outputDir": f"s3://{bucket}/runs/{name}/",
-        "resolution": 32,
-        "trainBatchSize": 1,
-        "maxTrainSteps": STEPS,
-        "checkpointingSteps": 2,
-        "seed": 7,
-    }
+    training = tiny_training(name, bucket, STEPS)
     # Slow steps (the trainer's test knob, never changes the math) so Prometheus sees the job run.
     env = {"MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "DREAMBOOTH_TEST_STEP_DELAY_SECONDS": "1"}
     return dreambooth_job(

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from k8s_harness import Cluster
-from operator_support import Jobs, OperatorProcess, dreambooth_job
+from operator_support import Jobs, OperatorProcess, dreambooth_job, tiny_training
 
 pytestmark = [
     pytest.mark.cluster,
@@ -38,20 +38,8 @@ def real_job(
     if step_delay:
         # The trainer's test knob: slow steps so a preemption lands mid-run (never changes the math).
         env["DREAMBOOTH_TEST_STEP_DELAY_SECONDS"] = str(step_delay)
-    training = {
-        "pretrainedModelNameOrPath": f"s3://{bucket}/models/tiny/",
-        "instanceDataDir": f"s3://{bucket}/data/dog/",
-        "instancePrompt": "a photo of sks dog",
-        "outputDir": f"s3://{bucket}/runs/{name}/",
-        "resolution": 32,
-        "trainBatchSize": 1,
-        "maxTrainSteps": STEPS,
-        "checkpointingSteps": 2,
-        "seed": 7,
-        "validationPrompt": "a photo of sks dog",
-        "validationEpochs": 1,
-        "numValidationImages": 1,
-    }
+    training = tiny_training(name, bucket, STEPS, validationPrompt="a photo of sks dog", validationEpochs=1,
+                             numValidationImages=1)  # fmt: skip
     return dreambooth_job(
         name,
         training,
