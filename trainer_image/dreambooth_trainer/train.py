@@ -33,6 +33,7 @@ from .classimages import ensure_class_images
 from .compat import warn_like_the_scripts
 from .data import CachedLatentsDataset, DreamBoothDataset, EpochSampler, collate_fn, list_images
 from .families import family_for
+from .latents import latent_transform
 from .model import (
     check_optional_libraries,
     config_json,
@@ -437,8 +438,8 @@ class Trainer:
         if cfg.pre_compute_text_embeddings:
             # The text encoder is no longer needed: free it, as diffusers does.
             m.text_encoder = None  # type: ignore[assignment]
-        # Kept apart from the VAE: with cached latents this factor is all the loop needs of it.
-        self.latent_scale: float = m.vae.config.scaling_factor
+        # Kept apart from the VAE: with cached latents this transform is all the loop needs of it.
+        self.to_latent_space = latent_transform(m.vae.config)
         if cfg.cache_latents and not cfg.validation_prompt:
             # Every latent is cached and nothing decodes (no validation; the final save loads the VAE from the
             # model folder): free the VAE, as diffusers' train_dreambooth_lora_sdxl.py does with --cache_latents
@@ -620,7 +621,7 @@ class Trainer:
             pixel_values = batch["pixel_values"].to(acc.device, dtype=m.vae.dtype if self.family.upcast_vae else wdtype)
             with torch.no_grad():
                 latents = m.vae.encode(pixel_values).latent_dist.sample(generator=gen)
-        latents = latents * self.latent_scale
+        latents = self.to_latent_space(latents)
         if self.family.upcast_vae:
             latents = latents.to(wdtype)
         family = self.family
