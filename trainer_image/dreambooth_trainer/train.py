@@ -237,15 +237,12 @@ class Trainer:
         self.resumed: ckpt.Loaded | None = None
         # A checkpoint of diffusers' scripts asked for by --resume_from_checkpoint (every rank reads the listing).
         newest = ckpt.checkpoint_steps(self.out)
-        self.script_step = diffusers_format.requested_step(
-            self.out, cfg.resume_from_checkpoint, newest[0] if newest else None
-        )
+        request = ckpt.continue_named(self.out, cfg.resume_from_checkpoint, self.env.job_uid)
+        self.script_step = diffusers_format.requested_step(self.out, request, newest[0] if newest else None)
         loaded = None
         with acc.main_process_first():
             if self.script_step is None:
-                loaded = ckpt.choose_resume(
-                    self.out, cfg.resume_from_checkpoint, self.hash, self.scratch / "resume", hashed_settings(cfg)
-                )
+                loaded = ckpt.choose_resume(self.out, request, self.hash, self.scratch / "resume", hashed_settings(cfg))
         self.rank_log.start_upload(self.out.uri, log_key)  # other ranks: rank 0's claim held (barrier above)
         steps = self._agree([loaded.step if loaded else -1])
         if steps[0] >= 0:
