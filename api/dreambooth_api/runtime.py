@@ -91,14 +91,18 @@ def runtime_spec_set(spec: RuntimeSpec) -> dict[str, Any]:
 def parse_runtime(obj: Any) -> tuple[str, RuntimeSpec]:
     """A DreamBoothRuntime object → (name, spec). Errors name the field (``spec.podTemplate.tolerationz``)."""
     if not isinstance(obj, dict):
-        raise ManifestError("manifest", f"must be a YAML mapping with apiVersion, kind, metadata and spec, not {quote(obj)}.")
+        raise ManifestError(
+            "manifest", f"must be a YAML mapping with apiVersion, kind, metadata and spec, not {quote(obj)}."
+        )
     if obj.get("kind") != RUNTIME_KIND:
         raise ManifestError("kind", f"must be {RUNTIME_KIND}, not {quote(obj.get('kind'))}.")
     if obj.get("apiVersion") != f"{API_GROUP}/{API_VERSION}":
         raise ManifestError("apiVersion", f"must be {API_GROUP}/{API_VERSION}, not {quote(obj.get('apiVersion'))}.")
     meta = obj.get("metadata") or {}
     if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta.get("name"):
-        raise ManifestError("metadata.name", "a DreamBoothRuntime needs a name (jobs refer to it by spec.runtimeRef.name).")
+        raise ManifestError(
+            "metadata.name", "a DreamBoothRuntime needs a name (jobs refer to it by spec.runtimeRef.name)."
+        )
     spec = obj.get("spec", {})
     if spec is None:
         spec = {}
@@ -210,4 +214,3 @@ def snapshot_of(effective: dict[str, Any]) -> dict[str, Any]:
 
 def spec_hash(snapshot: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(snapshot, sort_keys=True).encode()).hexdigest()[:16]
-

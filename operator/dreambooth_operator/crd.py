@@ -222,11 +222,18 @@ def runtime_crd() -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "additionalPrinterColumns": [
-                        {"name": "Default", "type": "string",
-                         "jsonPath": ".metadata.annotations.dreambooth\\.dev/default-runtime",
-                         "description": "true: jobs without spec.runtimeRef use this runtime."},
-                        {"name": "Image", "type": "string", "jsonPath": ".spec.resources.image",
-                         "description": "Trainer image for jobs that set none."},
+                        {
+                            "name": "Default",
+                            "type": "string",
+                            "jsonPath": ".metadata.annotations.dreambooth\\.dev/default-runtime",
+                            "description": "true: jobs without spec.runtimeRef use this runtime.",
+                        },
+                        {
+                            "name": "Image",
+                            "type": "string",
+                            "jsonPath": ".spec.resources.image",
+                            "description": "Trainer image for jobs that set none.",
+                        },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],  # fmt: skip
                     "schema": {

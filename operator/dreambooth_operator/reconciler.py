@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from dreambooth_api.runtime import pick_default, runtime_ref
+
 from . import status
 from .cache import Informer
 from .kube import KubeApi, event_object, is_status
 from .metrics import Metrics
-from dreambooth_api.runtime import pick_default, runtime_ref
-
 from .plan import EPOCH, Plan, PlanOptions, RuntimeView, World, plan, pod_attempt, refuse
 from .progress_client import POLL_INTERVAL_SECONDS, fetch_progress
 from .resources import CONFIG_KEY, LABEL_INDEX, PROGRESS_PORT, names_for
