@@ -238,7 +238,7 @@ CLUSTER_RULES = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
     ("", "nodes"): {"get"},
     # Cluster-scoped: a job's DreamBoothRuntime, read when the job is accepted (list: the default one).
-    ("dreambooth.dev", "dreamboothruntimes"): {"get", "list", "watch"},
+    ("dreambooth.dev", "dreamboothruntimes"): {"get", "list"},
 }
 
 
