@@ -173,6 +173,11 @@ class Kube:
         except self._client.ApiException as exc:
             if is_status(exc, 404):
                 return []  # the runtime CRD is not installed (an older chart's CRDs): no default runtime
+            if is_status(exc, 403):
+                # RBAC without dreamboothruntimes (rbac.create=false with an older role): jobs still run, on their
+                # own spec; a job that names a runtime still fails loudly through get_runtime.
+                log.warning("cannot list dreamboothruntimes (403): no default runtime applies; grant get/list on them")
+                return []
             raise
         return list((data or {}).get("items") or [])
 

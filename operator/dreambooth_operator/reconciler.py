@@ -242,6 +242,8 @@ class Reconciler:
         job_status = job.get("status") or {}
         if job_status.get("effectiveSpec") is not None or job_status.get("trainingHash"):
             return None
+        if status.is_finished(status.JobStatus.model_validate(job_status)):
+            return None  # failed before acceptance (InvalidSpec): nothing will read it
         name = runtime_ref(job.get("spec") or {})
         if name is not None:
             found = self.kube.get_runtime(name)
