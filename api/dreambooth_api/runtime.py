@@ -206,6 +206,14 @@ def merge_spec(base: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def effective_of(job: dict[str, Any]) -> dict[str, Any]:
+    """A stored job's spec as it runs: its own spec over the snapshot the operator took at acceptance (none yet:
+    its own spec). For readers of a job object — the CLI, dashboards — that want its storage, queue or GPUs."""
+    spec = job.get("spec") if isinstance(job.get("spec"), dict) else {}
+    snapshot = (job.get("status") or {}).get("effectiveSpec")
+    return merge_spec(snapshot, spec) if isinstance(snapshot, dict) else dict(spec)
+
+
 def snapshot_of(effective: dict[str, Any]) -> dict[str, Any]:
     """What the status keeps of an effective spec: everything but the training (kept by trainingHash and the
     ConfigMap) and the runtime reference (kept as status.runtime)."""

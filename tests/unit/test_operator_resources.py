@@ -132,15 +132,24 @@ CASES: dict[str, tuple[dict[str, Any], int, bool]] = {
 
 # A platform's DreamBoothRuntime under a job (docs/runtime.md): what the pods get from each.
 RUNTIME = {
-    "storage": {"endpoint": "https://s3.platform.example", "region": "eu-west-1", "pathStyle": True,
-                "credentialsSecret": "platform-s3"},
-    "resources": {"image": "registry.platform.example/trainer:0.2.0", "gpusPerNode": 8,
-                  "requests": {"cpu": "32", "memory": "400Gi"}},
+    "storage": {
+        "endpoint": "https://s3.platform.example",
+        "region": "eu-west-1",
+        "pathStyle": True,
+        "credentialsSecret": "platform-s3",
+    },
+    "resources": {
+        "image": "registry.platform.example/trainer:0.2.0",
+        "gpusPerNode": 8,
+        "requests": {"cpu": "32", "memory": "400Gi"},
+    },
     "podTemplate": {
         "labels": {"team.example.com/cost-center": "platform", "kueue.x-k8s.io/priority-class": "batch"},
         "nodeSelector": {"node.kubernetes.io/instance-type": "p4d.24xlarge"},
-        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
-                        {"key": "spot", "operator": "Exists", "effect": "NoSchedule"}],
+        "tolerations": [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+            {"key": "spot", "operator": "Exists", "effect": "NoSchedule"},
+        ],
         "schedulerName": "volcano",
         "env": [{"name": "NCCL_DEBUG", "value": "WARN"}, {"name": "NCCL_IB_DISABLE", "value": "1"}],
     },
@@ -150,10 +159,14 @@ RUNTIME_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # name: (runtime spec, job spec overrides)
     "runtime-merged": (
         RUNTIME,
-        {"resources": {"nodes": 2, "requests": {"cpu": "16"}},
-         "podTemplate": {"labels": {"team.example.com/cost-center": "vision"},
-                         "tolerations": [{"key": "spot", "operator": "Equal", "value": "yes", "effect": "NoSchedule"}],
-                         "env": [{"name": "NCCL_DEBUG", "value": "INFO"}]}},
+        {
+            "resources": {"nodes": 2, "requests": {"cpu": "16"}},
+            "podTemplate": {
+                "labels": {"team.example.com/cost-center": "vision"},
+                "tolerations": [{"key": "spot", "operator": "Equal", "value": "yes", "effect": "NoSchedule"}],
+                "env": [{"name": "NCCL_DEBUG", "value": "INFO"}],
+            },
+        },
     ),
     "runtime-only": (RUNTIME, {"resources": {"nodes": 1}}),
 }

@@ -11,7 +11,7 @@ import yaml
 from test_operator_reconcile import Env
 
 from dreambooth_api.manifest import DEFAULT_IMAGE
-from dreambooth_api.runtime import merge_spec, pick_default
+from dreambooth_api.runtime import effective_of, merge_spec, pick_default
 from dreambooth_cli import main
 from dreambooth_operator import status as S
 from dreambooth_operator.spec import SpecError, validate, validate_runtime
@@ -281,3 +281,14 @@ def test_validate_over_a_runtime_prints_the_effective_spec(tmp_path: Path, capsy
     rt.write_text(yaml.safe_dump(runtime_obj({"podTemplate": {"tolerationz": []}})))
     assert main(["validate", "--runtime", str(rt), str(path)]) == 64
     assert "spec.podTemplate.tolerationz" in capsys.readouterr().err
+
+
+def test_readers_of_a_stored_job_see_its_runtimes_values() -> None:
+    """`dreambooth get` shows the queue a job got from its runtime (status.effectiveSpec), not an empty cell."""
+    from dreambooth_cli.render import job_row
+
+    job = {"metadata": {"name": "dog"}, "spec": {"training": {}, "runPolicy": {"backoffLimit": 1}},
+           "status": {"phase": "Running", "effectiveSpec": {"runPolicy": {"queueName": "team-a", "backoffLimit": 3}}}}  # fmt: skip
+    assert effective_of(job)["runPolicy"] == {"queueName": "team-a", "backoffLimit": 1}
+    assert "team-a" in job_row(job)
+    assert effective_of({"spec": {"runPolicy": {"queueName": "q"}}}) == {"runPolicy": {"queueName": "q"}}
