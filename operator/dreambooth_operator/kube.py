@@ -176,7 +176,9 @@ class Kube:
             if is_status(exc, 403):
                 # RBAC without dreamboothruntimes (rbac.create=false with an older role): jobs still run, on their
                 # own spec; a job that names a runtime still fails loudly through get_runtime.
-                log.warning("cannot list dreamboothruntimes (403): no default runtime applies; grant get/list on them")
+                # The apiserver's own words ("cannot list resource ...") so a log scan for RBAC denials finds it.
+                log.warning("no default DreamBoothRuntime applies; grant get/list on dreamboothruntimes: %s",
+                            getattr(exc, "body", None) or exc)  # fmt: skip
                 return []
             raise
         return list((data or {}).get("items") or [])
