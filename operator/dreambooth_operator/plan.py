@@ -285,7 +285,8 @@ class _Planner:
             # Accepted now: from here on the job runs on this snapshot, whatever happens to its runtime.
             job_status.effective_spec, job_status.effective_spec_hash = job.snapshot, job.spec_hash
             job_status.runtime = runtime or None
-            if status.get_condition(job_status, status.WAITING) is not None:
+            waiting = status.get_condition(job_status, status.WAITING)
+            if waiting is not None and waiting.reason == status.R_RUNTIME_NOT_FOUND:
                 self._cond(status.WAITING, False, status.R_RUNTIME_FOUND,
                            f"DreamBoothRuntime {runtime!r} found." if runtime else "no runtime.")  # fmt: skip
         return job
