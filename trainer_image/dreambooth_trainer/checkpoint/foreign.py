@@ -23,6 +23,7 @@ from enum import Enum
 from dreambooth_api.config import ConfigError
 
 from ..storage import NotFoundError, Store
+from ..storage.s3 import S3Store, abort_upload, incomplete_uploads
 from .layout import _CKPT, MANIFEST
 
 logger = logging.getLogger(__name__)
@@ -106,3 +107,22 @@ def remove_ours(store: Store, name: str) -> None:
         for dirpath, _, _ in sorted(os.walk(root / name), key=lambda w: -len(w[0])):
             with contextlib.suppress(OSError):
                 os.rmdir(dirpath)
+
+
+def abort_stale_uploads(store: Store) -> list[str]:
+    """Abort the multipart uploads a killed publish of ours left under this output (S3 only); the keys aborted.
+
+    Called once the run holds the output (owner.py): no other writer of ours is live, so every upload in progress
+    under `checkpoint-N/` with a name our format writes is a dead publish's. Uploads of any other name, or outside
+    `checkpoint-N/`, are someone else's and left alone."""
+    if not isinstance(store, S3Store):
+        return []
+    aborted = []
+    for key, upload_id in incomplete_uploads(store, ""):
+        folder, _, rel = key.partition("/")
+        if not _CKPT.match(folder) or not _OUR_FILE.match(rel):
+            continue
+        logger.warning("aborting the incomplete upload of %s left by an interrupted checkpoint", store.url(key))
+        abort_upload(store, key, upload_id)
+        aborted.append(key)
+    return aborted
