@@ -22,7 +22,7 @@ from enum import Enum
 
 from dreambooth_api.config import ConfigError
 
-from ..storage import NotFoundError, Store
+from ..storage import AccessDeniedError, NotFoundError, Store
 from ..storage.s3 import S3Store, abort_upload, incomplete_uploads
 from .layout import _CKPT, MANIFEST
 
@@ -117,8 +117,20 @@ def abort_stale_uploads(store: Store) -> list[str]:
     `checkpoint-N/`, are someone else's and left alone."""
     if not isinstance(store, S3Store):
         return []
-    aborted = []
-    for key, upload_id in incomplete_uploads(store, ""):
+    aborted: list[str] = []
+    try:
+        uploads = incomplete_uploads(store, "")
+    except AccessDeniedError as exc:
+        # A policy written before streaming lacks the permission: the lifecycle rule is then the only sweeper.
+        logger.warning(
+            "cannot list incomplete multipart uploads under %s (%s): grant s3:ListBucketMultipartUploads so a "
+            "killed checkpoint's parts are aborted at the next start, and set the bucket's "
+            "AbortIncompleteMultipartUpload lifecycle rule (docs/s3-credentials.md)",
+            store.uri,
+            str(exc)[:200],
+        )
+        return aborted
+    for key, upload_id in uploads:
         folder, _, rel = key.partition("/")
         if not _CKPT.match(folder) or not _OUR_FILE.match(rel):
             continue
