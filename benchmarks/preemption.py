@@ -124,17 +124,26 @@ def plain_transfer(uri: str, mb: int) -> tuple[float, str]:
 
 
 def _plain_dd(folder: Path, mb: int) -> tuple[float, str]:
+    """dd of random bytes (from a tmpfs copy, so the source costs nothing) with one fsync; best of 3: the disk
+    is shared with whatever else runs here."""
     import subprocess
 
     folder.mkdir(parents=True, exist_ok=True)
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else folder
+    source = shm / f"bench-preemption-{os.getpid()}.bin"
+    source.write_bytes(os.urandom(mb << 20))
     target = folder / "dd.bin"
-    count = max(1, mb // 16)
-    t0 = time.monotonic()
-    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={count}", "conv=fsync"],
-                   check=True, capture_output=True)  # fmt: skip
-    seconds = time.monotonic() - t0
-    target.unlink()
-    return seconds, f"dd bs=16M count={count} conv=fsync"
+    best = float("inf")
+    try:
+        for _ in range(3):
+            t0 = time.monotonic()
+            subprocess.run(["dd", f"if={source}", f"of={target}", "bs=16M", "conv=fsync"], check=True,
+                           capture_output=True)  # fmt: skip
+            best = min(best, time.monotonic() - t0)
+            target.unlink()
+    finally:
+        source.unlink()
+    return best, "dd bs=16M conv=fsync of random bytes from tmpfs, best of 3"
 
 
 def _plain_s3(uri: str, mb: int) -> tuple[float, str]:
@@ -154,14 +163,17 @@ def _plain_s3(uri: str, mb: int) -> tuple[float, str]:
     cfg = TransferConfig(multipart_threshold=PLAIN_PART_MB << 20, multipart_chunksize=PLAIN_PART_MB << 20,
                          max_concurrency=PLAIN_CONCURRENCY, preferred_transfer_client="classic")  # fmt: skip
     key = f"{prefix}/plain.bin".lstrip("/")
-    t0 = time.monotonic()
-    client.upload_fileobj(io.BytesIO(body), bucket, key, Config=cfg)
-    seconds = time.monotonic() - t0
-    client.delete_object(Bucket=bucket, Key=key)
-    return seconds, f"boto3 TransferManager from memory, part {PLAIN_PART_MB} MiB, concurrency {PLAIN_CONCURRENCY}"
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.monotonic()
+        client.upload_fileobj(io.BytesIO(body), bucket, key, Config=cfg)
+        best = min(best, time.monotonic() - t0)
+        client.delete_object(Bucket=bucket, Key=key)
+    how = f"boto3 TransferManager from memory, part {PLAIN_PART_MB} MiB, concurrency {PLAIN_CONCURRENCY}, best of 2"
+    return best, how
 
 
-def bench_padded(name: str, make_uri: Callable[[str], str], root: Path, sizes: list[int]) -> None:
+def bench_padded(name: str, make_uri: Callable[[str], str], root: Path, sizes: list[int], repeats: int = 1) -> None:
     from dreambooth_trainer.checkpoint.layout import DEFAULT_WRITERS
     from dreambooth_trainer.storage.s3 import DEFAULT_MAX_CONCURRENCY, DEFAULT_MULTIPART_CHUNKSIZE
 
@@ -169,12 +181,16 @@ def bench_padded(name: str, make_uri: Callable[[str], str], root: Path, sizes: l
           f"{DEFAULT_MULTIPART_CHUNKSIZE >> 20} MiB, {DEFAULT_MAX_CONCURRENCY} in flight", flush=True)  # fmt: skip
     points: list[tuple[int, float]] = []
     for mb in sizes:
-        r = trial(root / f"pad-{name}-{mb}", make_uri(f"pad-{mb}"), pad_mb=mb, warm_steps=2, ckpt=100_000)
+        # Best of `repeats` trials, as the plain transfer is a best-of: both meet the same noisy disk.
+        runs = [trial(root / f"pad-{name}-{mb}-{i}", make_uri(f"pad-{mb}-{i}"), pad_mb=mb, warm_steps=2,
+                      ckpt=100_000) for i in range(repeats)]  # fmt: skip
+        for i in range(repeats):
+            _cleanup(make_uri(f"pad-{mb}-{i}"))
+        r = min(runs, key=lambda x: x["durable"])
         points.append((mb, r["durable"]))
         print(f"padded state {mb} MiB (+ tiny model state), {name}: SIGTERM -> durable {r['durable']:.2f} s "
               f"({mb / max(r['durable'], 1e-9):.0f} MiB/s), launcher exit {r['exit']:.2f} s, steps lost "
-              f"{int(r['lost'])}", flush=True)  # fmt: skip
-        _cleanup(make_uri(f"pad-{mb}"))
+              f"{int(r['lost'])} (best of {repeats})", flush=True)  # fmt: skip
         plain, how = plain_transfer(make_uri(f"plain-{mb}"), mb)
         print(f"plain transfer of {mb} MiB, {name}: {plain:.2f} s ({mb / max(plain, 1e-9):.0f} MiB/s; {how}); "
               f"checkpoint / plain = {r['durable'] / max(plain, 1e-9):.2f}x (target <= 1.25x)", flush=True)  # fmt: skip
@@ -217,6 +233,7 @@ def main() -> int:
     parser.add_argument("--no-local", action="store_true", help="skip the local disk")
     parser.add_argument("--s3-sizes-mb", default=None, help="padded sizes on SeaweedFS (default: --sizes-mb)")
     parser.add_argument("--no-padded", action="store_true", help="only the tiny model")
+    parser.add_argument("--padded-repeats", type=int, default=1, help="trials per padded size (best is shown)")
     args = parser.parse_args()
     sizes = [int(x) for x in args.sizes_mb.split(",") if x]
     os.environ.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
@@ -226,7 +243,7 @@ def main() -> int:
         if not args.no_local:
             bench_tiny("local disk", lambda n: str(root / "out" / n), root, args.repeats)
             if not args.no_padded:
-                bench_padded("local disk", lambda n: str(root / "out" / n), root, sizes)
+                bench_padded("local disk", lambda n: str(root / "out" / n), root, sizes, args.padded_repeats)
         if not args.no_s3:
             server = _start_s3(root)
             if server is not None:
@@ -235,7 +252,9 @@ def main() -> int:
                     bench_tiny("SeaweedFS S3", lambda n: f"s3://{bucket}/{n}", root, args.repeats)
                     if not args.no_padded:
                         s3_sizes = [int(x) for x in (args.s3_sizes_mb or args.sizes_mb).split(",") if x]
-                        bench_padded("SeaweedFS S3", lambda n: f"s3://{bucket}/{n}", root, s3_sizes)
+                        bench_padded(
+                            "SeaweedFS S3", lambda n: f"s3://{bucket}/{n}", root, s3_sizes, args.padded_repeats
+                        )
                 finally:
                     server.close()
     return 0

@@ -90,41 +90,6 @@ def cpu_clone(obj: Any, reuse: dict[str, torch.Tensor] | None = None, key: str =
     return obj
 
 
-class _HashingFile(io.RawIOBase):
-    """A write-only file that hashes what passes through, so the manifest's sha256 costs no second read."""
-
-    def __init__(self, path: Path) -> None:
-        self._f = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:  # type: ignore[override]
-        mv = memoryview(b).cast("B")
-        if mv.nbytes >= _PARALLEL_HASH_BYTES:
-            # Both release the GIL: hashing beside the write makes the emergency save's longest pass free.
-            hasher = threading.Thread(target=self.sha.update, args=(mv,), name="checkpoint-sha256")
-            hasher.start()
-            try:
-                self._f.write(mv)
-            finally:
-                hasher.join()
-        else:
-            self.sha.update(mv)
-            self._f.write(mv)
-        self.size += mv.nbytes
-        return mv.nbytes
-
-    def close(self) -> None:
-        if not self._f.closed:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-        super().close()
-
-
 _PARALLEL_HASH_BYTES = 8 << 20
 _SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",

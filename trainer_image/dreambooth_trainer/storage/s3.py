@@ -568,6 +568,10 @@ class S3Stream:
         size = self.pool.part_size
         pos = 0
         while pos < mv.nbytes:
+            if not self._buf and mv.nbytes - pos >= size:
+                self._send(bytes(mv[pos : pos + size]))  # a whole part from the caller's memory: one copy
+                pos += size
+                continue
             take = min(size - len(self._buf), mv.nbytes - pos)
             self._buf += mv[pos : pos + take]
             pos += take
