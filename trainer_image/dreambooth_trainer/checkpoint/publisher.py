@@ -1,4 +1,5 @@
-"""Writes and publishes checkpoints in the background: files, then the manifest (the commit point), then LATEST."""
+"""Writes and publishes checkpoints in the background: files (streamed from the RAM snapshot), then the manifest (the
+commit point), then LATEST."""
 
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ class Publisher:
         # CPU buffers of the last snapshot, refilled by the next one (cpu_clone): one state's worth of host memory
         # stays allocated between checkpoints, which the peak needed anyway.
         self.staging: dict[str, torch.Tensor] = {}
-        # Streaming: files written at once, and per S3 file up to `part_concurrency` parts of `part_size` on the
-        # wire; host RAM beyond the snapshot itself is at most (part_concurrency + writers) * part_size.
+        # Streaming: `writers` files serialised at once; for S3 up to `part_concurrency` parts of `part_size` on the
+        # wire over all files. Host RAM beyond the snapshot is at most (part_concurrency + 2 * writers) * part_size
+        # (each writer's part being filled and the one it is handing over), plus files under one part until commit.
         self.writers = DEFAULT_WRITERS
         self.part_size = DEFAULT_MULTIPART_CHUNKSIZE
         self.part_concurrency = DEFAULT_MAX_CONCURRENCY
