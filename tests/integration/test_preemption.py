@@ -291,9 +291,9 @@ def test_streamed_safetensors_load_back_and_hash_what_was_written(tmp_path: Path
         "big": torch.randint(0, 256, (9 << 20,), dtype=torch.uint8),  # above the parallel-hash threshold
     }
     path = tmp_path / "t.safetensors"
-    f = ckpt._HashingFile(path)
+    f = ckpt._HashingSink(ckpt.LocalSink(path))
     ckpt.write_safetensors(tensors, f)
-    f.close()
+    f.sink.finish()
     back = load_file(path)
     assert back.keys() == tensors.keys()
     for name, t in tensors.items():

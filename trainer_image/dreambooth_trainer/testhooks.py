@@ -7,6 +7,9 @@ does nothing when it is unset; they let tests and benchmarks put real runs into 
     DREAMBOOTH_TEST_SAVE_DELAY_SECONDS=S       every publish sleeps S s between its files and its manifest
     DREAMBOOTH_TEST_SAVE_DELAY_KIND=K          ... only publishes of kind K: "emergency" (on SIGTERM) or "periodic"
     DREAMBOOTH_TEST_CRASH_IN_EMERGENCY_SAVE=1  the emergency save SIGKILLs its own process before the manifest
+    DREAMBOOTH_TEST_KILL_IN_EMERGENCY_SAVE=P   ... at point P of its streamed write: "mid-parts" (S3: after the
+                                               second part), "before-complete" (every byte sent, nothing
+                                               committed) or "before-manifest" (= CRASH_IN_EMERGENCY_SAVE=1)
     DREAMBOOTH_TEST_PAD_STATE_MB=N             every snapshot carries N MiB more (random bytes): a bigger state
     DREAMBOOTH_TEST_FINAL_UPLOAD_DELAY_SECONDS=S  the final model's upload waits S s (so a test can stop S3 there)
 
@@ -41,6 +44,7 @@ class TestHooks:
     save_delay: float = 0.0
     save_delay_kind: str = ""
     crash_in_emergency_save: bool = False
+    kill_in_save: str = ""
     pad_state_mb: float = 0.0
     final_upload_delay: float = 0.0
 
@@ -52,7 +56,9 @@ class TestHooks:
             oom_rank=os.environ.get("DREAMBOOTH_TEST_RAISE_OOM_ON_RANK", ""),
             save_delay=_float("DREAMBOOTH_TEST_SAVE_DELAY_SECONDS"),
             save_delay_kind=os.environ.get("DREAMBOOTH_TEST_SAVE_DELAY_KIND", ""),
-            crash_in_emergency_save=os.environ.get("DREAMBOOTH_TEST_CRASH_IN_EMERGENCY_SAVE") == "1",
+            crash_in_emergency_save=os.environ.get("DREAMBOOTH_TEST_CRASH_IN_EMERGENCY_SAVE") == "1"
+            or os.environ.get("DREAMBOOTH_TEST_KILL_IN_EMERGENCY_SAVE") == "before-manifest",
+            kill_in_save=os.environ.get("DREAMBOOTH_TEST_KILL_IN_EMERGENCY_SAVE", ""),
             pad_state_mb=_float("DREAMBOOTH_TEST_PAD_STATE_MB"),
             final_upload_delay=_float("DREAMBOOTH_TEST_FINAL_UPLOAD_DELAY_SECONDS"),
         )
@@ -71,9 +77,12 @@ class TestHooks:
             logger.warning("test hook: %s checkpoint waits %.1fs before its manifest", kind, self.save_delay)
             time.sleep(self.save_delay)
         if emergency and self.crash_in_emergency_save:
-            logger.warning("test hook: the process dies in the middle of the emergency checkpoint")
-            logging.shutdown()
-            os.kill(os.getpid(), signal.SIGKILL)
+            self.kill_now()
+
+    def kill_now(self) -> None:
+        logger.warning("test hook: the process dies in the middle of the emergency checkpoint")
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def before_final_upload(self) -> None:
         if self.final_upload_delay > 0:

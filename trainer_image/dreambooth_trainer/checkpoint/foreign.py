@@ -22,7 +22,8 @@ from enum import Enum
 
 from dreambooth_api.config import ConfigError
 
-from ..storage import NotFoundError, Store
+from ..storage import AccessDeniedError, NotFoundError, Store
+from ..storage.s3 import S3Store, abort_upload, incomplete_uploads
 from .layout import _CKPT, MANIFEST
 
 logger = logging.getLogger(__name__)
@@ -106,3 +107,34 @@ def remove_ours(store: Store, name: str) -> None:
         for dirpath, _, _ in sorted(os.walk(root / name), key=lambda w: -len(w[0])):
             with contextlib.suppress(OSError):
                 os.rmdir(dirpath)
+
+
+def abort_stale_uploads(store: Store) -> list[str]:
+    """Abort the multipart uploads a killed publish of ours left under this output (S3 only); the keys aborted.
+
+    Called once the run holds the output (owner.py): no other writer of ours is live, so every upload in progress
+    under `checkpoint-N/` with a name our format writes is a dead publish's. Uploads of any other name, or outside
+    `checkpoint-N/`, are someone else's and left alone."""
+    if not isinstance(store, S3Store):
+        return []
+    aborted: list[str] = []
+    try:
+        uploads = incomplete_uploads(store, "")
+    except AccessDeniedError as exc:
+        # A policy written before streaming lacks the permission: the lifecycle rule is then the only sweeper.
+        logger.warning(
+            "cannot list incomplete multipart uploads under %s (%s): grant s3:ListBucketMultipartUploads so a "
+            "killed checkpoint's parts are aborted at the next start, and set the bucket's "
+            "AbortIncompleteMultipartUpload lifecycle rule (docs/s3-credentials.md)",
+            store.uri,
+            str(exc)[:200],
+        )
+        return aborted
+    for key, upload_id in uploads:
+        folder, _, rel = key.partition("/")
+        if not _CKPT.match(folder) or not _OUR_FILE.match(rel):
+            continue
+        logger.warning("aborting the incomplete upload of %s left by an interrupted checkpoint", store.url(key))
+        abort_upload(store, key, upload_id)
+        aborted.append(key)
+    return aborted

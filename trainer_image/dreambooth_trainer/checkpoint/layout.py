@@ -8,6 +8,7 @@ The reader takes every format (train.Trainer._restore).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -16,9 +17,10 @@ import re
 import struct
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import save as st_save
@@ -88,41 +90,6 @@ def cpu_clone(obj: Any, reuse: dict[str, torch.Tensor] | None = None, key: str =
     return obj
 
 
-class _HashingFile(io.RawIOBase):
-    """A write-only file that hashes what passes through, so the manifest's sha256 costs no second read."""
-
-    def __init__(self, path: Path) -> None:
-        self._f = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:  # type: ignore[override]
-        mv = memoryview(b).cast("B")
-        if mv.nbytes >= _PARALLEL_HASH_BYTES:
-            # Both release the GIL: hashing beside the write makes the emergency save's longest pass free.
-            hasher = threading.Thread(target=self.sha.update, args=(mv,), name="checkpoint-sha256")
-            hasher.start()
-            try:
-                self._f.write(mv)
-            finally:
-                hasher.join()
-        else:
-            self.sha.update(mv)
-            self._f.write(mv)
-        self.size += mv.nbytes
-        return mv.nbytes
-
-    def close(self) -> None:
-        if not self._f.closed:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-        super().close()
-
-
 _PARALLEL_HASH_BYTES = 8 << 20
 _SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
@@ -157,29 +124,145 @@ def write_safetensors(tensors: dict[str, torch.Tensor], f: io.RawIOBase) -> None
             f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
-def write_snapshot(snap: Snapshot, folder: Path) -> dict[str, dict[str, Any]]:
-    """Serialise a snapshot into `folder`; return the manifest's file table."""
-    folder.mkdir(parents=True, exist_ok=True)
-    table: dict[str, dict[str, Any]] = {}
+class Sink(Protocol):
+    """Where one checkpoint file's bytes go: a local file, or an S3 multipart upload (storage.s3.S3Stream).
 
-    def emit(name: str, write: Callable[[io.RawIOBase], None]) -> None:
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        f = _HashingFile(folder / name)
-        try:
-            write(f)
-        finally:
-            f.close()
-        table[name] = {"size": f.size, "sha256": f.sha.hexdigest()}
+    `finish` = every byte is with the destination but the file need not be visible yet; `commit` makes it
+    visible (S3: CompleteMultipartUpload; local: nothing, the file is in place and fsync'd); `abort` drops it."""
 
-    jobs: list[tuple[str, Callable[[io.RawIOBase], None]]] = []
+    def write(self, data: Any) -> int: ...
+    def finish(self) -> None: ...
+    def commit(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class LocalSink:
+    """A file written in place and fsync'd once, when it is finished."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "wb")  # noqa: SIM115 - closed in finish/abort
+
+    def write(self, data: Any) -> int:
+        return self._f.write(data)
+
+    def finish(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def commit(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        # A partial file stays: without a manifest it is not a checkpoint, and the next publish overwrites it.
+        self._f.close()
+
+
+class _HashingSink(io.RawIOBase):
+    """Hashes what passes through on its way to a sink: the manifest's sha256 costs no second read."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # type: ignore[override]
+        mv = memoryview(b).cast("B")
+        if mv.nbytes >= _PARALLEL_HASH_BYTES:
+            # sha256 releases the GIL: hashing beside the write (or the part copy) makes it free.
+            hasher = threading.Thread(target=self.sha.update, args=(mv,), name="checkpoint-sha256")
+            hasher.start()
+            try:
+                self.sink.write(mv)
+            finally:
+                hasher.join()
+        else:
+            self.sha.update(mv)
+            self.sink.write(mv)
+        self.size += mv.nbytes
+        return mv.nbytes
+
+
+DEFAULT_WRITERS = 4
+
+
+def stream_snapshot(
+    snap: Snapshot,
+    open_sink: Callable[[str], Sink],
+    *,
+    writers: int = DEFAULT_WRITERS,
+    before_commit: Callable[[], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Serialise a snapshot's files in parallel, each straight into its sink; return the manifest's file table.
+
+    The files are opened `training/` first and committed `training/` first: whatever part of an interrupted
+    publish is visible is then recognisable as ours (foreign.py). Any failure aborts every sink not yet
+    committed (S3: no multipart upload is left behind by a failure this process survives)."""
+    jobs: list[tuple[str, Callable[[io.RawIOBase], Any]]] = []
     jobs += [(name, lambda f, t=tensors: write_safetensors(t, f)) for name, tensors in snap.tensors.items()]
     jobs += [(name, lambda f, o=obj: torch.save(o, f)) for name, obj in snap.objects.items()]
     jobs += [(name, lambda f, s=text: f.write(s.encode())) for name, text in snap.texts.items()]
-    # training/ first: an interrupted publish is then recognisable as ours (foreign.py), whatever else it holds.
-    for name, write in sorted(jobs, key=lambda job: not job[0].startswith("training/")):
-        emit(name, write)
-    emit("trainer_state.json", lambda f: f.write(json.dumps(asdict(snap.state), indent=1).encode()))
-    return table
+    state = json.dumps(asdict(snap.state), indent=1).encode()
+    jobs.append(("trainer_state.json", lambda f: f.write(state)))
+    jobs.sort(key=lambda job: not job[0].startswith("training/"))
+    sinks: dict[str, _HashingSink] = {}
+    committed: set[str] = set()
+    try:
+        for name, _ in jobs:
+            sinks[name] = _HashingSink(open_sink(name))
+
+        def produce(name: str, write: Callable[[io.RawIOBase], Any]) -> None:
+            write(sinks[name])
+            sinks[name].sink.finish()
+
+        # Largest first, so the longest file starts at once and the small ones fill in beside it.
+        order = sorted(jobs, key=lambda job: -_approx_size(snap, job[0]))
+        with ThreadPoolExecutor(max_workers=max(1, writers), thread_name_prefix="checkpoint-writer") as pool:
+            futures = [pool.submit(produce, name, write) for name, write in order]
+            errors = [fut.exception() for fut in futures]
+        failed = next((e for e in errors if e is not None), None)
+        if failed is not None:
+            raise failed
+        if before_commit is not None:
+            before_commit()
+        for name, _ in jobs:
+            sinks[name].sink.commit()
+            committed.add(name)
+    except BaseException:
+        for name, hs in sinks.items():
+            if name not in committed:
+                with contextlib.suppress(Exception):
+                    hs.sink.abort()
+        raise
+    return {name: {"size": hs.size, "sha256": hs.sha.hexdigest()} for name, hs in sinks.items()}
+
+
+def _approx_size(snap: Snapshot, name: str) -> int:
+    if name in snap.tensors:
+        return sum(t.numel() * t.element_size() for t in snap.tensors[name].values())
+    if name in snap.objects:
+        return sum(t.numel() * t.element_size() for t in _tensors_in(snap.objects[name]))
+    return 0
+
+
+def _tensors_in(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors_in(v)]
+    if isinstance(obj, list | tuple):
+        return [t for v in obj for t in _tensors_in(v)]
+    return []
+
+
+def write_snapshot(snap: Snapshot, folder: Path, *, writers: int = DEFAULT_WRITERS) -> dict[str, dict[str, Any]]:
+    """Serialise a snapshot into a local `folder` (parallel writers, one fsync per file); the file table."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return stream_snapshot(snap, lambda rel: LocalSink(folder / rel), writers=writers)
 
 
 def checkpoint_steps(store: Store) -> list[int]:

@@ -29,6 +29,7 @@ from pathlib import Path
 from dreambooth_api.config import ConfigError
 
 from ..storage import NotFoundError, StorageError, Store
+from .foreign import abort_stale_uploads
 from .layout import OWNER
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ def claim_output(store: Store, job_uid: str, *, unsafe_shared: bool = False) -> 
     claim = _claim_local(store, root, job_uid) if root is not None else _claim_s3(store, job_uid, unsafe_shared)
     try:
         _check_job_owner(store, job_uid, local=root is not None)
+        # Held now: a multipart upload of ours still open under the prefix is a killed publish's (parts billed
+        # until aborted). The bucket's lifecycle rule is the backstop for outputs never resumed (docs/storage.md).
+        abort_stale_uploads(store)
     except BaseException:
         claim.release()
         raise

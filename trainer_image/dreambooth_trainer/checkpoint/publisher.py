@@ -1,4 +1,5 @@
-"""Writes and publishes checkpoints in the background: files, then the manifest (the commit point), then LATEST."""
+"""Writes and publishes checkpoints in the background: files (streamed from the RAM snapshot), then the manifest (the
+commit point), then LATEST."""
 
 from __future__ import annotations
 
@@ -14,9 +15,21 @@ from typing import Any
 import torch
 
 from ..storage import Store
+from ..storage.s3 import DEFAULT_MAX_CONCURRENCY, DEFAULT_MULTIPART_CHUNKSIZE, PartPool, S3Store, S3Stream
 from ..testhooks import hooks
 from .foreign import Kind, classify, foreign_refusal, remove_ours
-from .layout import FORMAT, LATEST, MANIFEST, Snapshot, checkpoint_steps, read_latest, write_snapshot
+from .layout import (
+    DEFAULT_WRITERS,
+    FORMAT,
+    LATEST,
+    MANIFEST,
+    LocalSink,
+    Snapshot,
+    checkpoint_steps,
+    read_latest,
+    stream_snapshot,
+    write_snapshot,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +49,14 @@ class Publisher:
         # CPU buffers of the last snapshot, refilled by the next one (cpu_clone): one state's worth of host memory
         # stays allocated between checkpoints, which the peak needed anyway.
         self.staging: dict[str, torch.Tensor] = {}
+        # Streaming: `writers` files serialised at once; for S3 up to `part_concurrency` parts of `part_size` on the
+        # wire over all files. Host RAM beyond the snapshot is at most (part_concurrency + 2 * writers) * part_size
+        # (each writer's part being filled and the one it is handing over), plus files under one part until commit.
+        self.writers = DEFAULT_WRITERS
+        self.part_size = DEFAULT_MULTIPART_CHUNKSIZE
+        self.part_concurrency = DEFAULT_MAX_CONCURRENCY
         self.hooks = hooks()
         self.hooks.state_padding()  # made now, so no checkpoint's timing pays for it
-
-    def _staging(self, name: str) -> Path:
-        root = self.store.local_root()
-        # A local output folder is its own staging area: the files land in place and only the manifest commits.
-        return (root / name) if root is not None else (self.scratch / name)
 
     def wait(self) -> None:
         """Block until the checkpoint in flight is published; re-raise its failure."""
@@ -76,13 +90,7 @@ class Publisher:
         if classify(self.store, name) is Kind.FOREIGN:
             raise foreign_refusal(self.store, snap.state.global_step, "this run must write a checkpoint of that name")
         remove_ours(self.store, name)
-        staging = self._staging(name)
-        if self.store.local_root() is None and staging.exists():
-            shutil.rmtree(staging)  # the run's own scratch
-        files = write_snapshot(snap, staging)
-        if self.store.local_root() is None:
-            for rel in files:
-                self.store.upload_file(staging / rel, f"{name}/{rel}")
+        files = self._write_files(snap, name, emergency)
         self.hooks.before_manifest(emergency)
         manifest = {
             "format": FORMAT,
@@ -103,14 +111,47 @@ class Publisher:
             or not self.store.exists(f"checkpoint-{latest}/{MANIFEST}")
         ):
             self.store.write_bytes(LATEST, f"{name}\n".encode())
-        if self.store.local_root() is None:
-            shutil.rmtree(staging, ignore_errors=True)
         self.last_cost_seconds = time.monotonic() - t0
         self.last_published = {"step": snap.state.global_step, "uri": self.store.url(name), "time": manifest["time"]}
         logger.info("checkpoint %s published to %s in %.2fs", name, self.store.url(name), self.last_cost_seconds)
         self._apply_total_limit(snap.state.global_step)
         if self.on_published:
             self.on_published(self.last_published)
+
+    def _write_files(self, snap: Snapshot, name: str, emergency: bool) -> dict[str, dict[str, Any]]:
+        """Every file of the snapshot, straight from its RAM copy to the destination (no local round trip for
+        S3): parallel writers, each file's parts in parallel; the manifest's file table."""
+        root = self.store.local_root()
+        kill_at = self.hooks.kill_in_save if emergency else ""
+        if root is not None:
+            before = self.hooks.kill_now if kill_at == "before-complete" else None
+            return stream_snapshot(snap, lambda rel: LocalSink(root / name / rel), writers=self.writers,
+                                   before_commit=before)  # fmt: skip
+        if isinstance(self.store, S3Store):
+            pool = PartPool(self.part_size, self.part_concurrency)
+            if kill_at == "mid-parts":
+                pool.on_part = lambda n: self.hooks.kill_now() if n >= 2 else None
+            store = self.store
+            try:
+                return stream_snapshot(
+                    snap,
+                    lambda rel: S3Stream(store, f"{name}/{rel}", pool),
+                    writers=self.writers,
+                    before_commit=self.hooks.kill_now if kill_at == "before-complete" else None,
+                )
+            finally:
+                pool.close()
+        # Any other store: write to the run's scratch, then upload.
+        staging = self.scratch / name
+        if staging.exists():
+            shutil.rmtree(staging)
+        files = write_snapshot(snap, staging, writers=self.writers)
+        try:
+            for rel in files:
+                self.store.upload_file(staging / rel, f"{name}/{rel}")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return files
 
     def _apply_total_limit(self, newest: int) -> None:
         if self.total_limit is None:  # 0 keeps only the newest, as in the scripts

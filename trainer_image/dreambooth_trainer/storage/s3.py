@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import os
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -506,3 +508,177 @@ class S3Store(Store):
         full = self._full(probe)
         self._retry(lambda: self.client.put_object(Bucket=self.bucket, Key=full, Body=b"ok"), self.url(probe), deadline)
         self._retry(lambda: self.client.delete_object(Bucket=self.bucket, Key=full), self.url(probe), deadline)
+
+
+# -- streaming uploads (checkpoints straight from the RAM snapshot) ---------------------------------------------
+
+
+class PartPool:
+    """Threads that upload parts, and the cap on parts held in memory, shared by every stream of one publish.
+
+    Host RAM held by streaming is at most `(max_inflight + streams) * part_size`: each stream fills one part
+    buffer while up to `max_inflight` filled ones are on the wire; a stream whose next part would exceed that
+    waits (backpressure), so a slow server slows the producer instead of growing memory."""
+
+    def __init__(self, part_size: int = DEFAULT_MULTIPART_CHUNKSIZE, concurrency: int = DEFAULT_MAX_CONCURRENCY):
+        from concurrent.futures import ThreadPoolExecutor
+
+        if part_size < 5 * MiB:
+            raise StorageError(f"S3 multipart parts must be at least 5 MiB, not {part_size} bytes")
+        self.part_size = part_size
+        self.concurrency = concurrency
+        self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s3-part")
+        self.slots = threading.BoundedSemaphore(concurrency)
+        self.parts_done = 0  # test hooks count them
+        self.on_part: Callable[[int], None] | None = None
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def _part_finished(self) -> None:
+        with self._lock:
+            self.parts_done += 1
+            n = self.parts_done
+        if self.on_part is not None:
+            self.on_part(n)
+
+
+class S3Stream:
+    """One object written as a stream: parts go up in parallel while the producer fills the next one; nothing
+    is visible under `key` until `commit` (CompleteMultipartUpload, or one PUT for an object under one part).
+
+    `abort` (or a failure in `finish`/`commit`) aborts the multipart upload so no parts are left billed; a
+    process killed mid-stream leaves it to `abort_stale_uploads` at the next start and the bucket's
+    AbortIncompleteMultipartUpload lifecycle rule (docs/storage.md)."""
+
+    def __init__(self, store: S3Store, key: str, pool: PartPool) -> None:
+        self.store = store
+        self.key = key
+        self.full = store._full(key)
+        self.pool = pool
+        self.upload_id: str | None = None
+        self._buf = bytearray()
+        self._parts: dict[int, str] = {}
+        self._futures: list[Any] = []
+        self._small: bytes | None = None
+
+    def write(self, data: Any) -> int:
+        mv = memoryview(data).cast("B")
+        size = self.pool.part_size
+        pos = 0
+        while pos < mv.nbytes:
+            if not self._buf and mv.nbytes - pos >= size:
+                self._send(bytes(mv[pos : pos + size]))  # a whole part from the caller's memory: one copy
+                pos += size
+                continue
+            take = min(size - len(self._buf), mv.nbytes - pos)
+            self._buf += mv[pos : pos + take]
+            pos += take
+            if len(self._buf) == size:
+                self._send(bytes(self._buf))
+                self._buf = bytearray()
+        return mv.nbytes
+
+    def _send(self, body: bytes) -> None:
+        if self.upload_id is None:
+            resp = self.store._retry(
+                lambda: self.store.client.create_multipart_upload(Bucket=self.store.bucket, Key=self.full),
+                self.store.url(self.key),
+            )
+            self.upload_id = resp["UploadId"]
+        number = len(self._futures) + 1
+        self._raise_failed()
+        self.pool.slots.acquire()  # backpressure: at most `concurrency` parts in memory on the wire
+        try:
+            self._futures.append(self.pool.executor.submit(self._upload_part, number, body))
+        except BaseException:
+            self.pool.slots.release()
+            raise
+
+    def _upload_part(self, number: int, body: bytes) -> None:
+        try:
+            resp = self.store._retry(
+                lambda: self.store.client.upload_part(
+                    Bucket=self.store.bucket, Key=self.full, UploadId=self.upload_id, PartNumber=number, Body=body
+                ),
+                f"{self.store.url(self.key)} (part {number})",
+            )
+            self._parts[number] = resp["ETag"]
+        finally:
+            self.pool.slots.release()
+        self.pool._part_finished()
+
+    def _raise_failed(self) -> None:
+        for fut in self._futures:
+            if fut.done() and fut.exception() is not None:
+                raise fut.exception()  # type: ignore[misc]
+
+    def finish(self) -> None:
+        """Every byte written is on the server (parts uploaded, or held for one PUT); not yet visible."""
+        if self.upload_id is None:
+            self._small, self._buf = bytes(self._buf), bytearray()
+            return
+        if self._buf:
+            self._send(bytes(self._buf))
+            self._buf = bytearray()
+        for fut in self._futures:
+            fut.result()
+
+    def commit(self) -> None:
+        if self._small is not None:
+            self.store.write_bytes(self.key, self._small)
+            return
+        parts = [{"PartNumber": n, "ETag": self._parts[n]} for n in sorted(self._parts)]
+        self.store._retry(
+            lambda: self.store.client.complete_multipart_upload(
+                Bucket=self.store.bucket, Key=self.full, UploadId=self.upload_id, MultipartUpload={"Parts": parts}
+            ),
+            self.store.url(self.key),
+        )
+        self.upload_id = None
+
+    def abort(self) -> None:
+        for fut in self._futures:
+            fut.cancel()
+        if self.upload_id is None:
+            return
+        upload_id, self.upload_id = self.upload_id, None
+        for fut in self._futures:
+            with contextlib.suppress(BaseException):
+                fut.result()
+        try:
+            self.store.client.abort_multipart_upload(Bucket=self.store.bucket, Key=self.full, UploadId=upload_id)
+        except Exception as exc:  # noqa: BLE001 - the next start's sweep and the lifecycle rule catch it
+            log.warning("could not abort the multipart upload of %s: %s", self.store.url(self.key), exc)
+
+
+def incomplete_uploads(store: S3Store, prefix: str) -> list[tuple[str, str]]:
+    """(key relative to the store, upload id) of every multipart upload in progress under `prefix`."""
+    full_prefix = store._full_prefix(prefix) if prefix else (store.prefix + "/" if store.prefix else "")
+    root = store.prefix + "/" if store.prefix else ""
+
+    def run() -> list[tuple[str, str]]:
+        out = []
+        paginator = store.client.get_paginator("list_multipart_uploads")
+        for page in paginator.paginate(Bucket=store.bucket, Prefix=full_prefix):
+            for up in page.get("Uploads", []) or []:
+                out.append((up["Key"][len(root) :], up["UploadId"]))
+        return out
+
+    return store._retry(run, store.url(prefix))
+
+
+def abort_upload(store: S3Store, key: str, upload_id: str) -> None:
+    full = store._full(key)
+
+    def run() -> None:
+        try:
+            store.client.abort_multipart_upload(Bucket=store.bucket, Key=full, UploadId=upload_id)
+        except Exception as exc:
+            err = _client_error(exc)
+            if err is not None and _error_code(err)[0] == "NoSuchUpload":
+                return  # gone already (completed or aborted by someone else)
+            raise
+
+    store._retry(run, store.url(key))
