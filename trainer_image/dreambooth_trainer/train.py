@@ -270,8 +270,10 @@ class Trainer:
         # In fp32 only the device changes: diffusers warns on every to(dtype=...) of a model, even a no-op one.
         vae_dtype = torch.float32 if self.family.upcast_vae and "vae" not in self.extra_dirs else wdtype
         m.vae.to(acc.device, **({"dtype": vae_dtype} if vae_dtype != torch.float32 else {}))
-        if not cfg.train_text_encoder:
-            for encoder in self.family.text_encoders(m).values():
+        # Frozen encoders go to the device in the weight dtype (Flux's T5 is frozen even with train_text_encoder).
+        trained_ids = {id(mod) for mod in self.trained}
+        for encoder in self.family.text_encoders(m).values():
+            if id(encoder) not in trained_ids:
                 encoder.to(acc.device, dtype=wdtype)
         if isinstance(cfg, LoraConfig) and wdtype != torch.float32:
             from diffusers.training_utils import cast_training_params
@@ -439,6 +441,8 @@ class Trainer:
             m.text_encoder = None  # type: ignore[assignment]
         # Kept apart from the VAE: with cached latents this factor is all the loop needs of it.
         self.latent_scale: float = m.vae.config.scaling_factor
+        # Flux's VAE shifts its latents before scaling them (shift_factor); SD's and SDXL's have none.
+        self.latent_shift: float = getattr(m.vae.config, "shift_factor", None) or 0.0
         if cfg.cache_latents and not cfg.validation_prompt:
             # Every latent is cached and nothing decodes (no validation; the final save loads the VAE from the
             # model folder): free the VAE, as diffusers' train_dreambooth_lora_sdxl.py does with --cache_latents
@@ -620,7 +624,9 @@ class Trainer:
             pixel_values = batch["pixel_values"].to(acc.device, dtype=m.vae.dtype if self.family.upcast_vae else wdtype)
             with torch.no_grad():
                 latents = m.vae.encode(pixel_values).latent_dist.sample(generator=gen)
-        latents = latents * self.latent_scale
+        latents = (
+            (latents - self.latent_shift) * self.latent_scale if self.latent_shift else latents * self.latent_scale
+        )
         if self.family.upcast_vae:
             latents = latents.to(wdtype)
         family = self.family
