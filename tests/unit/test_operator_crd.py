@@ -115,7 +115,9 @@ def test_defaults_only_where_all_scripts_agree() -> None:
     assert "default" not in props["learningRate"] and "5e-06" in props["learningRate"]["description"]
     assert "1024 (lora-sdxl)" in props["resolution"]["description"]
     assert "default" not in props["outputDir"]
-    assert "default" not in props["rank"] and props["rank"]["description"].startswith("(lora, lora-sdxl, lora-flux only)")
+    assert "default" not in props["rank"] and props["rank"]["description"].startswith(
+        "(lora, lora-sdxl, lora-flux only)"
+    )
     assert props["useDora"]["description"].startswith("(lora-sdxl only)")
     assert props["validationSteps"]["description"].startswith("(full only)")
 
