@@ -2,8 +2,8 @@
 
 Lean on purpose (each run is a few seconds at resolution 32 and a 16-token T5 prompt): one run covers the outputs
 users load (LoRA of the transformer and CLIP through FluxPipeline, prior preservation, validation, model card),
-one the learning, one resume exactness at world size 1 (world size 2: extended tier), one SIGTERM -> exit 75 ->
-resume through the launcher, one S3 end to end, and the bad-input cases.
+one the learning, one SIGTERM mid-epoch -> exit 75 -> bit-exact resume at world size 1 through the launcher (world
+size 2 resume: extended tier), one S3 end to end, and the bad-input cases.
 """
 
 from __future__ import annotations
@@ -165,18 +165,6 @@ def _copy_checkpoint(src: Path, dst: Path, step: int) -> None:
     (dst / "LATEST").write_text(f"checkpoint-{step}\n")
 
 
-def test_resume_mid_epoch_is_bit_exact(tiny_flux, tmp_path):
-    # 5 images x repeats 2, batch 2: 5 batches an epoch, so step 3 is mid-epoch; flips, CLIP's LoRA and a
-    # timestep density drawn from the step generator included.
-    extra = ["--train_text_encoder", "--random_flip", "--repeats", "2", "--weighting_scheme", "logit_normal"]
-    ref, resumed = tmp_path / "ref", tmp_path / "resumed"
-    run_dreambooth(["train-lora-flux", *flux_args(tiny_flux, ref, steps=6, ckpt=3, extra=extra)])
-    _copy_checkpoint(ref, resumed, 3)
-    proc = run_dreambooth(["train-lora-flux", *flux_args(tiny_flux, resumed, steps=6, ckpt=3, extra=extra)])
-    assert f"resumed from {resumed.as_uri()}/checkpoint-3" in proc.stderr
-    assert_identical(load_file(ref / LORA), load_file(resumed / LORA))
-
-
 # Extended tier (world size 2 exactness of the shared loop: test_trainer's stays in the default run).
 @pytest.mark.extended
 @pytest.mark.slow
@@ -198,8 +186,10 @@ def test_world_size_2_resume_is_bit_exact(tiny_flux, tmp_path):
     assert_identical(load_file(ref / LORA), load_file(resumed / LORA))
 
 
-def test_sigterm_exits_75_with_a_checkpoint_and_the_resume_is_bit_exact(tmp_path):
-    """The launcher (as in a pod) on tiny://flux: SIGTERM mid-epoch -> emergency checkpoint, exit 75 -> resume."""
+def test_sigterm_mid_epoch_exits_75_and_the_resume_is_bit_exact(tmp_path):
+    """The launcher (as in a pod) on tiny://flux: SIGTERM mid-epoch -> emergency checkpoint, exit 75 -> the same
+    command resumes and ends with the uninterrupted run's weights, bit for bit. CLIP's LoRA, flips, repeats and a
+    timestep density drawn from the step generator are in the state that must come back."""
     from tests.preemption_utils import LaunchedRun
 
     def training(out: Path) -> dict:
@@ -207,17 +197,20 @@ def test_sigterm_exits_75_with_a_checkpoint_and_the_resume_is_bit_exact(tmp_path
             "pretrainedModelNameOrPath": "tiny://flux", "instanceDataDir": str(DOG), "instancePrompt": PROMPT,
             "outputDir": str(out), "resolution": 32, "trainBatchSize": 1, "maxTrainSteps": 6,
             "checkpointingSteps": 100, "maxSequenceLength": int(T5_TOKENS), "lrWarmupSteps": 0, "seed": 7,
-            "reportTo": "none",
+            "reportTo": "none", "trainTextEncoder": True, "randomFlip": True, "repeats": 2,
+            "weightingScheme": "logit_normal",
         }  # fmt: skip
 
     ref, out = tmp_path / "ref", tmp_path / "out"
-    assert LaunchedRun(tmp_path, "lora-flux", training(ref), name="ref").run() == 0
+    baseline = LaunchedRun(tmp_path, "lora-flux", training(ref), name="ref")
+    assert baseline.run() == 0, baseline.log()
     run = LaunchedRun(tmp_path, "lora-flux", training(out), DREAMBOOTH_TEST_STEP_DELAY_SECONDS="0.3").start()
     run.wait_until("step 1", lambda s: s["step"] >= 1)
     run.signal()
     assert run.wait() == 75, run.log()
     term = run.termination()
     stop = term["step"]
+    # 5 images x repeats 2 at batch 1: 10 steps an epoch, so any stop before step 6 is mid-epoch.
     assert term["reason"] == "Preempted" and 1 <= stop < 6, term
     assert (out / f"checkpoint-{stop}" / "manifest.json").is_file()
     again = LaunchedRun(tmp_path, "lora-flux", training(out), name="resume")
@@ -241,39 +234,43 @@ def test_model_and_data_and_output_on_s3(tiny_flux, bucket, tmp_path):
     assert not np.array_equal(generate(tiny_flux, local), generate(tiny_flux))
 
 
-def schnell_shape(tiny_flux: Path, out: Path) -> Path:
-    """The tiny Flux without a guidance embedding (FLUX.1-schnell's transformer)."""
-    from dreambooth_trainer.tiny import make_tiny_flux_model
-
-    return make_tiny_flux_model(out, guidance_embeds=False)
-
-
-def test_bad_input_is_exit_64_naming_the_flag_and_guidance_warns_only_when_set(tiny_flux, tmp_path):
+def test_bad_input_is_exit_64_naming_the_flag(tiny_flux, tmp_path):
     from dreambooth_trainer.tiny import ensure_tiny_model
 
     sd = ensure_tiny_model()
     bad = run_dreambooth(["train-lora-flux", *flux_args(sd, tmp_path / "a")], check=False)
     assert bad.returncode == 64 and "--pretrained_model_name_or_path" in bad.stderr, bad.stderr[-2000:]
     assert "Stable Diffusion pipeline (unet/)" in bad.stderr and "lora-flux" in bad.stderr
-    # A Flux folder given to the SD and SDXL commands names the method that trains it.
-    for cmd in ("train-lora", "train-lora-sdxl"):
-        args = flux_args(tiny_flux, tmp_path / cmd)
-        args = args[: args.index("--max_sequence_length")] + args[args.index("--lr_warmup_steps") :]
-        wrong = run_dreambooth([cmd, *args], check=False)
-        assert wrong.returncode == 64 and "holds a Flux pipeline" in wrong.stderr, (cmd, wrong.stderr[-2000:])
-        assert "spec.method: lora-flux" in wrong.stderr
+    # A Flux folder given to the SD command names the method that trains it.
     args = flux_args(tiny_flux, tmp_path / "b")
+    args = args[: args.index("--max_sequence_length")] + args[args.index("--lr_warmup_steps") :]
+    wrong = run_dreambooth(["train-lora", *args], check=False)
+    assert wrong.returncode == 64 and "holds a Flux pipeline" in wrong.stderr, wrong.stderr[-2000:]
+    assert "spec.method: lora-flux" in wrong.stderr
+    args = flux_args(tiny_flux, tmp_path / "c")
     args[args.index("--max_sequence_length") + 1] = "1024"
     long = run_dreambooth(["train-lora-flux", *args], check=False)
     assert long.returncode == 64, long.stderr[-2000:]
     assert "--max_sequence_length (spec.training.maxSequenceLength): 1024 is more than" in long.stderr
-    assert not (tmp_path / "b" / "checkpoint-3").exists()
+    assert not (tmp_path / "c" / "checkpoint-3").exists()
 
-    schnell = schnell_shape(tiny_flux, tmp_path / "schnell")
-    quiet = run_dreambooth(["train-lora-flux", *flux_args(schnell, tmp_path / "c", steps=1, ckpt=1)])
-    assert "guidance_scale" not in quiet.stderr  # the default 3.5 on every schnell run: no noise
-    loud = run_dreambooth(
-        ["train-lora-flux", *flux_args(schnell, tmp_path / "d", steps=1, ckpt=1, extra=["--guidance_scale", "1.0"])]
-    )
-    assert "--guidance_scale (spec.training.guidanceScale) 1.0 is ignored" in loud.stderr
-    assert (tmp_path / "d" / LORA).is_file()
+
+def test_sdxl_command_names_the_flux_method_and_guidance_warns_only_when_set(tiny_flux, tmp_path, caplog):
+    """In process (no training): the SDXL family's folder check, and the schnell-shaped model's warning."""
+    import logging
+
+    from dreambooth_api.config import ConfigError, FluxLoraConfig
+    from dreambooth_trainer.families import FAMILIES
+    from dreambooth_trainer.tiny import make_tiny_flux_model
+
+    with pytest.raises(ConfigError, match=r"--pretrained_model_name_or_path .*holds a Flux pipeline.*lora-flux"):
+        FAMILIES["sdxl"].check_model_dir(tiny_flux)
+    schnell = make_tiny_flux_model(tmp_path / "schnell", guidance_embeds=False)
+    base = {"pretrainedModelNameOrPath": str(schnell), "instanceDataDir": "d", "instancePrompt": PROMPT}
+    with caplog.at_level(logging.WARNING):
+        parts = FAMILIES["flux"].load(FluxLoraConfig.model_validate(base), schnell)
+    assert parts.extra["guidance"] is None  # no guidance embedding: none passed, as the script
+    assert "guidance_scale" not in caplog.text  # the default 3.5 on every schnell run: no noise
+    with caplog.at_level(logging.WARNING):
+        FAMILIES["flux"].load(FluxLoraConfig.model_validate({**base, "guidanceScale": 1.0}), schnell)
+    assert "--guidance_scale (spec.training.guidanceScale) 1.0 is ignored" in caplog.text
