@@ -51,6 +51,10 @@ MODES: dict[str, tuple[str, list[str]]] = {
     "te": ("full", ["--train_text_encoder"]),
     "full-cached": ("full", CACHED),
     "lora-cached": ("lora", CACHED),
+    # SDXL (train_dreambooth_lora_sdxl.py) on an SDXL pipeline given by --model (benchmarks/gpu_sdxl.py).
+    "sdxl-lora": ("lora-sdxl", []),
+    "sdxl-lora-gc": ("lora-sdxl", ["--gradient_checkpointing"]),
+    "sdxl-lora-cached": ("lora-sdxl", ["--cache_latents"]),
 }
 BARE = ("bare", "bare-lora")
 
@@ -73,7 +77,7 @@ def _child(mode: str, steps: int, warmup: int, opts: argparse.Namespace) -> None
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
-    from dreambooth_api.config import FullConfig, LoraConfig
+    from dreambooth_api.config import MODELS
     from dreambooth_trainer.cli_args import parse_cli
     from dreambooth_trainer.train import RunEnv, Trainer
 
@@ -89,8 +93,7 @@ def _child(mode: str, steps: int, warmup: int, opts: argparse.Namespace) -> None
             "--checkpointing_steps", str(10 * steps), "--seed", "0", "--report_to", "none", *extra,
             *(["--mixed_precision", opts.mixed_precision] if opts.mixed_precision else []),
         ]  # fmt: skip
-        model = LoraConfig if method == "lora" else FullConfig
-        cfg = parse_cli(model, argv, "bench")
+        cfg = parse_cli(MODELS[method], argv, "bench")
         trainer = Trainer(cfg, RunEnv())
         trainer.setup()
         rss["setup"] = _rss_mb()

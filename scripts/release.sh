@@ -117,11 +117,11 @@ chart, operator, trainer = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 values = chart / "values.yaml"
 text, n = re.subn(r"(?m)^(  repository: ).*$", rf"\g<1>{operator}", values.read_text(), count=1)
 assert n == 1, "values.yaml: no image.repository line"
+# The built-in default trainer image is the operator's (no longer a CRD schema default, which would beat every
+# DreamBoothRuntime): point it at this registry's trainer.
+text, n = re.subn(r'(?m)^(  defaultTrainerImage: ).*$', rf'\g<1>"{trainer}"', text, count=1)
+assert n == 1, "values.yaml: no operator.defaultTrainerImage line"
 values.write_text(text)
-for crd in (chart / "crds").glob("*.yaml"):
-    text, n = re.subn(r"(?m)^(\s+default: )\S+/trainer:\S+$", rf"\g<1>{trainer}", crd.read_text())
-    assert n == 1, f"{crd.name}: no default trainer image"
-    crd.write_text(text)
 EOF
 "$HELM" lint --quiet "$chart" >/dev/null
 "$HELM" package "$chart" --destination "$work" >/dev/null

@@ -20,7 +20,8 @@ API_GROUP = "dreambooth.dev"
 API_VERSION = "v1alpha1"
 KIND = "DreamBoothJob"
 # The release's trainer image (scripts/release.sh pushes it; tests/packaging/test_version.py keeps the tag in step
-# with the release). A schema default: a job keeps the image it was created with when the operator is upgraded.
+# with the release). The built-in default, under a runtime's and the job's: the operator snapshots the effective
+# image into the job's status when it accepts the job, so a job keeps it when the operator is upgraded.
 DEFAULT_IMAGE = "ghcr.io/dreambooth-operator/trainer:0.2.0"
 PLURAL = "dreamboothjobs"
 SHORT_NAME = "dbj"
@@ -146,6 +147,10 @@ class RunPolicy(_Spec):
     queue_name: str = Field("", description="Kueue LocalQueue; empty = no Kueue.")
 
 
+class RuntimeRef(_Spec):
+    name: str = Field(..., min_length=1, description="Name of a DreamBoothRuntime (cluster-scoped).")
+
+
 class JobSpec(_Spec):
     method: Method = Field(
         "full",
@@ -160,6 +165,12 @@ class JobSpec(_Spec):
     pod_template: PodTemplate = Field(default_factory=PodTemplate, description="Pod-level overrides.")
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, preemptions, deadlines, suspend.")
     hub: Hub = Field(default_factory=Hub, description="Hugging Face Hub access (the token from a Secret).")
+    runtime_ref: RuntimeRef | None = Field(
+        None,
+        description="The DreamBoothRuntime whose platform defaults fill what this job leaves out (job wins); "
+        "empty = the runtime annotated dreambooth.dev/default-runtime=true, if any. Read once, when the job is "
+        "accepted: status.effectiveSpec keeps the result.",
+    )
 
     def training_config(self) -> CommonConfig:
         return parse_training(self.method, self.training)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dreambooth_api.runtime import effective_of
+
 from .errors import UserError
 
 SHA256_METADATA = "sha256"  # the trainer's storage.localfs.SHA256_METADATA (x-amz-meta-sha256)
@@ -121,7 +123,7 @@ def output_for(job: dict[str, Any], endpoint: str | None = None) -> Output:
         from botocore.config import Config
     except ImportError:
         raise UserError("boto3 is missing: pip install 'dreambooth-operator[cli]'") from None
-    spec = job.get("spec") or {}
+    spec = effective_of(job)  # the storage may be its runtime's
     uri = (job.get("status") or {}).get("outputUri") or (spec.get("training") or {}).get("outputDir") or ""
     bucket, prefix = split_s3(uri)
     storage = spec.get("storage") or {}

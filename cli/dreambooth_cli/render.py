@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from dreambooth_api.runtime import effective_of
+
 COLUMNS = ("NAME", "PHASE", "ATTEMPT", "RESTARTS", "PREEMPTIONS", "QUEUE", "STEP", "MAX", "LOSS", "ETA",
            "LAST-CHECKPOINT", "AGE")  # fmt: skip
 FINISHED = ("Succeeded", "Failed")
@@ -55,7 +57,7 @@ def _cell(value: Any) -> str:
 
 def job_row(job: dict[str, Any], now: datetime | None = None) -> list[str]:
     meta = job.get("metadata") or {}
-    spec = job.get("spec") or {}
+    spec = effective_of(job)  # the queue may be its runtime's
     st = job.get("status") or {}
     last = (st.get("lastCheckpoint") or {}).get("step")
     queue = (spec.get("runPolicy") or {}).get("queueName") or None

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from dreambooth_api.runtime import effective_of
 from dreambooth_trainer import gallery
 
 from . import render
@@ -155,7 +156,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     attempt = args.attempt or st.get("attempt")
     if not attempt:
         raise UserError(f"{args.job} has not started an attempt yet (phase {st.get('phase') or 'Pending'})")
-    gpus = int(((job.get("spec") or {}).get("resources") or {}).get("gpusPerNode") or 1)
+    gpus = int((effective_of(job).get("resources") or {}).get("gpusPerNode") or 1)
     index = args.rank // max(gpus, 1)
     pod = next((p for p in kube.pods(args.job, attempt)
                 if p["metadata"].get("labels", {}).get("dreambooth.dev/pod-index") == str(index)), None)  # fmt: skip

@@ -36,6 +36,8 @@ class Settings:
     # The admission webhook is served when a certificate directory is given (the chart mounts one).
     webhook_cert_dir: str = ""
     webhook_port: int = 9443
+    # The built-in default trainer image (chart operator.defaultTrainerImage); "" = the release's.
+    default_image: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -54,6 +56,7 @@ class Settings:
             log_format=log_format(env),
             webhook_cert_dir=env.get("DREAMBOOTH_WEBHOOK_CERT_DIR", ""),
             webhook_port=int(env.get("DREAMBOOTH_WEBHOOK_PORT", "9443")),
+            default_image=env.get("DREAMBOOTH_DEFAULT_TRAINER_IMAGE", "").strip(),
         )
 
 
@@ -115,6 +118,7 @@ async def serve(settings: Settings) -> None:
         settings.max_nodes,
         image_pull_timeout_seconds=settings.image_pull_timeout_seconds,
         allowed_powers=settings.allowed_powers,
+        default_image=settings.default_image,
     )
     cache = Informer()
     reconciler = Reconciler(kube, opts, metrics=metrics, background_events=True, cache=cache, io_threads=io_threads)

@@ -1,7 +1,11 @@
-"""The DreamBoothJob CRD, generated from the typed models so the manifest, the CLI and the trainer never disagree.
+"""The DreamBoothJob and DreamBoothRuntime CRDs, generated from the typed models so the manifest, the CLI and
+the trainer never disagree.
 
 ``spec.training`` is the union of the method models in ``MODELS`` (defaults only where all scripts agree);
-the other spec sections come from ``dreambooth_api.manifest``, the status from ``status.JobStatus``.
+the other spec sections come from ``dreambooth_api.manifest``, the status from ``status.JobStatus``, the
+runtime's spec from ``dreambooth_api.runtime``. The sections a runtime can fill carry no schema defaults: a
+default written into the job at create would be indistinguishable from the job's own value and always beat the
+runtime (the operator applies the built-in defaults itself, under the runtime, and snapshots the result).
 The schema is structural and uses nothing newer than apiextensions.k8s.io/v1 on Kubernetes 1.20 (no CEL).
 """
 
@@ -18,11 +22,14 @@ from pydantic import BaseModel
 
 from dreambooth_api.config import MODELS
 from dreambooth_api.manifest import API_GROUP, API_VERSION, KIND, PLURAL, SHORT_NAME, JobSpec
+from dreambooth_api.runtime import RUNTIME_KIND, RUNTIME_PLURAL, RUNTIME_SHORT_NAME, SECTIONS, RuntimeSpec
 
 from .status import JobStatus
 
 CRD_NAME = f"{PLURAL}.{API_GROUP}"
 CRD_FILE = Path(__file__).resolve().parents[2] / "crds" / f"{API_GROUP}_{PLURAL}.yaml"
+RUNTIME_CRD_NAME = f"{RUNTIME_PLURAL}.{API_GROUP}"
+RUNTIME_CRD_FILE = CRD_FILE.parent / f"{API_GROUP}_{RUNTIME_PLURAL}.yaml"
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Derived from the conditions."},
@@ -146,14 +153,31 @@ def spec_schema() -> dict[str, Any]:
     spec["description"] = "The desired run: what to train (training), where (storage, resources) and how (runPolicy)."
     props = spec["properties"]
     props["training"] = training_schema()
-    for section in ("storage", "resources", "podTemplate", "runPolicy"):
-        # default {} so the nested defaults apply when a section is left out.
-        props[section]["default"] = {}
+    _sections(props)
+    spec["x-kubernetes-preserve-unknown-fields"] = True
+    return spec
+
+
+def _sections(props: dict[str, Any]) -> None:
+    """The sections a runtime can fill: no defaults (the operator applies them), unknown keys kept for the
+    did-you-mean, quantities as int-or-string."""
+    for section in SECTIONS:
+        props[section] = _strip_defaults(props[section])
         props[section]["x-kubernetes-preserve-unknown-fields"] = True
     for quantities in ("requests", "limits"):
         field = props["resources"]["properties"][quantities]
         field.pop("x-kubernetes-preserve-unknown-fields", None)
         field["additionalProperties"] = copy.deepcopy(_QUANTITY)
+
+
+def runtime_spec_schema() -> dict[str, Any]:
+    spec = _model_schema(RuntimeSpec)
+    spec["description"] = (
+        "Platform defaults for the DreamBoothJobs that use this runtime (spec.runtimeRef.name, or the runtime "
+        "annotated dreambooth.dev/default-runtime=true): a job's own value always wins, maps and keyed lists merge "
+        "(docs/runtime.md). Read when a job is accepted; later edits change new jobs only."
+    )
+    _sections(spec["properties"])
     spec["x-kubernetes-preserve-unknown-fields"] = True
     return spec
 
@@ -172,6 +196,65 @@ def status_schema() -> dict[str, Any]:
     schema["description"] = "Observed state, written only by the operator."
     schema["properties"]["conditions"]["items"]["required"] = ["type", "status"]
     return schema
+
+
+def runtime_crd() -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": RUNTIME_CRD_NAME,
+            "annotations": {"dreambooth.dev/generated-by": "dreambooth crd (do not edit by hand)"},
+        },
+        "spec": {
+            "group": API_GROUP,
+            "scope": "Cluster",
+            "names": {
+                "kind": RUNTIME_KIND,
+                "listKind": f"{RUNTIME_KIND}List",
+                "plural": RUNTIME_PLURAL,
+                "singular": RUNTIME_KIND.lower(),
+                "shortNames": [RUNTIME_SHORT_NAME],
+                "categories": ["dreambooth"],
+            },
+            "versions": [
+                {
+                    "name": API_VERSION,
+                    "served": True,
+                    "storage": True,
+                    "additionalPrinterColumns": [
+                        {
+                            "name": "Default",
+                            "type": "string",
+                            "jsonPath": ".metadata.annotations.dreambooth\\.dev/default-runtime",
+                            "description": "true: jobs without spec.runtimeRef use this runtime.",
+                        },
+                        {
+                            "name": "Image",
+                            "type": "string",
+                            "jsonPath": ".spec.resources.image",
+                            "description": "Trainer image for jobs that set none.",
+                        },
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],  # fmt: skip
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "Platform defaults for DreamBoothJobs, said once by a platform team: "
+                            "image, tolerations, node selector, scheduler, queue, storage, resources, pod labels, "
+                            "run-policy defaults.",
+                            "properties": {
+                                "apiVersion": {"type": "string", "description": f"{API_GROUP}/{API_VERSION}"},
+                                "kind": {"type": "string", "description": RUNTIME_KIND},
+                                "metadata": {"type": "object"},
+                                "spec": runtime_spec_schema(),
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
 
 
 def crd() -> dict[str, Any]:
@@ -221,25 +304,32 @@ def crd() -> dict[str, Any]:
     }
 
 
-def render_crd() -> str:
+def render_crd(runtime: bool = False) -> str:
     header = "# Generated by `dreambooth crd` from the typed models; do not edit by hand.\n"
-    return header + yaml.safe_dump(crd(), sort_keys=False, width=120, allow_unicode=True)
+    return header + yaml.safe_dump(runtime_crd() if runtime else crd(), sort_keys=False, width=120, allow_unicode=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`dreambooth crd`: print the CRD, or write it (``--write`` = the file in crds/, or ``-o PATH``)."""
+    """`dreambooth crd`: print a CRD, or write them (``--write`` = both files in crds/, or ``-o PATH``)."""
     parser = argparse.ArgumentParser(prog="dreambooth crd", description="Print the DreamBoothJob CRD (YAML).")
     parser.add_argument("-o", "--output", help="write to this file instead of stdout")
-    parser.add_argument("--write", action="store_true", help=f"write the repository's {CRD_FILE.name}")
+    parser.add_argument("--runtime", action="store_true", help="the DreamBoothRuntime CRD instead")
+    parser.add_argument(
+        "--write", action="store_true", help=f"write the repository's {CRD_FILE.name} and {RUNTIME_CRD_FILE.name}"
+    )
     args = parser.parse_args(argv)
-    text = render_crd()
-    target = CRD_FILE if args.write else (Path(args.output) if args.output else None)
-    if target is None:
-        sys.stdout.write(text)
+    if args.write:
+        for target, runtime in ((CRD_FILE, False), (RUNTIME_CRD_FILE, True)):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(render_crd(runtime))
+            print(f"wrote {target}", file=sys.stderr)
+        return 0
+    text = render_crd(args.runtime)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
     else:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
-        print(f"wrote {target}", file=sys.stderr)
+        sys.stdout.write(text)
     return 0
 
 

@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from dreambooth_api.manifest import API_GROUP, API_VERSION, PLURAL
+from dreambooth_api.runtime import RUNTIME_PLURAL
 
 from .resources import LABEL_JOB_UID
 
@@ -36,6 +37,8 @@ class KubeApi(Protocol):
     def list_pods(self, namespace: str, job_uid: str) -> list[dict[str, Any]]: ...
     def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def get_node(self, name: str) -> dict[str, Any] | None: ...
+    def get_runtime(self, name: str) -> dict[str, Any] | None: ...
+    def list_runtimes(self) -> list[dict[str, Any]]: ...
     def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         """The created object, or None when the name exists (409)."""
         ...
@@ -160,6 +163,25 @@ class Kube:
 
     def get_node(self, name: str) -> dict[str, Any] | None:
         return self._get_or_none(f"/api/v1/nodes/{name}")
+
+    def get_runtime(self, name: str) -> dict[str, Any] | None:
+        return self._get_or_none(f"/apis/{API_GROUP}/{API_VERSION}/{RUNTIME_PLURAL}/{name}")
+
+    def list_runtimes(self) -> list[dict[str, Any]]:
+        try:
+            data = self._request("list", "GET", f"/apis/{API_GROUP}/{API_VERSION}/{RUNTIME_PLURAL}")
+        except self._client.ApiException as exc:
+            if is_status(exc, 404):
+                return []  # the runtime CRD is not installed (an older chart's CRDs): no default runtime
+            if is_status(exc, 403):
+                # RBAC without dreamboothruntimes (rbac.create=false with an older role): jobs still run, on their
+                # own spec; a job that names a runtime still fails loudly through get_runtime.
+                # The apiserver's own words ("cannot list resource ...") so a log scan for RBAC denials finds it.
+                log.warning("no default DreamBoothRuntime applies; grant get/list on dreamboothruntimes: %s",
+                            getattr(exc, "body", None) or exc)  # fmt: skip
+                return []
+            raise
+        return list((data or {}).get("items") or [])
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         plural = {"Pod": "pods", "Service": "services", "ConfigMap": "configmaps"}[obj["kind"]]

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from dreambooth_api.config import parse_training
+from dreambooth_api.runtime import merge_spec
 
 from . import policy, status
 from .policy import Counters, Kind, PodView, Timing
@@ -55,6 +56,25 @@ class World:
     # Pods deleted since the operator started, as last seen, that left a termination message: a stopped
     # gang's emergency checkpoint is named there, and the pods are often gone before any reconcile sees them.
     gone_pods: list[dict[str, Any]] = field(default_factory=list)
+    # The runtime of a job not yet accepted (read only then): None when the job has no snapshot to take.
+    runtime: RuntimeView | None = None
+
+
+@dataclass(frozen=True)
+class RuntimeView:
+    """The DreamBoothRuntime a job not yet accepted uses: its name ("" = none: no runtimeRef and no default)
+    and its spec as written, or None when the named runtime does not exist."""
+
+    name: str = ""
+    spec: dict[str, Any] | None = None
+    # Where the name came from, for the waiting message: "spec.runtimeRef.name" or "the default runtime".
+    source: str = "spec.runtimeRef.name"
+
+
+class RuntimeMissing(Exception):
+    def __init__(self, name: str, source: str) -> None:
+        self.name, self.source = name, source
+        super().__init__(name)
 
 
 @dataclass(frozen=True)
@@ -91,6 +111,11 @@ class PlanOptions:
     image_pull_timeout_seconds: int = policy.DEFAULT_IMAGE_PULL_TIMEOUT_SECONDS
     # Host/privilege powers a job's podTemplate may use (chart value operator.podPowers.allow, powers.py).
     allowed_powers: frozenset[str] = frozenset()
+    # The built-in default trainer image under every runtime and job (chart operator.defaultTrainerImage);
+    # "" = the release's (manifest.DEFAULT_IMAGE).
+    default_image: str = ""
+    # How often a job waiting for its runtime looks again.
+    runtime_retry_seconds: float = 5.0
 
 
 def pod_attempt(pod: dict[str, Any]) -> int:
@@ -211,7 +236,8 @@ class _Planner:
         self._ttl()
 
     def _ttl(self) -> None:
-        ttl = (self.spec_raw.get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+        effective = merge_spec(self.job_status.effective_spec or {}, self.spec_raw)
+        ttl = (effective.get("runPolicy") or {}).get("ttlSecondsAfterFinished")
         done = status.parse_time(self.job_status.completion_time)
         if isinstance(ttl, int) and done is not None:
             left = ttl - (self.now - done).total_seconds()
@@ -251,10 +277,34 @@ class _Planner:
         else:
             self._cond(status.SPEC_CHANGE_REFUSED, False, status.R_TRAINING_RESTORED, "spec.training matches the accepted settings.",
                        event=("Normal", ""))  # fmt: skip
-        job = validate(body, self.opts.max_nodes, self.opts.allowed_powers)
+        base, runtime = self._base()
+        job = validate(body, self.opts.max_nodes, self.opts.allowed_powers, base)
         if job_status.training_hash is None:
             job_status.training_hash = current
+        if job_status.effective_spec is None:
+            # Accepted now: from here on the job runs on this snapshot, whatever happens to its runtime.
+            job_status.effective_spec, job_status.effective_spec_hash = job.snapshot, job.spec_hash
+            job_status.runtime = runtime or None
+            waiting = status.get_condition(job_status, status.WAITING)
+            if waiting is not None and waiting.reason == status.R_RUNTIME_NOT_FOUND:
+                self._cond(status.WAITING, False, status.R_RUNTIME_FOUND,
+                           f"DreamBoothRuntime {runtime!r} found." if runtime else "no runtime.")  # fmt: skip
         return job
+
+    def _base(self) -> tuple[dict[str, Any], str]:
+        """What the job's own spec is laid over, and the runtime's name: the snapshot once accepted; before
+        that the runtime over the built-in defaults. Raises RuntimeMissing for a named runtime that is not there."""
+        job_status = self.job_status
+        if job_status.effective_spec is not None:
+            return job_status.effective_spec, job_status.runtime or ""
+        builtin: dict[str, Any] = {"resources": {"image": self.opts.default_image}} if self.opts.default_image else {}
+        view = self.world.runtime
+        if job_status.training_hash is not None or view is None or not view.name:
+            # Accepted by an operator before runtimes (its spec holds the old schema defaults), or no runtime.
+            return builtin, ""
+        if view.spec is None:
+            raise RuntimeMissing(view.name, view.source)
+        return merge_spec(builtin, view.spec), view.name
 
     def _edited_fields(self, accepted: dict[str, Any]) -> str:
         method = self.spec_raw.get("method", "full")
@@ -276,6 +326,13 @@ class _Planner:
             job = self._validated()
         except SpecError as exc:
             self._fail(status.R_INVALID_SPEC, f"{exc.field}: {exc.message}")
+            return
+        except RuntimeMissing as exc:
+            self._cond(status.WAITING, True, status.R_RUNTIME_NOT_FOUND,
+                       f"DreamBoothRuntime {exc.name!r} ({exc.source}) does not exist; the job starts once it is "
+                       f"created (kubectl get dbr), or set spec.runtimeRef to an existing one.",
+                       event=("Warning", ""))  # fmt: skip
+            self._after(self.opts.runtime_retry_seconds)
             return
         job_status.output_uri = job.config.output_dir
         self._merge_termination_checkpoints()

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from dreambooth_api.runtime import pick_default, runtime_ref
+
 from . import status
 from .cache import Informer
 from .kube import KubeApi, event_object, is_status
 from .metrics import Metrics
-from .plan import EPOCH, Plan, PlanOptions, World, plan, pod_attempt, refuse
+from .plan import EPOCH, Plan, PlanOptions, RuntimeView, World, plan, pod_attempt, refuse
 from .progress_client import POLL_INTERVAL_SECONDS, fetch_progress
 from .resources import CONFIG_KEY, LABEL_INDEX, PROGRESS_PORT, names_for
 from .spec import training_hash
@@ -111,13 +113,14 @@ class Reconciler:
         uid = job["metadata"]["uid"]
         pods, live_pods = self._read_pods(namespace, uid, job)
         accepted = self._accepted_config(job)
+        runtime = self._runtime(job)
         progress = self._poll_progress(job, pods)
         gone = self.cache.gone_pods(uid) if self.cache is not None else []
         refused: str | None = None
         result = Result(None, None, _rv(job))
         for _ in range(MAX_ROUNDS):
             now = self.clock()
-            world = World(job, pods, now, progress, self._nodes(pods, now), accepted, gone)
+            world = World(job, pods, now, progress, self._nodes(pods, now), accepted, gone, runtime)
             planned = plan(world, self.opts) if refused is None else refuse(world, self.opts, refused)
             need = live_reads_needed(job.get("status") or {}, planned)
             if ("job" in need and not live_job) or ("pods" in need and not live_pods):
@@ -232,6 +235,23 @@ class Reconciler:
             return json.loads(((cm or {}).get("data") or {}).get(CONFIG_KEY, "")) or None
         except ValueError:
             return None
+
+    def _runtime(self, job: dict[str, Any]) -> RuntimeView | None:
+        """The runtime of a job not accepted yet (read live, once per acceptance: never for an accepted job,
+        whose snapshot is all it runs on)."""
+        job_status = job.get("status") or {}
+        if job_status.get("effectiveSpec") is not None or job_status.get("trainingHash"):
+            return None
+        if status.is_finished(status.JobStatus.model_validate(job_status)):
+            return None  # failed before acceptance (InvalidSpec): nothing will read it
+        name = runtime_ref(job.get("spec") or {})
+        if name is not None:
+            found = self.kube.get_runtime(name)
+            return RuntimeView(name, (found.get("spec") or {}) if found is not None else None)
+        default = pick_default(self.kube.list_runtimes())
+        if default is None:
+            return RuntimeView()
+        return RuntimeView(str(default["metadata"]["name"]), default.get("spec") or {}, "the default runtime")
 
     def _poll_progress(self, job: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Any] | None:
         uid = job["metadata"]["uid"]

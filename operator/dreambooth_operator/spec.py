@@ -17,7 +17,8 @@ from typing import Any
 from pydantic.alias_generators import to_camel
 
 from dreambooth_api.config import CommonConfig, ConfigError
-from dreambooth_api.manifest import JobSpec, parse_job
+from dreambooth_api.manifest import JobSpec, Resources, parse_job
+from dreambooth_api.runtime import merge_spec, parse_runtime, snapshot_of, spec_hash
 
 from .powers import find_powers, refusal
 from .reserved import ENV_OWNERS, GPU_RESOURCE, HUB_TOKEN_ENV, VOLUMES, metadata_owner
@@ -47,6 +48,9 @@ class ValidJob:
     spec: JobSpec
     config: CommonConfig
     training_hash: str
+    # The effective spec without training (job ⊕ runtime ⊕ built-in defaults), as status.effectiveSpec keeps it.
+    snapshot: dict[str, Any]
+    spec_hash: str
 
 
 def training_hash(spec: dict[str, Any]) -> str:
@@ -60,10 +64,20 @@ def _training_field(name: str) -> str:
 
 
 def validate(
-    body: dict[str, Any], max_nodes: int = DEFAULT_MAX_NODES, allowed_powers: frozenset[str] = frozenset()
+    body: dict[str, Any],
+    max_nodes: int = DEFAULT_MAX_NODES,
+    allowed_powers: frozenset[str] = frozenset(),
+    base: dict[str, Any] | None = None,
 ) -> ValidJob:
-    """Parse and check a job object (as read from the apiserver), or raise SpecError naming the field."""
+    """Parse and check a job object (as read from the apiserver), or raise SpecError naming the field.
+
+    ``base`` is what the job's own spec is laid over (``runtime.merge_spec``): a runtime's spec, or the
+    snapshot taken when the job was accepted. The checks run on the effective spec.
+    """
     meta = body.get("metadata") or {}
+    raw_spec = body.get("spec")
+    if base and isinstance(raw_spec, dict):
+        body = {**body, "spec": merge_spec(base, raw_spec)}
     try:
         job, config = parse_job(body)
     except ConfigError as exc:
@@ -79,6 +93,7 @@ def validate(
         )
     check_operator_rules(config)
     check_pod_template(job.spec, allowed_powers)
+    snapshot = snapshot_of(job.spec.model_dump(by_alias=True, mode="json", exclude_none=True))
     return ValidJob(
         name=str(meta.get("name", "")),
         namespace=str(meta.get("namespace", "default")),
@@ -86,7 +101,30 @@ def validate(
         spec=job.spec,
         config=config,
         training_hash=training_hash(body.get("spec") or {}),
+        snapshot=snapshot,
+        spec_hash=spec_hash(snapshot),
     )
+
+
+def validate_runtime(obj: Any, allowed_powers: frozenset[str] = frozenset()) -> str:
+    """Check a DreamBoothRuntime as far as it can be checked alone (fields, and the podTemplate rules every job
+    using it would hit); its name, or SpecError naming the field."""
+    try:
+        name, rt = parse_runtime(obj)
+    except ConfigError as exc:
+        raise SpecError(exc.field, str(exc).split(": ", 1)[-1]) from None
+    res = rt.resources
+    gpus = res.gpus_per_node if res.gpus_per_node is not None else 1
+    as_job = JobSpec(
+        training={},
+        storage=rt.storage,
+        resources=Resources(gpus_per_node=gpus, requests=res.requests, limits=res.limits),
+        pod_template=rt.pod_template,
+        run_policy=rt.run_policy,
+        hub=rt.hub,
+    )
+    check_pod_template(as_job, allowed_powers)
+    return name
 
 
 def check_operator_rules(config: CommonConfig) -> None:

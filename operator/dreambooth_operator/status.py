@@ -52,6 +52,8 @@ R_DEADLINE = "DeadlineExceeded"
 R_TRAINING_EDITED = "TrainingEdited"
 R_TRAINING_RESTORED = "TrainingRestored"
 R_CHECKPOINT_PUBLISHED = "CheckpointPublished"
+R_RUNTIME_NOT_FOUND = "RuntimeNotFound"
+R_RUNTIME_FOUND = "RuntimeFound"
 
 # Causes that end one attempt (policy.Verdict.reason); they appear in conditions and Events too.
 R_CRASH = "TrainerCrashed"
@@ -120,6 +122,16 @@ class JobStatus(_Status):
     last_progress_time: str | None = Field(None, description="When the trainer last reported a new step or phase.")
     memory_savers: bool = Field(False, description="True after a GPU out-of-memory retry switched memory savers on.")
     training_hash: str | None = Field(None, description="Hash of the accepted spec.training; edits are refused.")
+    runtime: str | None = Field(
+        None, description="The DreamBoothRuntime the job was accepted with (empty: none, built-in defaults only)."
+    )
+    effective_spec: dict[str, Any] | None = Field(
+        None,
+        description="The spec the job runs with, taken when it was accepted: job ⊕ runtime ⊕ built-in defaults "
+        "(training aside). Later runtime edits and operator upgrades never change it; the job's own later "
+        "edits (e.g. runPolicy.suspend) still apply over it.",
+    )
+    effective_spec_hash: str | None = Field(None, description="Hash of effectiveSpec.")
     ended_attempt: int | None = Field(
         None, description="Last attempt the operator judged ended; its pods are being removed."
     )

@@ -24,8 +24,9 @@ from typing import Any
 from aiohttp import web
 
 from dreambooth_api.contract import BadInputError
+from dreambooth_api.runtime import RUNTIME_KIND
 
-from .spec import DEFAULT_MAX_NODES, SpecError, training_hash, validate
+from .spec import DEFAULT_MAX_NODES, SpecError, training_hash, validate, validate_runtime
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,15 @@ def review(request: dict[str, Any], limits: Limits) -> str | None:
     """The refusal of one AdmissionRequest ("field: message"), or None to admit it."""
     obj = request.get("object") or {}
     old = request.get("oldObject") or {}
+    if (request.get("kind") or {}).get("kind") == RUNTIME_KIND:
+        # A runtime's errors would otherwise surface in every job that uses it, at acceptance.
+        if request.get("operation") == "UPDATE" and obj.get("spec") == old.get("spec"):
+            return None
+        try:
+            validate_runtime(obj, limits.allowed_powers)
+        except SpecError as exc:
+            return str(exc)
+        return None
     if request.get("operation") == "UPDATE":
         if obj.get("spec") == old.get("spec"):
             return None  # metadata, finalizers, deletion: never blocked by a spec the operator already judged

@@ -92,10 +92,11 @@ def dreambooth_job(
     pod_template: dict[str, Any] | None = None,
     run_policy: dict[str, Any] | None = None,
     storage: dict[str, Any] | None = None,
+    method: str = "lora",
 ) -> dict[str, Any]:
-    """A LoRA DreamBoothJob on CPU pods of the test image; every other section as given."""
+    """A DreamBoothJob (LoRA unless ``method`` says) on CPU pods of the test image; every other section as given."""
     spec: dict[str, Any] = {
-        "method": "lora",
+        "method": method,
         "training": training,
         "resources": {
             "nodes": nodes,
@@ -364,6 +365,19 @@ def storage(cluster: Cluster, namespace: str, s3: Any, bucket: str) -> dict[str,
         "bucket": bucket,
         "client": client,
     }  # fmt: skip
+
+
+def tiny_family_model(storage: dict[str, Any], family: str) -> str:
+    """The tiny model of another family (``dreambooth tiny-model --family``) in the storage bucket, as an s3:// URI
+    a job's pretrainedModelNameOrPath names (uploaded once per bucket)."""
+    from dreambooth_trainer.tiny import ensure_tiny_model
+
+    client, bucket, prefix = storage["client"], storage["bucket"], f"models/tiny-{family}/"
+    if not client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1).get("KeyCount"):
+        model = ensure_tiny_model(family=family)
+        for f in sorted(p for p in model.rglob("*") if p.is_file()):
+            client.upload_file(str(f), bucket, f"{prefix}{f.relative_to(model)}")
+    return f"s3://{bucket}/{prefix}"
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from k8s_harness import Cluster
-from operator_support import Jobs, OperatorProcess, dreambooth_job, tiny_training
+from operator_support import Jobs, OperatorProcess, dreambooth_job, tiny_family_model, tiny_training
 
 pytestmark = [
     pytest.mark.cluster,
@@ -31,18 +31,27 @@ WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 def real_job(
-    name: str, storage: dict[str, Any], image: str, *, step_delay: float = 0.0, nodes: int = 2
+    name: str,
+    storage: dict[str, Any],
+    image: str,
+    *,
+    step_delay: float = 0.0,
+    nodes: int = 2,
+    method: str = "lora",
+    training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     bucket = storage["bucket"]
     env = {"MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if step_delay:
         # The trainer's test knob: slow steps so a preemption lands mid-run (never changes the math).
         env["DREAMBOOTH_TEST_STEP_DELAY_SECONDS"] = str(step_delay)
-    training = tiny_training(name, bucket, STEPS, validationPrompt="a photo of sks dog", validationEpochs=1,
-                             numValidationImages=1)  # fmt: skip
+    if training is None:
+        training = tiny_training(name, bucket, STEPS, validationPrompt="a photo of sks dog", validationEpochs=1,
+                                 numValidationImages=1)  # fmt: skip
     return dreambooth_job(
         name,
         training,
+        method=method,
         nodes=nodes,
         requests_={"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "1Gi"},
         # Enforced (cgroup v1): torch, diffusers and the tiny model take ~1 GiB per pod; an undersized limit is a
@@ -197,3 +206,45 @@ def test_bad_input_fails_at_once_naming_the_field(jobs: Jobs, storage: dict[str,
     failed = jobs.condition("empty", "Failed")
     assert failed["reason"] == "BadInput" and "instanceDataDir" in failed["message"], failed
     assert st["restarts"] == 0 and st["attempt"] == 1
+
+
+# The model-family seam end to end: a job of another family's method runs in the released image, through the same
+# operator, storage and status as SD. One pod, few steps: the gang and preemption paths are the family-free tests
+# above.
+FAMILIES = {"lora-sdxl": "sdxl"}
+
+
+@pytest.mark.parametrize("method", sorted(FAMILIES))
+def test_other_family_job_succeeds_and_its_lora_loads(
+    method: str, jobs: Jobs, storage: dict[str, Any], tmp_path: Path, trainer_image: str
+) -> None:
+    family = FAMILIES[method]
+    name = f"fam-{family}"
+    training = tiny_training(name, storage["bucket"], 4, pretrainedModelNameOrPath=tiny_family_model(storage, family))
+    jobs.create(real_job(name, storage, trainer_image, nodes=1, method=method, training=training))
+    st = jobs.wait_phase(name, "Succeeded", 600)
+    assert st["step"] == 4 and (st["attempt"], st["restarts"], st["preemptions"]) == (1, 0, 0)
+    assert latest_checkpoint(storage, name) == "checkpoint-4"  # the family's state saved like SD's, on S3
+    out = tmp_path / "out"
+    out.mkdir()
+    storage["client"].download_file(storage["bucket"], f"runs/{name}/{WEIGHTS}", str(out / WEIGHTS))
+    _assert_lora_changes_pipeline(family, out)
+
+
+def _assert_lora_changes_pipeline(family: str, lora: Path) -> None:
+    """The job's output is a LoRA the family's diffusers pipeline loads, and it changes what the pipeline draws."""
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from dreambooth_trainer.tiny import ensure_tiny_model
+
+    def draw(with_lora: bool) -> np.ndarray:
+        pipe = DiffusionPipeline.from_pretrained(ensure_tiny_model(family=family))
+        pipe.set_progress_bar_config(disable=True)
+        if with_lora:
+            pipe.load_lora_weights(lora)
+        image = pipe("a photo of sks dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+        return np.asarray(image).astype(np.int16)
+
+    assert not np.array_equal(draw(True), draw(False))

@@ -29,6 +29,7 @@ from dreambooth_operator import webhook
 
 pytestmark = pytest.mark.cluster
 HOOK = "validate.dreambooth.dev"
+HOOK_RUNTIMES = "runtimes.validate.dreambooth.dev"
 
 
 def _webhook_config(name: str, namespace: str, client: dict[str, Any], ca: Path) -> dict[str, Any]:
@@ -42,6 +43,18 @@ def _webhook_config(name: str, namespace: str, client: dict[str, Any], ca: Path)
             "rules": [{"apiGroups": ["dreambooth.dev"], "apiVersions": ["v1alpha1"],
                        "operations": ["CREATE", "UPDATE"], "resources": ["dreamboothjobs"]}],
             "namespaceSelector": {"matchLabels": {"dreambooth.dev/webhook-test": namespace}},
+            "failurePolicy": "Fail",
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": 10,
+        }, {
+            # DreamBoothRuntimes are cluster-scoped (a namespaceSelector never skips them): this test's runtimes
+            # are picked by a label, so no other test's runtime goes through this configuration.
+            "name": HOOK_RUNTIMES,
+            "clientConfig": {**client, "caBundle": base64.b64encode(ca.read_bytes()).decode()},
+            "rules": [{"apiGroups": ["dreambooth.dev"], "apiVersions": ["v1alpha1"], "scope": "Cluster",
+                       "operations": ["CREATE", "UPDATE"], "resources": ["dreamboothruntimes"]}],
+            "objectSelector": {"matchLabels": {"dreambooth.dev/webhook-test": namespace}},
             "failurePolicy": "Fail",
             "sideEffects": "None",
             "admissionReviewVersions": ["v1"],
@@ -123,6 +136,29 @@ def test_bad_jobs_are_refused_at_apply_by_the_webhook(
     assert _apply(cluster, namespace, good, "--dry-run=server")[0] == 0
     rc, out = _apply(cluster, namespace, good)
     assert rc == 0, out
+
+
+def test_a_bad_runtime_is_refused_at_apply_by_the_webhook(
+    cluster: Cluster, namespace: str, hooked: OperatorProcess
+) -> None:
+    def runtime(spec: dict[str, Any]) -> dict[str, Any]:
+        return {"apiVersion": "dreambooth.dev/v1alpha1", "kind": "DreamBoothRuntime",
+                "metadata": {"name": f"{namespace}-rt", "labels": {"dreambooth.dev/webhook-test": namespace}},
+                "spec": spec}  # fmt: skip
+
+    cases = [
+        ({"podTemplate": {"tolerationz": []}}, "spec.podTemplate.tolerationz", "spec.podTemplate.tolerations"),
+        ({"podTemplate": {"env": [{"name": "AWS_ACCESS_KEY_ID", "value": "x"}]}}, "spec.podTemplate.env[0].name",
+         "set by the operator"),
+    ]  # fmt: skip
+    for spec, field, words in cases:
+        for extra in (("--dry-run=server",), ()):
+            rc, out = _apply(cluster, namespace, runtime(spec), *extra)
+            assert rc != 0 and f'admission webhook "{HOOK_RUNTIMES}" denied the request: {field}' in out, out
+            assert words in out, out
+    good = runtime({"podTemplate": {"tolerations": [{"key": "gpu", "operator": "Exists"}]}})
+    assert _apply(cluster, namespace, good, "--dry-run=server")[0] == 0
+    assert cluster.kubectl("get", "dbr", f"{namespace}-rt", check=False).returncode != 0  # nothing was stored
 
 
 def test_training_edit_after_acceptance_is_refused_and_restart_still_serves(

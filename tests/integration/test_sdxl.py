@@ -179,6 +179,42 @@ def test_edm_style_training_with_cached_latents_runs_and_saves(tiny_sdxl, tmp_pa
     assert weights and all(torch.isfinite(v).all() for v in weights.values())
 
 
+def edm_model(tiny_sdxl: Path, out: Path) -> Path:
+    """The tiny SDXL as Playground v2.5 ships: an EDMEulerScheduler and a VAE with per-channel latents mean/std."""
+    import json
+
+    from diffusers import EDMEulerScheduler
+
+    shutil.copytree(tiny_sdxl, out)
+    shutil.rmtree(out / "scheduler")
+    EDMEulerScheduler().save_pretrained(out / "scheduler")
+    index = json.loads((out / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "EDMEulerScheduler"]
+    (out / "model_index.json").write_text(json.dumps(index))
+    vae = json.loads((out / "vae" / "config.json").read_text())
+    vae |= {"latents_mean": [0.1, -0.2, 0.3, 0.0], "latents_std": [0.9, 1.1, 0.8, 1.2]}
+    (out / "vae" / "config.json").write_text(json.dumps(vae))
+    return out
+
+
+def test_a_model_with_an_edm_scheduler_trains_edm_style_validates_and_loads(tiny_sdxl, tmp_path):
+    model, out = edm_model(tiny_sdxl, tmp_path / "edm"), tmp_path / "out"
+    extra = ["--validation_prompt", PROMPT, "--num_validation_images", "1", "--validation_epochs", "1"]
+    proc = run_dreambooth(["train-lora-sdxl", *sdxl_args(model, out, steps=2, ckpt=2, extra=extra)])
+    assert "EDM" in proc.stderr  # said in the log, as the script logs "Performing EDM-style training!"
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    assert weights and all(torch.isfinite(v).all() for v in weights.values())
+    assert list(out.glob("validation/step-*/image-0.png")), "validation drew with the model's EDM scheduler"
+    assert not np.array_equal(generate(model, out), generate(model))
+
+    # Min-SNR needs alphas_cumprod, which an EDM scheduler has not: refused before training, naming the flag.
+    bad = run_dreambooth(
+        ["train-lora-sdxl", *sdxl_args(model, tmp_path / "b", extra=["--snr_gamma", "5"])], check=False
+    )
+    assert bad.returncode == 64 and "snr_gamma" in bad.stderr and "EDM" in bad.stderr, bad.stderr[-2000:]
+    assert not (tmp_path / "b" / "checkpoint-3").exists()
+
+
 def test_model_and_data_and_output_on_s3(tiny_sdxl, bucket, tmp_path):
     from dreambooth_trainer.storage import open_store
 

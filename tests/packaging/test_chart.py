@@ -237,6 +237,8 @@ JOB_RULES = {
 CLUSTER_RULES = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
     ("", "nodes"): {"get"},
+    # Cluster-scoped: a job's DreamBoothRuntime, read when the job is accepted (list: the default one).
+    ("dreambooth.dev", "dreamboothruntimes"): {"get", "list"},
 }
 
 
@@ -273,8 +275,11 @@ AGGREGATED = {
     "edit": {("dreambooth.dev", "dreamboothjobs"): {"get", "list", "watch", "create", "update", "patch", "delete",
                                                     "deletecollection"},
              ("dreambooth.dev", "dreamboothjobs/status"): {"get", "list", "watch"}},
+    # view (and so edit and admin, which aggregate it) may read the platform's runtimes; writing them is the
+    # platform team's, through a ClusterRole of its own.
     "view": {("dreambooth.dev", "dreamboothjobs"): {"get", "list", "watch"},
-             ("dreambooth.dev", "dreamboothjobs/status"): {"get", "list", "watch"}},
+             ("dreambooth.dev", "dreamboothjobs/status"): {"get", "list", "watch"},
+             ("dreambooth.dev", "dreamboothruntimes"): {"get", "list", "watch"}},
 }  # fmt: skip
 
 
@@ -298,13 +303,41 @@ def test_namespace_users_get_dreamboothjobs_through_aggregated_roles(
 def test_crds_as_templates(chart: Helm, default_docs: list[dict[str, Any]], custom_docs: list[dict[str, Any]]) -> None:
     """Off by default (Helm's crds/); on, the same CRD as a release object, kept on uninstall unless keep=false."""
     assert not by_kind(default_docs, "CustomResourceDefinition")
-    generated = yaml.safe_load((REPO / "crds" / "dreambooth.dev_dreamboothjobs.yaml").read_text())
-    kept = one(chart.template("--set", "crds.asTemplates=true"), "CustomResourceDefinition")
-    assert kept["spec"] == generated["spec"], "the template must not change the CRD (numbers stay numbers)"
-    assert kept["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
-    assert kept["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
-    unkept = one(custom_docs, "CustomResourceDefinition")
-    assert unkept["spec"] == generated["spec"] and "helm.sh/resource-policy" not in unkept["metadata"]["annotations"]
+    rendered = chart.template("--set", "crds.asTemplates=true")
+    for plural in ("dreamboothjobs", "dreamboothruntimes"):
+        generated = yaml.safe_load((REPO / "crds" / f"dreambooth.dev_{plural}.yaml").read_text())
+        name = f"{plural}.dreambooth.dev"
+        (kept,) = [d for d in by_kind(rendered, "CustomResourceDefinition") if d["metadata"]["name"] == name]
+        assert kept["spec"] == generated["spec"], "the template must not change the CRD (numbers stay numbers)"
+        assert kept["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        assert kept["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+        (unkept,) = [d for d in by_kind(custom_docs, "CustomResourceDefinition") if d["metadata"]["name"] == name]
+        assert (
+            unkept["spec"] == generated["spec"] and "helm.sh/resource-policy" not in unkept["metadata"]["annotations"]
+        )
+
+
+def test_a_default_runtime_from_values(chart: Helm, default_docs: list[dict[str, Any]]) -> None:
+    """defaultRuntime ships one cluster-scoped DreamBoothRuntime, marked default, that the operator accepts."""
+    from dreambooth_operator.spec import validate_runtime
+
+    assert not by_kind(default_docs, "DreamBoothRuntime")
+    docs = chart.template("--set", "defaultRuntime.create=true",
+                          "--set", "defaultRuntime.spec.runPolicy.queueName=team-a",
+                          "--set", "defaultRuntime.spec.resources.image=registry.example/trainer:0.2.0",
+                          "--set", "operator.defaultTrainerImage=registry.example/trainer:0.2.0")  # fmt: skip
+    runtime = one(docs, "DreamBoothRuntime")
+    assert runtime["metadata"]["name"] == "default" and "namespace" not in runtime["metadata"]
+    assert runtime["metadata"]["annotations"] == {"dreambooth.dev/default-runtime": "true"}
+    assert runtime["spec"] == {"runPolicy": {"queueName": "team-a"},
+                               "resources": {"image": "registry.example/trainer:0.2.0"}}  # fmt: skip
+    assert validate_runtime(runtime) == "default"
+    env = {
+        e["name"]: e.get("value") for e in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["DREAMBOOTH_DEFAULT_TRAINER_IMAGE"] == "registry.example/trainer:0.2.0"
+    webhook = one(docs, "ValidatingWebhookConfiguration")["webhooks"][0]
+    assert {"resources": ["dreamboothruntimes"], "scope": "Cluster"}.items() <= webhook["rules"][1].items()
 
 
 def test_rbac_and_service_account_can_be_left_out(chart: Helm) -> None:

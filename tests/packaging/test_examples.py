@@ -3,7 +3,9 @@
 Each DreamBoothJob is checked three ways: against the generated CRD's openAPIV3Schema (as the apiserver would,
 with unknown fields refused where the schema does not preserve them), by the trainer's own ``parse_job``, and by
 the operator's ``spec.validate`` plus its pod/Service/ConfigMap builders, whose output must pass
-kubernetes-validate. The other objects in the examples (Secret, ServiceAccount) pass kubernetes-validate too.
+kubernetes-validate (laid over the DreamBoothRuntime of the same file, if any, as the operator would). A
+DreamBoothRuntime passes the operator's runtime checks; the other objects in the examples (Secret,
+ServiceAccount) pass kubernetes-validate.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import yaml
 from pkg_support import EXAMPLES, KUBE_VERSIONS, crd_openapi_schema
 
 from dreambooth_api.manifest import KIND, parse_job
+from dreambooth_api.runtime import RUNTIME_KIND, parse_runtime, runtime_spec_set
 from dreambooth_operator import resources, spec
 
 pytestmark = pytest.mark.packaging
@@ -30,6 +33,7 @@ LOCAL_ONLY = {"quickstart.yaml"}
 EXPECTED = {
     "quickstart.yaml", "dog-full.yaml", "dog-lora.yaml", "prior-preservation.yaml", "multi-node.yaml",
     "spot-kueue.yaml", "s3-secret-minio.yaml", "irsa-service-account.yaml", "sdxl-lora.yaml", "flux-lora.yaml",
+    "platform-runtime.yaml",
 }  # fmt: skip
 
 
@@ -112,7 +116,8 @@ def test_the_checks_are_not_rubber_stamps(crd_validator: jsonschema.Draft4Valida
 def test_operator_accepts_example_and_builds_valid_objects(path: Path) -> None:
     body = copy.deepcopy(jobs_of(path)[0])
     body["metadata"].update(namespace="team-a", uid="0f0e0d0c-0b0a-4000-8000-000000000001")
-    job = spec.validate(body)
+    runtimes = [runtime_spec_set(parse_runtime(d)[1]) for d in docs_of(path) if d.get("kind") == RUNTIME_KIND]
+    job = spec.validate(body, base=runtimes[0] if runtimes else None)
     objects = [resources.build_configmap(job), resources.build_service(job), *resources.build_gang(job, attempt=1)]
     assert len(objects) == 2 + job.spec.resources.nodes
     for obj in objects:
@@ -124,6 +129,9 @@ def test_operator_accepts_example_and_builds_valid_objects(path: Path) -> None:
 def test_other_objects_in_examples_are_valid_kubernetes(path: Path) -> None:
     for doc in docs_of(path):
         if doc.get("kind") == KIND:
+            continue
+        if doc.get("kind") == RUNTIME_KIND:
+            spec.validate_runtime(doc)
             continue
         for version in KUBE_VERSIONS:
             kubernetes_validate.validate(doc, version, strict=True)

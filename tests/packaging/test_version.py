@@ -11,7 +11,7 @@ import tomllib
 
 import pytest
 import yaml
-from pkg_support import CHART, CRD_FILE, EXAMPLES, REPO, Helm, crd_openapi_schema, one
+from pkg_support import CHART, EXAMPLES, REPO, Helm, crd_openapi_schema, one
 
 import dreambooth_operator
 import dreambooth_trainer
@@ -27,13 +27,6 @@ DOC_REFERENCE = re.compile(r"(?:/(?:operator|trainer):|--version[ =])(\d+\.\d+\.
 
 def _tag(image: str) -> str:
     return image.rsplit(":", 1)[1].removesuffix("-cpu")
-
-
-def _crd_default_image(crd: dict) -> str:
-    (version,) = [v for v in crd["spec"]["versions"] if v.get("storage")]
-    return version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["resources"]["properties"]["image"][
-        "default"
-    ]
 
 
 def changelog_releases() -> list[str]:
@@ -57,9 +50,8 @@ def versions(helm: Helm) -> dict[str, str]:
     image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
     assert image.startswith(OPERATOR_REPOSITORY + ":"), image
     found["the chart's default operator image"] = _tag(image)
-    found["the CRD's default trainer image (crds/)"] = _tag(_crd_default_image(yaml.safe_load(CRD_FILE.read_text())))
-    chart_crd = yaml.safe_load((CHART / "crds" / CRD_FILE.name).read_text())
-    found["the CRD's default trainer image (chart crds/)"] = _tag(_crd_default_image(chart_crd))
+    if values["operator"]["defaultTrainerImage"]:
+        found["values.yaml operator.defaultTrainerImage"] = _tag(values["operator"]["defaultTrainerImage"])
     found["dreambooth_trainer.manifest.DEFAULT_IMAGE"] = _tag(DEFAULT_IMAGE)
     for example in sorted(EXAMPLES.glob("*.yaml")):
         for doc in yaml.safe_load_all(example.read_text()):
@@ -86,8 +78,10 @@ def test_every_place_says_the_same_version(chart: Helm) -> None:
         + "; ".join(f"{where} says {v}" for where, v in wrong.items())
         + ". Bump them together (README.md, Releasing)."
     )
-    # The CRD default is a schema default: it is what jobs created without an image keep.
-    assert crd_openapi_schema()["properties"]["spec"]["properties"]["resources"]["default"] == {}
+    # The image is no schema default (it would beat every DreamBoothRuntime): the operator applies it when it
+    # accepts a job and keeps it in status.effectiveSpec, which is what a job keeps across upgrades.
+    resources = crd_openapi_schema()["properties"]["spec"]["properties"]["resources"]
+    assert "default" not in resources and "default" not in resources["properties"]["image"]
 
 
 def test_changelog_starts_with_this_version() -> None:

@@ -204,10 +204,11 @@ def test_new_job_creates_its_pods_without_a_list_and_running_costs_only_the_writ
     env.watch()
     st = env.reconcile()
     assert st["attempt"] == 1
-    # The job is read live before its first attempt; its pods are not listed (none can exist yet).
+    # The job is read live before its first attempt; its pods are not listed (none can exist yet). The one
+    # other read: the runtimes, for a default one (once, before the job is accepted).
     calls = env.kube.calls
-    assert calls[0] == "get_job" and calls[4:] == ["patch_status", "create_event"]
-    assert sorted(calls[1:4]) == ["create_ConfigMap", "create_Pod", "create_Service"]  # in parallel
+    assert calls[:2] == ["get_job", "list_runtimes"] and calls[5:] == ["patch_status", "create_event"]
+    assert sorted(calls[2:5]) == ["create_ConfigMap", "create_Pod", "create_Service"]  # in parallel
     env.kube.calls.clear()
     env.watch()
     env.reconcile()

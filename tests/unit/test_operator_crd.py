@@ -134,10 +134,29 @@ def test_types_enums_minimums() -> None:
     assert spec["required"] == ["training"]
     assert spec["properties"]["method"]["enum"] == ["full", "lora", "lora-sdxl", "lora-flux"]
     assert spec["properties"]["resources"]["properties"]["nodes"]["minimum"] == 1
-    assert spec["properties"]["resources"]["default"] == {}
     quantity = spec["properties"]["resources"]["properties"]["limits"]["additionalProperties"]
     assert quantity["x-kubernetes-int-or-string"] is True
-    assert spec["properties"]["runPolicy"]["properties"]["backoffLimit"]["default"] == 3
+
+
+def test_no_schema_defaults_where_a_runtime_can_fill_in() -> None:
+    """A default the apiserver writes into the job would read as the job's own value and beat every runtime:
+    the sections a runtime fills carry none (the operator applies the built-in defaults, under the runtime)."""
+    spec = _schema()["properties"]["spec"]["properties"]
+    for section in ("storage", "resources", "podTemplate", "runPolicy", "hub"):
+        defaulted = [path for path, node in _walk(spec[section], section) if "default" in node]
+        assert defaulted == [], section
+    assert spec["runtimeRef"]["properties"]["name"]["minLength"] == 1
+
+
+def test_runtime_crd_is_cluster_scoped_with_the_job_sections() -> None:
+    rt = crd.runtime_crd()["spec"]
+    assert rt["scope"] == "Cluster" and rt["names"]["shortNames"] == ["dbr"]
+    assert rt["names"]["kind"] == "DreamBoothRuntime" and rt["names"]["plural"] == "dreamboothruntimes"
+    schema = rt["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert set(schema["properties"]) == {"storage", "resources", "podTemplate", "runPolicy", "hub"}
+    assert "nodes" not in schema["properties"]["resources"]["properties"]  # the gang size is the job's
+    assert not [path for path, node in _walk(schema, "spec") if "default" in node]
+    assert crd.RUNTIME_CRD_FILE.read_text() == crd.render_crd(runtime=True), "regenerate: dreambooth crd --write"
 
 
 def test_main_prints_and_writes(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:

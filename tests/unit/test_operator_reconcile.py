@@ -59,6 +59,7 @@ class FakeKube:
         self.fail_create_of: dict[str, int] = {}  # object name -> HTTP status, once
         self.fail_message = "spec.volumes[4].persistentVolumeClaim.claimName: Required value"
         self.created_pods: list[str] = []
+        self.runtimes: dict[str, dict[str, Any]] = {}
         self.rv = 1
 
     # KubeApi
@@ -99,6 +100,14 @@ class FakeKube:
     def get_node(self, name: str) -> dict[str, Any] | None:
         self.calls.append("get_node")
         return copy.deepcopy(self.nodes.get(name))
+
+    def get_runtime(self, name: str) -> dict[str, Any] | None:
+        self.calls.append("get_runtime")
+        return copy.deepcopy(self.runtimes.get(name))
+
+    def list_runtimes(self) -> list[dict[str, Any]]:
+        self.calls.append("list_runtimes")
+        return [copy.deepcopy(r) for _, r in sorted(self.runtimes.items())]
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         self.calls.append(f"create_{obj['kind']}")

@@ -130,14 +130,60 @@ CASES: dict[str, tuple[dict[str, Any], int, bool]] = {
 }  # fmt: skip
 
 
+# A platform's DreamBoothRuntime under a job (docs/runtime.md): what the pods get from each.
+RUNTIME = {
+    "storage": {
+        "endpoint": "https://s3.platform.example",
+        "region": "eu-west-1",
+        "pathStyle": True,
+        "credentialsSecret": "platform-s3",
+    },
+    "resources": {
+        "image": "registry.platform.example/trainer:0.2.0",
+        "gpusPerNode": 8,
+        "requests": {"cpu": "32", "memory": "400Gi"},
+    },
+    "podTemplate": {
+        "labels": {"team.example.com/cost-center": "platform", "kueue.x-k8s.io/priority-class": "batch"},
+        "nodeSelector": {"node.kubernetes.io/instance-type": "p4d.24xlarge"},
+        "tolerations": [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+            {"key": "spot", "operator": "Exists", "effect": "NoSchedule"},
+        ],
+        "schedulerName": "volcano",
+        "env": [{"name": "NCCL_DEBUG", "value": "WARN"}, {"name": "NCCL_IB_DISABLE", "value": "1"}],
+    },
+    "runPolicy": {"queueName": "platform-gpu", "maxPreemptions": 50},
+}
+RUNTIME_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    # name: (runtime spec, job spec overrides)
+    "runtime-merged": (
+        RUNTIME,
+        {
+            "resources": {"nodes": 2, "requests": {"cpu": "16"}},
+            "podTemplate": {
+                "labels": {"team.example.com/cost-center": "vision"},
+                "tolerations": [{"key": "spot", "operator": "Equal", "value": "yes", "effect": "NoSchedule"}],
+                "env": [{"name": "NCCL_DEBUG", "value": "INFO"}],
+            },
+        },
+    ),
+    "runtime-only": (RUNTIME, {"resources": {"nodes": 1}}),
+}
+
+
 def render(case: str) -> str:
+    if case in RUNTIME_CASES:
+        runtime, spec = RUNTIME_CASES[case]
+        job = validate(job_body(spec), base=runtime)
+        return yaml.safe_dump_all([*build_gang(job, 1, False)], sort_keys=False, width=120)
     spec, attempt, savers = CASES[case]
     job = valid(spec)
     objs = [build_configmap(job), build_service(job), *build_gang(job, attempt, savers)]
     return yaml.safe_dump_all(objs, sort_keys=False, width=120)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted([*CASES, *RUNTIME_CASES]))
 def test_golden(case: str) -> None:
     path = GOLDEN / f"{case}.yaml"
     text = render(case)

@@ -33,6 +33,7 @@ from .classimages import ensure_class_images
 from .compat import warn_like_the_scripts
 from .data import CachedLatentsDataset, DreamBoothDataset, EpochSampler, collate_fn, list_images
 from .families import family_for
+from .latents import latent_transform
 from .model import (
     check_optional_libraries,
     config_json,
@@ -236,15 +237,12 @@ class Trainer:
         self.resumed: ckpt.Loaded | None = None
         # A checkpoint of diffusers' scripts asked for by --resume_from_checkpoint (every rank reads the listing).
         newest = ckpt.checkpoint_steps(self.out)
-        self.script_step = diffusers_format.requested_step(
-            self.out, cfg.resume_from_checkpoint, newest[0] if newest else None
-        )
+        request = ckpt.continue_named(self.out, cfg.resume_from_checkpoint, self.env.job_uid)
+        self.script_step = diffusers_format.requested_step(self.out, request, newest[0] if newest else None)
         loaded = None
         with acc.main_process_first():
             if self.script_step is None:
-                loaded = ckpt.choose_resume(
-                    self.out, cfg.resume_from_checkpoint, self.hash, self.scratch / "resume", hashed_settings(cfg)
-                )
+                loaded = ckpt.choose_resume(self.out, request, self.hash, self.scratch / "resume", hashed_settings(cfg))
         self.rank_log.start_upload(self.out.uri, log_key)  # other ranks: rank 0's claim held (barrier above)
         steps = self._agree([loaded.step if loaded else -1])
         if steps[0] >= 0:
@@ -439,10 +437,8 @@ class Trainer:
         if cfg.pre_compute_text_embeddings:
             # The text encoder is no longer needed: free it, as diffusers does.
             m.text_encoder = None  # type: ignore[assignment]
-        # Kept apart from the VAE: with cached latents this factor is all the loop needs of it.
-        self.latent_scale: float = m.vae.config.scaling_factor
-        # Flux's VAE shifts its latents before scaling them (shift_factor); SD's and SDXL's have none.
-        self.latent_shift: float = getattr(m.vae.config, "shift_factor", None) or 0.0
+        # Kept apart from the VAE: with cached latents this transform is all the loop needs of it.
+        self.to_latent_space = latent_transform(m.vae.config)
         if cfg.cache_latents and not cfg.validation_prompt:
             # Every latent is cached and nothing decodes (no validation; the final save loads the VAE from the
             # model folder): free the VAE, as diffusers' train_dreambooth_lora_sdxl.py does with --cache_latents
@@ -624,9 +620,7 @@ class Trainer:
             pixel_values = batch["pixel_values"].to(acc.device, dtype=m.vae.dtype if self.family.upcast_vae else wdtype)
             with torch.no_grad():
                 latents = m.vae.encode(pixel_values).latent_dist.sample(generator=gen)
-        latents = (
-            (latents - self.latent_shift) * self.latent_scale if self.latent_shift else latents * self.latent_scale
-        )
+        latents = self.to_latent_space(latents)
         if self.family.upcast_vae:
             latents = latents.to(wdtype)
         family = self.family

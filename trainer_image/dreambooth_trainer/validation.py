@@ -117,8 +117,11 @@ class Validator:
     def _scheduler(self, noise_scheduler: Any) -> Any:
         import diffusers
 
-        name = self.cfg.validation_scheduler if isinstance(self.cfg, FullConfig) else "DPMSolverMultistepScheduler"
         config = dict(noise_scheduler.config)
+        if getattr(self.cfg, "do_edm_style_training", False) or "EDM" in type(noise_scheduler).__name__:
+            # train_dreambooth_lora_sdxl.py samples EDM-trained weights with the model's own (Euler/EDM) scheduler.
+            return type(noise_scheduler).from_config(config)
+        name = self.cfg.validation_scheduler if isinstance(self.cfg, FullConfig) else "DPMSolverMultistepScheduler"
         # Training used the simplified objective: a scheduler that learned variances must ignore them.
         if config.get("variance_type") in ("learned", "learned_range"):
             config["variance_type"] = "fixed_small"

@@ -30,7 +30,7 @@ from .layout import (
 )
 from .owner import Claim, claim_output
 from .publisher import Publisher
-from .resume import Loaded, choose_resume, verify_and_fetch
+from .resume import Loaded, choose_resume, continue_named, verify_and_fetch
 
 __all__ = [
     "FORMAT",
@@ -45,6 +45,7 @@ __all__ = [
     "TrainState",
     "checkpoint_steps",
     "choose_resume",
+    "continue_named",
     "Claim",
     "claim_output",
     "cpu_clone",

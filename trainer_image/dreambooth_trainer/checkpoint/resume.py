@@ -77,6 +77,32 @@ def _matches(path: Path, meta: dict[str, Any]) -> bool:
     return file_sha256(path) == meta["sha256"]
 
 
+def continue_named(store: Store, request: str | None, job_uid: str) -> str | None:
+    """The request a job's later attempt resumes with: a named checkpoint (``checkpoint-N``) is where the *job*
+    starts, so once this job has written a newer complete checkpoint (an attempt preempted after it), that one is
+    taken — resuming checkpoint-N again after every preemption would throw away the job's work. Checkpoints of
+    other runs in the folder (newer ones a user rolled back from) are never taken: only manifests naming this job."""
+    m = _CKPT.match(Path(str(request)).name) if request not in (None, "latest") else None
+    if m is None or not job_uid:
+        return request
+    named = int(m.group(1))
+    for step in checkpoint_steps(store):  # newest first
+        if step <= named:
+            break
+        try:
+            manifest = json.loads(store.read_bytes(f"checkpoint-{step}/{MANIFEST}"))
+        except (NotFoundError, ValueError):
+            continue  # damaged: choose_resume would fall back past it anyway
+        if isinstance(manifest, dict) and manifest.get("jobUid") == job_uid:
+            logger.info(
+                "resume_from_checkpoint names checkpoint-%d, but this job wrote checkpoint-%d since (an earlier "
+                "attempt): resuming checkpoint-%d",
+                named, step, step,
+            )  # fmt: skip
+            return f"checkpoint-{step}"
+    return request
+
+
 def choose_resume(
     store: Store, request: str | None, config_hash: str, cache: Path, settings: dict[str, Any] | None = None
 ) -> Loaded | None:

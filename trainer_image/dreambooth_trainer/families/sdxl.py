@@ -3,13 +3,15 @@
 Two CLIP text encoders (the second with a projection) whose penultimate hidden states are concatenated, the
 second's pooled projection and the six `add_time_ids` (original size, crop top-left, target size) as the UNet's
 added conditions; DDPM noise with epsilon/v targets and the script's Min-SNR weights, or EDM-style training on
-Euler sigmas (`--do_edm_style_training`); LoRA (or DoRA) on the UNet's attention and, with
+Euler sigmas (`--do_edm_style_training`) or on a model's own EDM scheduler (Playground v2.5's EDMEulerScheduler,
+whose VAE standardises latents by a per-channel mean/std: latents.py); LoRA (or DoRA) on the UNet's attention and, with
 `--train_text_encoder`, on both text encoders' attention.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ PIPELINE_PARTS = (
     "model_index.json", "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler",
 )  # fmt: skip
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+logger = logging.getLogger(__name__)
 
 
 class TokenizerPair:
@@ -125,7 +128,13 @@ class StableDiffusionXL(ModelFamily):
             )
 
     def load(self, cfg: CommonConfig, model_dir: Path, extra_dirs: Mapping[str, Path] | None = None) -> Parts:
-        from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+        from diffusers import (
+            AutoencoderKL,
+            DDPMScheduler,
+            EDMEulerScheduler,
+            EulerDiscreteScheduler,
+            UNet2DConditionModel,
+        )
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
         assert isinstance(cfg, SdxlLoraConfig)
@@ -134,14 +143,21 @@ class StableDiffusionXL(ModelFamily):
             AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer", use_fast=False, **kw),
             AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2", use_fast=False, **kw),
         )
-        if self._edm_scheduler(model_dir):
+        edm_model = self._edm_scheduler(model_dir)
+        if edm_model and cfg.snr_gamma is not None:
+            # The script would crash in compute_snr (an EDM scheduler has no alphas_cumprod): say it up front.
             raise ConfigError(
-                "pretrained_model_name_or_path",
-                f"{model_dir} has an EDM scheduler (EDMEulerScheduler), which this trainer does not train yet; "
-                "use a model with SDXL's Euler/DDPM scheduler (--do_edm_style_training trains EDM-style on it).",
+                "snr_gamma",
+                f"{model_dir} has an EDM scheduler (EDMEulerScheduler), so it trains EDM-style, and Min-SNR "
+                "weighting is not supported with EDM-style training; remove snr_gamma.",
             )
-        scheduler_class = EulerDiscreteScheduler if cfg.do_edm_style_training else DDPMScheduler
+        # A model shipped with an EDM scheduler (Playground v2.5) trains EDM-style whatever the flag, as the script.
+        scheduler_class = (
+            EDMEulerScheduler if edm_model else EulerDiscreteScheduler if cfg.do_edm_style_training else DDPMScheduler
+        )
         noise_scheduler = scheduler_class.from_pretrained(model_dir, subfolder="scheduler")
+        if edm_model or cfg.do_edm_style_training:
+            logger.info("EDM-style training on the %s", scheduler_class.__name__)
         te1 = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", variant=cfg.variant, **kw)
         te2 = CLIPTextModelWithProjection.from_pretrained(
             model_dir, subfolder="text_encoder_2", variant=cfg.variant, **kw
@@ -160,7 +176,12 @@ class StableDiffusionXL(ModelFamily):
                 "not 'text_time').",
             )
         return Parts(
-            tokenizer, te1, vae, unet, noise_scheduler, extra={"text_encoder_2": te2, "edm": cfg.do_edm_style_training}
+            tokenizer,
+            te1,
+            vae,
+            unet,
+            noise_scheduler,
+            extra={"text_encoder_2": te2, "edm": cfg.do_edm_style_training or edm_model, "edm_scheduler": edm_model},
         )
 
     @staticmethod
@@ -317,14 +338,21 @@ class StableDiffusionXL(ModelFamily):
             states = states.repeat(rows // states.shape[0], 1, 1)
         inputs = noisy
         sigmas = None
+        edm_scheduler = parts.extra.get("edm_scheduler")
         if parts.extra.get("edm"):
             sigmas = edm_sigmas(parts.noise_scheduler, timesteps, noisy.ndim, noisy.dtype)
-            inputs = edm_precondition_inputs(noisy, sigmas)
+            inputs = (
+                parts.noise_scheduler.precondition_inputs(noisy, sigmas)
+                if edm_scheduler
+                else edm_precondition_inputs(noisy, sigmas)
+            )
         pred = denoiser(
             inputs, timesteps, states, added_cond_kwargs={"time_ids": time_ids, "text_embeds": text_embeds},
             return_dict=False,
         )[0]  # fmt: skip
-        if sigmas is not None:
+        if sigmas is not None and edm_scheduler:
+            pred = parts.noise_scheduler.precondition_outputs(noisy, pred, sigmas)
+        elif sigmas is not None:
             pred = edm_precondition_outputs(pred, noisy, sigmas, parts.noise_scheduler.config.prediction_type)
         return pred
 
@@ -341,8 +369,9 @@ class StableDiffusionXL(ModelFamily):
         kind = scheduler.config.prediction_type
         edm = bool(parts.extra.get("edm"))
         weighting = None
-        if edm:
-            # Not applied to EDM schedulers in the script (numerical problems); this one is Euler's.
+        if edm and not parts.extra.get("edm_scheduler"):
+            # The script weights by sigma^-2 only on Euler's schedule: on an EDM scheduler it "tends to result in
+            # numerical problems" (diffusers PR 7126).
             weighting = (edm_sigmas(scheduler, timesteps, model_pred.ndim, model_pred.dtype) ** -2.0).float()
         if kind == "epsilon":
             target = latents if edm else noise
