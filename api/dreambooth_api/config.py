@@ -3,7 +3,9 @@
 One model per diffusers script, so each keeps its own flag names and defaults:
 ``FullConfig`` mirrors ``train_dreambooth.py`` (``dreambooth train``), ``LoraConfig`` mirrors
 ``train_dreambooth_lora.py`` (``dreambooth train-lora``) and ``SdxlLoraConfig`` mirrors
-``train_dreambooth_lora_sdxl.py`` (``dreambooth train-lora-sdxl``, ``spec.method: lora-sdxl``). Field names are the scripts' snake_case flags; the
+``train_dreambooth_lora_sdxl.py`` (``dreambooth train-lora-sdxl``, ``spec.method: lora-sdxl``) and ``FluxLoraConfig``
+mirrors ``train_dreambooth_lora_flux.py`` (``dreambooth train-lora-flux``, ``spec.method: lora-flux``). Field names
+are the scripts' snake_case flags; the
 manifest uses the same fields in camelCase. Importable without torch: the operator uses it to build the CRD.
 """
 
@@ -21,7 +23,7 @@ from pydantic.alias_generators import to_camel
 
 from .contract import BadInputError
 
-Method = Literal["full", "lora", "lora-sdxl"]
+Method = Literal["full", "lora", "lora-sdxl", "lora-flux"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 PriorPrecision = Literal["no", "fp32", "fp16", "bf16"]
 LrScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
@@ -223,7 +225,7 @@ OPERATIONAL_FIELDS = frozenset(
         "enable_xformers_memory_efficient_attention", "allow_tf32", "expected_preemption_interval_seconds",
         "instance_data_dir", "class_data_dir", "pretrained_model_name_or_path", "allow_large_resolution",
         "skip_bad_images", "unsafe_shared_output", "cache_dir", "pretrained_vae_model_name_or_path", "dataset_name",
-        "output_kohya_format",
+        "output_kohya_format", "upcast_before_saving", "enable_npu_flash_attention",
     }
 )  # fmt: skip
 
@@ -310,7 +312,69 @@ class SdxlLoraConfig(LoraConfig):
         return self.optimizer.lower() == "prodigy"
 
 
-MODELS: dict[str, type[CommonConfig]] = {"full": FullConfig, "lora": LoraConfig, "lora-sdxl": SdxlLoraConfig}
+WeightingScheme = Literal["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"]
+
+
+class FluxLoraConfig(LoraConfig):
+    """``train_dreambooth_lora_flux.py``: LoRA on the Flux transformer (and optionally the CLIP text encoder)."""
+
+    method: ClassVar[Method] = "lora-flux"
+    script: ClassVar[str] = "train_dreambooth_lora_flux.py"
+
+    instance_data_dir: str | None = _f(  # type: ignore[assignment]
+        None, "Folder (local or s3://) holding the instance images (required unless dataset_name is given)."
+    )
+    dataset_name: str | None = _f(
+        None,
+        "An image folder (local or s3://, the imagefolder convention) with a metadata.jsonl of captions, in place of "
+        "instance_data_dir; Hub dataset names are refused (no Hub access here).",
+    )
+    dataset_config_name: str | None = _f(None, "Hub dataset config name (Hub datasets are not supported here).")
+    cache_dir: str | None = _f(None, "Where downloaded models and datasets are cached.")
+    image_column: str = _f("image", "The dataset column holding the images (with dataset_name).")
+    caption_column: str | None = _f(None, "The dataset column holding the captions (with dataset_name).")
+    repeats: int = _f(1, "How many times each training image is repeated per epoch.", ge=1, le=MAX_STEPS)
+    output_dir: str = _f("flux-dreambooth-lora", "Where the LoRA weights, checkpoints and images are written.")
+    random_flip: bool = _f(False, "Flip training images horizontally at random.")
+    # The Flux script resizes with bilinear; ours keeps the LoRA script's flag, defaulting to the Flux script's filter.
+    image_interpolation_mode: InterpolationMode = _f(
+        "bilinear", "Filter that resizes the training images (instance and class) to the resolution."
+    )
+    learning_rate: float = _f(1e-4, "Initial learning rate (after warmup).", gt=0)
+    text_encoder_lr: float = _f(5e-6, "Learning rate of the CLIP text encoder's LoRA (with train_text_encoder).", gt=0)
+    optimizer: str = _f("AdamW", "AdamW or prodigy; any other value warns and falls back to AdamW, as the script does.")
+    prodigy_beta3: float | None = _f(None, "Prodigy's beta3 (default: sqrt(beta2)).")
+    prodigy_decouple: bool = _f(True, "Prodigy: decoupled weight decay (AdamW style).")
+    prodigy_use_bias_correction: bool = _f(True, "Prodigy: Adam's bias correction.")
+    prodigy_safeguard_warmup: bool = _f(True, "Prodigy: remove the learning rate from D's estimate in warmup.")
+    adam_weight_decay: float = _f(1e-04, "AdamW weight decay of the transformer's parameters.")
+    adam_weight_decay_text_encoder: float = _f(1e-03, "AdamW weight decay of the text encoder's parameters.")
+    max_sequence_length: int = _f(512, "Maximum sequence length of the T5 text encoder's prompt.", ge=1)
+    guidance_scale: float = _f(
+        3.5, "Guidance the transformer is conditioned on (FLUX.1-dev is guidance-distilled); ignored without it."
+    )
+    weighting_scheme: WeightingScheme = _f(
+        "none", "How timesteps are sampled (logit_normal, mode) or the loss weighted (sigma_sqrt, cosmap)."
+    )
+    logit_mean: float = _f(0.0, "Mean of the logit_normal weighting scheme.")
+    logit_std: float = _f(1.0, "Standard deviation of the logit_normal weighting scheme.")
+    mode_scale: float = _f(1.29, "Scale of the mode weighting scheme.")
+    lora_alpha: int = _f(4, "LoRA alpha (the adapters' scaling is alpha / rank).", ge=1)
+    lora_layers: str | None = _f(
+        None,
+        "Comma-separated transformer modules to train LoRA on, e.g. 'attn.to_k,attn.to_q' (default: the script's).",
+    )
+    upcast_before_saving: bool = _f(False, "Upcast the trained transformer's LoRA to fp32 before the final save.")
+    enable_npu_flash_attention: bool = _f(False, "Flash attention on an Ascend NPU (refused: no NPU support here).")
+
+    @property
+    def uses_prodigy(self) -> bool:
+        return self.optimizer.lower() == "prodigy"
+
+
+MODELS: dict[str, type[CommonConfig]] = {
+    "full": FullConfig, "lora": LoraConfig, "lora-sdxl": SdxlLoraConfig, "lora-flux": FluxLoraConfig,
+}  # fmt: skip
 # Settings of the SD scripts that the SDXL script does not have and that make no sense for SDXL's two encoders.
 SD_ONLY_FIELDS = (
     "tokenizer_name",
@@ -359,6 +423,8 @@ def check_rules(cfg: CommonConfig) -> None:
         raise ConfigError("cache_latents", "needs --center_crop (random crops change the latents every epoch).")
     if isinstance(cfg, SdxlLoraConfig):
         check_sdxl_rules(cfg)
+    if isinstance(cfg, FluxLoraConfig):
+        check_flux_rules(cfg)
     if cfg.hub_token and cfg.report_to in ("wandb", "all"):
         # As the scripts: the tracker records the run's arguments, token included.
         raise ConfigError(
@@ -375,7 +441,44 @@ def check_sdxl_rules(cfg: SdxlLoraConfig) -> None:
                 name,
                 f"is a setting of the SD 1.x/2.x scripts, not of {cfg.script} (SDXL has two text encoders); remove it.",
             )
-    # As the script: one source of instance images.
+    check_image_source(cfg)
+    if cfg.do_edm_style_training and cfg.snr_gamma is not None:
+        raise ConfigError(
+            "snr_gamma", "Min-SNR weighting is not supported with --do_edm_style_training (as in the script); drop one."
+        )
+    if cfg.cache_latents and cfg.random_flip:
+        raise ConfigError("cache_latents", "cannot be used with --random_flip (a flip changes the latents); drop one.")
+    check_location("pretrained_vae_model_name_or_path", cfg.pretrained_vae_model_name_or_path)
+
+
+# Settings of other families' scripts that mean nothing to Flux (a transformer trained by flow matching).
+NOT_FLUX_FIELDS = (*SD_ONLY_FIELDS, "snr_gamma", "enable_xformers_memory_efficient_attention")
+
+
+def check_flux_rules(cfg: FluxLoraConfig) -> None:
+    for name in NOT_FLUX_FIELDS:
+        if getattr(cfg, name) not in (None, False):
+            raise ConfigError(
+                name,
+                f"is not a setting of {cfg.script} (Flux trains a transformer by flow matching, with CLIP and T5 "
+                "prompts); remove it" + (" (--weighting_scheme weights the loss)." if name == "snr_gamma" else "."),
+            )
+    check_image_source(cfg)
+    if cfg.cache_latents and cfg.random_flip:
+        raise ConfigError("cache_latents", "cannot be used with --random_flip (a flip changes the latents); drop one.")
+    if cfg.lora_layers is not None and not [layer for layer in cfg.lora_layers.split(",") if layer.strip()]:
+        raise ConfigError("lora_layers", "names no module; give e.g. 'attn.to_k,attn.to_q,attn.to_v' or remove it.")
+    if cfg.enable_npu_flash_attention:
+        # The script raises unless torch_npu is installed and an NPU is present; this trainer has no NPU build.
+        raise ConfigError(
+            "enable_npu_flash_attention",
+            "needs an Ascend NPU with torch_npu, which this trainer does not support; remove it (PyTorch's SDPA "
+            "attention is used).",
+        )
+
+
+def check_image_source(cfg: SdxlLoraConfig | FluxLoraConfig) -> None:
+    """As the scripts with --dataset_name: one source of instance images, an image folder, not a Hub dataset."""
     if cfg.dataset_name is None and cfg.instance_data_dir is None:
         raise ConfigError(
             "instance_data_dir",
@@ -391,13 +494,6 @@ def check_sdxl_rules(cfg: SdxlLoraConfig) -> None:
             "names a Hub dataset's config; an image folder has none (Hub datasets are not read here).",
         )
     check_location("dataset_name", cfg.dataset_name)
-    if cfg.do_edm_style_training and cfg.snr_gamma is not None:
-        raise ConfigError(
-            "snr_gamma", "Min-SNR weighting is not supported with --do_edm_style_training (as in the script); drop one."
-        )
-    if cfg.cache_latents and cfg.random_flip:
-        raise ConfigError("cache_latents", "cannot be used with --random_flip (a flip changes the latents); drop one.")
-    check_location("pretrained_vae_model_name_or_path", cfg.pretrained_vae_model_name_or_path)
 
 
 def check_location(name: str, value: str | None) -> None:
@@ -421,7 +517,9 @@ def check_location(name: str, value: str | None) -> None:
 def parse_training(method: str, training: dict[str, Any]) -> CommonConfig:
     """Build a config from a manifest's ``spec.training`` (camelCase; snake_case accepted), or raise ConfigError."""
     if method not in MODELS:
-        raise ConfigError("method", f"spec.method must be 'full', 'lora' or 'lora-sdxl', not {quote(method)}.")
+        raise ConfigError(
+            "method", f"spec.method must be 'full', 'lora', 'lora-sdxl' or 'lora-flux', not {quote(method)}."
+        )
     model = MODELS[method]
     try:
         return model.model_validate(training)
@@ -472,7 +570,9 @@ def nearest(name: str, known: Iterable[str]) -> str | None:
     return close[0] if close else None
 
 
-COMMANDS: dict[str, str] = {"full": "train", "lora": "train-lora", "lora-sdxl": "train-lora-sdxl"}
+COMMANDS: dict[str, str] = {
+    "full": "train", "lora": "train-lora", "lora-sdxl": "train-lora-sdxl", "lora-flux": "train-lora-flux",
+}  # fmt: skip
 
 
 def _cmd(model: type[CommonConfig]) -> str:

@@ -154,8 +154,8 @@ class RuntimeRef(_Spec):
 class JobSpec(_Spec):
     method: Method = Field(
         "full",
-        description="full (train_dreambooth.py), lora (train_dreambooth_lora.py) or lora-sdxl "
-        "(train_dreambooth_lora_sdxl.py).",
+        description="full (train_dreambooth.py), lora (train_dreambooth_lora.py), lora-sdxl "
+        "(train_dreambooth_lora_sdxl.py) or lora-flux (train_dreambooth_lora_flux.py).",
     )
     training: dict[str, Any] = Field(
         ..., description="Every trainer setting: the flags of the method's script, in camelCase."

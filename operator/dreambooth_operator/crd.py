@@ -135,7 +135,8 @@ def training_schema() -> dict[str, Any]:
         "type": "object",
         "description": (
             "Every trainer setting, and only here: the flags of train_dreambooth.py (method full), "
-            "train_dreambooth_lora.py (method lora) or train_dreambooth_lora_sdxl.py (method lora-sdxl) in camelCase, "
+            "train_dreambooth_lora.py (method lora), train_dreambooth_lora_sdxl.py (method lora-sdxl) or "
+            "train_dreambooth_lora_flux.py (method lora-flux) in camelCase, "
             "e.g. maxTrainSteps for --max_train_steps. "
             "Unknown names are kept so the operator can name them; editing this section of a running job is refused."
         ),

@@ -53,8 +53,9 @@ DEFAULT_COMMAND = ["python", "-m", "dreambooth_trainer.launch"]
 DEFAULT_ARGS = ["--config", f"{CONFIG_DIR}/{CONFIG_KEY}"]
 # Checkpoints are written to scratch first (twice their size at worst) and the model sits in the cache:
 # full fine-tune of SD (UNet 3.4 GB + AdamW 6.9 GB, twice, + ~6 GB model) vs. LoRA (MBs + the model); SDXL's
-# model is ~14 GB in fp32 (UNet 10.3 GB, text encoders 3.3 GB, VAE 0.3 GB), its LoRA checkpoints MBs.
-DEFAULT_EPHEMERAL_STORAGE = {"full": "30Gi", "lora": "8Gi", "lora-sdxl": "20Gi"}
+# model is ~14 GB in fp32 (UNet 10.3 GB, text encoders 3.3 GB, VAE 0.3 GB), its LoRA checkpoints MBs; FLUX.1-dev's
+# diffusers folder is ~34 GB in bf16 (transformer 23.8 GB, T5-XXL 9.5 GB, CLIP and VAE 0.4 GB; docs/flux.md).
+DEFAULT_EPHEMERAL_STORAGE = {"full": "30Gi", "lora": "8Gi", "lora-sdxl": "20Gi", "lora-flux": "48Gi"}
 # The default 300 s keeps a gang on a dead node for five minutes before anything can recover.
 NODE_FAILURE_TOLERATION_SECONDS = 30
 RUN_AS_USER = 1000

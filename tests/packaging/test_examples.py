@@ -32,7 +32,7 @@ LOCAL_ONLY = {"quickstart.yaml"}
 # What the issue promises, by file name.
 EXPECTED = {
     "quickstart.yaml", "dog-full.yaml", "dog-lora.yaml", "prior-preservation.yaml", "multi-node.yaml",
-    "spot-kueue.yaml", "s3-secret-minio.yaml", "irsa-service-account.yaml", "sdxl-lora.yaml",
+    "spot-kueue.yaml", "s3-secret-minio.yaml", "irsa-service-account.yaml", "sdxl-lora.yaml", "flux-lora.yaml",
     "platform-runtime.yaml",
 }  # fmt: skip
 

@@ -115,7 +115,9 @@ def test_defaults_only_where_all_scripts_agree() -> None:
     assert "default" not in props["learningRate"] and "5e-06" in props["learningRate"]["description"]
     assert "1024 (lora-sdxl)" in props["resolution"]["description"]
     assert "default" not in props["outputDir"]
-    assert "default" not in props["rank"] and props["rank"]["description"].startswith("(lora, lora-sdxl only)")
+    assert "default" not in props["rank"] and props["rank"]["description"].startswith(
+        "(lora, lora-sdxl, lora-flux only)"
+    )
     assert props["useDora"]["description"].startswith("(lora-sdxl only)")
     assert props["validationSteps"]["description"].startswith("(full only)")
 
@@ -130,7 +132,7 @@ def test_types_enums_minimums() -> None:
     assert props["learningRate"]["minimum"] == 0 and props["learningRate"]["exclusiveMinimum"] is True
     spec = _schema()["properties"]["spec"]
     assert spec["required"] == ["training"]
-    assert spec["properties"]["method"]["enum"] == ["full", "lora", "lora-sdxl"]
+    assert spec["properties"]["method"]["enum"] == ["full", "lora", "lora-sdxl", "lora-flux"]
     assert spec["properties"]["resources"]["properties"]["nodes"]["minimum"] == 1
     quantity = spec["properties"]["resources"]["properties"]["limits"]["additionalProperties"]
     assert quantity["x-kubernetes-int-or-string"] is True

@@ -87,7 +87,7 @@ def test_manifest_method_lora_sdxl_and_its_rules() -> None:
         parse_training("lora-sdxl", {**training, "cacheLatents": True, "centerCrop": True, "randomFlip": True})
     with pytest.raises(ConfigError, match=r"--resolution .*not a multiple of 8"):
         parse_training("lora-sdxl", {**training, "resolution": 1020})
-    with pytest.raises(ConfigError, match=r"spec.method must be 'full', 'lora' or 'lora-sdxl'"):
+    with pytest.raises(ConfigError, match=r"spec.method must be 'full', 'lora', 'lora-sdxl' or 'lora-flux'"):
         parse_training("sdxl", training)
     with pytest.raises(ConfigError, match=r"--use_dora .*applies only to method 'lora-sdxl'"):
         parse_training("lora", {**training, "useDora": True})

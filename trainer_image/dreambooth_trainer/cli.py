@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from dreambooth_api.config import CommonConfig, ConfigError, FullConfig, LoraConfig, SdxlLoraConfig
+from dreambooth_api.config import CommonConfig, ConfigError, FluxLoraConfig, FullConfig, LoraConfig, SdxlLoraConfig
 from dreambooth_api.contract import EXIT_BAD_INPUT
 
 from .logs import setup_logging
@@ -16,8 +16,10 @@ commands:
   train-lora   DreamBooth LoRA with train_dreambooth_lora.py's flags and defaults
   train-lora-sdxl
                SDXL DreamBooth LoRA with train_dreambooth_lora_sdxl.py's flags and defaults
+  train-lora-flux
+               Flux DreamBooth LoRA with train_dreambooth_lora_flux.py's flags and defaults
   run          run a DreamBoothJob manifest on this machine, no cluster needed
-  tiny-model   write a tiny random Stable Diffusion (or, --family sdxl, SDXL) pipeline (tests, quickstart)
+  tiny-model   write a tiny random Stable Diffusion (--family sdxl: SDXL, flux: Flux) pipeline (tests, quickstart)
   crd          print the DreamBoothJob CustomResourceDefinition
   operator     run the Kubernetes operator
   validate     check DreamBoothJob manifests as the operator would, offline (GitOps CI)
@@ -52,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train_command(LoraConfig, rest, "dreambooth train-lora")
     if cmd == "train-lora-sdxl":
         return _train_command(SdxlLoraConfig, rest, "dreambooth train-lora-sdxl")
+    if cmd == "train-lora-flux":
+        return _train_command(FluxLoraConfig, rest, "dreambooth train-lora-flux")
     if cmd == "worker":
         import argparse
 

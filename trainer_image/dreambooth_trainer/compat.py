@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from dreambooth_api.config import CommonConfig, SdxlLoraConfig, flag_and_field
+from dreambooth_api.config import CommonConfig, FluxLoraConfig, SdxlLoraConfig, flag_and_field
 
 logger = logging.getLogger(__name__)
 
@@ -16,7 +16,7 @@ def script_warnings(cfg: CommonConfig) -> list[str]:
         for name in ("class_data_dir", "class_prompt"):
             if getattr(cfg, name):
                 out.append(f"You need not use {flag_and_field(name)} without --with_prior_preservation: it is ignored.")
-    if isinstance(cfg, SdxlLoraConfig):
+    if isinstance(cfg, (SdxlLoraConfig, FluxLoraConfig)):
         if cfg.optimizer.lower() not in ("adamw", "prodigy"):
             out.append(
                 f"Unsupported choice of optimizer: {cfg.optimizer}. Supported optimizers include [adamW, prodigy]. "
@@ -28,7 +28,11 @@ def script_warnings(cfg: CommonConfig) -> list[str]:
             out.append(
                 "Learning rate is too low. When using prodigy, it's generally better to set learning rate around 1.0"
             )
-        if cfg.mixed_precision == "fp16" and cfg.pretrained_vae_model_name_or_path is None:
+        if (
+            isinstance(cfg, SdxlLoraConfig)
+            and cfg.mixed_precision == "fp16"
+            and cfg.pretrained_vae_model_name_or_path is None
+        ):
             out.append(
                 "fp16 with SDXL's stock VAE: the VAE stays in fp32 (it produces NaNs in fp16), which costs memory; "
                 f"give an fp16-safe VAE with {flag_and_field('pretrained_vae_model_name_or_path')} "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from dreambooth_api.config import CommonConfig, LoraConfig, SdxlLoraConfig, flag_and_field
+from dreambooth_api.config import CommonConfig, FluxLoraConfig, LoraConfig, SdxlLoraConfig, flag_and_field
 
 # A Hub model id ("org/name" or "name"); the Hub rejects any other base_model in the card's metadata.
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
@@ -32,19 +32,23 @@ def is_hub_id(name: str) -> bool:
 
 def _front_matter(cfg: CommonConfig) -> str:
     sdxl = isinstance(cfg, SdxlLoraConfig)
+    flux = isinstance(cfg, FluxLoraConfig)
     tags = ["text-to-image", "dreambooth", "diffusers-training"]
     # The SDXL script's tags and license (openrail++, SDXL's), DoRA named as such.
     tags += (
         ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"]
         if sdxl
+        else ["flux", "flux-diffusers"]
+        if flux
         else ["stable-diffusion", "stable-diffusion-diffusers"]
     )
     if isinstance(cfg, LoraConfig):
         tags.append("dora" if sdxl and cfg.use_dora else "lora")
-    if sdxl:
+    if sdxl or flux:
         tags.append("template:sd-lora")
+    # Flux's weights come under Black Forest Labs' own licences (FLUX.1-dev: non-commercial): the script says "other".
     meta: dict[str, object] = {
-        "license": "openrail++" if sdxl else "creativeml-openrail-m",
+        "license": "openrail++" if sdxl else "other" if flux else "creativeml-openrail-m",
         "library_name": "diffusers",
     }
     if is_hub_id(cfg.pretrained_model_name_or_path):
@@ -89,6 +93,12 @@ def model_card(
         if isinstance(cfg, SdxlLoraConfig):
             heading = f"# SDXL LoRA DreamBooth - {title}"
             te += f"\n\nSpecial VAE used for training: {cfg.pretrained_vae_model_name_or_path}."
+        if isinstance(cfg, FluxLoraConfig):
+            heading = f"# Flux DreamBooth LoRA - {title}"
+            te += (
+                "\n\nLicense: the base model's (FLUX.1-dev: https://huggingface.co/black-forest-labs/FLUX.1-dev/"
+                "blob/main/LICENSE.md)."
+            )
         usage = (
             "```python\nfrom diffusers import DiffusionPipeline\n\n"
             f"pipe = DiffusionPipeline.from_pretrained({base!r})\n"

@@ -5,8 +5,8 @@ and every weight comes from a seeded generator, so the same seed gives the same 
 versions. The shapes are the smallest that still exercise every code path of real SD training (cross
 attention, VAE encode/decode, text encoder, scheduler) at resolution 32 and 64.
 
-CLI: ``dreambooth tiny-model DIR [--seed N] [--prediction-type epsilon|v_prediction] [--family sd|sdxl]`` (the
-SDXL one: make_tiny_sdxl_model).
+CLI: ``dreambooth tiny-model DIR [--seed N] [--prediction-type epsilon|v_prediction] [--family sd|sdxl|flux]``
+(the SDXL one: make_tiny_sdxl_model; the Flux one: make_tiny_flux_model).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 TINY_MODEL_VERSION = "1"
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-TINY_FAMILIES = ("sd", "sdxl")
+TINY_FAMILIES = ("sd", "sdxl", "flux")
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -122,21 +122,21 @@ def make_tokenizer():  # -> transformers.CLIPTokenizer
 
 
 def _tiny_vae(**overrides: Any) -> Any:
-    """The 2-block VAE both tiny families share (32 px samples, 4 latent channels); call it seeded."""
+    """The 2-block VAE the tiny families share (32 px samples, 4 latent channels unless overridden); call it seeded."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=32,
-        **overrides,
-    )
+    config: dict[str, Any] = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": 32,
+    }
+    return AutoencoderKL(**{**config, **overrides})
 
 
 @contextlib.contextmanager
@@ -347,6 +347,123 @@ def make_tiny_sdxl_model(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+# ------------------------------------------------------------------------------------------ tiny Flux
+
+# A tiny, randomly initialised Flux.1 pipeline (`--family flux`): FluxTransformer2DModel with a guidance embedding
+# (dev's shape: guidance-distilled), a 16-channel VAE with Flux's shift and scale, CLIPTextModel (pooled
+# projection) + T5EncoderModel (the sequence the transformer attends to), the project's CLIP tokenizer and a T5
+# tokenizer built here with the `tokenizers` package (a tokenizer.json: T5TokenizerFast reads it, no
+# sentencepiece), and Flux's FlowMatchEulerDiscreteScheduler.
+TINY_FLUX_VERSION = "1"
+FLUX_LATENT_CHANNELS = 16
+# T5-XXL's tokenizer says 512; FluxPipeline refuses more.
+T5_MAX_LENGTH = 512
+# T5's special ids (pad 0, eos 1, unk 2), then whole words of the project's prompts, then single characters.
+_T5_WORDS = ("a", "photo", "of", "sks", "dog", "cat", "in", "the", "on", "beach")
+
+
+def build_t5_tokenizer():  # -> tokenizers.Tokenizer
+    """A T5-style Unigram tokenizer (Metaspace pre-tokenizer, ``</s>`` appended) over a tiny vocab."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + w, -1.0) for w in _T5_WORDS]
+    pieces += [(c, -5.0) for c in string.ascii_lowercase + string.digits + "\u2581"]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return tok
+
+
+def write_t5_tokenizer_files(folder: Path) -> None:
+    """tokenizer.json and the config T5TokenizerFast.from_pretrained(folder) needs (no spiece.model)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.iterdir():
+        stale.unlink()
+    build_t5_tokenizer().save(str(folder / "tokenizer.json"))
+    special = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    config = {"tokenizer_class": "T5Tokenizer", "model_max_length": T5_MAX_LENGTH, "extra_ids": 0,
+              "additional_special_tokens": [], **special}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=1, sort_keys=True) + "\n")
+
+
+def make_tiny_flux_model(out_dir: Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """Write a tiny random Flux pipeline folder to ``out_dir`` and return it (dev's shape; ``guidance_embeds=False``
+    gives schnell's, without a guidance embedding)."""
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, not {seed}")
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer()
+    with tempfile.TemporaryDirectory() as tmp:
+        write_t5_tokenizer_files(Path(tmp))
+        tokenizer_2 = T5TokenizerFast.from_pretrained(tmp)
+    with _seeded(seed * 5 + 0):
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=FLUX_LATENT_CHANNELS * 4,  # 2x2 latent patches, packed
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,  # T5's d_model
+            pooled_projection_dim=32,  # CLIP's pooled output
+            guidance_embeds=guidance_embeds,
+            axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+        )
+    with _seeded(seed * 5 + 1):
+        # Flux's VAE: 16 latent channels, no quant convs, latents shifted then scaled.
+        vae = _tiny_vae(
+            latent_channels=FLUX_LATENT_CHANNELS, shift_factor=0.1159, scaling_factor=0.3611,
+            use_quant_conv=False, use_post_quant_conv=False,
+        )  # fmt: skip
+    with _seeded(seed * 5 + 2):
+        text_encoder = CLIPTextModel(_text_config(tokenizer, 32))
+    with _seeded(seed * 5 + 3):
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+                pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+            )
+        )  # fmt: skip
+    # FLUX.1-dev's scheduler folder: shift 3, resolution-dependent shifting at inference.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )  # fmt: skip
+    for model in (transformer, vae, text_encoder, text_encoder_2):
+        model.eval()
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2, transformer=transformer,
+    )  # fmt: skip
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    # As in tiny.make_tiny_model: transformers skips weights off rank 0, and the project's tokenizer files last.
+    from safetensors.torch import save_file
+
+    for name, module in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        folder = out_dir / name
+        if not (folder / "model.safetensors").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            module.config.to_json_file(folder / "config.json")
+            state = {k: v.contiguous() for k, v in module.state_dict().items()}
+            save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    write_tokenizer_files(out_dir / "tokenizer")
+    write_t5_tokenizer_files(out_dir / "tokenizer_2")
+    return out_dir
+
+
 # ------------------------------------------------------------------------------------------ sample images
 
 # The instance subject: one particular dog (golden coat, dark ears, white chest), seen in different poses
@@ -456,15 +573,18 @@ def default_cache_root() -> Path:
 def tiny_model_dirname(prediction_type: str = "epsilon", family: str = "sd") -> str:
     if family == "sdxl":
         return f"tiny-sdxl-model-{TINY_SDXL_VERSION}"
+    if family == "flux":
+        return f"tiny-flux-model-{TINY_FLUX_VERSION}"
     suffix = "" if prediction_type == "epsilon" else f"-{prediction_type}"
     return f"tiny-model-{TINY_MODEL_VERSION}{suffix}"
 
 
 def tiny_uri_model(uri: str) -> tuple[str, str]:
-    """(family, prediction type) of a ``tiny://`` model name: tiny://, tiny://v_prediction, tiny://sdxl."""
+    """(family, prediction type) of a ``tiny://`` model name: tiny://, tiny://v_prediction, tiny://sdxl,
+    tiny://flux (flow matching: its "prediction type" is only the cache's name)."""
     name = uri.removeprefix("tiny://") or "epsilon"
-    if name == "sdxl":
-        return "sdxl", "epsilon"
+    if name in ("sdxl", "flux"):
+        return name, "epsilon"
     return "sd", name
 
 
@@ -475,6 +595,10 @@ def make_family_model(out_dir: Path, *, family: str = "sd", seed: int = 0, predi
         if prediction_type != "epsilon":
             raise ValueError("the tiny SDXL model predicts epsilon only")
         return make_tiny_sdxl_model(out_dir, seed=seed)
+    if family == "flux":
+        if prediction_type != "epsilon":
+            raise ValueError("the tiny Flux model is trained by flow matching; it takes no prediction type")
+        return make_tiny_flux_model(out_dir, seed=seed)
     return make_tiny_model(out_dir, seed=seed, prediction_type=prediction_type)
 
 
@@ -539,7 +663,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--family",
         choices=TINY_FAMILIES,
         default="sd",
-        help="sd: Stable Diffusion 1.x/2.x (StableDiffusionPipeline); sdxl: StableDiffusionXLPipeline",
+        help="sd: Stable Diffusion 1.x/2.x (StableDiffusionPipeline); sdxl: StableDiffusionXLPipeline; flux: "
+        "FluxPipeline (Flux.1-dev's shape)",
     )
 
 
@@ -552,7 +677,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --prediction-type: {exc}", file=sys.stderr)
         return 64
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    kind = "Stable Diffusion XL" if family == "sdxl" else "Stable Diffusion"
+    kind = {"sdxl": "Stable Diffusion XL", "flux": "Flux"}.get(family, "Stable Diffusion")
     print(
         f"wrote tiny {kind} pipeline to {out} ({size / 1e6:.1f} MB, "
         f"{time.perf_counter() - start:.1f} s, seed {args.seed}, {args.prediction_type})"

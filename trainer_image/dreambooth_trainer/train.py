@@ -268,8 +268,10 @@ class Trainer:
         # In fp32 only the device changes: diffusers warns on every to(dtype=...) of a model, even a no-op one.
         vae_dtype = torch.float32 if self.family.upcast_vae and "vae" not in self.extra_dirs else wdtype
         m.vae.to(acc.device, **({"dtype": vae_dtype} if vae_dtype != torch.float32 else {}))
-        if not cfg.train_text_encoder:
-            for encoder in self.family.text_encoders(m).values():
+        # Frozen encoders go to the device in the weight dtype (Flux's T5 is frozen even with train_text_encoder).
+        trained_ids = {id(mod) for mod in self.trained}
+        for encoder in self.family.text_encoders(m).values():
+            if id(encoder) not in trained_ids:
                 encoder.to(acc.device, dtype=wdtype)
         if isinstance(cfg, LoraConfig) and wdtype != torch.float32:
             from diffusers.training_utils import cast_training_params

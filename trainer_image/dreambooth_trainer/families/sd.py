@@ -16,6 +16,7 @@ from dreambooth_api.config import CommonConfig, ConfigError, FullConfig, LoraCon
 
 from ..objective import dreambooth_loss, sample_noise, sample_timesteps, target_for
 from .base import ModelFamily, Parts
+from .flux import flux_folder_message
 
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -33,6 +34,8 @@ class StableDiffusion(ModelFamily):
             raise ConfigError(
                 "pretrained_model_name_or_path", f"{path} does not exist; point it at a diffusers pipeline folder."
             )
+        if flux := flux_folder_message(path, "full or lora"):
+            raise ConfigError("pretrained_model_name_or_path", flux)
         if (path / "text_encoder_2").exists() or (path / "tokenizer_2").exists():
             # An SDXL folder would load here and fail at the first step on the UNet's missing added conditions.
             raise ConfigError(

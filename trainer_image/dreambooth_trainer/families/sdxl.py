@@ -23,6 +23,7 @@ from dreambooth_api.config import CommonConfig, ConfigError, SdxlLoraConfig
 
 from ..objective import sample_noise, sample_timesteps, snr
 from .base import ModelFamily, Parts
+from .flux import flux_folder_message
 
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -110,6 +111,8 @@ class StableDiffusionXL(ModelFamily):
             raise ConfigError(
                 "pretrained_model_name_or_path", f"{path} does not exist; point it at a diffusers SDXL pipeline folder."
             )
+        if flux := flux_folder_message(path, "lora-sdxl"):
+            raise ConfigError("pretrained_model_name_or_path", flux.replace("Stable Diffusion. ", "SDXL. "))
         missing = [p for p in PIPELINE_PARTS if not (path / p).exists()]
         if missing:
             holds = (
