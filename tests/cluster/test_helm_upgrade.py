@@ -107,9 +107,12 @@ def old_installed(cluster: Cluster, released: Any, tmp_path_factory: pytest.Temp
 
 
 def _apply_crds(cluster: Cluster, repo: str, version: str) -> None:
-    """docs/install.md's step one of an upgrade: the chart's CRDs applied by hand (Helm never upgrades them)."""
+    """docs/install.md's step one of an upgrade: the chart's CRDs applied by hand (Helm never upgrades them) —
+    `apply` creates the ones new in this release, `replace` drops 0.1.0's schema defaults (apply keeps a field it
+    did not itself set, and a lingering image default would pin every new job to the old trainer)."""
     crds = cluster.helm("show", "crds", repo, "--version", version, "--plain-http").stdout
     cluster.kubectl("apply", "-f", "-", input=crds)
+    cluster.kubectl("replace", "-f", "-", input=crds)
 
 
 def _pod_images(jobs: Jobs, name: str) -> set[str]:
