@@ -206,7 +206,7 @@ class CommonConfig(BaseModel):
             if value == info.get_default(call_default_factory=True) and not info.is_required():
                 continue
             if isinstance(value, bool):
-                if info.get_default() is True:  # a switch that defaults on takes a value (cli_args._bool_value)
+                if info.get_default() is not False:  # a switch defaulting on or unset takes a value (cli_args)
                     out.extend([f"--{name}", str(value).lower()])
                 elif value:
                     out.append(f"--{name}")

@@ -541,9 +541,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="sd",
         help="sd: Stable Diffusion 1.x/2.x (StableDiffusionPipeline); sdxl: StableDiffusionXLPipeline",
     )
+    parser.add_argument(
+        "--preset",
+        choices=("tiny", "sd15-full"),
+        default="tiny",
+        help="tiny (default): test-sized; sd15-full: Stable Diffusion 1.5's real shapes with random weights (~4.3 GB, "
+        "for start-up and GPU benchmarks)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "preset", "tiny") == "sd15-full":
+        from .fullsize import make_sd15_full
+
+        make_sd15_full(args.dir, seed=args.seed)
+        return 0
     start = time.perf_counter()
     family = getattr(args, "family", "sd")
     try:
