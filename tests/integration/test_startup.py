@@ -76,9 +76,8 @@ def test_startup_phases_in_the_log_and_in_progress_and_every_loss_logged(
     if HAS_TENSORBOARD:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-        files = [p for p in (tmp_path / "out" / "logs").rglob("events.out.tfevents.*") if p.is_file()]
-        assert len(files) == 1, files
-        events = EventAccumulator(str(files[0].parent))
+        # The run's own event file (the hparams one sits in a sub-folder).
+        events = EventAccumulator(str(tmp_path / "out" / "logs" / "dreambooth"))
         events.Reload()
         losses = events.Scalars("loss")
         assert [e.step for e in losses] == list(range(1, steps + 1))
@@ -87,12 +86,22 @@ def test_startup_phases_in_the_log_and_in_progress_and_every_loss_logged(
 
 def test_a_resume_keeps_the_adamw_kernel_its_checkpoints_were_trained_with(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    run_dreambooth(["train", *tiny_args(out, steps=2, ckpt=2, batch=1, extra=["--adam_fused", "false"])])
+    first = run_dreambooth(["train", *tiny_args(out, steps=2, ckpt=1, batch=1, extra=["--adam_fused", "false"])])
+    assert "resumed from" not in first.stderr
+    (out / "LATEST").write_text("checkpoint-1\n")
+    _drop_checkpoint(out / "checkpoint-2")
     # Unset now: the run adopts "false" from the checkpoint's hash instead of refusing another config.
-    proc = run_dreambooth(["train", *tiny_args(out, steps=4, ckpt=2, batch=1)])
+    proc = run_dreambooth(["train", *tiny_args(out, steps=2, ckpt=1, batch=1)])
     assert "resumed from" in proc.stderr and "'adam_fused': False" in proc.stderr, proc.stderr[-3000:]
-    assert (out / "checkpoint-4" / "manifest.json").exists()
+    assert (out / "checkpoint-2" / "manifest.json").exists()
     # Set to the other kernel: refused, naming the setting (a new output dir is the way out).
-    proc = run_dreambooth(["train", *tiny_args(out, steps=6, ckpt=2, batch=1, extra=["--adam_fused"])], check=False)
+    proc = run_dreambooth(["train", *tiny_args(out, steps=2, ckpt=1, batch=1, extra=["--adam_fused"])], check=False)
     assert proc.returncode == 64, proc.stderr[-3000:]
     assert "--adam_fused" in proc.stderr and "different training config" in proc.stderr, proc.stderr[-3000:]
+
+
+def _drop_checkpoint(folder: Path) -> None:
+    """As if the run had been stopped before this checkpoint: no manifest, no files."""
+    import shutil
+
+    shutil.rmtree(folder)
