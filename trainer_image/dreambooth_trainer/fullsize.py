@@ -113,3 +113,20 @@ def make_sd15_full(out_dir: Path, *, seed: int = 0, small: bool = False) -> Path
         flush=True,
     )
     return out_dir
+
+
+def tiny_model_main(argv: list[str]) -> int:
+    """`dreambooth tiny-model`: the tiny pipelines (tiny.py), or with `--preset sd15-full` this one."""
+    import argparse
+
+    from . import tiny
+
+    parser = argparse.ArgumentParser(prog="dreambooth tiny-model", description=tiny.__doc__.splitlines()[0])
+    tiny.add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.preset == "sd15-full":
+        if args.family != "sd" or args.prediction_type != "epsilon":
+            parser.error("--preset sd15-full writes an SD 1.5 (epsilon) pipeline: drop --family/--prediction-type")
+        make_sd15_full(args.dir, seed=args.seed)
+        return 0
+    return tiny.run(args)

@@ -551,11 +551,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "preset", "tiny") == "sd15-full":
-        from .fullsize import make_sd15_full
-
-        make_sd15_full(args.dir, seed=args.seed)
-        return 0
     start = time.perf_counter()
     family = getattr(args, "family", "sd")
     try:
