@@ -748,7 +748,9 @@ class Trainer:
         """Snapshot on rank 0; the write and upload happen on a background thread unless asked otherwise."""
         self._flush_logs()
         if self.accelerator.is_main_process:
-            if not bool(self._loss_finite):  # with more ranks the vote reads it a step late: not late enough here
+            # With more ranks the vote reads the flag a step late: not late enough for what is published now.
+            finite = getattr(self, "_loss_finite", None)
+            if finite is not None and not bool(finite):
                 raise self._diverged("loss")
             self._check_weights_finite()  # the ranks' weights are equal (DDP): rank 0 speaks for all
             t0 = time.monotonic()
@@ -886,7 +888,7 @@ class Trainer:
         (each at its own step) and to the progress line; a non-finite loss stops a single-process run here (with
         more ranks the stop vote carries the flag, so that every rank stops at the same step)."""
         self._last_flush = time.monotonic()
-        if not self._pending_logs:
+        if not getattr(self, "_pending_logs", None):  # nothing trained yet (or called before fit)
             return
         values = torch.stack([loss for _, loss, _ in self._pending_logs]).tolist()
         for (step, _, lr), value in zip(self._pending_logs, values, strict=True):
