@@ -178,6 +178,16 @@ class CommonConfig(BaseModel):
         False,
         f"Allow a resolution above {MAX_RESOLUTION} (memory grows with its square: {MAX_RESOLUTION} needs a large GPU).",
     )
+    adam_fused: bool | None = _f(
+        None,
+        "AdamW's fused kernel (faster; other rounding than the foreach AdamW of diffusers' scripts). Unset: fused on "
+        "CPU and, for a new run, on CUDA; a resumed run keeps what its checkpoints were trained with.",
+    )
+    compile: bool | None = _f(
+        None,
+        "torch.compile the UNet (or transformer): faster steps after a compile of a minute or more, other rounding "
+        "than eager. Unset: off, or what a resumed run's checkpoints were trained with.",
+    )
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> CommonConfig:
@@ -198,7 +208,7 @@ class CommonConfig(BaseModel):
             if value == info.get_default(call_default_factory=True) and not info.is_required():
                 continue
             if isinstance(value, bool):
-                if info.get_default() is True:  # a switch that defaults on takes a value (cli_args._bool_value)
+                if info.get_default() is not False:  # a switch defaulting on or unset takes a value (cli_args)
                     out.extend([f"--{name}", str(value).lower()])
                 elif value:
                     out.append(f"--{name}")
@@ -213,6 +223,10 @@ class CommonConfig(BaseModel):
         """The manifest's ``spec.training`` for this config (camelCase, only non-default values)."""
         return self.model_dump(by_alias=True, exclude_defaults=True, mode="json")
 
+
+# Numerics choices added after checkpoints existed (issue 27): hashed only once set, so that the checkpoints of
+# earlier releases keep their hash. The trainer sets them before hashing (dreambooth_trainer.numerics).
+UNSET_UNHASHED_FIELDS = ("adam_fused", "compile")
 
 # Fields that change neither the data order nor the math of an optimizer step: editing them between attempts
 # keeps a resume exact, so they stay out of the config hash.
@@ -233,6 +247,10 @@ OPERATIONAL_FIELDS = frozenset(
 def config_hash(config: CommonConfig) -> str:
     """Identity of a training run's math: two configs with the same hash resume each other's checkpoints."""
     data = {k: v for k, v in config.model_dump(mode="json").items() if k not in OPERATIONAL_FIELDS}
+    for name in UNSET_UNHASHED_FIELDS:
+        if data.get(name) is None:
+            # Unset, these keep the optimizer and UNet of the releases before them: so do the hashes.
+            data.pop(name, None)
     data["method"] = config.method
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

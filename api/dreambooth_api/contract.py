@@ -35,7 +35,11 @@ TERMINATION_LOG = "/dev/termination-log"
 # ---------------------------------------------------------------------------------------------- /progress
 PROGRESS_KEYS = (
     "phase", "step", "maxSteps", "loss", "stepsPerSecond", "etaSeconds", "lastCheckpoint", "validationImages",
+    "startupSeconds",
 )  # fmt: skip
+# /progress "startupSeconds": seconds per start-up phase of this process (null until timed), "total" from the
+# process's start to the end of its first optimizer step, "other" = total minus the phases.
+STARTUP_PHASES = ("sync", "load", "data", "firstStep", "other", "total")
 DEFAULT_PROGRESS_PORT = 8080
 
 # ------------------------------------------------------------------------------- environment of a trainer pod

@@ -125,6 +125,20 @@ def progress_line(status: dict[str, Any], width: int = 24) -> str:
     return "  ".join(parts)
 
 
+def startup_line(status: dict[str, Any]) -> str | None:
+    """Where the attempt's start-up went (status.startupSeconds), once its first step is done; else None."""
+    s = status.get("startupSeconds") or {}
+    if s.get("total") is None:
+        return None
+
+    def fmt(v: float) -> str:
+        return f"{float(v):.1f}s" if float(v) < 60 else _duration(v)
+
+    names = {"sync": "sync", "load": "load", "data": "data", "firstStep": "first step", "other": "other"}
+    parts = [f"{label} {fmt(s[key])}" for key, label in names.items() if s.get(key) is not None]
+    return f"started in {fmt(s['total'])}: " + ", ".join(parts)
+
+
 def phase_line(old: str | None, status: dict[str, Any]) -> str:
     new = status.get("phase") or "Pending"
     msg = status.get("message") or ""

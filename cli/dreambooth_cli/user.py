@@ -107,6 +107,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     seen: set[tuple[str, int]] = set()
     phase: str | None = None
     last_line = ""
+    last_startup: str | None = None
     while True:
         st = job.get("status") or {}
         new_phase = st.get("phase") or "Pending"
@@ -119,6 +120,10 @@ def cmd_watch(args: argparse.Namespace) -> int:
             if key not in seen:
                 seen.add(key)
                 out.append(render.event_line(e))
+        startup = render.startup_line(st)
+        if startup and startup != last_startup:
+            out.append(startup)
+            last_startup = startup
         line = render.progress_line(st)
         if tty:
             # The bar is redrawn in place; phase changes and Events scroll above it.

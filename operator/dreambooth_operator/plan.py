@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from dreambooth_api.config import parse_training
+from dreambooth_api.contract import STARTUP_PHASES
 from dreambooth_api.runtime import merge_spec
 
 from . import policy, status
@@ -533,6 +534,10 @@ class _Planner:
         eta = _float(doc.get("etaSeconds"))
         job_status.eta_seconds = int(round(eta)) if eta is not None else None
         job_status.eta = status.format_duration(eta)
+        startup = doc.get("startupSeconds")
+        if isinstance(startup, dict):
+            phases = {k: _float(startup.get(k)) for k in STARTUP_PHASES}
+            job_status.startup_seconds = {k: v for k, v in phases.items() if v is not None} or None
         reported = doc.get("lastCheckpoint")
         if isinstance(reported, dict) and _int(reported.get("step")) is not None:
             checkpoint_step = _int(reported.get("step")) or 0

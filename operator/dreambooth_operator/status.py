@@ -113,6 +113,11 @@ class JobStatus(_Status):
     eta_seconds: int | None = Field(None, description="Estimated seconds to completion.")
     eta: str | None = Field(None, description="Estimated time to completion, human readable.")
     trainer_phase: str | None = Field(None, description="The trainer's own phase (loading, training, saving, ...).")
+    startup_seconds: dict[str, float] | None = Field(
+        None,
+        description="Where the current attempt's start-up went, in seconds, as rank 0 reports it once its first "
+        "step is done: sync (model and data from S3), load, data, firstStep, other, total (from the process start).",
+    )
     last_checkpoint: Checkpoint | None = Field(None, description="The newest durable checkpoint.")
     validation_images: list[str] = Field(default_factory=list, description="URIs of the latest validation images.")
     output_uri: str | None = Field(None, description="Where the model is written (spec.training.outputDir).")

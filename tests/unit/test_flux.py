@@ -26,7 +26,7 @@ EXTENSIONS = {
     "expected_preemption_interval_seconds", "skip_bad_images", "allow_large_resolution", "unsafe_shared_output",
     "tokenizer_name", "pre_compute_text_embeddings", "tokenizer_max_length", "text_encoder_use_attention_mask",
     "validation_images", "class_labels_conditioning", "snr_gamma", "enable_xformers_memory_efficient_attention",
-    "image_interpolation_mode",
+    "image_interpolation_mode", "adam_fused", "compile",
 }  # fmt: skip
 BASE = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p"]
 TRAINING = {"pretrainedModelNameOrPath": "m", "instanceDataDir": "d", "instancePrompt": "p"}

@@ -291,12 +291,17 @@ def test_happy_path_fills_every_status_field() -> None:
     env.progress = {"phase": "training", "step": 7, "maxSteps": 20, "loss": 0.123, "stepsPerSecond": 2.0,
                     "etaSeconds": 6.5, "lastCheckpoint": {"step": 5, "uri": "s3://runs/dog/checkpoint-5",
                                                           "time": "2026-01-01T12:00:03Z"},
-                    "validationImages": ["s3://runs/dog/validation/step-5-0.png"]}  # fmt: skip
+                    "validationImages": ["s3://runs/dog/validation/step-5-0.png"],
+                    "startupSeconds": {"sync": 41.5, "load": 9.0, "data": 1.25, "firstStep": 2.0, "other": 3.0,
+                                       "total": 56.75}}  # fmt: skip
     env.clock.advance(11)
     st = env.reconcile()
     assert st["phase"] == "Running" and env.cond("Running")["status"] == "True"
     assert (st["step"], st["maxSteps"], st["loss"], st["stepsPerSecond"]) == (7, 20, 0.123, 2.0)
     assert st["etaSeconds"] == 6 and st["eta"] == "6s" and st["trainerPhase"] == "training"
+    # Where the attempt's start-up went, as rank 0 timed it (docs/design.md, /progress startupSeconds).
+    assert st["startupSeconds"] == {"sync": 41.5, "load": 9.0, "data": 1.25, "firstStep": 2.0, "other": 3.0,
+                                    "total": 56.75}  # fmt: skip
     assert st["lastCheckpoint"] == {"step": 5, "uri": "s3://runs/dog/checkpoint-5", "time": "2026-01-01T12:00:03Z"}
     # Checkpointed: its time is the checkpoint's (what a checkpoint-aware scheduler compares); not a phase.
     checkpointed = env.cond("Checkpointed")

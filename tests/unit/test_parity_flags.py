@@ -122,7 +122,8 @@ CHOICES = {
 }
 
 # Settings that are ours, not the scripts' (each keeps the script's behaviour at its default).
-OURS = {"skip_bad_images": False, "allow_large_resolution": False, "unsafe_shared_output": False}
+OURS = {"skip_bad_images": False, "allow_large_resolution": False, "unsafe_shared_output": False,
+        "adam_fused": None, "compile": None}  # fmt: skip
 EXTENSIONS = {
     "full": {"cache_latents": False, "expected_preemption_interval_seconds": 3600.0, **OURS},
     "lora": {"cache_latents": False, "expected_preemption_interval_seconds": 3600.0, "snr_gamma": None, **OURS},

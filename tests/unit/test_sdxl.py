@@ -32,7 +32,7 @@ INTERPOLATION = ["bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", 
 EXTENSIONS = {
     "cache_latents", "expected_preemption_interval_seconds", "skip_bad_images", "allow_large_resolution",
     "unsafe_shared_output", "tokenizer_name", "pre_compute_text_embeddings", "tokenizer_max_length",
-    "text_encoder_use_attention_mask", "validation_images", "class_labels_conditioning",
+    "text_encoder_use_attention_mask", "validation_images", "class_labels_conditioning", "adam_fused", "compile",
 }  # fmt: skip
 BASE = ["--pretrained_model_name_or_path", "m", "--instance_data_dir", "d", "--instance_prompt", "p"]
 

@@ -65,6 +65,14 @@ def test_progress_line_shows_bar_loss_speed_eta_and_checkpoint() -> None:
     assert "ETA 1h01m" in render.progress_line({"step": 1, "etaSeconds": 3660})
 
 
+def test_startup_line_once_the_first_step_is_done() -> None:
+    assert render.startup_line({"startupSeconds": {"sync": 40.0, "load": None, "total": None}}) is None
+    assert render.startup_line({}) is None
+    line = render.startup_line({"startupSeconds": {"sync": 41.5, "load": 9.0, "data": 1.25, "firstStep": 2.0,
+                                                   "other": 3.0, "total": 96.75}})  # fmt: skip
+    assert line == "started in 1m36s: sync 41.5s, load 9.0s, data 1.2s, first step 2.0s, other 3.0s"
+
+
 def test_phase_and_event_lines_and_new_events() -> None:
     assert render.phase_line(None, {"phase": "Running"}) == "phase Running"
     assert render.phase_line("Running", {"phase": "Failed", "message": "exit 64"}) == "phase Running -> Failed: exit 64"

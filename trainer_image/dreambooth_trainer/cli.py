@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_main(rest)
     if cmd == "tiny-model":
-        from .tiny import main as tiny_main
+        from .fullsize import tiny_model_main
 
-        return tiny_main(rest)
+        return tiny_model_main(rest)
     print(f"unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2

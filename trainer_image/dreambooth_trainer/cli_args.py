@@ -56,6 +56,9 @@ def build_parser(model: type[CommonConfig], prog: str) -> argparse.ArgumentParse
     )
     for name, info in model.model_fields.items():
         kwargs = _flag_kwargs(info.annotation)
+        if kwargs.get("action") == "store_true" and info.default is None:
+            # Unset means "decide for me" (--adam_fused): the bare flag is true, and false must be sayable.
+            kwargs = {"type": _bool_value, "nargs": "?", "const": True, "metavar": "{true,false}"}
         if kwargs.get("action") == "store_true" and info.default is True:
             # A switch that is on already cannot be a store_true flag: it takes a value (--prodigy_decouple false).
             # The script's type=bool reads any non-empty text, "False" included, as true; this one means it.

@@ -47,6 +47,7 @@ class Progress:
         self.publish_seconds: list[float] = []
         self.checkpoint_interval_steps: int | None = None
         self.preemptions = 0
+        self.startup: Any = None  # startup.StartupClock: where start-up went (sync, load, data, first step)
         self._t0: float | None = None
         self.started_at: float | None = None  # wall clock of this process's first step (Unix time)
         self._step0 = 0
@@ -104,6 +105,7 @@ class Progress:
                 "etaSeconds": self.eta_seconds,
                 "lastCheckpoint": self.last_checkpoint,
                 "validationImages": list(self.validation_images),
+                "startupSeconds": self.startup.as_dict() if self.startup is not None else None,
             }
 
     def line(self) -> str:

@@ -666,6 +666,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="sd: Stable Diffusion 1.x/2.x (StableDiffusionPipeline); sdxl: StableDiffusionXLPipeline; flux: "
         "FluxPipeline (Flux.1-dev's shape)",
     )
+    parser.add_argument(
+        "--preset",
+        choices=("tiny", "sd15-full"),
+        default="tiny",
+        help="tiny (default): test-sized; sd15-full: Stable Diffusion 1.5's real shapes with random weights (~4.3 GB, "
+        "for start-up and GPU benchmarks)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import secrets
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from dreambooth_api.config import CommonConfig, ConfigError, FullConfig, LoraCon
 from dreambooth_api.contract import NonFiniteLossError, PreemptedError
 
 from . import checkpoint as ckpt
-from . import hub, logs
+from . import hub, logs, numerics
 from .checkpoint import diffusers_format
 from .checkpoint.settings import FILE as SETTINGS_FILE
 from .checkpoint.settings import hashed_settings, settings_json
@@ -46,6 +47,7 @@ from .modelcard import model_card, write_model_card
 from .objective import seed_global_rng, step_generator
 from .progress import Progress, serve_progress
 from .scratch import Scratch, new_run_id
+from .startup import StartupClock
 from .storage import AccessDeniedError, BucketMissingError, NotFoundError, Store, local_cache_for, open_store
 from .testhooks import hooks
 from .trackers import Trackers, trackers_for
@@ -53,6 +55,8 @@ from .validation import Validator
 
 # The adapters of a LoRA run in diffusers' names: the final model's file, and (format 3) a checkpoint's only copy.
 LORA_FILE = "pytorch_lora_weights.safetensors"
+# Log boundaries (the loss read back from the device) at most this often, besides the first step and checkpoints.
+LOG_SECONDS = 1.0
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +157,7 @@ class Trainer:
         self.env = env or RunEnv.from_environ()
         self.hash = config_hash(cfg)
         self.family = family_for(cfg)
+        self.startup = StartupClock()
         # The OOM retry trades speed for memory without touching the config hash (docs/design.md, failure policy).
         self.batch_size = cfg.train_batch_size
         self.accum = cfg.gradient_accumulation_steps
@@ -196,6 +201,7 @@ class Trainer:
             )
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
 
         self.out: Store = open_store(cfg.output_dir)
         log_key = logs.log_key(self.env.attempt, self.rank)
@@ -208,19 +214,26 @@ class Trainer:
             self.claim = ckpt.claim_output(self.out, self.env.job_uid, unsafe_shared=cfg.unsafe_shared_output)
             self.rank_log.start_upload(self.out.uri, log_key)
 
-        with acc.local_main_process_first():
-            self.model_dir = hub.download_model(cfg) or stage_folder(
-                cfg.pretrained_model_name_or_path, "model", "pretrained_model_name_or_path"
-            )
-            self.instance_field = "instance_data_dir" if cfg.instance_data_dir else "dataset_name"
-            instance_uri = cfg.instance_data_dir or getattr(cfg, "dataset_name", None) or ""
-            check_image_folder(instance_uri, self.instance_field)
-            self.instance_dir = stage_folder(instance_uri, "instance images", self.instance_field)
-            self.class_dir = (
-                stage_folder(cfg.class_data_dir, "class images", "class_data_dir", may_be_empty=True)
-                if cfg.with_prior_preservation
-                else None
-            )
+        self.instance_field = "instance_data_dir" if cfg.instance_data_dir else "dataset_name"
+        instance_uri = cfg.instance_data_dir or getattr(cfg, "dataset_name", None) or ""
+        check_image_folder(instance_uri, self.instance_field)
+        # The images download beside the model (both are S3 syncs): start-up waits for the longer, not the sum.
+        with (
+            acc.local_main_process_first(),
+            self.startup.phase("sync"),
+            ThreadPoolExecutor(1, thread_name_prefix="stage-data") as pool,
+        ):
+            data = pool.submit(self._stage_data, instance_uri)
+            try:
+                self.model_dir = hub.download_model(cfg) or stage_folder(
+                    cfg.pretrained_model_name_or_path, "model", "pretrained_model_name_or_path"
+                )
+            except BaseException:
+                # The model's error wins, as when the two were staged one after the other.
+                with contextlib.suppress(Exception):
+                    data.result()
+                raise
+            self.instance_dir, self.class_dir = data.result()
         self.family.check_model_dir(self.model_dir)
         # Parts given apart from the model folder (SDXL's --pretrained_vae_model_name_or_path), staged like it.
         self.extra_dirs: dict[str, Path] = {}
@@ -233,6 +246,10 @@ class Trainer:
         # As the scripts do, the Hub repository is made before training: a bad token fails in seconds.
         self.hub_repo = hub.create_hub_repo(cfg) if cfg.push_to_hub and acc.is_main_process else None
 
+        # Unset numerics choices (fused AdamW, compile) are settled before the hash: a resume keeps its checkpoints'.
+        resume_hash = numerics.checkpoint_hash(self.out, cfg.resume_from_checkpoint) if acc.is_main_process else None
+        self.cfg = cfg = numerics.settle(cfg, cuda=acc.device.type == "cuda", resume_hash=self._agree([resume_hash])[0])
+        self.hash = config_hash(cfg)
         # Resume decision first: a resumed run takes its seed from the checkpoint.
         self.resumed: ckpt.Loaded | None = None
         # A checkpoint of diffusers' scripts asked for by --resume_from_checkpoint (every rank reads the listing).
@@ -258,7 +275,9 @@ class Trainer:
 
         set_seed(self.run_seed)
         if cfg.with_prior_preservation:
-            self._prepare_class_images()
+            with self.startup.phase("data"):
+                self._prepare_class_images()
+        t_load = time.monotonic()
         self.models = m = self.family.load(cfg, self.model_dir, self.extra_dirs)
         if isinstance(cfg, LoraConfig):
             self.family.add_lora(m, cfg)
@@ -278,8 +297,11 @@ class Trainer:
 
             m.unet.to(acc.device, dtype=wdtype)
             cast_training_params(self.trained, dtype=torch.float32)
+        self._fast_paths(m)
+        self.startup.add("load", time.monotonic() - t_load)
 
-        self._build_data()
+        with self.startup.phase("data"):
+            self._build_data()
         # Every rank decides alike (same listing), so none waits at a barrier for one that refused.
         start = self.resumed.step if self.resumed else (self.script_step or 0)
         ckpt.refuse_collisions(self.out, start, self.max_steps)
@@ -290,8 +312,10 @@ class Trainer:
         self.params_to_clip = params  # built once: walking every module's parameters each step costs ms
         opt_class = optimizer_class(cfg)
         # On CPU torch's default AdamW loops over tensors in Python (~10x slower than its fused kernel, which CPU
-        # has had since torch 2.4); on GPU the default (foreach) is kept, as in the scripts.
-        fused = {"fused": True} if opt_class is torch.optim.AdamW and acc.device.type == "cpu" else {}
+        # has had since torch 2.4); on CUDA the fused kernel saves the foreach version's launches (numerics.py).
+        fused = (
+            {"fused": True} if opt_class is torch.optim.AdamW and numerics.use_fused_adam(cfg, acc.device.type) else {}
+        )
         self.optimizer = opt_class(
             self.family.optimizer_params(cfg, self.trained, lr), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, **(optimizer_options(cfg) or fused),
@@ -324,6 +348,7 @@ class Trainer:
             self._restore_script_checkpoint(self.script_step)
         self.publisher = ckpt.Publisher(self.out, self.scratch / "publish", cfg.checkpoints_total_limit)
         self.progress = Progress(self.max_steps, enabled=acc.is_main_process)
+        self.progress.startup = self.startup
         self.progress.update(step=self.state.global_step, phase="Running")
         if self.resumed:
             # The checkpoint this run started from is the newest durable one until the next is published.
@@ -336,6 +361,22 @@ class Trainer:
         self.publisher.on_published = self._on_published
         self.progress_server = serve_progress(self.progress) if acc.is_main_process else None
         self._setup_reporting()
+
+    def _stage_data(self, instance_uri: str) -> tuple[Path, Path | None]:
+        cfg = self.cfg
+        instance = stage_folder(instance_uri, "instance images", self.instance_field)
+        if not cfg.with_prior_preservation:
+            return instance, None
+        return instance, stage_folder(cfg.class_data_dir, "class images", "class_data_dir", may_be_empty=True)
+
+    def _fast_paths(self, m: Any) -> None:
+        """CUDA only: convolutions in channels_last (tensor cores read NHWC without transposes), and with
+        `--compile` the denoiser compiled in place (its parameter names, hence checkpoints, unchanged)."""
+        if self.accelerator.device.type == "cuda":
+            for module in (m.unet, m.vae):
+                module.to(memory_format=torch.channels_last)
+        if self.cfg.compile:
+            m.unet.compile()
 
     def _prepare_class_images(self) -> None:
         """Generate the class images prior preservation lacks (every rank its share), before the models load."""
@@ -480,6 +521,7 @@ class Trainer:
             sampler=self.sampler,
             collate_fn=lambda ex: collate_fn(ex, self.cfg.with_prior_preservation),
             num_workers=self.cfg.dataloader_num_workers,
+            pin_memory=self.accelerator.device.type == "cuda",
         )
 
     # ------------------------------------------------------------------ state
@@ -614,10 +656,14 @@ class Trainer:
             # cache_latents: the VAE's output was cached; the sample is still drawn from this step's generator.
             from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-            dist = DiagonalGaussianDistribution(batch["latent_parameters"].to(acc.device, dtype=wdtype))
+            dist = DiagonalGaussianDistribution(batch["latent_parameters"].to(acc.device, non_blocking=True).to(wdtype))
             latents = dist.sample(generator=gen)
         else:
-            pixel_values = batch["pixel_values"].to(acc.device, dtype=m.vae.dtype if self.family.upcast_vae else wdtype)
+            # From pinned memory (the loader's pin_memory on CUDA), so the copy overlaps the previous step's kernels.
+            pixel_values = batch["pixel_values"].to(acc.device, non_blocking=True)
+            pixel_values = pixel_values.to(m.vae.dtype if self.family.upcast_vae else wdtype)
+            if pixel_values.device.type == "cuda":
+                pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
                 latents = m.vae.encode(pixel_values).latent_dist.sample(generator=gen)
         latents = self.to_latent_space(latents)
@@ -633,18 +679,34 @@ class Trainer:
         model_pred = family.denoise(m, self.trained_wrapped[0], noisy, timesteps, states, extra)
         return family.loss(m, cfg, model_pred, latents, noise, timesteps)
 
-    def _stop_agreed(self) -> bool:
+    def _stop_agreed(self, *, exact: bool = False) -> bool:
+        """Whether every rank stops now (SIGTERM on any). One process: the host flag alone (the loss is judged
+        at log boundaries). More ranks: the finite-loss flag rides on the vote, so they stop on a diverged loss
+        together. On CUDA, unless `exact`, the vote is lagged by one step: step N's all-reduce is copied to pinned
+        memory behind an event and read at step N+1, when the GPU is past it, so the step never waits for the
+        device queue to drain; every rank reads the same vote at the same step."""
         flag = 1.0 if self.env.stop.is_set() else 0.0
-        # The finite-loss flag rides on the stop vote: the ranks stop on a diverged loss together, at no extra sync.
-        diverged = getattr(self, "_loss_finite", None)
         if self.world == 1:
-            if diverged is not None and not bool(diverged):
-                raise self._diverged("loss")
             return flag > 0
-        bad = torch.zeros((), device=self.accelerator.device) if diverged is None else (~diverged).float()
-        t = torch.stack([torch.tensor(flag, device=self.accelerator.device), bad])
+        dev = self.accelerator.device
+        diverged = getattr(self, "_loss_finite", None)
+        bad = torch.zeros((), device=dev) if diverged is None else (~diverged).float()
+        t = torch.stack([torch.full((), flag, device=dev), bad])
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        stop, bad_any = t.tolist()
+        if exact or dev.type != "cuda":
+            self._vote = None
+            stop, bad_any = t.tolist()
+        else:
+            host = self._vote_buffers[0]
+            self._vote_buffers.reverse()  # the other buffer may still be read below
+            host.copy_(t, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            previous, self._vote = self._vote, (host, done)
+            if previous is None:
+                return False
+            previous[1].synchronize()
+            stop, bad_any = previous[0].tolist()
         if bad_any > 0:
             raise self._diverged("loss")
         return bool(stop > 0)
@@ -684,7 +746,12 @@ class Trainer:
 
     def save_checkpoint(self, *, background: bool) -> None:
         """Snapshot on rank 0; the write and upload happen on a background thread unless asked otherwise."""
+        self._flush_logs()
         if self.accelerator.is_main_process:
+            # With more ranks the vote reads the flag a step late: not late enough for what is published now.
+            finite = getattr(self, "_loss_finite", None)
+            if finite is not None and not bool(finite):
+                raise self._diverged("loss")
             self._check_weights_finite()  # the ranks' weights are equal (DDP): rank 0 speaks for all
             t0 = time.monotonic()
             snap = self.snapshot()
@@ -732,19 +799,26 @@ class Trainer:
         for mod in self.trained_wrapped:
             mod.train()
         self._last_loss: float | None = None
-        self._accum_loss = 0.0
-        # All-true while every loss was finite; updated on the device, read only with the per-step stop vote.
+        # The step keeps the device busy: its loss and the all-finite flag stay on the device and reach the host at
+        # log boundaries only (_flush_logs: the first step, then at most every LOG_SECONDS, and before anything is
+        # published), in one read for every step since the last.
+        self._accum_loss = torch.zeros((), device=acc.device)
+        self._pending_logs: list[tuple[int, torch.Tensor, float]] = []
+        self._last_flush = time.monotonic()
         self._loss_finite = torch.ones((), dtype=torch.bool, device=acc.device)
+        self._vote: tuple[torch.Tensor, Any] | None = None
+        self._vote_buffers = [torch.zeros(2, pin_memory=acc.device.type == "cuda") for _ in range(2)]
         self._test_hooks = hooks()
         self._oom_step = self._test_hooks.oom_at(self.rank)
-        if self._stop_agreed():
+        if self._stop_agreed(exact=True):
             # SIGTERM during setup: nothing was trained since the checkpoint this run started from.
             uri = self.out.url(f"checkpoint-{self.resumed.step}") if self.resumed else None
             self.progress.update(phase="Preempted")
             raise Preempted(
                 st.global_step, uri, f"SIGTERM before the first step: nothing new to save (step {st.global_step})"
             )
-        t_start = time.monotonic()
+        t_start = self._t_fit = time.monotonic()
+        self._first_step_timed = False
         while st.global_step < self.max_steps:
             for batch in self._loader(st.epoch, st.micro_in_epoch):
                 self.step(batch)
@@ -776,7 +850,7 @@ class Trainer:
                 loss = self._micro_step(batch, gen)
             acc.backward(loss / self.accum)
         self._loss_finite &= torch.isfinite(loss.detach()).all()
-        self._accum_loss += loss.detach().item() / self.accum
+        self._accum_loss += loss.detach().float() / self.accum
         st.micro_in_epoch += 1
         st.samples_in_epoch += self.batch_size * self.world
         if not sync:
@@ -788,14 +862,19 @@ class Trainer:
         # train_dreambooth.py zeroes grads unless --set_grads_to_none; the LoRA script sets them to None.
         self.optimizer.zero_grad(set_to_none=not isinstance(cfg, FullConfig) or cfg.set_grads_to_none)
         st.global_step += 1
-        self._last_loss, self._accum_loss = self._accum_loss, 0.0
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self._pending_logs.append((st.global_step, self._accum_loss, lr))
+        self._accum_loss = torch.zeros((), device=acc.device)
         self._test_hooks.after_step()
         if st.global_step == self._oom_step:
             raise torch.OutOfMemoryError(f"test hook: simulated CUDA out of memory at step {self._oom_step}")
-        lr = self.lr_scheduler.get_last_lr()[0]
-        self.progress.update(step=st.global_step, loss=self._last_loss, lr=lr)
-        self.trackers.log({"loss": self._last_loss, "lr": lr}, st.global_step)
+        last = st.global_step >= self.max_steps
+        if last or not self._first_step_timed or time.monotonic() - self._last_flush >= LOG_SECONDS:
+            self._flush_logs()
+        else:
+            self.progress.update(step=st.global_step, lr=lr)
         if self.validator.due_after_step(st.global_step):
+            self._flush_logs()
             self._validate()
         if st.global_step >= self.max_steps:
             return  # the end of training: finish() takes the last checkpoint and the stop vote
@@ -804,10 +883,33 @@ class Trainer:
         if self._checkpoint_due(st.global_step):
             self.save_checkpoint(background=True)
 
+    def _flush_logs(self) -> None:
+        """A log boundary: the losses of the steps since the last one, read in one host sync, go to the trackers
+        (each at its own step) and to the progress line; a non-finite loss stops a single-process run here (with
+        more ranks the stop vote carries the flag, so that every rank stops at the same step)."""
+        self._last_flush = time.monotonic()
+        if not getattr(self, "_pending_logs", None):  # nothing trained yet (or called before fit)
+            return
+        values = torch.stack([loss for _, loss, _ in self._pending_logs]).tolist()
+        for (step, _, lr), value in zip(self._pending_logs, values, strict=True):
+            self.trackers.log({"loss": value, "lr": lr}, step)
+        step, _, lr = self._pending_logs[-1]
+        self._pending_logs.clear()
+        self._last_loss = values[-1]
+        if not self._first_step_timed:
+            self._first_step_timed = True
+            self.startup.first_step_done(time.monotonic() - self._t_fit)
+            if self.accelerator.is_main_process:
+                logger.info("%s", self.startup.line())
+        self.progress.update(step=step, loss=self._last_loss, lr=lr)
+        if self.world == 1 and not bool(self._loss_finite):
+            raise self._diverged("loss")
+
     def end_epoch(self) -> None:
         """An epoch ran out before training did: its validation, then the next epoch's counters."""
         st = self.state
         if self.validator.due_after_epoch(st.epoch):
+            self._flush_logs()
             self._validate()
         st.epoch += 1
         st.micro_in_epoch = 0
@@ -822,6 +924,7 @@ class Trainer:
         st = self.state
         uri = None
         t0 = time.monotonic()
+        self._flush_logs()
         self.progress.update(phase="Stopping", preemptions=self.progress.preemptions + 1)
         if self.accelerator.is_main_process:
             try:
@@ -842,7 +945,8 @@ class Trainer:
     def finish(self, loss_value: float | None) -> TrainResult:
         acc = self.accelerator
         acc.wait_for_everyone()
-        self._stop_agreed()  # the last step's loss too: raises on a diverged run before anything is saved
+        self._flush_logs()
+        self._stop_agreed(exact=True)  # the last step's loss too: raises on a diverged run before anything is saved
         step = self.state.global_step
         already = (self.resumed is not None and self.resumed.step == step) or self.script_step == step
         if self._checkpoint_due(step) and not already:
