@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dreambooth_api.contract import BadInputError
 from dreambooth_api.logformat import LogFormat, json_handler, log_format
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] = os.environ) -> S
         "LOG_LEVEL, METRICS_PORT, DREAMBOOTH_OPERATOR_WORKERS, DREAMBOOTH_OPERATOR_RESYNC_SECONDS, "
         "DREAMBOOTH_BACKOFF_BASE_SECONDS, DREAMBOOTH_CLUSTER_DOMAIN, DREAMBOOTH_MAX_NODES, "
         "DREAMBOOTH_IMAGE_PULL_TIMEOUT_SECONDS, DREAMBOOTH_POD_POWERS, LOG_FORMAT, "
-        "DREAMBOOTH_WEBHOOK_CERT_DIR, DREAMBOOTH_WEBHOOK_PORT).",
+        "DREAMBOOTH_WEBHOOK_CERT_DIR, DREAMBOOTH_WEBHOOK_PORT, DREAMBOOTH_DEFAULT_TRAINER_IMAGE).",
     )
     parser.add_argument("-n", "--namespace", action="append", dest="namespaces",
                         help="watch this namespace (repeatable); default: all namespaces")  # fmt: skip
@@ -77,20 +77,15 @@ def parse_args(argv: list[str] | None, env: Mapping[str, str] = os.environ) -> S
     parser.add_argument("--workers", type=int, default=base.workers, help="concurrent reconciles")
     parser.add_argument("--resync-seconds", type=float, default=base.resync_seconds)
     args = parser.parse_args(argv)
-    return Settings(
+    # replace(): a setting with no flag keeps the environment's value (naming each field here once dropped the
+    # chart's operator.defaultTrainerImage on the floor).
+    return replace(
+        base,
         namespaces=tuple(args.namespaces) if args.namespaces else base.namespaces,
         log_level=str(args.log_level).upper(),
         metrics_port=args.metrics_port,
         workers=args.workers,
         resync_seconds=args.resync_seconds,
-        backoff_base_seconds=base.backoff_base_seconds,
-        cluster_domain=base.cluster_domain,
-        max_nodes=base.max_nodes,
-        image_pull_timeout_seconds=base.image_pull_timeout_seconds,
-        allowed_powers=base.allowed_powers,
-        log_format=base.log_format,
-        webhook_cert_dir=base.webhook_cert_dir,
-        webhook_port=base.webhook_port,
     )
 
 

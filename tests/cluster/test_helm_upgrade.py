@@ -154,6 +154,8 @@ def test_upgrade_from_0_1_0_keeps_a_running_jobs_image_and_new_jobs_get_the_new_
     # A job created after the upgrade: the new operator's default (operator.defaultTrainerImage, set by
     # release.sh), the 0.2.0 trainer. 0.2.0's CRD writes no default into the spec: the image the job keeps is
     # the one snapshotted into its status when the operator accepted it.
+    env = {e["name"]: e.get("value") for e in op.pod()["spec"]["containers"][0].get("env", [])}
+    assert env.get("DREAMBOOTH_DEFAULT_TRAINER_IMAGE") == released.refs["trainer-cpu"][0], env
     after = _dog_lora(storage, "unused", "after")
     del after["spec"]["resources"]["image"]
     _apply(cluster, namespace, after, tmp_path)

@@ -76,6 +76,22 @@ def test_settings_from_env_and_flags() -> None:
     assert allowed == {"hostPath", "hostIPC"}
 
 
+def test_every_setting_the_chart_passes_by_environment_reaches_the_operator() -> None:
+    """Each env var of the chart's Deployment (templates/deployment.yaml) survives `dreambooth operator`'s flag
+    parsing: a setting dropped there is a chart value that silently does nothing."""
+    env = {
+        "DREAMBOOTH_OPERATOR_NAMESPACES": "a", "LOG_LEVEL": "debug", "METRICS_PORT": "9100",
+        "DREAMBOOTH_OPERATOR_WORKERS": "3", "DREAMBOOTH_OPERATOR_RESYNC_SECONDS": "4",
+        "DREAMBOOTH_BACKOFF_BASE_SECONDS": "5", "DREAMBOOTH_CLUSTER_DOMAIN": "c.local", "DREAMBOOTH_MAX_NODES": "7",
+        "DREAMBOOTH_IMAGE_PULL_TIMEOUT_SECONDS": "8", "DREAMBOOTH_POD_POWERS": "hostIPC", "LOG_FORMAT": "json",
+        "DREAMBOOTH_WEBHOOK_CERT_DIR": "/certs", "DREAMBOOTH_WEBHOOK_PORT": "9444",
+        "DREAMBOOTH_DEFAULT_TRAINER_IMAGE": "registry.example/trainer:1",
+    }  # fmt: skip
+    from_env = Settings.from_env(env)
+    assert from_env.default_image == "registry.example/trainer:1" and from_env.webhook_port == 9444
+    assert parse_args([], env) == from_env
+
+
 def test_work_queue_dedupes_and_reprocesses_dirty_keys() -> None:
     async def scenario() -> list[Any]:
         q = WorkQueue()
