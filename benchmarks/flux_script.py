@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sdxl_script import DOG, MEASURE, REPO, RUNNER  # noqa: E402 - the sibling benchmark's measuring helper
+from sdxl_script import DOG, MEASURE, REPO, RUNNER, compare  # noqa: E402 - the sibling benchmark's measuring helper
 
 DEFAULT_SCRIPT = REPO / "benchmarks" / ".upstream" / "train_dreambooth_lora_flux.py"
 
@@ -71,40 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         from dreambooth_trainer.tiny import ensure_tiny_model
 
         args.model = ensure_tiny_model(family="flux")
-    rates: dict[str, list[float]] = {"ours": [], "script": []}
-    cpu_rates: dict[str, list[float]] = {"ours": [], "script": []}
-    rss: dict[str, int] = {"ours": 0, "script": 0}
     with tempfile.TemporaryDirectory(prefix="flux-bench-") as tmp:
-        for repeat in range(args.repeats):
-            times: dict[tuple[str, int], float] = {}
-            cpu: dict[tuple[str, int], float] = {}
-            for steps in (args.short, args.long):
-                for impl in ("ours", "script"):
-                    m = measure(impl, args.script, args.model, steps, args, Path(tmp))
-                    times[(impl, steps)], cpu[(impl, steps)] = m["seconds"], m["cpu"]
-                    if steps == args.long:
-                        rss[impl] = max(rss[impl], m["rss_kb"])
-            for impl in rates:
-                rates[impl].append((args.long - args.short) / (times[(impl, args.long)] - times[(impl, args.short)]))
-                cpu_rates[impl].append((args.long - args.short) / (cpu[(impl, args.long)] - cpu[(impl, args.short)]))
-                print(
-                    f"#repeat {repeat} impl={impl} steps_per_s={rates[impl][-1]:.2f} "
-                    f"steps_per_cpu_s={cpu_rates[impl][-1]:.2f}",
-                    file=sys.stderr, flush=True,
-                )  # fmt: skip
-    med = {impl: statistics.median(r) for impl, r in rates.items()}
-    med_cpu = {impl: statistics.median(r) for impl, r in cpu_rates.items()}
-    for impl in ("ours", "script"):
-        print(
-            f"flux impl={impl} steps_per_s={med[impl]:.2f} steps_per_cpu_s={med_cpu[impl]:.2f} "
-            f"peak_rss_mb={rss[impl] / 1024:.0f}"
-        )
-    print(
-        f"flux ours/script speed={med['ours'] / med['script']:.2f}x "
-        f"cpu_speed={med_cpu['ours'] / med_cpu['script']:.2f}x rss={rss['ours'] / rss['script']:.2f}x "
-        f"(resolution {args.resolution}, batch 1, T5 {args.max_sequence_length} tokens, {args.long}-{args.short} "
-        f"steps, {args.repeats} repeats)"
-    )
+        compare(
+            "flux", lambda impl, steps: measure(impl, args.script, args.model, steps, args, Path(tmp)),
+            args.short, args.long, args.repeats,
+            f"resolution {args.resolution}, batch 1, T5 {args.max_sequence_length} tokens",
+        )  # fmt: skip
     return 0
 
 

@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +67,43 @@ def measure(impl: str, script: Path, model: Path, steps: int, resolution: int, t
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def compare(name: str, run: Callable[[str, int], dict], short: int, long: int, repeats: int, setting: str) -> None:
+    """Interleaved short and long runs of ours and the script; the rate is (long - short) steps over the time
+    difference, so start-up and saving cancel out. Prints the medians and the ratios (flux_script.py too)."""
+    rates: dict[str, list[float]] = {"ours": [], "script": []}
+    cpu_rates: dict[str, list[float]] = {"ours": [], "script": []}
+    rss: dict[str, int] = {"ours": 0, "script": 0}
+    for repeat in range(repeats):
+        times: dict[tuple[str, int], float] = {}
+        cpu: dict[tuple[str, int], float] = {}
+        for steps in (short, long):
+            for impl in ("ours", "script"):
+                m = run(impl, steps)
+                times[(impl, steps)], cpu[(impl, steps)] = m["seconds"], m["cpu"]
+                if steps == long:
+                    rss[impl] = max(rss[impl], m["rss_kb"])
+        for impl in rates:
+            rates[impl].append((long - short) / (times[(impl, long)] - times[(impl, short)]))
+            cpu_rates[impl].append((long - short) / (cpu[(impl, long)] - cpu[(impl, short)]))
+            print(
+                f"#repeat {repeat} impl={impl} steps_per_s={rates[impl][-1]:.2f} "
+                f"steps_per_cpu_s={cpu_rates[impl][-1]:.2f}",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+    med = {impl: statistics.median(r) for impl, r in rates.items()}
+    med_cpu = {impl: statistics.median(r) for impl, r in cpu_rates.items()}
+    for impl in ("ours", "script"):
+        print(
+            f"{name} impl={impl} steps_per_s={med[impl]:.2f} steps_per_cpu_s={med_cpu[impl]:.2f} "
+            f"peak_rss_mb={rss[impl] / 1024:.0f}"
+        )
+    print(
+        f"{name} ours/script speed={med['ours'] / med['script']:.2f}x "
+        f"cpu_speed={med_cpu['ours'] / med_cpu['script']:.2f}x rss={rss['ours'] / rss['script']:.2f}x "
+        f"({setting}, {long}-{short} steps, {repeats} repeats)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--script", type=Path, default=DEFAULT_SCRIPT)
@@ -81,41 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         from dreambooth_trainer.tiny import ensure_tiny_model
 
         args.model = ensure_tiny_model(family="sdxl")
-    rates: dict[str, list[float]] = {"ours": [], "script": []}
-    cpu_rates: dict[str, list[float]] = {"ours": [], "script": []}
-    rss: dict[str, int] = {"ours": 0, "script": 0}
     with tempfile.TemporaryDirectory(prefix="sdxl-bench-") as tmp:
-        for repeat in range(args.repeats):
-            times: dict[tuple[str, int], float] = {}
-            cpu: dict[tuple[str, int], float] = {}
-            for steps in (args.short, args.long):
-                for impl in ("ours", "script"):
-                    m = measure(impl, args.script, args.model, steps, args.resolution, Path(tmp))
-                    times[(impl, steps)] = m["seconds"]
-                    cpu[(impl, steps)] = m["cpu"]
-                    if steps == args.long:
-                        rss[impl] = max(rss[impl], m["rss_kb"])
-            for impl in rates:
-                rate = (args.long - args.short) / (times[(impl, args.long)] - times[(impl, args.short)])
-                rates[impl].append(rate)
-                cpu_rate = (args.long - args.short) / (cpu[(impl, args.long)] - cpu[(impl, args.short)])
-                cpu_rates[impl].append(cpu_rate)
-                print(
-                    f"#repeat {repeat} impl={impl} steps_per_s={rate:.2f} steps_per_cpu_s={cpu_rate:.2f}",
-                    file=sys.stderr, flush=True,
-                )  # fmt: skip
-    med = {impl: statistics.median(r) for impl, r in rates.items()}
-    med_cpu = {impl: statistics.median(r) for impl, r in cpu_rates.items()}
-    for impl in ("ours", "script"):
-        print(
-            f"sdxl impl={impl} steps_per_s={med[impl]:.2f} steps_per_cpu_s={med_cpu[impl]:.2f} "
-            f"peak_rss_mb={rss[impl] / 1024:.0f}"
-        )
-    print(
-        f"sdxl ours/script speed={med['ours'] / med['script']:.2f}x "
-        f"cpu_speed={med_cpu['ours'] / med_cpu['script']:.2f}x rss={rss['ours'] / rss['script']:.2f}x "
-        f"(resolution {args.resolution}, batch 1, {args.long}-{args.short} steps, {args.repeats} repeats)"
-    )
+        compare(
+            "sdxl", lambda impl, steps: measure(impl, args.script, args.model, steps, args.resolution, Path(tmp)),
+            args.short, args.long, args.repeats, f"resolution {args.resolution}, batch 1",
+        )  # fmt: skip
     return 0
 
 

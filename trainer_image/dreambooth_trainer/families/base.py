@@ -163,3 +163,20 @@ class ModelFamily(ABC):
     @abstractmethod
     def write_tiny_model(self, out_dir: Path) -> Path:
         """A tiny random pipeline of this family for tests (offline)."""
+
+
+def text_encoder_lr_groups(cfg: Any, trained: list[torch.nn.Module], lr: float) -> list[Any]:
+    """The SDXL and Flux LoRA scripts' parameter groups: the denoiser's LoRA at the learning rate, each trained
+    text encoder's at text_encoder_lr with adam_weight_decay_text_encoder (prodigy: one learning rate for all, as
+    the scripts force)."""
+    groups: list[Any] = [{"params": [p for p in trained[0].parameters() if p.requires_grad], "lr": lr}]
+    te_lr = cfg.learning_rate if cfg.uses_prodigy else cfg.text_encoder_lr
+    for module in trained[1:]:
+        groups.append(
+            {
+                "params": [p for p in module.parameters() if p.requires_grad],
+                "weight_decay": cfg.adam_weight_decay_text_encoder,
+                "lr": te_lr,
+            }
+        )
+    return groups

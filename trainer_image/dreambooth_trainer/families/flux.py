@@ -25,7 +25,7 @@ import torch
 from dreambooth_api.config import CommonConfig, ConfigError, FluxLoraConfig
 
 from ..objective import sample_noise
-from .base import ModelFamily, Parts
+from .base import ModelFamily, Parts, text_encoder_lr_groups
 
 logger = logging.getLogger(__name__)
 
@@ -243,20 +243,8 @@ class Flux(ModelFamily):
         return {"random_flip": cfg.random_flip, "repeats": cfg.repeats}
 
     def optimizer_params(self, cfg: CommonConfig, trained: list[torch.nn.Module], lr: float) -> list[Any]:
-        """The script's groups: the transformer's LoRA at the learning rate, CLIP's at text_encoder_lr with
-        adam_weight_decay_text_encoder (prodigy: one learning rate for all, as the script forces)."""
         assert isinstance(cfg, FluxLoraConfig)
-        groups: list[Any] = [{"params": [p for p in trained[0].parameters() if p.requires_grad], "lr": lr}]
-        te_lr = cfg.learning_rate if cfg.uses_prodigy else cfg.text_encoder_lr
-        for module in trained[1:]:
-            groups.append(
-                {
-                    "params": [p for p in module.parameters() if p.requires_grad],
-                    "weight_decay": cfg.adam_weight_decay_text_encoder,
-                    "lr": te_lr,
-                }
-            )
-        return groups
+        return text_encoder_lr_groups(cfg, trained, lr)
 
     # -------------------------------------------------------------------- one step
     def encode_prompt(

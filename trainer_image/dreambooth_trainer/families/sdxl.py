@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from dreambooth_api.config import CommonConfig, ConfigError, SdxlLoraConfig
 
 from ..objective import sample_noise, sample_timesteps, snr
-from .base import ModelFamily, Parts
+from .base import ModelFamily, Parts, text_encoder_lr_groups
 from .flux import flux_folder_message
 
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -240,20 +240,8 @@ class StableDiffusionXL(ModelFamily):
         return {"random_flip": cfg.random_flip, "repeats": cfg.repeats, "with_geometry": True}
 
     def optimizer_params(self, cfg: CommonConfig, trained: list[torch.nn.Module], lr: float) -> list[Any]:
-        """The script's groups: the UNet's LoRA at the learning rate, each text encoder's at text_encoder_lr with
-        adam_weight_decay_text_encoder (prodigy: one learning rate for all, as the script forces)."""
         assert isinstance(cfg, SdxlLoraConfig)
-        groups: list[Any] = [{"params": [p for p in trained[0].parameters() if p.requires_grad], "lr": lr}]
-        te_lr = cfg.learning_rate if cfg.uses_prodigy else cfg.text_encoder_lr
-        for module in trained[1:]:
-            groups.append(
-                {
-                    "params": [p for p in module.parameters() if p.requires_grad],
-                    "weight_decay": cfg.adam_weight_decay_text_encoder,
-                    "lr": te_lr,
-                }
-            )
-        return groups
+        return text_encoder_lr_groups(cfg, trained, lr)
 
     # -------------------------------------------------------------------- one step
     def encode_prompt(
