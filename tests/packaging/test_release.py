@@ -88,11 +88,15 @@ def test_chart_pulls_from_oci_and_points_at_the_release(
     docs = [d for d in yaml.safe_load_all(chart.run("template", "dbo", str(unpacked)).stdout) if d]
     image = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
     assert image == f"{registry.host}/operator:{VERSION}"
-    crd = yaml.safe_load(next((unpacked / "crds").glob("*.yaml")).read_text())
+    # A CPU-only release: its only trainer is the operator's built-in default (chart operator.defaultTrainerImage),
+    # passed to the operator's container; the CRD holds no image default, which would beat every DreamBoothRuntime.
+    container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["DREAMBOOTH_DEFAULT_TRAINER_IMAGE"] == f"{registry.host}/trainer:{VERSION}-cpu"
+    crd = yaml.safe_load((unpacked / "crds" / "dreambooth.dev_dreamboothjobs.yaml").read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v.get("storage")]
     props = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
-    # A CPU-only release: its only trainer is the chart's default.
-    assert props["resources"]["properties"]["image"]["default"] == f"{registry.host}/trainer:{VERSION}-cpu"
+    assert "default" not in props["resources"].get("properties", {}).get("image", {})
 
 
 def test_release_refuses_a_version_the_tree_does_not_say() -> None:
