@@ -146,6 +146,9 @@ def test_preempted_pod_resumes_bit_identical(
     _assert_identical(final_weights(storage, "pre", tmp_path / "pre"), reference)
 
 
+# Extended tier (~3 min): node loss is handled in test_operator_cluster's fake-trainer test, exactness across a
+# preemption by the test above and test_helm_install's preempted job.
+@pytest.mark.extended
 def test_node_loss_resumes_from_the_periodic_checkpoint_bit_identical(
     jobs: Jobs, cluster: Cluster, storage: dict[str, Any], tmp_path: Path, trainer_image: str
 ) -> None:

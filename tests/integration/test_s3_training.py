@@ -143,7 +143,8 @@ def _has_files_without_manifest(store: Store, name: str) -> bool:
     return bool(keys) and f"{name}/{ckpt.MANIFEST}" not in keys
 
 
-@pytest.mark.slow
+# Extended tier: test_checkpoint_stream's kill -9 mid-parts covers the default run's upload path.
+@pytest.mark.extended
 def test_full_all_on_s3_killed_mid_upload_resumes_exactly(inputs: Inputs, tmp_path: Path) -> None:
     """Full fine-tune, prior preservation with class images generated into S3. Run B is SIGKILLed while
     checkpoint-4 is uploaded (files there, manifest not yet); the same command resumes from checkpoint-2,
@@ -243,7 +244,8 @@ def test_lora_all_on_s3_killed_then_altered_checkpoint_falls_back(inputs: Inputs
     )
 
 
-@pytest.mark.slow
+# Extended tier: test_checkpoint_stream's outage mid-stream covers retries and LATEST in the default run.
+@pytest.mark.extended
 def test_s3_down_for_20s_mid_run_uploads_retry_and_latest_stays_complete(s3, inputs: Inputs, tmp_path: Path) -> None:  # noqa: ANN001
     uri = inputs.uri("outage/")
     run = open_store(uri)
