@@ -205,6 +205,21 @@ def _build_components(seed: int, prediction_type: str, tokenizer) -> dict:
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
 
 
+def _ensure_text_encoder_weights(out_dir: Path, encoders: dict[str, Any]) -> None:
+    """Write each text encoder's weights where save_pretrained left none: transformers skips a model's weights when
+    torch.distributed says this is not rank 0, which left the tiny model of a non-zero rank (e.g. the second pod
+    of a gang) without text-encoder weights."""
+    from safetensors.torch import save_file
+
+    for name, module in encoders.items():
+        folder = out_dir / name
+        if not (folder / "model.safetensors").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            module.config.to_json_file(folder / "config.json")
+            state = {k: v.contiguous() for k, v in module.state_dict().items()}
+            save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 def make_tiny_model(out_dir: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Write a tiny random Stable Diffusion pipeline folder to ``out_dir`` and return it.
 
@@ -228,16 +243,7 @@ def make_tiny_model(out_dir: Path, seed: int = 0, prediction_type: str = "epsilo
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    # transformers skips a model's weights when torch.distributed says this is not rank 0, which left the
-    # tiny model of a non-zero rank (e.g. the second pod of a gang) without text-encoder weights.
-    te_dir = out_dir / "text_encoder"
-    if not (te_dir / "model.safetensors").exists():
-        from safetensors.torch import save_file
-
-        te_dir.mkdir(parents=True, exist_ok=True)
-        pipe.text_encoder.config.to_json_file(te_dir / "config.json")
-        state = {k: v.contiguous() for k, v in pipe.text_encoder.state_dict().items()}
-        save_file(state, te_dir / "model.safetensors", metadata={"format": "pt"})
+    _ensure_text_encoder_weights(out_dir, {"text_encoder": pipe.text_encoder})
     # The tokenizer's save may write only tokenizer.json; the files the project itself builds are written
     # last so the folder always holds them (older transformers and other tools read them).
     write_tokenizer_files(out_dir / "tokenizer")
@@ -332,16 +338,8 @@ def make_tiny_sdxl_model(out_dir: Path, seed: int = 0) -> Path:
         scheduler=scheduler,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    # As in tiny.make_tiny_model: transformers skips weights off rank 0, and the project's tokenizer files last.
-    from safetensors.torch import save_file
-
-    for name, module in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
-        folder = out_dir / name
-        if not (folder / "model.safetensors").exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            module.config.to_json_file(folder / "config.json")
-            state = {k: v.contiguous() for k, v in module.state_dict().items()}
-            save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    # The project's tokenizer files last, as in make_tiny_model.
+    _ensure_text_encoder_weights(out_dir, {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2})
     write_tokenizer_files(out_dir / "tokenizer")
     write_tokenizer_files(out_dir / "tokenizer_2")
     return out_dir
@@ -449,16 +447,8 @@ def make_tiny_flux_model(out_dir: Path, seed: int = 0, guidance_embeds: bool = T
         tokenizer_2=tokenizer_2, transformer=transformer,
     )  # fmt: skip
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    # As in tiny.make_tiny_model: transformers skips weights off rank 0, and the project's tokenizer files last.
-    from safetensors.torch import save_file
-
-    for name, module in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
-        folder = out_dir / name
-        if not (folder / "model.safetensors").exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            module.config.to_json_file(folder / "config.json")
-            state = {k: v.contiguous() for k, v in module.state_dict().items()}
-            save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    # The project's tokenizer files last, as in make_tiny_model.
+    _ensure_text_encoder_weights(out_dir, {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2})
     write_tokenizer_files(out_dir / "tokenizer")
     write_t5_tokenizer_files(out_dir / "tokenizer_2")
     return out_dir

@@ -69,8 +69,10 @@ class ModelFamily(ABC):
     def enable_memory_savers(self, parts: Parts, cfg: CommonConfig, gradient_checkpointing: bool) -> None: ...
 
     def text_encoders(self, parts: Parts) -> dict[str, torch.nn.Module]:
-        """The text encoders by pipeline name, in the order they train (after the denoiser in `set_trainable`)."""
-        return {} if parts.text_encoder is None else {"text_encoder": parts.text_encoder}
+        """The text encoders by pipeline name, in the order they train (after the denoiser in `set_trainable`): the
+        first, and a second one a family keeps in ``extra`` (SDXL's OpenCLIP, Flux's T5)."""
+        found = {"text_encoder": parts.text_encoder, "text_encoder_2": parts.extra.get("text_encoder_2")}
+        return {name: module for name, module in found.items() if module is not None}
 
     def dataset_options(self, cfg: CommonConfig) -> dict[str, Any]:
         """Keyword arguments for DreamBoothDataset beyond the shared ones (SDXL: crop geometry, flips, repeats)."""

@@ -206,14 +206,6 @@ class Flux(ModelFamily):
         tokenizer = FluxTokenizers(clip_tok, t5_tok, cfg.max_sequence_length)
         return Parts(tokenizer, te1, vae, transformer, noise_scheduler, extra=extra)
 
-    def text_encoders(self, parts: Parts) -> dict[str, torch.nn.Module]:
-        out = {}
-        if parts.text_encoder is not None:
-            out["text_encoder"] = parts.text_encoder
-        if parts.extra.get("text_encoder_2") is not None:
-            out["text_encoder_2"] = parts.extra["text_encoder_2"]
-        return out
-
     def add_lora(self, parts: Parts, cfg: CommonConfig) -> None:
         assert isinstance(cfg, FluxLoraConfig)
         parts.denoiser.add_adapter(_adapter(cfg, transformer_targets(cfg)))

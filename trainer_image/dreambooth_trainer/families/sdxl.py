@@ -189,14 +189,6 @@ class StableDiffusionXL(ModelFamily):
         config = model_dir / "scheduler" / "scheduler_config.json"
         return config.is_file() and "EDM" in json.loads(config.read_text()).get("_class_name", "")
 
-    def text_encoders(self, parts: Parts) -> dict[str, torch.nn.Module]:
-        out = {}
-        if parts.text_encoder is not None:
-            out["text_encoder"] = parts.text_encoder
-        if parts.extra.get("text_encoder_2") is not None:
-            out["text_encoder_2"] = parts.extra["text_encoder_2"]
-        return out
-
     def add_lora(self, parts: Parts, cfg: CommonConfig) -> None:
         from peft import LoraConfig as PeftLoraConfig
 
