@@ -27,8 +27,10 @@ REASON_NON_FINITE_LOSS = "NonFiniteLoss"  # the loss or weights diverged (NaN/in
 REFINED_REASONS = {REASON_NON_FINITE_LOSS: EXIT_BAD_INPUT}
 
 # -------------------------------------------------------------------------------------- termination message
-# The launcher writes {"reason", "step", "checkpointUri", "message"} as JSON, at most MESSAGE_LIMIT bytes.
-TERMINATION_KEYS = ("reason", "step", "checkpointUri", "message")
+# The launcher writes {"reason", "step", "checkpointUri", "message"} as JSON, at most MESSAGE_LIMIT bytes, plus
+# "validationImages" after a completed run: the final validation runs moments before the exit, after the
+# operator's last /progress poll as often as not, so the outcome carries them.
+TERMINATION_KEYS = ("reason", "step", "checkpointUri", "message", "validationImages")
 MESSAGE_LIMIT = 4096  # the kubelet truncates a termination message beyond 4096 bytes
 TERMINATION_LOG = "/dev/termination-log"
 

@@ -543,7 +543,8 @@ class _Planner:
             checkpoint_step = _int(reported.get("step")) or 0
             self._checkpoint(checkpoint_step, str(reported.get("uri") or ""), None, reported.get("time"))
         images = doc.get("validationImages")
-        if isinstance(images, list):
+        if isinstance(images, list) and images:
+            # The latest images stand until newer ones exist: a new attempt reports [] until it validates.
             job_status.validation_images = [str(u) for u in images]
 
     def _merge_termination_checkpoints(self) -> None:
@@ -556,6 +557,10 @@ class _Planner:
             done = str(term.get("reason", "")).lower() == "completed" or v.exit_code == 0
             if term.get("checkpointUri") and isinstance(term.get("step"), int) and not done:
                 self._checkpoint(term["step"], str(term["checkpointUri"]), v.finished_at)
+            images = term.get("validationImages")
+            if done and isinstance(images, list) and images:
+                # The final validation runs after the last /progress poll as often as not: the outcome says it.
+                self.job_status.validation_images = [str(u) for u in images]
 
     def _checkpoint(self, step: int, uri: str, when: datetime | None, when_text: Any = None) -> None:
         job_status = self.job_status

@@ -111,3 +111,18 @@ def test_termination_message_fits_4_kib(tmp_path: Path) -> None:
     assert json.loads(path.read_text())["step"] == 3
     # Not named and not in a pod (no /dev/termination-log): nothing is written, nothing fails.
     launch.write_termination_message(out, {})
+
+
+def test_completed_outcome_carries_the_final_validation_images() -> None:
+    images = [f"s3://b/runs/dog/validation/step-8-{i}.png" for i in range(4)]
+    done = decide(
+        nproc=2, rank_codes={0: 0, 1: 0}, torchrun_rc=0, stop=None,
+        detail={"exitCode": 0, "step": 8, "checkpointUri": "s3://b/runs/dog/", "message": "training finished",
+                "validationImages": images},
+    )  # fmt: skip
+    assert json.loads(done.termination_message())["validationImages"] == images
+    # Over the kubelet's 4 KiB, trailing images go before the message is cut: reason and step always stay.
+    many = Outcome(0, 8, "s3://b/runs/dog/", "training finished", validation_images=[images[0] + "x" * 300] * 40)
+    doc = json.loads(many.termination_message())
+    assert len(many.termination_message().encode()) <= 4096
+    assert 0 < len(doc["validationImages"]) < 40 and doc["message"] == "training finished" and doc["step"] == 8

@@ -319,10 +319,14 @@ def test_happy_path_fills_every_status_field() -> None:
     assert env.kube.calls.count("patch_pod") == 2
 
     env.clock.advance(5)
-    for pod in env.kube.job_pods():
-        env.kube.exit(pod, 0, done())
+    final_images = ["s3://runs/dog/validation/step-20-0.png"]
+    pods = env.kube.job_pods()
+    # Rank 0's pod names the final validation's images, which ran after the last /progress poll; rank 1's none.
+    env.kube.exit(pods[0], 0, {**done(), "validationImages": final_images})
+    env.kube.exit(pods[1], 0, done())
     st = env.reconcile()
     assert st["phase"] == "Succeeded" and st["completionTime"] == ts(env.clock.now)
+    assert st["validationImages"] == final_images
     # The final model named by the completion message is not a checkpoint: the last polled one stands.
     assert st["step"] == 20 and st["lastCheckpoint"]["step"] == 5 and st["eta"] == "0s"
     assert st["preemptions"] == 0 and st["restarts"] == 0 and st["observedGeneration"] == 1

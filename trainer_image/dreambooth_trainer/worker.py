@@ -62,11 +62,17 @@ def train(cfg: CommonConfig, stop: threading.Event | None = None) -> int:
             print(f"preempted: {exc}", file=sys.stderr)
         write_result(code, exc)
         return code
-    write_result(0, None, step=result.global_step, uri=result.output_uri)
+    write_result(0, None, step=result.global_step, uri=result.output_uri, images=result.validation_images)
     return 0
 
 
-def write_result(code: int, exc: BaseException | None, step: int | None = None, uri: str | None = None) -> None:
+def write_result(
+    code: int,
+    exc: BaseException | None,
+    step: int | None = None,
+    uri: str | None = None,
+    images: list[str] | None = None,
+) -> None:
     """Leave the outcome for the launcher (which writes the pod's termination message)."""
     path = os.environ.get(ENV_RESULT_FILE)
     if not path or os.environ.get("LOCAL_RANK", "0") != "0":
@@ -78,6 +84,8 @@ def write_result(code: int, exc: BaseException | None, step: int | None = None, 
         "checkpointUri": getattr(exc, "checkpoint_uri", uri),
         "message": (str(exc) if exc else "training finished")[:2000],
     }
+    if images:
+        doc["validationImages"] = [str(u) for u in images]
     Path(path).write_text(json.dumps(doc))
 
 

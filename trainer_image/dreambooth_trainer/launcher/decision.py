@@ -11,7 +11,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,7 @@ class Outcome:
     checkpoint_uri: str | None = None
     message: str = ""
     refined_reason: str | None = None  # e.g. NonFiniteLoss: said by the worker, valid only with its exit code
+    validation_images: list[str] = field(default_factory=list)  # a completed run's final validation images
 
     @property
     def reason(self) -> str:
@@ -111,8 +112,20 @@ class Outcome:
 
     def termination_message(self) -> str:
         """The pod's termination message: JSON, at most MESSAGE_LIMIT bytes (the message is cut, never the JSON)."""
-        doc = {"reason": self.reason, "step": self.step, "checkpointUri": self.checkpoint_uri, "message": self.message}
+        doc: dict[str, Any] = {
+            "reason": self.reason, "step": self.step, "checkpointUri": self.checkpoint_uri, "message": self.message
+        }  # fmt: skip
+        images = list(self.validation_images)
+        if images:
+            doc["validationImages"] = images
         text = json.dumps(doc)
+        # Images go first (the last ones, then the list), the message after: the reason and step always stay.
+        while len(text.encode()) > MESSAGE_LIMIT and images:
+            images.pop()
+            doc["validationImages"] = images
+            if not images:
+                del doc["validationImages"]
+            text = json.dumps(doc)
         message = self.message
         while len(text.encode()) > MESSAGE_LIMIT and message:
             message = message[: max(0, len(message) - (len(text.encode()) - MESSAGE_LIMIT) - 8)]
@@ -164,9 +177,11 @@ def decide(
     codes = {r: rank_codes.get(r) for r in range(nproc)}
     if all(c == EXIT_OK for c in codes.values()) and torchrun_rc == 0:
         # Training finished before a SIGTERM could stop it: done is done.
+        images = detail.get("validationImages")
         return Outcome(
-            EXIT_OK, detail.get("step"), detail.get("checkpointUri"), detail.get("message", "training finished")
-        )
+            EXIT_OK, detail.get("step"), detail.get("checkpointUri"), detail.get("message", "training finished"),
+            validation_images=[str(u) for u in images] if isinstance(images, list) else [],
+        )  # fmt: skip
 
     if stop is not None:
         took = f" {stop.seconds:.1f}s after {stop.signal_name}" if stop.seconds is not None else ""
