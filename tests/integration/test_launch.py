@@ -51,6 +51,22 @@ def test_gpu_oom_on_one_rank_exits_71(tmp_path: Path) -> None:
     assert term["reason"] == "GPUOutOfMemory" and "local rank 1 exited 71" in term["message"], term
 
 
+def test_crash_lets_the_checkpoint_in_flight_land_first(tmp_path: Path) -> None:
+    """A crash while a periodic checkpoint is still being written: it is finished before the exit, so the retry
+    resumes from it instead of from the one before (or from step 0)."""
+    out = tmp_path / "out"
+    run = LaunchedRun(
+        tmp_path, "lora", training(str(out), "lora", steps=6, ckpt=2),
+        DREAMBOOTH_TEST_RAISE_OOM_AT_STEP="3", DREAMBOOTH_TEST_SAVE_DELAY_SECONDS="3",
+        DREAMBOOTH_TEST_SAVE_DELAY_KIND="periodic",
+    )  # fmt: skip
+    assert run.run() == 71, run.log()
+    assert run.termination()["reason"] == "GPUOutOfMemory"
+    assert (out / "checkpoint-2" / "manifest.json").is_file(), run.log()
+    assert (out / "LATEST").read_text().strip() == "checkpoint-2"
+    assert "the checkpoint in flight first: checkpoint-2 published" in run.log()
+
+
 @pytest.mark.parametrize("victim", ["worker", "torchrun"])
 def test_process_killed_mid_training_exits_70_and_leaves_no_orphans(victim: str, tmp_path: Path) -> None:
     """SIGKILL (the host's OOM killer) to the worker, or to torchrun, whose workers then live on in their own

@@ -57,6 +57,8 @@ from .validation import Validator
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # Log boundaries (the loss read back from the device) at most this often, besides the first step and checkpoints.
 LOG_SECONDS = 1.0
+# After a crash, how long the checkpoint already being written may take to land before the process exits.
+CRASH_PUBLISH_WAIT_SECONDS = 300.0
 
 logger = logging.getLogger(__name__)
 
@@ -1047,6 +1049,13 @@ def run_training(cfg: CommonConfig, env: RunEnv | None = None) -> TrainResult:
         return trainer.fit()
     except BaseException as exc:
         failure = exc
+        if isinstance(exc, Exception) and not isinstance(exc, PreemptedError):
+            # A crash (an OOM, a bug, a storage error) must not cost the checkpoint already on its way: a step-950
+            # crash with checkpoint-900 in flight would otherwise resume from 800. A preemption drains it itself.
+            publisher: ckpt.Publisher | None = getattr(trainer, "publisher", None)
+            said = publisher.finish_in_flight(CRASH_PUBLISH_WAIT_SECONDS) if publisher is not None else None
+            if said:
+                logger.warning("training failed; the checkpoint in flight first: %s", said)
         raise
     finally:
         # The per-rank log's last upload, on success, preemption and crash alike (bounded: S3 may be down).

@@ -67,6 +67,24 @@ class Publisher:
             err, self._error = self._error, None
             raise err
 
+    def finish_in_flight(self, timeout: float) -> str | None:
+        """After a crash: let the checkpoint in flight become durable (up to `timeout` s) instead of dying with the
+        process. Returns what happened, for the log, or None when nothing was in flight. Never raises."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return None
+        name = thread.name.removeprefix("publish-")
+        t0 = time.monotonic()
+        thread.join(timeout)
+        took = time.monotonic() - t0
+        if thread.is_alive():
+            return f"{name} was still being written after {took:.0f}s: left incomplete (the previous one stands)"
+        self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            return f"{name} failed: {err}"
+        return f"{name} published ({took:.1f}s after the failure)"
+
     def submit(self, snap: Snapshot, *, background: bool = True) -> None:
         self.wait()
         if background:
