@@ -116,7 +116,8 @@ def test_real_trainer_happy_path_fills_every_status_field(
     assert st["logsUri"] == f"s3://{bucket}/runs/dog/logs/attempt-1/"
     assert st["lastCheckpoint"]["step"] >= 2 and st["lastCheckpoint"]["uri"].startswith(f"s3://{bucket}/runs/dog/")
     assert st["startTime"] and st["completionTime"] and st["observedGeneration"] == 1
-    assert st["validationImages"], st
+    # The final validation's images (it runs after the last /progress poll: the termination message says them).
+    assert st["validationImages"] and all(f"/validation/step-{STEPS}/" in u for u in st["validationImages"]), st
     keys = {o["Key"] for o in storage["client"].list_objects_v2(Bucket=bucket, Prefix="runs/dog/")["Contents"]}
     assert f"runs/dog/{WEIGHTS}" in keys
     assert any(k.startswith("runs/dog/logs/attempt-1/") for k in keys)

@@ -90,7 +90,8 @@ class TrainResult:
     output_uri: str
     global_step: int
     final_loss: float | None
-    validation_images: list[str]
+    validation_images: list[str]  # every validation's, in order
+    latest_validation_images: list[str] = field(default_factory=list)  # the last validation's (status, progress)
 
 
 @contextlib.contextmanager
@@ -962,8 +963,9 @@ class Trainer:
         self.progress.update(phase="Succeeded")
         self.progress.close()
         self.rank_log.close()  # here too, not only in run_training: in-process callers (tests, benchmarks) end here
-        images = [uri for run in self.validator.runs for uri in run.uris]
-        return TrainResult(self.out.uri, self.state.global_step, loss_value, images)
+        runs = self.validator.runs
+        images = [uri for run in runs for uri in run.uris]
+        return TrainResult(self.out.uri, self.state.global_step, loss_value, images, runs[-1].uris if runs else [])
 
     def _save_final(self) -> None:
         cfg = self.cfg

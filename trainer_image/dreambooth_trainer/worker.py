@@ -62,7 +62,7 @@ def train(cfg: CommonConfig, stop: threading.Event | None = None) -> int:
             print(f"preempted: {exc}", file=sys.stderr)
         write_result(code, exc)
         return code
-    write_result(0, None, step=result.global_step, uri=result.output_uri, images=result.validation_images)
+    write_result(0, None, step=result.global_step, uri=result.output_uri, images=result.latest_validation_images)
     return 0
 
 
