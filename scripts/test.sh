@@ -46,7 +46,10 @@ for tier in $TIERS; do
   case $tier in
     lint) run_tier lint bash -c "ruff check . && ruff format --check ." ;;
     unit) run_tier unit python -m pytest tests/unit -q "$@" ;;
-    integration) run_tier integration python -m pytest tests/integration -q -m "not extended" --durations=15 "$@" ;;
+    # Both cores: most integration tests run one single-threaded process at a time. Files stay whole on one
+    # worker (module fixtures and a file's shared references are built once). PYTEST_WORKERS=0: serial.
+    integration) run_tier integration python -m pytest tests/integration -q -m "not extended" --durations=15 \
+      -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@" ;;
     cluster)
       run_tier k8s-build bash .ci/k8s-build.sh
       run_tier cluster python -m pytest tests/cluster -q -m "not extended" --durations=15 "$@" ;;
