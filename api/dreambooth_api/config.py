@@ -288,17 +288,13 @@ class LoraConfig(CommonConfig):
         return self.image_interpolation_mode
 
 
-class SdxlLoraConfig(LoraConfig):
-    """``train_dreambooth_lora_sdxl.py``: LoRA on the SDXL UNet (and optionally both text encoders)."""
-
-    method: ClassVar[Method] = "lora-sdxl"
-    script: ClassVar[str] = "train_dreambooth_lora_sdxl.py"
+class ScriptLoraConfig(LoraConfig):
+    """The flags the SDXL and Flux LoRA scripts share beyond the SD one: an image folder with captions in place of
+    the instance folder, repeats and flips (both part of the data order), prodigy, and the text encoders' own
+    learning rate and weight decay. Each family's script subclasses it."""
 
     instance_data_dir: str | None = _f(  # type: ignore[assignment]
         None, "Folder (local or s3://) holding the instance images (required unless dataset_name is given)."
-    )
-    pretrained_vae_model_name_or_path: str | None = _f(
-        None, "A VAE folder (local or s3://) to use in place of the model's, e.g. an fp16-safe SDXL VAE."
     )
     dataset_name: str | None = _f(
         None,
@@ -310,7 +306,6 @@ class SdxlLoraConfig(LoraConfig):
     image_column: str = _f("image", "The dataset column holding the images (with dataset_name).")
     caption_column: str | None = _f(None, "The dataset column holding the captions (with dataset_name).")
     repeats: int = _f(1, "How many times each training image is repeated per epoch.", ge=1, le=MAX_STEPS)
-    resolution: int = _f(1024, "Resolution of the training images (multiple of 8).", ge=8)
     random_flip: bool = _f(False, "Flip training images horizontally at random.")
     learning_rate: float = _f(1e-4, "Initial learning rate (after warmup).", gt=0)
     text_encoder_lr: float = _f(5e-6, "Learning rate of the text encoders' LoRA (with train_text_encoder).", gt=0)
@@ -319,52 +314,45 @@ class SdxlLoraConfig(LoraConfig):
     prodigy_decouple: bool = _f(True, "Prodigy: decoupled weight decay (AdamW style).")
     prodigy_use_bias_correction: bool = _f(True, "Prodigy: Adam's bias correction.")
     prodigy_safeguard_warmup: bool = _f(True, "Prodigy: remove the learning rate from D's estimate in warmup.")
-    adam_weight_decay: float = _f(1e-04, "AdamW weight decay of the UNet's parameters.")
+    adam_weight_decay: float = _f(1e-04, "AdamW weight decay of the trained model's parameters.")
     adam_weight_decay_text_encoder: float = _f(1e-03, "AdamW weight decay of the text encoders' parameters.")
-    use_dora: bool = _f(False, "Train DoRA (weight-decomposed LoRA) adapters instead of plain LoRA.")
-    do_edm_style_training: bool = _f(False, "Train with the EDM formulation (Karras et al. 2022) on Euler sigmas.")
-    output_kohya_format: bool = _f(False, "Also write the LoRA in kohya's format (pytorch_lora_weights_kohya).")
 
     @property
     def uses_prodigy(self) -> bool:
         return self.optimizer.lower() == "prodigy"
 
 
+class SdxlLoraConfig(ScriptLoraConfig):
+    """``train_dreambooth_lora_sdxl.py``: LoRA on the SDXL UNet (and optionally both text encoders)."""
+
+    method: ClassVar[Method] = "lora-sdxl"
+    script: ClassVar[str] = "train_dreambooth_lora_sdxl.py"
+
+    pretrained_vae_model_name_or_path: str | None = _f(
+        None, "A VAE folder (local or s3://) to use in place of the model's, e.g. an fp16-safe SDXL VAE."
+    )
+    resolution: int = _f(1024, "Resolution of the training images (multiple of 8).", ge=8)
+    adam_weight_decay: float = _f(1e-04, "AdamW weight decay of the UNet's parameters.")
+    use_dora: bool = _f(False, "Train DoRA (weight-decomposed LoRA) adapters instead of plain LoRA.")
+    do_edm_style_training: bool = _f(False, "Train with the EDM formulation (Karras et al. 2022) on Euler sigmas.")
+    output_kohya_format: bool = _f(False, "Also write the LoRA in kohya's format (pytorch_lora_weights_kohya).")
+
+
 WeightingScheme = Literal["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"]
 
 
-class FluxLoraConfig(LoraConfig):
+class FluxLoraConfig(ScriptLoraConfig):
     """``train_dreambooth_lora_flux.py``: LoRA on the Flux transformer (and optionally the CLIP text encoder)."""
 
     method: ClassVar[Method] = "lora-flux"
     script: ClassVar[str] = "train_dreambooth_lora_flux.py"
 
-    instance_data_dir: str | None = _f(  # type: ignore[assignment]
-        None, "Folder (local or s3://) holding the instance images (required unless dataset_name is given)."
-    )
-    dataset_name: str | None = _f(
-        None,
-        "An image folder (local or s3://, the imagefolder convention) with a metadata.jsonl of captions, in place of "
-        "instance_data_dir; Hub dataset names are refused (no Hub access here).",
-    )
-    dataset_config_name: str | None = _f(None, "Hub dataset config name (Hub datasets are not supported here).")
-    cache_dir: str | None = _f(None, "Where downloaded models and datasets are cached.")
-    image_column: str = _f("image", "The dataset column holding the images (with dataset_name).")
-    caption_column: str | None = _f(None, "The dataset column holding the captions (with dataset_name).")
-    repeats: int = _f(1, "How many times each training image is repeated per epoch.", ge=1, le=MAX_STEPS)
     output_dir: str = _f("flux-dreambooth-lora", "Where the LoRA weights, checkpoints and images are written.")
-    random_flip: bool = _f(False, "Flip training images horizontally at random.")
     # The Flux script resizes with bilinear; ours keeps the LoRA script's flag, defaulting to the Flux script's filter.
     image_interpolation_mode: InterpolationMode = _f(
         "bilinear", "Filter that resizes the training images (instance and class) to the resolution."
     )
-    learning_rate: float = _f(1e-4, "Initial learning rate (after warmup).", gt=0)
     text_encoder_lr: float = _f(5e-6, "Learning rate of the CLIP text encoder's LoRA (with train_text_encoder).", gt=0)
-    optimizer: str = _f("AdamW", "AdamW or prodigy; any other value warns and falls back to AdamW, as the script does.")
-    prodigy_beta3: float | None = _f(None, "Prodigy's beta3 (default: sqrt(beta2)).")
-    prodigy_decouple: bool = _f(True, "Prodigy: decoupled weight decay (AdamW style).")
-    prodigy_use_bias_correction: bool = _f(True, "Prodigy: Adam's bias correction.")
-    prodigy_safeguard_warmup: bool = _f(True, "Prodigy: remove the learning rate from D's estimate in warmup.")
     adam_weight_decay: float = _f(1e-04, "AdamW weight decay of the transformer's parameters.")
     adam_weight_decay_text_encoder: float = _f(1e-03, "AdamW weight decay of the text encoder's parameters.")
     max_sequence_length: int = _f(512, "Maximum sequence length of the T5 text encoder's prompt.", ge=1)
@@ -384,10 +372,6 @@ class FluxLoraConfig(LoraConfig):
     )
     upcast_before_saving: bool = _f(False, "Upcast the trained transformer's LoRA to fp32 before the final save.")
     enable_npu_flash_attention: bool = _f(False, "Flash attention on an Ascend NPU (refused: no NPU support here).")
-
-    @property
-    def uses_prodigy(self) -> bool:
-        return self.optimizer.lower() == "prodigy"
 
 
 MODELS: dict[str, type[CommonConfig]] = {
@@ -459,13 +443,11 @@ def check_sdxl_rules(cfg: SdxlLoraConfig) -> None:
                 name,
                 f"is a setting of the SD 1.x/2.x scripts, not of {cfg.script} (SDXL has two text encoders); remove it.",
             )
-    check_image_source(cfg)
+    check_script_lora_rules(cfg)
     if cfg.do_edm_style_training and cfg.snr_gamma is not None:
         raise ConfigError(
             "snr_gamma", "Min-SNR weighting is not supported with --do_edm_style_training (as in the script); drop one."
         )
-    if cfg.cache_latents and cfg.random_flip:
-        raise ConfigError("cache_latents", "cannot be used with --random_flip (a flip changes the latents); drop one.")
     check_location("pretrained_vae_model_name_or_path", cfg.pretrained_vae_model_name_or_path)
 
 
@@ -481,9 +463,7 @@ def check_flux_rules(cfg: FluxLoraConfig) -> None:
                 f"is not a setting of {cfg.script} (Flux trains a transformer by flow matching, with CLIP and T5 "
                 "prompts); remove it" + (" (--weighting_scheme weights the loss)." if name == "snr_gamma" else "."),
             )
-    check_image_source(cfg)
-    if cfg.cache_latents and cfg.random_flip:
-        raise ConfigError("cache_latents", "cannot be used with --random_flip (a flip changes the latents); drop one.")
+    check_script_lora_rules(cfg)
     if cfg.lora_layers is not None and not [layer for layer in cfg.lora_layers.split(",") if layer.strip()]:
         raise ConfigError("lora_layers", "names no module; give e.g. 'attn.to_k,attn.to_q,attn.to_v' or remove it.")
     if cfg.enable_npu_flash_attention:
@@ -495,8 +475,11 @@ def check_flux_rules(cfg: FluxLoraConfig) -> None:
         )
 
 
-def check_image_source(cfg: SdxlLoraConfig | FluxLoraConfig) -> None:
-    """As the scripts with --dataset_name: one source of instance images, an image folder, not a Hub dataset."""
+def check_script_lora_rules(cfg: ScriptLoraConfig) -> None:
+    """As the scripts with --dataset_name: one source of instance images, an image folder, not a Hub dataset; and
+    cached latents cannot hold a random flip."""
+    if cfg.cache_latents and cfg.random_flip:
+        raise ConfigError("cache_latents", "cannot be used with --random_flip (a flip changes the latents); drop one.")
     if cfg.dataset_name is None and cfg.instance_data_dir is None:
         raise ConfigError(
             "instance_data_dir",

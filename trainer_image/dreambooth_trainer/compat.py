@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from dreambooth_api.config import CommonConfig, FluxLoraConfig, SdxlLoraConfig, flag_and_field
+from dreambooth_api.config import CommonConfig, ScriptLoraConfig, SdxlLoraConfig, flag_and_field
 
 logger = logging.getLogger(__name__)
 
@@ -16,7 +16,7 @@ def script_warnings(cfg: CommonConfig) -> list[str]:
         for name in ("class_data_dir", "class_prompt"):
             if getattr(cfg, name):
                 out.append(f"You need not use {flag_and_field(name)} without --with_prior_preservation: it is ignored.")
-    if isinstance(cfg, (SdxlLoraConfig, FluxLoraConfig)):
+    if isinstance(cfg, ScriptLoraConfig):
         if cfg.optimizer.lower() not in ("adamw", "prodigy"):
             out.append(
                 f"Unsupported choice of optimizer: {cfg.optimizer}. Supported optimizers include [adamW, prodigy]. "

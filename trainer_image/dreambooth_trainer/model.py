@@ -8,7 +8,7 @@ import logging
 
 import torch
 
-from dreambooth_api.config import CommonConfig, ConfigError, FluxLoraConfig, SdxlLoraConfig
+from dreambooth_api.config import CommonConfig, ConfigError, ScriptLoraConfig
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +38,12 @@ def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]
 
 
 def _prodigy(cfg: CommonConfig) -> bool:
-    return isinstance(cfg, (SdxlLoraConfig, FluxLoraConfig)) and cfg.uses_prodigy
+    return isinstance(cfg, ScriptLoraConfig) and cfg.uses_prodigy
 
 
 def optimizer_options(cfg: CommonConfig) -> dict[str, object]:
     """Keyword arguments of the optimizer beyond AdamW's (the SDXL and Flux scripts' --prodigy_* flags)."""
-    if not (isinstance(cfg, (SdxlLoraConfig, FluxLoraConfig)) and cfg.uses_prodigy):
+    if not (isinstance(cfg, ScriptLoraConfig) and cfg.uses_prodigy):
         return {}
     return {
         "beta3": cfg.prodigy_beta3, "decouple": cfg.prodigy_decouple,
