@@ -14,7 +14,8 @@ import torch
 from dreambooth_api.config import ConfigError, FluxLoraConfig, parse_training
 from dreambooth_trainer.cli_args import build_parser, parse_cli
 from dreambooth_trainer.families import family_for
-from dreambooth_trainer.families.flux import flow_sigmas, flow_timesteps, flux_loss
+from dreambooth_trainer.families.flux import flow_timesteps, flux_loss
+from dreambooth_trainer.objective import scheduler_sigmas
 
 pytestmark = pytest.mark.unit
 
@@ -104,7 +105,7 @@ def test_timesteps_are_diffusers_density_on_the_step_generator(scheme: str) -> N
     )  # fmt: skip
     assert torch.equal(ours, sched.timesteps[(u * 1000).long()])
     # Each timestep's sigma is the scheduler's own for it (the script's get_sigmas).
-    sig = flow_sigmas(sched, ours, 4, torch.float32)
+    sig = scheduler_sigmas(sched, ours, 4, torch.float32)
     assert sig.shape == (64, 1, 1, 1)
     assert torch.allclose(sig.flatten() * 1000, ours)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -109,3 +110,15 @@ def dreambooth_loss(
         instance = (per_sample * weights).mean()
     total = instance if prior_loss is None else instance + prior_loss_weight * prior_loss
     return LossParts(total, instance.detach(), None if prior_loss is None else prior_loss.detach())
+
+
+def scheduler_sigmas(scheduler: Any, timesteps: torch.Tensor, n_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """The scripts' get_sigmas (SDXL's EDM training, Flux's flow matching): each timestep's sigma in the
+    scheduler's table, shaped to broadcast over latents of `n_dim` dimensions."""
+    sigmas = scheduler.sigmas.to(device=timesteps.device, dtype=dtype)
+    schedule = scheduler.timesteps.to(timesteps.device)
+    indices = [(schedule == t).nonzero().item() for t in timesteps]
+    sigma = sigmas[indices].flatten()
+    while sigma.ndim < n_dim:
+        sigma = sigma.unsqueeze(-1)
+    return sigma

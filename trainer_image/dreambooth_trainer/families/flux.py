@@ -24,7 +24,7 @@ import torch
 
 from dreambooth_api.config import CommonConfig, ConfigError, FluxLoraConfig
 
-from ..objective import sample_noise
+from ..objective import sample_noise, scheduler_sigmas
 from .base import ModelFamily, Parts, text_encoder_lr_groups
 
 logger = logging.getLogger(__name__)
@@ -74,17 +74,6 @@ class FluxTokenizers:
                 "attention_mask": torch.cat([a.attention_mask, b.attention_mask], dim=1),
             }
         )
-
-
-def flow_sigmas(scheduler: Any, timesteps: torch.Tensor, n_dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """The script's get_sigmas: each timestep's σ in the scheduler's table, shaped to broadcast over latents."""
-    sigmas = scheduler.sigmas.to(device=timesteps.device, dtype=dtype)
-    schedule = scheduler.timesteps.to(timesteps.device)
-    indices = [(schedule == t).nonzero().item() for t in timesteps]
-    sigma = sigmas[indices].flatten()
-    while sigma.ndim < n_dim:
-        sigma = sigma.unsqueeze(-1)
-    return sigma
 
 
 def flow_timesteps(
@@ -292,7 +281,7 @@ class Flux(ModelFamily):
     def add_noise(
         self, parts: Parts, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
-        sigmas = flow_sigmas(parts.noise_scheduler, timesteps, latents.ndim, latents.dtype)
+        sigmas = scheduler_sigmas(parts.noise_scheduler, timesteps, latents.ndim, latents.dtype)
         return (1.0 - sigmas) * latents + sigmas * noise
 
     def denoise(
@@ -337,7 +326,7 @@ class Flux(ModelFamily):
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
         assert isinstance(cfg, FluxLoraConfig)
-        sigmas = flow_sigmas(parts.noise_scheduler, timesteps, latents.ndim, latents.dtype)
+        sigmas = scheduler_sigmas(parts.noise_scheduler, timesteps, latents.ndim, latents.dtype)
         weighting = compute_loss_weighting_for_sd3(weighting_scheme=cfg.weighting_scheme, sigmas=sigmas)
         # Flow matching: the velocity from data to noise.
         target = noise - latents

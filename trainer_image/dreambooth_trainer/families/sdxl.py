@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from dreambooth_api.config import CommonConfig, ConfigError, SdxlLoraConfig
 
-from ..objective import sample_noise, sample_timesteps, snr
+from ..objective import sample_noise, sample_timesteps, scheduler_sigmas, snr
 from .base import ModelFamily, Parts, text_encoder_lr_groups
 from .flux import flux_folder_message
 
@@ -63,17 +63,6 @@ def add_time_ids(
         for o, c in zip(original_sizes, crop_top_lefts, strict=True)
     ]
     return torch.tensor(rows)
-
-
-def edm_sigmas(scheduler: Any, timesteps: torch.Tensor, n_dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """The script's get_sigmas: each timestep's sigma in the scheduler's table, shaped to broadcast over latents."""
-    sigmas = scheduler.sigmas.to(device=timesteps.device, dtype=dtype)
-    schedule = scheduler.timesteps.to(timesteps.device)
-    indices = [(schedule == t).nonzero().item() for t in timesteps]
-    sigma = sigmas[indices].flatten()
-    while sigma.ndim < n_dim:
-        sigma = sigma.unsqueeze(-1)
-    return sigma
 
 
 def edm_precondition_inputs(noisy: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
@@ -320,7 +309,7 @@ class StableDiffusionXL(ModelFamily):
         sigmas = None
         edm_scheduler = parts.extra.get("edm_scheduler")
         if parts.extra.get("edm"):
-            sigmas = edm_sigmas(parts.noise_scheduler, timesteps, noisy.ndim, noisy.dtype)
+            sigmas = scheduler_sigmas(parts.noise_scheduler, timesteps, noisy.ndim, noisy.dtype)
             inputs = (
                 parts.noise_scheduler.precondition_inputs(noisy, sigmas)
                 if edm_scheduler
@@ -352,7 +341,7 @@ class StableDiffusionXL(ModelFamily):
         if edm and not parts.extra.get("edm_scheduler"):
             # The script weights by sigma^-2 only on Euler's schedule: on an EDM scheduler it "tends to result in
             # numerical problems" (diffusers PR 7126).
-            weighting = (edm_sigmas(scheduler, timesteps, model_pred.ndim, model_pred.dtype) ** -2.0).float()
+            weighting = (scheduler_sigmas(scheduler, timesteps, model_pred.ndim, model_pred.dtype) ** -2.0).float()
         if kind == "epsilon":
             target = latents if edm else noise
         elif kind == "v_prediction":
