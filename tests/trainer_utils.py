@@ -40,6 +40,36 @@ def tiny_args(
     ]  # fmt: skip
 
 
+def make_tiny_model(out: Path, family: str, says: str) -> Path:
+    """`dreambooth tiny-model OUT --family FAMILY` in a subprocess (as a user runs it); its report names `says`."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dreambooth_trainer", "tiny-model", str(out), "--family", family],
+        capture_output=True, text=True, env=trainer_env(), cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert says in proc.stdout, proc.stdout
+    return out
+
+
+def family_args(
+    model: Path | str, output: Path | str, *, steps: int = 6, ckpt: int = 3, extra: list[str] | None = None
+) -> list[str]:
+    """A LoRA run of another family's tiny model on the dog images: resolution 32, batch 2, seed 7."""
+    return [
+        "--pretrained_model_name_or_path", str(model),
+        "--instance_data_dir", str(DOG),
+        "--instance_prompt", "a photo of sks dog",
+        "--output_dir", str(output),
+        "--resolution", "32",
+        "--train_batch_size", "2",
+        "--max_train_steps", str(steps),
+        "--checkpointing_steps", str(ckpt),
+        "--seed", "7",
+        "--report_to", "none",
+        *(extra or []),
+    ]  # fmt: skip
+
+
 def run_dreambooth(
     args: list[str], *, timeout: float = 300, env: dict[str, str] | None = None, check: bool = True
 ) -> subprocess.CompletedProcess:

@@ -9,8 +9,6 @@ size 2 resume: extended tier), one S3 end to end, and the bad-input cases.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer_utils import REPO, assert_identical, run_dreambooth, torchrun_worker, trainer_env
+from trainer_utils import (
+    REPO,
+    assert_identical,
+    family_args,
+    make_tiny_model,
+    run_dreambooth,
+    torchrun_worker,
+)
 
 pytestmark = pytest.mark.integration
 torch.set_num_threads(1)
@@ -32,32 +37,12 @@ T5_TOKENS = "16"  # the tiny T5 takes 512; a short prompt keeps each step cheap
 
 @pytest.fixture(scope="module")
 def tiny_flux(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-flux") / "model"
-    proc = subprocess.run(
-        [sys.executable, "-m", "dreambooth_trainer", "tiny-model", str(out), "--family", "flux"],
-        capture_output=True, text=True, env=trainer_env(), cwd=REPO, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Flux" in proc.stdout
-    return out
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-flux") / "model", "flux", "Flux")
 
 
 def flux_args(model: Path | str, output: Path | str, *, steps: int = 6, ckpt: int = 3, extra: list[str] | None = None):
-    return [
-        "--pretrained_model_name_or_path", str(model),
-        "--instance_data_dir", str(DOG),
-        "--instance_prompt", PROMPT,
-        "--output_dir", str(output),
-        "--resolution", "32",
-        "--train_batch_size", "2",
-        "--max_train_steps", str(steps),
-        "--checkpointing_steps", str(ckpt),
-        "--max_sequence_length", T5_TOKENS,
-        "--lr_warmup_steps", "0",
-        "--seed", "7",
-        "--report_to", "none",
-        *(extra or []),
-    ]  # fmt: skip
+    more = ["--max_sequence_length", T5_TOKENS, "--lr_warmup_steps", "0", *(extra or [])]
+    return family_args(model, output, steps=steps, ckpt=ckpt, extra=more)
 
 
 def pipeline(model: Path, lora: Path | None = None):  # noqa: ANN201 - FluxPipeline

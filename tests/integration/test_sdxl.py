@@ -8,8 +8,6 @@ learning, one each resume exactness at world size 1 and 2, one S3 end to end, an
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer_utils import REPO, assert_identical, run_dreambooth, torchrun_worker, trainer_env
+from trainer_utils import (
+    REPO,
+    assert_identical,
+    family_args,
+    make_tiny_model,
+    run_dreambooth,
+    torchrun_worker,
+)
 
 pytestmark = pytest.mark.integration
 torch.set_num_threads(1)
@@ -28,30 +33,11 @@ PROMPT = "a photo of sks dog"
 
 @pytest.fixture(scope="module")
 def tiny_sdxl(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-sdxl") / "model"
-    proc = subprocess.run(
-        [sys.executable, "-m", "dreambooth_trainer", "tiny-model", str(out), "--family", "sdxl"],
-        capture_output=True, text=True, env=trainer_env(), cwd=REPO, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Stable Diffusion XL" in proc.stdout
-    return out
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-sdxl") / "model", "sdxl", "Stable Diffusion XL")
 
 
 def sdxl_args(model: Path | str, output: Path | str, *, steps: int = 6, ckpt: int = 3, extra: list[str] | None = None):
-    return [
-        "--pretrained_model_name_or_path", str(model),
-        "--instance_data_dir", str(DOG),
-        "--instance_prompt", PROMPT,
-        "--output_dir", str(output),
-        "--resolution", "32",
-        "--train_batch_size", "2",
-        "--max_train_steps", str(steps),
-        "--checkpointing_steps", str(ckpt),
-        "--seed", "7",
-        "--report_to", "none",
-        *(extra or []),
-    ]  # fmt: skip
+    return family_args(model, output, steps=steps, ckpt=ckpt, extra=extra)
 
 
 def generate(model: Path, lora: Path | None = None, seed: int = 0) -> np.ndarray:
