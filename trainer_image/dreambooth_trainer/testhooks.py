@@ -12,6 +12,8 @@ does nothing when it is unset; they let tests and benchmarks put real runs into 
                                                committed) or "before-manifest" (= CRASH_IN_EMERGENCY_SAVE=1)
     DREAMBOOTH_TEST_PAD_STATE_MB=N             every snapshot carries N MiB more (random bytes): a bigger state
     DREAMBOOTH_TEST_FINAL_UPLOAD_DELAY_SECONDS=S  the final model's upload waits S s (so a test can stop S3 there)
+    DREAMBOOTH_TEST_DUMP_RESTORED=DIR          a resumed run's ranks save what they restored (optimizer state, trained
+                                               weights) to DIR/rank-R.pt, to compare with the checkpoint's files
     DREAMBOOTH_TEST_SHARE_FAULT=F              ranks > 0 of a shared S3 checkpoint upload their parts, then
                                                "no-report": never report to rank 0; "bad-sha": report another sha256
 
@@ -50,6 +52,7 @@ class TestHooks:
     pad_state_mb: float = 0.0
     final_upload_delay: float = 0.0
     share_fault: str = ""
+    dump_restored: str = ""
 
     @classmethod
     def from_environ(cls) -> TestHooks:
@@ -65,6 +68,7 @@ class TestHooks:
             pad_state_mb=_float("DREAMBOOTH_TEST_PAD_STATE_MB"),
             final_upload_delay=_float("DREAMBOOTH_TEST_FINAL_UPLOAD_DELAY_SECONDS"),
             share_fault=os.environ.get("DREAMBOOTH_TEST_SHARE_FAULT", ""),
+            dump_restored=os.environ.get("DREAMBOOTH_TEST_DUMP_RESTORED", ""),
         )
 
     def after_step(self) -> None:
@@ -102,6 +106,13 @@ class TestHooks:
             for meta in report["files"].values():
                 meta["sha256"] = "0" * 64
         return report
+
+    def restored(self, rank: int, state: dict[str, Any]) -> None:
+        if self.dump_restored:
+            import torch
+
+            os.makedirs(self.dump_restored, exist_ok=True)
+            torch.save(state, os.path.join(self.dump_restored, f"rank-{rank}.pt"))
 
     def state_padding(self) -> dict[str, torch.Tensor] | None:
         """DREAMBOOTH_TEST_PAD_STATE_MB of random bytes, made once per process, for the snapshot to carry."""

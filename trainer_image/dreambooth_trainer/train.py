@@ -350,6 +350,10 @@ class Trainer:
         )
         if self.resumed:
             self._restore(self.resumed)
+            hooks().restored(self.rank, {
+                "optimizer": self.optimizer.state_dict(),
+                "weights": {n: p.detach().clone() for n, p in self.trained[0].named_parameters() if p.requires_grad},
+            })  # fmt: skip
         elif self.script_step is not None:
             self._restore_script_checkpoint(self.script_step)
         self.publisher = ckpt.Publisher(self.out, self.scratch / "publish", cfg.checkpoints_total_limit,
@@ -596,7 +600,9 @@ class Trainer:
         else:
             # Another world size shards the epoch differently: continue after the samples already seen.
             per_batch = self.batch_size * self.world
-            self.state.micro_in_epoch = old.samples_in_epoch // per_batch
+            # The old world size's count holds its padding (a rank repeats samples to even the shards out): an
+            # epoch it had finished is finished here too, never more than finished.
+            self.state.micro_in_epoch = min(old.samples_in_epoch // per_batch, self.batches_per_epoch)
             self.state.samples_in_epoch = self.state.micro_in_epoch * per_batch
             logger.warning(
                 "resuming checkpoint-%d of world size %d at world size %d: the rest of epoch %d is re-sharded "
