@@ -263,15 +263,20 @@ class Publisher:
             files = stream_snapshot(snap, open_sink, writers=self.writers, before_commit=before_commit)
         except BaseException as exc:
             # Never leave a multipart upload open: the committed ones are gone already (NoSuchUpload is fine).
+            # After a share's failure S3 works, so the aborts are retried; after S3's own, one try each (the
+            # next start's sweep and the lifecycle rule catch the rest) rather than a retry deadline per file.
             for rel, upload_id in uploads.items():
                 with contextlib.suppress(Exception):
-                    abort_upload(store, f"{name}/{rel}", upload_id)
+                    if isinstance(exc, shares.ShareError):
+                        abort_upload(store, f"{name}/{rel}", upload_id)
+                    else:
+                        store.client.abort_multipart_upload(
+                            Bucket=store.bucket, Key=store._full(f"{name}/{rel}"), UploadId=upload_id
+                        )
             if not started:  # the other ranks stop waiting for uploads that will not come
                 with contextlib.suppress(Exception):
                     shares.write_doc(store, f"{docs}/{shares.UPLOADS}", {"id": self.share_id, "abandoned": True})
-            if isinstance(exc, Exception) and not isinstance(exc, shares.ShareError):
-                raise shares.ShareError(f"{type(exc).__name__}: {exc}") from exc
-            raise
+            raise  # a ShareError falls back to rank 0 alone; a storage error of rank 0's own fails as it always did
         finally:
             pool.close()
         # A late report may land after this: the run's end and the next start sweep .shares/ too.
