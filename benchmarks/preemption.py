@@ -2,6 +2,7 @@
 
     python benchmarks/preemption.py                      # local disk and SeaweedFS (if `weed` is installed)
     python benchmarks/preemption.py --no-s3 --sizes-mb 256,1024 --repeats 2
+    python benchmarks/preemption.py --no-local --repeats 0 --s3-sizes-mb 1024 --nproc 2   # checkpoint shares
 
 Each trial is the real thing: `python -m dreambooth_trainer.launch` (torchrun, one worker) on the tiny model,
 SIGTERM to the launcher once training runs, and the output folder polled until a new complete checkpoint
@@ -16,6 +17,10 @@ SIGTERM to the launcher once training runs, and the output folder polled until a
   (target <= 1.25x): S3 = boto3's TransferManager uploading from memory with the part size and concurrency below
   (fixed here, printed); local disk = `dd bs=16M conv=fsync`. The checkpoint streams from its RAM snapshot with
   the publisher's own part size and concurrency (checkpoint/publisher.py), printed beside it.
+
+`--nproc 2` runs world size 2 (torchrun, gloo): an `s3://` checkpoint is then shared, each rank uploading about
+half of it (checkpoint/shares.py), and each trial prints what each rank uploaded. Both ranks share this machine's
+loopback and CPUs, so the gain here is a floor of what two nodes with a NIC each would see.
 
 The stop deadline is set high here so that the true time is measured; in a pod the launcher would give up at
 the deadline and the previous periodic checkpoint would stand.
@@ -59,6 +64,9 @@ def _latest_reader(uri: str) -> Callable[[], int | None]:
     return read
 
 
+NPROC = 1  # --nproc
+
+
 def trial(
     work: Path, uri: str, *, pad_mb: int = 0, warm_steps: int = 6, ckpt: int = 4, **train_extra: object
 ) -> dict[str, float]:
@@ -69,7 +77,8 @@ def trial(
     env = {"DREAMBOOTH_STOP_DEADLINE_SECONDS": "900"}
     if pad_mb:
         env["DREAMBOOTH_TEST_PAD_STATE_MB"] = str(pad_mb)
-    run = LaunchedRun(work, "full", training(uri, "full", steps=100_000, ckpt=ckpt, **train_extra), **env).start()
+    train = training(uri, "full", steps=100_000, ckpt=ckpt, **train_extra)
+    run = LaunchedRun(work, "full", train, nproc=NPROC, **env).start()
     latest = _latest_reader(uri)
     try:
         run.wait_until(f"step {warm_steps}", lambda s: s["step"] >= warm_steps, timeout=600)
@@ -94,6 +103,9 @@ def trial(
         raise RuntimeError(f"launcher exited {rc}\n{run.log()}")
     term = run.termination()
     assert term["step"] >= durable_step, (term, durable_step)
+    for line in run.log(1_000_000).splitlines():
+        if " shares: rank 0" in line:
+            print(f"  {line.split(' INFO: ', 1)[-1]}", flush=True)
     return {
         "durable": durable,
         "exit": exited,
@@ -103,6 +115,8 @@ def trial(
 
 
 def bench_tiny(name: str, make_uri: Callable[[str], str], root: Path, repeats: int) -> None:
+    if repeats <= 0:
+        return
     results = [trial(root / f"tiny-{name}-{i}", make_uri(f"tiny-{i}")) for i in range(repeats)]
     d = [r["durable"] for r in results]
     e = [r["exit"] for r in results]
@@ -234,10 +248,14 @@ def main() -> int:
     parser.add_argument("--s3-sizes-mb", default=None, help="padded sizes on SeaweedFS (default: --sizes-mb)")
     parser.add_argument("--no-padded", action="store_true", help="only the tiny model")
     parser.add_argument("--padded-repeats", type=int, default=1, help="trials per padded size (best is shown)")
+    parser.add_argument("--nproc", type=int, default=1, help="world size (2: S3 checkpoints are shared by the ranks)")
     args = parser.parse_args()
+    global NPROC
+    NPROC = args.nproc
     sizes = [int(x) for x in args.sizes_mb.split(",") if x]
     os.environ.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
-    print(f"machine: {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"machine: {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M')}; "
+          f"world size {NPROC}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-preemption-") as tmp:
         root = Path(tmp)
         if not args.no_local:

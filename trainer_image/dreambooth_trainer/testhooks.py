@@ -12,6 +12,10 @@ does nothing when it is unset; they let tests and benchmarks put real runs into 
                                                committed) or "before-manifest" (= CRASH_IN_EMERGENCY_SAVE=1)
     DREAMBOOTH_TEST_PAD_STATE_MB=N             every snapshot carries N MiB more (random bytes): a bigger state
     DREAMBOOTH_TEST_FINAL_UPLOAD_DELAY_SECONDS=S  the final model's upload waits S s (so a test can stop S3 there)
+    DREAMBOOTH_TEST_DUMP_RESTORED=DIR          a resumed run's ranks save what they restored (optimizer state, trained
+                                               weights) to DIR/rank-R.pt, to compare with the checkpoint's files
+    DREAMBOOTH_TEST_SHARE_FAULT=F              ranks > 0 of a shared S3 checkpoint upload their parts, then
+                                               "no-report": never report to rank 0; "bad-sha": report another sha256
 
 The trainer and the checkpoint publisher take `hooks()` when a run or a publish starts and call its methods.
 """
@@ -24,7 +28,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -47,6 +51,8 @@ class TestHooks:
     kill_in_save: str = ""
     pad_state_mb: float = 0.0
     final_upload_delay: float = 0.0
+    share_fault: str = ""
+    dump_restored: str = ""
 
     @classmethod
     def from_environ(cls) -> TestHooks:
@@ -61,6 +67,8 @@ class TestHooks:
             kill_in_save=os.environ.get("DREAMBOOTH_TEST_KILL_IN_EMERGENCY_SAVE", ""),
             pad_state_mb=_float("DREAMBOOTH_TEST_PAD_STATE_MB"),
             final_upload_delay=_float("DREAMBOOTH_TEST_FINAL_UPLOAD_DELAY_SECONDS"),
+            share_fault=os.environ.get("DREAMBOOTH_TEST_SHARE_FAULT", ""),
+            dump_restored=os.environ.get("DREAMBOOTH_TEST_DUMP_RESTORED", ""),
         )
 
     def after_step(self) -> None:
@@ -87,6 +95,24 @@ class TestHooks:
     def before_final_upload(self) -> None:
         if self.final_upload_delay > 0:
             time.sleep(self.final_upload_delay)
+
+    def share_report(self, report: dict[str, Any]) -> dict[str, Any] | None:
+        """What a rank > 0 reports of its checkpoint share (None: nothing)."""
+        if self.share_fault == "no-report":
+            logger.warning("test hook: rank %s does not report its checkpoint share", report.get("rank"))
+            return None
+        if self.share_fault == "bad-sha":
+            logger.warning("test hook: rank %s reports another sha256 of its checkpoint share", report.get("rank"))
+            for meta in report["files"].values():
+                meta["sha256"] = "0" * 64
+        return report
+
+    def restored(self, rank: int, state: dict[str, Any]) -> None:
+        if self.dump_restored:
+            import torch
+
+            os.makedirs(self.dump_restored, exist_ok=True)
+            torch.save(state, os.path.join(self.dump_restored, f"rank-{rank}.pt"))
 
     def state_padding(self) -> dict[str, torch.Tensor] | None:
         """DREAMBOOTH_TEST_PAD_STATE_MB of random bytes, made once per process, for the snapshot to carry."""

@@ -35,6 +35,7 @@ from .compat import warn_like_the_scripts
 from .data import CachedLatentsDataset, DreamBoothDataset, EpochSampler, collate_fn, list_images
 from .families import family_for
 from .latents import latent_transform
+from .launcher.decision import stop_deadline
 from .model import (
     check_optional_libraries,
     config_json,
@@ -75,6 +76,7 @@ class RunEnv:
     attempt: int = 0
     memory_savers: bool = False
     stop: threading.Event = field(default_factory=threading.Event)
+    stop_time: float | None = None  # time.monotonic() of the SIGTERM, when the handler saw it
 
     @classmethod
     def from_environ(cls) -> RunEnv:
@@ -208,7 +210,8 @@ class Trainer:
 
         self.out: Store = open_store(cfg.output_dir)
         log_key = logs.log_key(self.env.attempt, self.rank)
-        self.scratch = Scratch(self.out.uri, self._agree([new_run_id()])[0], self.rank)
+        self.run_id = self._agree([new_run_id()])[0]
+        self.scratch = Scratch(self.out.uri, self.run_id, self.rank)
         # Captured from here on; uploaded only once the prefix is known to be this job's (never into another's).
         self.rank_log = logs.RankLog(self.scratch / log_key)
         if acc.is_main_process:
@@ -347,9 +350,18 @@ class Trainer:
         )
         if self.resumed:
             self._restore(self.resumed)
+            hooks().restored(self.rank, {
+                "optimizer": self.optimizer.state_dict(),
+                "weights": {n: p.detach().clone() for n, p in self.trained[0].named_parameters() if p.requires_grad},
+            })  # fmt: skip
         elif self.script_step is not None:
             self._restore_script_checkpoint(self.script_step)
-        self.publisher = ckpt.Publisher(self.out, self.scratch / "publish", cfg.checkpoints_total_limit)
+        self.publisher = ckpt.Publisher(self.out, self.scratch / "publish", cfg.checkpoints_total_limit,
+                                        rank=self.rank, world=self.world, share_id=self.run_id)  # fmt: skip
+        # Every rank snapshots and uploads its share of an s3:// checkpoint (checkpoint/shares.py): every rank
+        # must then checkpoint at the same steps.
+        self.shared = self.publisher.shared
+        self._due_requested = False
         self.progress = Progress(self.max_steps, enabled=acc.is_main_process)
         self.progress.startup = self.startup
         self.progress.update(step=self.state.global_step, phase="Running")
@@ -588,7 +600,9 @@ class Trainer:
         else:
             # Another world size shards the epoch differently: continue after the samples already seen.
             per_batch = self.batch_size * self.world
-            self.state.micro_in_epoch = old.samples_in_epoch // per_batch
+            # The old world size's count holds its padding (a rank repeats samples to even the shards out): an
+            # epoch it had finished is finished here too, never more than finished.
+            self.state.micro_in_epoch = min(old.samples_in_epoch // per_batch, self.batches_per_epoch)
             self.state.samples_in_epoch = self.state.micro_in_epoch * per_batch
             logger.warning(
                 "resuming checkpoint-%d of world size %d at world size %d: the rest of epoch %d is re-sharded "
@@ -689,16 +703,18 @@ class Trainer:
         memory behind an event and read at step N+1, when the GPU is past it, so the step never waits for the
         device queue to drain; every rank reads the same vote at the same step."""
         flag = 1.0 if self.env.stop.is_set() else 0.0
+        self._agreed_due = False
         if self.world == 1:
             return flag > 0
         dev = self.accelerator.device
         diverged = getattr(self, "_loss_finite", None)
         bad = torch.zeros((), device=dev) if diverged is None else (~diverged).float()
-        t = torch.stack([torch.full((), flag, device=dev), bad])
+        due, self._vote_due = getattr(self, "_vote_due", 0.0), 0.0
+        t = torch.stack([torch.full((), flag, device=dev), bad, torch.full((), due, device=dev)])
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         if exact or dev.type != "cuda":
             self._vote = None
-            stop, bad_any = t.tolist()
+            stop, bad_any, due_any = t.tolist()
         else:
             host = self._vote_buffers[0]
             self._vote_buffers.reverse()  # the other buffer may still be read below
@@ -709,9 +725,10 @@ class Trainer:
             if previous is None:
                 return False
             previous[1].synchronize()
-            stop, bad_any = previous[0].tolist()
+            stop, bad_any, due_any = previous[0].tolist()
         if bad_any > 0:
             raise self._diverged("loss")
+        self._agreed_due = due_any > 0
         return bool(stop > 0)
 
     def _diverged(self, what: str) -> NonFiniteLossError:
@@ -737,6 +754,11 @@ class Trainer:
         if flags and not bool(torch.stack(flags).all()):
             raise self._diverged("trained weights")
 
+    def _due_voted(self) -> bool:
+        """Whether the ranks agree on rank 0's checkpoint decision through the stop vote: shares need every rank
+        at every checkpoint, and `auto` decides from rank 0's measured speed alone."""
+        return self.shared and self.cfg.checkpointing_steps == "auto"
+
     def _checkpoint_due(self, step: int) -> bool:
         every = self.cfg.checkpointing_steps
         if every == "auto":
@@ -747,21 +769,25 @@ class Trainer:
         self.progress.checkpoint_interval_steps = int(every)
         return step % int(every) == 0
 
-    def save_checkpoint(self, *, background: bool) -> None:
-        """Snapshot on rank 0; the write and upload happen on a background thread unless asked otherwise."""
+    def save_checkpoint(self, *, background: bool, deadline: float | None = None) -> None:
+        """Snapshot on rank 0 (on every rank with checkpoint shares); the write and upload happen on a background
+        thread unless asked otherwise."""
         self._flush_logs()
+        self._due_requested = False
         if self.accelerator.is_main_process:
             # With more ranks the vote reads the flag a step late: not late enough for what is published now.
             finite = getattr(self, "_loss_finite", None)
             if finite is not None and not bool(finite):
                 raise self._diverged("loss")
             self._check_weights_finite()  # the ranks' weights are equal (DDP): rank 0 speaks for all
+        if self.accelerator.is_main_process or self.shared:
             t0 = time.monotonic()
             snap = self.snapshot()
-            self.publisher.submit(snap, background=background)
+            self.publisher.submit(snap, background=background, deadline=deadline)
             self.progress.record_stall(time.monotonic() - t0)
             self.interval.observe_stall(time.monotonic() - t0)
             self.interval.saved(self.state.global_step)
+        if self.accelerator.is_main_process:
             self.publish_events(sync=not background)
 
     def publish_events(self, *, wait: bool = False, sync: bool = False) -> None:
@@ -810,7 +836,7 @@ class Trainer:
         self._last_flush = time.monotonic()
         self._loss_finite = torch.ones((), dtype=torch.bool, device=acc.device)
         self._vote: tuple[torch.Tensor, Any] | None = None
-        self._vote_buffers = [torch.zeros(2, pin_memory=acc.device.type == "cuda") for _ in range(2)]
+        self._vote_buffers = [torch.zeros(3, pin_memory=acc.device.type == "cuda") for _ in range(2)]
         self._test_hooks = hooks()
         self._oom_step = self._test_hooks.oom_at(self.rank)
         if self._stop_agreed(exact=True):
@@ -881,9 +907,16 @@ class Trainer:
             self._validate()
         if st.global_step >= self.max_steps:
             return  # the end of training: finish() takes the last checkpoint and the stop vote
+        due = self._checkpoint_due(st.global_step)
+        if self._due_voted():
+            # `auto` is measured on rank 0 alone: its decision rides on the stop vote, asked for once.
+            self._vote_due = 1.0 if due and self.rank == 0 and not self._due_requested else 0.0
+            self._due_requested = self._due_requested or self._vote_due > 0
         if self._stop_agreed():
             self._emergency_stop()
-        if self._checkpoint_due(st.global_step):
+        if self._due_voted():
+            due = self._agreed_due
+        if due:
             self.save_checkpoint(background=True)
 
     def _flush_logs(self) -> None:
@@ -929,21 +962,36 @@ class Trainer:
         t0 = time.monotonic()
         self._flush_logs()
         self.progress.update(phase="Stopping", preemptions=self.progress.preemptions + 1)
-        if self.accelerator.is_main_process:
+        main = self.accelerator.is_main_process
+        if main or self.shared:
             try:
                 self.publisher.wait()  # the upload in flight must land first: LATEST only moves forward
             except Exception as exc:  # noqa: BLE001 - an older checkpoint's failure must not cost the emergency one
                 logger.error(
                     "the checkpoint in flight at SIGTERM failed (%s); saving step %d anyway", exc, st.global_step
                 )
-            self.save_checkpoint(background=False)
+            # No rank waits for another's share past the launcher's kill (launcher.decision.stop_deadline).
+            deadline = (self.env.stop_time or t0) + stop_deadline()
+            self.save_checkpoint(background=False, deadline=deadline)
+        if main:
             uri = self.out.url(f"checkpoint-{st.global_step}")
             self.trackers.flush()  # after the checkpoint: TensorBoard otherwise holds up to 2 min of events
         self.accelerator.wait_for_everyone()
+        if main:
+            self._remove_share_docs()
         self.progress.update(phase="Preempted")
         seconds = time.monotonic() - t0
         what = f"checkpoint {uri} published in {seconds:.1f}s" if uri else "rank 0 publishes the checkpoint"
         raise Preempted(st.global_step, uri, f"stopped at step {st.global_step} on SIGTERM; {what}")
+
+    def _remove_share_docs(self) -> None:
+        """Every rank's share is over: a report that came after its checkpoint was done (or given up) goes."""
+        if self.shared:
+            try:
+                if self.out.list(ckpt.SHARES):
+                    self.out.delete_prefix(ckpt.SHARES)
+            except Exception as exc:  # noqa: BLE001 - leftovers the next start removes
+                logger.warning("could not remove %s: %s", self.out.url(ckpt.SHARES), exc)
 
     def finish(self, loss_value: float | None) -> TrainResult:
         acc = self.accelerator
@@ -952,13 +1000,20 @@ class Trainer:
         self._stop_agreed(exact=True)  # the last step's loss too: raises on a diverged run before anything is saved
         step = self.state.global_step
         already = (self.resumed is not None and self.resumed.step == step) or self.script_step == step
-        if self._checkpoint_due(step) and not already:
+        due = self._checkpoint_due(step)
+        if self._due_voted():
+            due = self._agree([due])[0]
+        if due and not already:
             self.save_checkpoint(background=True)
         if acc.is_main_process:
             self.publisher.wait()
             self._save_final()
             self.publish_events(wait=True)
+        elif self.shared:
+            self.publisher.wait()  # this rank's share of the last checkpoint, before the barrier
         acc.wait_for_everyone()
+        if acc.is_main_process:
+            self._remove_share_docs()
         self.trackers.finish()
         self.progress.update(phase="Succeeded")
         self.progress.close()
@@ -1031,6 +1086,7 @@ def install_sigterm(env: RunEnv) -> None:
         if env.stop.is_set():
             return
         logger.warning("SIGTERM: finishing the current step, then an emergency checkpoint")
+        env.stop_time = time.monotonic()
         env.stop.set()
 
     signal.signal(signal.SIGTERM, handler)

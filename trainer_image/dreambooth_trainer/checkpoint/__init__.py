@@ -31,6 +31,7 @@ from .layout import (
 from .owner import Claim, claim_output
 from .publisher import Publisher
 from .resume import Loaded, choose_resume, continue_named, verify_and_fetch
+from .shares import SHARES
 
 __all__ = [
     "FORMAT",
@@ -41,6 +42,7 @@ __all__ = [
     "CheckpointInterval",
     "Loaded",
     "Publisher",
+    "SHARES",
     "Snapshot",
     "TrainState",
     "checkpoint_steps",

@@ -22,9 +22,10 @@ from enum import Enum
 
 from dreambooth_api.config import ConfigError
 
-from ..storage import AccessDeniedError, NotFoundError, Store
+from ..storage import AccessDeniedError, NotFoundError, StorageError, Store
 from ..storage.s3 import S3Store, abort_upload, incomplete_uploads
 from .layout import _CKPT, MANIFEST
+from .shares import SHARES
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +115,16 @@ def abort_stale_uploads(store: Store) -> list[str]:
 
     Called once the run holds the output (owner.py): no other writer of ours is live, so every upload in progress
     under `checkpoint-N/` with a name our format writes is a dead publish's. Uploads of any other name, or outside
-    `checkpoint-N/`, are someone else's and left alone."""
+    `checkpoint-N/`, are someone else's and left alone. The coordination objects of checkpoint shares a dead
+    publish left (`.shares/`, shares.py) go too."""
     if not isinstance(store, S3Store):
         return []
+    try:
+        if store.list(SHARES):
+            logger.info("removing %s left by an interrupted shared checkpoint", store.url(SHARES))
+            store.delete_prefix(SHARES)
+    except StorageError as exc:  # harmless leftovers: a later start tries again
+        logger.warning("could not remove %s: %s", store.url(SHARES), str(exc)[:200])
     aborted: list[str] = []
     try:
         uploads = incomplete_uploads(store, "")

@@ -159,6 +159,22 @@ class LocalSink:
         self._f.close()
 
 
+class NullSink:
+    """Bytes hashed and dropped: a file another rank writes (checkpoint shares)."""
+
+    def write(self, data: Any) -> int:
+        return memoryview(data).nbytes
+
+    def finish(self) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
 class _HashingSink(io.RawIOBase):
     """Hashes what passes through on its way to a sink: the manifest's sha256 costs no second read."""
 
@@ -195,9 +211,10 @@ def stream_snapshot(
     open_sink: Callable[[str], Sink],
     *,
     writers: int = DEFAULT_WRITERS,
-    before_commit: Callable[[], None] | None = None,
+    before_commit: Callable[[dict[str, dict[str, Any]]], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Serialise a snapshot's files in parallel, each straight into its sink; return the manifest's file table.
+    `before_commit` gets that table once every file is finished and before any is committed.
 
     The files are opened `training/` first and committed `training/` first: whatever part of an interrupted
     publish is visible is then recognisable as ours (foreign.py). Any failure aborts every sink not yet
@@ -220,15 +237,16 @@ def stream_snapshot(
             sinks[name].sink.finish()
 
         # Largest first, so the longest file starts at once and the small ones fill in beside it.
-        order = sorted(jobs, key=lambda job: -_approx_size(snap, job[0]))
+        order = sorted(jobs, key=lambda job: -approx_size(snap, job[0]))
         with ThreadPoolExecutor(max_workers=max(1, writers), thread_name_prefix="checkpoint-writer") as pool:
             futures = [pool.submit(produce, name, write) for name, write in order]
             errors = [fut.exception() for fut in futures]
         failed = next((e for e in errors if e is not None), None)
         if failed is not None:
             raise failed
+        table = {name: {"size": hs.size, "sha256": hs.sha.hexdigest()} for name, hs in sinks.items()}
         if before_commit is not None:
-            before_commit()
+            before_commit(table)
         for name, _ in jobs:
             sinks[name].sink.commit()
             committed.add(name)
@@ -238,10 +256,10 @@ def stream_snapshot(
                 with contextlib.suppress(Exception):
                     hs.sink.abort()
         raise
-    return {name: {"size": hs.size, "sha256": hs.sha.hexdigest()} for name, hs in sinks.items()}
+    return table
 
 
-def _approx_size(snap: Snapshot, name: str) -> int:
+def approx_size(snap: Snapshot, name: str) -> int:
     if name in snap.tensors:
         return sum(t.numel() * t.element_size() for t in snap.tensors[name].values())
     if name in snap.objects:

@@ -3,6 +3,7 @@ commit point), then LATEST."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -15,8 +16,18 @@ from typing import Any
 import torch
 
 from ..storage import Store
-from ..storage.s3 import DEFAULT_MAX_CONCURRENCY, DEFAULT_MULTIPART_CHUNKSIZE, PartPool, S3Store, S3Stream
+from ..storage.s3 import (
+    DEFAULT_MAX_CONCURRENCY,
+    DEFAULT_MULTIPART_CHUNKSIZE,
+    PartPool,
+    S3Store,
+    S3Stream,
+    SharedS3Stream,
+    abort_upload,
+    create_upload,
+)
 from ..testhooks import hooks
+from . import shares
 from .foreign import Kind, classify, foreign_refusal, remove_ours
 from .layout import (
     DEFAULT_WRITERS,
@@ -24,7 +35,10 @@ from .layout import (
     LATEST,
     MANIFEST,
     LocalSink,
+    NullSink,
+    Sink,
     Snapshot,
+    approx_size,
     checkpoint_steps,
     read_latest,
     stream_snapshot,
@@ -37,8 +51,16 @@ logger = logging.getLogger(__name__)
 class Publisher:
     """Writes and publishes checkpoints on one background thread; at most one in flight."""
 
-    def __init__(self, store: Store, scratch: Path, total_limit: int | None) -> None:
+    def __init__(
+        self, store: Store, scratch: Path, total_limit: int | None, *, rank: int = 0, world: int = 1, share_id: str = ""
+    ) -> None:
         self.store = store
+        # Checkpoint shares (shares.py): with more ranks and an s3:// output every rank uploads its parts; the
+        # other ranks' publishers upload their share and report to rank 0's, which publishes.
+        self.rank, self.world, self.share_id = rank, world, share_id
+        self.shared = isinstance(store, S3Store) and world > 1 and shares.enabled()
+        self.share_timeout = shares.timeout_seconds()
+        self._started, self._stop_at = 0.0, None
         self.scratch = scratch
         self.total_limit = total_limit
         self._thread: threading.Thread | None = None
@@ -85,13 +107,15 @@ class Publisher:
             return f"{name} failed: {err}"
         return f"{name} published ({took:.1f}s after the failure)"
 
-    def submit(self, snap: Snapshot, *, background: bool = True) -> None:
+    def submit(self, snap: Snapshot, *, background: bool = True, deadline: float | None = None) -> None:
+        """Publish `snap` (on rank > 0 with shares: upload this rank's share). `deadline` (time.monotonic()):
+        the emergency's stop deadline, past which no rank waits for another's share."""
         self.wait()
         if background:
             self._thread = threading.Thread(target=self._run, args=(snap,), name=f"publish-{snap.name}", daemon=True)
             self._thread.start()
         else:
-            self._publish(snap, emergency=True)
+            self._publish(snap, emergency=True, deadline=deadline)
 
     def _run(self, snap: Snapshot) -> None:
         try:
@@ -100,9 +124,15 @@ class Publisher:
             logger.error("publishing %s failed: %s", snap.name, exc)
             self._error = exc
 
-    def _publish(self, snap: Snapshot, emergency: bool = False) -> None:
+    def _publish(self, snap: Snapshot, emergency: bool = False, deadline: float | None = None) -> None:
         t0 = time.monotonic()
         name = snap.name
+        # Shares wait for each other until the emergency's stop deadline, or a generous timeout.
+        self._started, self._stop_at = t0, deadline  # type: ignore[assignment]
+        if self.rank != 0:
+            if self.shared:
+                self._upload_share(snap)
+            return
         # An older, incomplete or superseded copy of this step must stop counting before new files land; a
         # folder of this name we did not write is never touched (foreign.py).
         if classify(self.store, name) is Kind.FOREIGN:
@@ -142,9 +172,18 @@ class Publisher:
         root = self.store.local_root()
         kill_at = self.hooks.kill_in_save if emergency else ""
         if root is not None:
-            before = self.hooks.kill_now if kill_at == "before-complete" else None
+            before = (lambda _: self.hooks.kill_now()) if kill_at == "before-complete" else None
             return stream_snapshot(snap, lambda rel: LocalSink(root / name / rel), writers=self.writers,
                                    before_commit=before)  # fmt: skip
+        if isinstance(self.store, S3Store) and self.shared and self._shared_files(snap):
+            try:
+                return self._write_shared(snap, name, kill_at)
+            except shares.ShareError as exc:
+                logger.error(
+                    "checkpoint %s: the ranks' shares failed (%s); rank 0 uploads the whole checkpoint itself",
+                    name,
+                    exc,
+                )
         if isinstance(self.store, S3Store):
             pool = PartPool(self.part_size, self.part_concurrency)
             if kill_at == "mid-parts":
@@ -155,7 +194,7 @@ class Publisher:
                     snap,
                     lambda rel: S3Stream(store, f"{name}/{rel}", pool),
                     writers=self.writers,
-                    before_commit=self.hooks.kill_now if kill_at == "before-complete" else None,
+                    before_commit=(lambda _: self.hooks.kill_now()) if kill_at == "before-complete" else None,
                 )
             finally:
                 pool.close()
@@ -170,6 +209,131 @@ class Publisher:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return files
+
+    def _pool(self, kill_at: str) -> PartPool:
+        pool = PartPool(self.part_size, self.part_concurrency)
+        if kill_at == "mid-parts":
+            pool.on_part = lambda n: self.hooks.kill_now() if n >= 2 else None
+        return pool
+
+    def _shared_files(self, snap: Snapshot) -> list[str]:
+        sizes = {rel: approx_size(snap, rel) for rel in [*snap.tensors, *snap.objects]}
+        return shares.shared_files(sizes, self.part_size)
+
+    def _write_shared(self, snap: Snapshot, name: str, kill_at: str) -> dict[str, dict[str, Any]]:
+        """Rank 0 of a shared checkpoint: start one multipart upload per large file, upload rank 0's parts and
+        the small files, wait for every other rank's report, check that its bytes are rank 0's, complete.
+        ShareError (the uploads aborted) when the shares cannot make the checkpoint."""
+        store = self.store
+        assert isinstance(store, S3Store)
+        shared = self._shared_files(snap)
+        uploads: dict[str, str] = {}
+        streams: dict[str, SharedS3Stream] = {}
+        started = False
+        docs = shares.folder(name)
+        pool = self._pool(kill_at)
+
+        def open_sink(rel: str) -> Sink:
+            if rel in uploads:
+                streams[rel] = SharedS3Stream(store, f"{name}/{rel}", pool, uploads[rel], 0, self.world)
+                return streams[rel]
+            return S3Stream(store, f"{name}/{rel}", pool)
+
+        def before_commit(table: dict[str, dict[str, Any]]) -> None:
+            mine = {rel: {**table[rel], "parts": streams[rel].etags} for rel in shared}
+            # The others started with rank 0: give them at least as long again as rank 0 took (slow is not dead).
+            now = time.monotonic()
+            wait_until = self._stop_at or max(self._started + self.share_timeout, 2 * now - self._started)
+            reports = shares.wait_for_reports(store, name, self.share_id, self.world, wait_until)
+            merged = shares.merge_reports(mine, reports, self.world, self.part_size)
+            for rel, etags in merged.items():
+                streams[rel].add_parts(etags)
+            alone = sum(meta["size"] for rel, meta in table.items() if rel not in uploads)
+            per = shares.per_rank({rel: table[rel]["size"] for rel in shared}, self.part_size, self.world, alone)
+            logger.info("%s", shares.summary(name, per))
+            if kill_at == "before-complete":
+                self.hooks.kill_now()
+
+        try:
+            for rel in shared:
+                uploads[rel] = create_upload(store, f"{name}/{rel}")
+            shares.write_doc(store, f"{docs}/{shares.UPLOADS}",
+                             {"id": self.share_id, "partSize": self.part_size, "uploads": uploads})  # fmt: skip
+            started = True
+            files = stream_snapshot(snap, open_sink, writers=self.writers, before_commit=before_commit)
+        except BaseException as exc:
+            # Never leave a multipart upload open: the committed ones are gone already (NoSuchUpload is fine).
+            # After a share's failure S3 works, so the aborts are retried; after S3's own, one try each (the
+            # next start's sweep and the lifecycle rule catch the rest) rather than a retry deadline per file.
+            for rel, upload_id in uploads.items():
+                with contextlib.suppress(Exception):
+                    if isinstance(exc, shares.ShareError):
+                        abort_upload(store, f"{name}/{rel}", upload_id)
+                    else:
+                        store.client.abort_multipart_upload(
+                            Bucket=store.bucket, Key=store._full(f"{name}/{rel}"), UploadId=upload_id
+                        )
+            if not started:  # the other ranks stop waiting for uploads that will not come
+                with contextlib.suppress(Exception):
+                    shares.write_doc(store, f"{docs}/{shares.UPLOADS}", {"id": self.share_id, "abandoned": True})
+            raise  # a ShareError falls back to rank 0 alone; a storage error of rank 0's own fails as it always did
+        finally:
+            pool.close()
+        # A late report may land after this: the run's end and the next start sweep .shares/ too.
+        with contextlib.suppress(Exception):
+            store.delete_prefix(docs)
+        return files
+
+    def _upload_share(self, snap: Snapshot) -> None:
+        """Rank > 0 of a shared checkpoint: serialise and hash every large file as rank 0 does, upload this rank's
+        parts into rank 0's uploads, report. Never raises: a failed share is reported (or not) and rank 0 falls
+        back to uploading everything, so a storage error here never stops training."""
+        store = self.store
+        assert isinstance(store, S3Store)
+        name = snap.name
+        shared = self._shared_files(snap)
+        if not shared:
+            return
+        report_key = f"{shares.folder(name)}/rank-{self.rank}.json"
+        streams: dict[str, SharedS3Stream] = {}
+        pool = PartPool(self.part_size, self.part_concurrency)
+        t0 = time.monotonic()
+        try:
+            doc = shares.wait_for_uploads(store, name, self.share_id, self._stop_at or t0 + self.share_timeout)
+            if doc is None:
+                logger.warning("checkpoint %s: rank 0 uploads it alone; rank %d's share is not needed", name, self.rank)
+                return
+            if doc.get("partSize") != self.part_size or sorted(doc.get("uploads", {})) != shared:
+                raise shares.ShareError(f"rank 0 shares {sorted(doc.get('uploads', {}))}, this rank {shared}")
+            ours = Snapshot(state=snap.state, tensors={k: v for k, v in snap.tensors.items() if k in shared},
+                            objects={k: v for k, v in snap.objects.items() if k in shared})  # fmt: skip
+
+            def open_sink(rel: str) -> Sink:
+                if rel not in shared:
+                    return NullSink()
+                streams[rel] = SharedS3Stream(store, f"{name}/{rel}", pool, doc["uploads"][rel], self.rank, self.world)
+                return streams[rel]
+
+            table = stream_snapshot(ours, open_sink, writers=self.writers)
+            report = {
+                "id": self.share_id,
+                "rank": self.rank,
+                "files": {rel: {**table[rel], "parts": {str(n): e for n, e in streams[rel].etags.items()}} for rel in shared},
+            }  # fmt: skip
+            sent = sum(s.bytes_sent for s in streams.values())
+            report = self.hooks.share_report(report)
+            if report is not None:
+                shares.write_doc(store, report_key, report)
+            logger.info(
+                "checkpoint %s: rank %d uploaded its share, %d parts (%.1f MiB) in %.1fs",
+                name, self.rank, sum(len(s.etags) for s in streams.values()), sent / 2**20, time.monotonic() - t0,
+            )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - reported to rank 0, which falls back
+            logger.error("checkpoint %s: rank %d's share failed (%s); rank 0 uploads it alone", name, self.rank, exc)
+            with contextlib.suppress(Exception):
+                shares.write_doc(store, report_key, {"id": self.share_id, "rank": self.rank, "error": str(exc)[:500]})
+        finally:
+            pool.close()
 
     def _apply_total_limit(self, newest: int) -> None:
         if self.total_limit is None:  # 0 keeps only the newest, as in the scripts

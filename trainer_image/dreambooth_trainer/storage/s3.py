@@ -653,6 +653,90 @@ class S3Stream:
             log.warning("could not abort the multipart upload of %s: %s", self.store.url(self.key), exc)
 
 
+class SharedS3Stream(S3Stream):
+    """This rank's share of one object that every data-parallel rank serialises alike (checkpoint shares).
+
+    Part k (0-based, PartNumber k + 1) belongs to rank k % world: the bytes of the other ranks' parts pass through
+    unbuffered (the caller hashes them), ours go up as in S3Stream. Rank 0 created the multipart upload; it alone
+    completes it (with every rank's ETags, `add_parts`) or aborts it, so `commit` and `abort` of another rank only
+    stop its own parts."""
+
+    def __init__(self, store: S3Store, key: str, pool: PartPool, upload_id: str, rank: int, world: int) -> None:
+        super().__init__(store, key, pool)
+        self.upload_id = upload_id
+        self.rank, self.world = rank, world
+        self.pos = 0
+        self.bytes_sent = 0
+        self._buf_part = -1
+
+    def write(self, data: Any) -> int:
+        mv = memoryview(data).cast("B")
+        size = self.pool.part_size
+        i = 0
+        while i < mv.nbytes:
+            k = self.pos // size
+            take = min(mv.nbytes - i, (k + 1) * size - self.pos)
+            if k % self.world == self.rank:
+                if not self._buf and take == size:
+                    self._send_part(k + 1, bytes(mv[i : i + take]))  # a whole part from the caller's memory
+                else:
+                    self._buf += mv[i : i + take]
+                    self._buf_part = k
+                    if len(self._buf) == size:
+                        self._send_part(k + 1, bytes(self._buf))
+                        self._buf = bytearray()
+            i += take
+            self.pos += take
+        return mv.nbytes
+
+    def _send_part(self, number: int, body: bytes) -> None:
+        self._raise_failed()
+        self.bytes_sent += len(body)
+        self.pool.slots.acquire()
+        try:
+            self._futures.append(self.pool.executor.submit(self._upload_part, number, body))
+        except BaseException:
+            self.pool.slots.release()
+            raise
+
+    def finish(self) -> None:
+        if self._buf:
+            self._send_part(self._buf_part + 1, bytes(self._buf))
+            self._buf = bytearray()
+        for fut in self._futures:
+            fut.result()
+
+    @property
+    def etags(self) -> dict[int, str]:
+        """PartNumber -> ETag of the parts this rank uploaded."""
+        return dict(self._parts)
+
+    def add_parts(self, etags: dict[int, str]) -> None:
+        """The other ranks' parts, so that `commit` completes the object with every part."""
+        self._parts.update(etags)
+
+    def commit(self) -> None:
+        if self.rank == 0:
+            super().commit()
+
+    def abort(self) -> None:
+        if self.rank == 0:
+            super().abort()
+            return
+        for fut in self._futures:
+            fut.cancel()
+        for fut in self._futures:
+            with contextlib.suppress(BaseException):
+                fut.result()
+
+
+def create_upload(store: S3Store, key: str) -> str:
+    """A new multipart upload of `key`; its upload id."""
+    full = store._full(key)
+    resp = store._retry(lambda: store.client.create_multipart_upload(Bucket=store.bucket, Key=full), store.url(key))
+    return resp["UploadId"]
+
+
 def incomplete_uploads(store: S3Store, prefix: str) -> list[tuple[str, str]]:
     """(key relative to the store, upload id) of every multipart upload in progress under `prefix`."""
     full_prefix = store._full_prefix(prefix) if prefix else (store.prefix + "/" if store.prefix else "")
