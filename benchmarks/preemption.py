@@ -18,8 +18,8 @@ SIGTERM to the launcher once training runs, and the output folder polled until a
   (fixed here, printed); local disk = `dd bs=16M conv=fsync`. The checkpoint streams from its RAM snapshot with
   the publisher's own part size and concurrency (checkpoint/publisher.py), printed beside it.
 
-`--nproc 2` runs world size 2 (torchrun, gloo): an `s3://` checkpoint is then shared, each rank uploading about
-half of it (checkpoint/shares.py), and each trial prints what each rank uploaded. Both ranks share this machine's
+`--nproc 2` runs world size 2 (torchrun, gloo) with `DREAMBOOTH_CHECKPOINT_SHARES=rank`: an `s3://` checkpoint
+is then shared, each rank uploading about half of it (checkpoint/shares.py), and each trial prints what each rank uploaded. Both ranks share this machine's
 loopback and CPUs, so the gain here is a floor of what two nodes with a NIC each would see.
 
 The stop deadline is set high here so that the true time is measured; in a pod the launcher would give up at
@@ -74,7 +74,8 @@ def trial(
 
     ``train_extra`` overrides spec.training fields (another model, resolution, mixed precision).
     """
-    env = {"DREAMBOOTH_STOP_DEADLINE_SECONDS": "900"}
+    # The ranks run on this one host: `rank` makes each an uploader (the default is one per node).
+    env = {"DREAMBOOTH_STOP_DEADLINE_SECONDS": "900", "DREAMBOOTH_CHECKPOINT_SHARES": "rank"}
     if pad_mb:
         env["DREAMBOOTH_TEST_PAD_STATE_MB"] = str(pad_mb)
     train = training(uri, "full", steps=100_000, ckpt=ckpt, **train_extra)

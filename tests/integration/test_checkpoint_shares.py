@@ -23,7 +23,9 @@ from tests.trainer_utils import assert_identical, weights
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STEPS = 8  # world size 2: 3 steps an epoch
-PAD = {"DREAMBOOTH_TEST_PAD_STATE_MB": "64"}
+# Both ranks run on this one host, which by default (one uploader per node) shares nothing: `rank` makes each
+# rank an uploader, as on a node with a NIC per GPU.
+PAD = {"DREAMBOOTH_TEST_PAD_STATE_MB": "64", "DREAMBOOTH_CHECKPOINT_SHARES": "rank"}
 SHARE_LINE = re.compile(
     r"(checkpoint-\d+) shares: rank 0 (\d+) parts ([\d.]+) MiB \(\d+%\), rank 1 (\d+) parts ([\d.]+) MiB"
 )

@@ -90,11 +90,39 @@ def test_the_log_line_says_what_each_rank_uploaded() -> None:
     assert line == "checkpoint-4 shares: rank 0 2 parts 3.0 MiB (75%), rank 1 2 parts 1.0 MiB (25%)"
 
 
-@pytest.mark.parametrize(("value", "on"), [("", True), ("on", True), ("OFF", False), ("off", False)])
-def test_shares_can_be_turned_off(value: str, on: bool) -> None:
-    assert shares.enabled({shares.ENV: value}) is on
+@pytest.mark.parametrize(
+    ("value", "mode"), [("", "node"), ("on", "node"), ("Node", "node"), ("rank", "rank"), ("OFF", "off")]
+)
+def test_shares_are_per_node_by_default_and_can_be_per_rank_or_off(value: str, mode: str) -> None:
+    assert shares.mode({shares.ENV: value}) == mode
 
 
 def test_a_bad_switch_names_the_variable_and_its_values() -> None:
-    with pytest.raises(ValueError, match="DREAMBOOTH_CHECKPOINT_SHARES='no': use on"):
-        shares.enabled({shares.ENV: "no"})
+    with pytest.raises(ValueError, match="DREAMBOOTH_CHECKPOINT_SHARES='no': use node"):
+        shares.mode({shares.ENV: "no"})
+
+
+@pytest.mark.parametrize(
+    ("mode", "rank", "world", "local_world", "expected"),
+    [
+        # One node of 8 GPUs: its ranks share one NIC, so rank 0 uploads alone (no share overhead).
+        ("node", 0, 8, 8, (0, 1)),
+        ("node", 3, 8, 8, (None, 1)),
+        # Two nodes of 8: the first rank of each node uploads half.
+        ("node", 0, 16, 8, (0, 2)),
+        ("node", 8, 16, 8, (1, 2)),
+        ("node", 9, 16, 8, (None, 2)),
+        # Two nodes of one rank each (the operator's CPU gang).
+        ("node", 1, 2, 1, (1, 2)),
+        # Every rank uploads (a NIC per GPU; several ranks on one test host).
+        ("rank", 3, 8, 8, (3, 8)),
+        ("off", 0, 16, 8, (0, 1)),
+        ("off", 8, 16, 8, (None, 1)),
+        ("node", 0, 1, 1, (0, 1)),
+        # Ranks not laid out node by node: rank 0 alone, as before shares.
+        ("node", 0, 6, 4, (0, 1)),
+        ("node", 5, 6, 4, (None, 1)),
+    ],
+)
+def test_who_uploads_a_share(mode: str, rank: int, world: int, local_world: int, expected: tuple) -> None:
+    assert shares.participant(mode, rank, world, local_world) == expected

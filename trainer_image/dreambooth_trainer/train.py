@@ -356,11 +356,14 @@ class Trainer:
             })  # fmt: skip
         elif self.script_step is not None:
             self._restore_script_checkpoint(self.script_step)
+        # One rank per node (or every rank) uploads its share of an s3:// checkpoint (checkpoint/shares.py): the
+        # ranks must then checkpoint at the same steps, and each uploading rank snapshots.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "") or self.world)
+        index, sharing = ckpt.shares.participant(ckpt.shares.mode(), self.rank, self.world, local_world)
         self.publisher = ckpt.Publisher(self.out, self.scratch / "publish", cfg.checkpoints_total_limit,
-                                        rank=self.rank, world=self.world, share_id=self.run_id)  # fmt: skip
-        # Every rank snapshots and uploads its share of an s3:// checkpoint (checkpoint/shares.py): every rank
-        # must then checkpoint at the same steps.
+                                        rank=index or 0, world=sharing, share_id=self.run_id)  # fmt: skip
         self.shared = self.publisher.shared
+        self.uploads_share = self.shared and index is not None
         self._due_requested = False
         self.progress = Progress(self.max_steps, enabled=acc.is_main_process)
         self.progress.startup = self.startup
@@ -770,8 +773,8 @@ class Trainer:
         return step % int(every) == 0
 
     def save_checkpoint(self, *, background: bool, deadline: float | None = None) -> None:
-        """Snapshot on rank 0 (on every rank with checkpoint shares); the write and upload happen on a background
-        thread unless asked otherwise."""
+        """Snapshot on rank 0 (and on every uploading rank with checkpoint shares); the write and upload happen on a
+        background thread unless asked otherwise."""
         self._flush_logs()
         self._due_requested = False
         if self.accelerator.is_main_process:
@@ -780,7 +783,7 @@ class Trainer:
             if finite is not None and not bool(finite):
                 raise self._diverged("loss")
             self._check_weights_finite()  # the ranks' weights are equal (DDP): rank 0 speaks for all
-        if self.accelerator.is_main_process or self.shared:
+        if self.accelerator.is_main_process or self.uploads_share:
             t0 = time.monotonic()
             snap = self.snapshot()
             self.publisher.submit(snap, background=background, deadline=deadline)
@@ -963,7 +966,7 @@ class Trainer:
         self._flush_logs()
         self.progress.update(phase="Stopping", preemptions=self.progress.preemptions + 1)
         main = self.accelerator.is_main_process
-        if main or self.shared:
+        if main or self.uploads_share:
             try:
                 self.publisher.wait()  # the upload in flight must land first: LATEST only moves forward
             except Exception as exc:  # noqa: BLE001 - an older checkpoint's failure must not cost the emergency one
@@ -1009,7 +1012,7 @@ class Trainer:
             self.publisher.wait()
             self._save_final()
             self.publish_events(wait=True)
-        elif self.shared:
+        elif self.uploads_share:
             self.publisher.wait()  # this rank's share of the last checkpoint, before the barrier
         acc.wait_for_everyone()
         if acc.is_main_process:

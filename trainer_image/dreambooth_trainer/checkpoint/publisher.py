@@ -54,11 +54,13 @@ class Publisher:
     def __init__(
         self, store: Store, scratch: Path, total_limit: int | None, *, rank: int = 0, world: int = 1, share_id: str = ""
     ) -> None:
+        """`rank`/`world`: this process's share index and how many share the upload (shares.participant), not
+        necessarily the data-parallel rank and world size."""
         self.store = store
-        # Checkpoint shares (shares.py): with more ranks and an s3:// output every rank uploads its parts; the
-        # other ranks' publishers upload their share and report to rank 0's, which publishes.
+        # Checkpoint shares (shares.py): with more nodes (or ranks) and an s3:// output each uploads its parts;
+        # the others' publishers upload their share and report to share 0's (global rank 0), which publishes.
         self.rank, self.world, self.share_id = rank, world, share_id
-        self.shared = isinstance(store, S3Store) and world > 1 and shares.enabled()
+        self.shared = isinstance(store, S3Store) and world > 1
         self.share_timeout = shares.timeout_seconds()
         self._started, self._stop_at = 0.0, None
         self.scratch = scratch

@@ -36,12 +36,30 @@ class ShareError(Exception):
     """The ranks' shares cannot make the checkpoint: rank 0 aborts them and uploads the whole checkpoint."""
 
 
-def enabled(environ: Any = None) -> bool:
-    """DREAMBOOTH_CHECKPOINT_SHARES=off makes rank 0 upload every checkpoint alone (as before shares)."""
+MODES = ("node", "rank", "off")
+
+
+def mode(environ: Any = None) -> str:
+    """DREAMBOOTH_CHECKPOINT_SHARES: `node` (the default; `on` too) = one rank per node uploads, so N nodes use N
+    NICs and the ranks of one node, which share its NIC, add no work; `rank` = every rank uploads (a node with a
+    NIC per GPU, or tests of several ranks on one host); `off` = rank 0 uploads every checkpoint alone."""
     value = (os.environ if environ is None else environ).get(ENV, "").strip().lower()
-    if value not in ("", "on", "off"):
-        raise ValueError(f"{ENV}={value!r}: use on (the default) or off")
-    return value != "off"
+    value = {"": "node", "on": "node"}.get(value, value)
+    if value not in MODES:
+        raise ValueError(f"{ENV}={value!r}: use node (the default), rank or off")
+    return value
+
+
+def participant(share_mode: str, rank: int, world: int, local_world: int) -> tuple[int | None, int]:
+    """(this process's share index, or None when it uploads nothing; how many share the upload). Index 0 is
+    global rank 0, which publishes. torchrun numbers the ranks node by node, `local_world` per node."""
+    if share_mode == "off" or world <= 1:
+        return (0 if rank == 0 else None), 1
+    if share_mode == "rank":
+        return rank, world
+    if local_world <= 0 or world % local_world:
+        return (0 if rank == 0 else None), 1  # ranks not laid out node by node: rank 0 alone, as before shares
+    return (rank // local_world if rank % local_world == 0 else None), world // local_world
 
 
 def timeout_seconds(environ: Any = None) -> float:
