@@ -9,6 +9,7 @@ to an uninterrupted run, counted as one preemption and no restart.
 from __future__ import annotations
 
 import importlib.util
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,10 @@ def real_job(
     nodes: int = 2,
     method: str = "lora",
     training: dict[str, Any] | None = None,
+    env_extra: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     bucket = storage["bucket"]
-    env = {"MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {"MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
     if step_delay:
         # The trainer's test knob: slow steps so a preemption lands mid-run (never changes the math).
         env["DREAMBOOTH_TEST_STEP_DELAY_SECONDS"] = str(step_delay)
@@ -132,7 +134,10 @@ def test_preempted_pod_resumes_bit_identical(
 ) -> None:
     reference = reference_weights(jobs, storage, trainer_image, tmp_path / "base")
 
-    jobs.create(real_job("pre", storage, trainer_image, step_delay=1.5))
+    # 40 MiB more state (never in the weights) puts files over one 16 MiB part: the two pods, one per node, each
+    # upload their share of every checkpoint (checkpoint/shares.py), each through its own network namespace.
+    pad = {"DREAMBOOTH_TEST_PAD_STATE_MB": "40"}
+    jobs.create(real_job("pre", storage, trainer_image, step_delay=1.5, env_extra=pad))
     jobs.wait("pre", lambda s: (s.get("step") or 0) >= 3, 300, "step 3")
     if how == "pod-deleted":
         cluster.kube_api.delete(f"/api/v1/namespaces/{jobs.ns}/pods/pre-a1-1")
@@ -145,6 +150,13 @@ def test_preempted_pod_resumes_bit_identical(
     assert (st["preemptions"], st["restarts"], st["attempt"]) == (1, 0, 2)
     assert st["logsUri"].endswith("/logs/attempt-2/")
     _assert_identical(final_weights(storage, "pre", tmp_path / "pre"), reference)
+    log = storage["client"].get_object(Bucket=storage["bucket"], Key="runs/pre/logs/attempt-1/rank-0.log")
+    shared = re.findall(
+        r"checkpoint-\d+ shares: rank 0 (\d+) parts .*?, rank 1 (\d+) parts", log["Body"].read().decode()
+    )
+    assert shared and all(int(theirs) >= 1 for _, theirs in shared), shared
+    keys = storage["client"].list_objects_v2(Bucket=storage["bucket"], Prefix="runs/pre/.shares/").get("KeyCount")
+    assert not keys  # the shares' coordination objects are gone
 
 
 # Extended tier (~3 min): node loss is handled in test_operator_cluster's fake-trainer test, exactness across a
