@@ -191,3 +191,33 @@ def test_a_failed_share_falls_back_to_rank_0_alone_with_nothing_left_open(
     assert "checkpoint-3 shares:" not in log
     assert _fetch(uri, 3, tmp_path / "fetch").manifest["worldSize"] == 2
     _nothing_left(uri)
+
+
+@pytest.mark.extended
+def test_rank_0_killed_mid_shared_upload_leaves_the_previous_checkpoint_and_nothing_open(
+    tmp_path: Path, bucket: str, baseline_ws2: Path
+) -> None:
+    """SIGTERM, then rank 0 dies (SIGKILL) after two parts of the shared emergency checkpoint, while rank 1 uploads
+    its share: the periodic checkpoint stays LATEST, the next run aborts every upload and removes `.shares/` of
+    the dead one, resumes from it and ends bit-exact."""
+    from dreambooth_trainer import checkpoint as ckpt
+    from dreambooth_trainer.storage.s3 import incomplete_uploads
+
+    uri = f"s3://{bucket}/run"
+    train = training(uri, "full", steps=STEPS, ckpt=3)
+    env = {"DREAMBOOTH_TEST_STEP_DELAY_SECONDS": "0.5", **PAD}
+    run = LaunchedRun(tmp_path, "full", train, nproc=2, DREAMBOOTH_TEST_KILL_IN_EMERGENCY_SAVE="mid-parts", **env)
+    run.start().wait_until("checkpoint-3", lambda s: (s["lastCheckpoint"] or {}).get("step") == 3, timeout=240)
+    run.signal()
+    assert run.wait() != 0, run.log()
+    assert "test hook: the process dies" in run.log(400_000)
+    store = _store(uri)
+    assert ckpt.read_latest(store) == 3 and ckpt.checkpoint_steps(store)[0] == 3
+    assert incomplete_uploads(store, ""), "the kill left no open multipart upload: it did not happen mid-share"
+    again = LaunchedRun(tmp_path, "full", train, nproc=2, name="resume", **env)
+    assert again.run() == 0, again.log()
+    assert "/checkpoint-3 at step 3" in again.log(400_000), again.log()
+    _nothing_left(uri)
+    rel = "unet/diffusion_pytorch_model.safetensors"
+    store.download_file(rel, tmp_path / "final" / rel)
+    assert_identical(weights(baseline_ws2, "full"), weights(tmp_path / "final", "full"))
