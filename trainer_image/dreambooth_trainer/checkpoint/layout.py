@@ -9,9 +9,12 @@ The reader takes every format (train.Trainer._restore).
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import io
 import json
+import mmap
 import os
 import re
 import struct
@@ -136,27 +139,118 @@ class Sink(Protocol):
     def abort(self) -> None: ...
 
 
-class LocalSink:
-    """A file written in place and fsync'd once, when it is finished."""
+DIRECT_IO_ENV = "DREAMBOOTH_CHECKPOINT_DIRECT_IO"
+_BLOCK = 4096  # O_DIRECT's alignment for buffer, offset and length on every common block device
+_BOUNCE = 16 << 20
 
-    def __init__(self, path: Path) -> None:
+
+def direct_io_enabled() -> bool:
+    """DREAMBOOTH_CHECKPOINT_DIRECT_IO: `1` (the default) writes local checkpoint files with O_DIRECT (LocalSink);
+    `0` through the page cache, for a file system that takes O_DIRECT and misbehaves with it."""
+    return os.environ.get(DIRECT_IO_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+class LocalSink:
+    """A file written in place and fsync'd once, when it is finished.
+
+    With `direct` the bytes go through an aligned bounce buffer to the file opened O_DIRECT, straight to the
+    device: a buffered write copies every byte into page-cache pages (fresh ones for a new file, and a fresh page's
+    first touch is what costs on a VM) and fsync then writes them back. Measured on this project's 2-CPU VM, 1 GiB:
+    buffered write + fsync 3.0-3.7 s, direct 0.6-1.0 s (#27). The unaligned tail goes through the page cache; a
+    file system that refuses O_DIRECT (EINVAL: some FUSE and network mounts, tmpfs before Linux 6.6) gets
+    everything buffered."""
+
+    def __init__(self, path: Path, *, direct: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "wb")  # noqa: SIM115 - closed in finish/abort
+        self._direct = direct and hasattr(os, "O_DIRECT")
+        self._f: io.BufferedWriter | None = None
+        self._fd = -1
+        if self._direct:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        else:
+            self._f = open(path, "wb")  # noqa: SIM115 - closed in finish/abort
+        self._bounce: mmap.mmap | None = None
+        self._view: memoryview | None = None
+        self._fill = 0
+        self._o_direct = False  # O_DIRECT is set on the descriptor now
 
     def write(self, data: Any) -> int:
-        return self._f.write(data)
+        if self._f is not None:
+            return self._f.write(data)
+        mv = memoryview(data).cast("B")
+        if self._view is None:
+            self._bounce = mmap.mmap(-1, _BOUNCE)  # page-aligned; pages never touched cost nothing
+            self._view = memoryview(self._bounce)
+        done = 0
+        while done < mv.nbytes:
+            n = min(_BOUNCE - self._fill, mv.nbytes - done)
+            self._view[self._fill : self._fill + n] = mv[done : done + n]
+            self._fill += n
+            done += n
+            if self._fill == _BOUNCE:
+                self._write_out(0, _BOUNCE, direct=True)
+                self._fill = 0
+        return done
+
+    def _set_direct(self, on: bool) -> None:
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, (flags | os.O_DIRECT) if on else (flags & ~os.O_DIRECT))
+        self._o_direct = on
+
+    def _write_out(self, start: int, end: int, *, direct: bool) -> None:
+        assert self._view is not None
+        if direct and self._direct and not self._o_direct:
+            try:
+                self._set_direct(True)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._direct = False
+        elif not direct and self._o_direct:
+            self._set_direct(False)
+        pos = start
+        while pos < end:
+            try:
+                pos += os.write(self._fd, self._view[pos:end])
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not self._o_direct:
+                    raise
+                self._set_direct(False)  # took the flag, refused the write: buffered from here on
+                self._direct = False
 
     def finish(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        if self._f is not None:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            return
+        if self._fill:
+            aligned = self._fill - self._fill % _BLOCK
+            self._write_out(0, aligned, direct=True)
+            self._write_out(aligned, self._fill, direct=False)
+            self._fill = 0
+        os.fsync(self._fd)
+        self._close()
+
+    def _close(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self._bounce is not None:
+            self._bounce.close()
+            self._bounce = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def commit(self) -> None:
         pass
 
     def abort(self) -> None:
         # A partial file stays: without a manifest it is not a checkpoint, and the next publish overwrites it.
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
+        self._close()
 
 
 class NullSink:
@@ -280,7 +374,8 @@ def _tensors_in(obj: Any) -> list[torch.Tensor]:
 def write_snapshot(snap: Snapshot, folder: Path, *, writers: int = DEFAULT_WRITERS) -> dict[str, dict[str, Any]]:
     """Serialise a snapshot into a local `folder` (parallel writers, one fsync per file); the file table."""
     folder.mkdir(parents=True, exist_ok=True)
-    return stream_snapshot(snap, lambda rel: LocalSink(folder / rel), writers=writers)
+    direct = direct_io_enabled()
+    return stream_snapshot(snap, lambda rel: LocalSink(folder / rel, direct=direct), writers=writers)
 
 
 def checkpoint_steps(store: Store) -> list[int]:

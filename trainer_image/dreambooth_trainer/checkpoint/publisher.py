@@ -40,6 +40,7 @@ from .layout import (
     Snapshot,
     approx_size,
     checkpoint_steps,
+    direct_io_enabled,
     read_latest,
     stream_snapshot,
     write_snapshot,
@@ -175,8 +176,9 @@ class Publisher:
         kill_at = self.hooks.kill_in_save if emergency else ""
         if root is not None:
             before = (lambda _: self.hooks.kill_now()) if kill_at == "before-complete" else None
-            return stream_snapshot(snap, lambda rel: LocalSink(root / name / rel), writers=self.writers,
-                                   before_commit=before)  # fmt: skip
+            direct = direct_io_enabled()
+            return stream_snapshot(snap, lambda rel: LocalSink(root / name / rel, direct=direct),
+                                   writers=self.writers, before_commit=before)  # fmt: skip
         if isinstance(self.store, S3Store) and self.shared and self._shared_files(snap):
             try:
                 return self._write_shared(snap, name, kill_at)
