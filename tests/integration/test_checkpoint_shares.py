@@ -153,21 +153,24 @@ def test_state_round_trips_across_world_sizes_2_to_1_and_1_to_2(
     uri, stop = preempted_ws2["uri"], preempted_ws2["stop"]
     ws1 = f"s3://{bucket}/ws1"
     _copy_checkpoint(uri, stop, ws1)
-    train1 = training(ws1, "full", steps=STEPS, ckpt=3)
+    # A checkpoint every step (an operational setting, outside the config hash): the step after `stop` is always
+    # one this world-size-1 run wrote itself, wherever the SIGTERM landed (stop is 4 to 7).
+    train1 = training(ws1, "full", steps=STEPS, ckpt=1)
     run = LaunchedRun(tmp_path, "full", train1, name="ws1", DREAMBOOTH_TEST_DUMP_RESTORED=str(tmp_path / "d1"))
     assert run.run() == 0, run.log()
     assert "world size 2 at world size 1" in run.log(40_000)
     _assert_restored_equals(tmp_path / "d1", _fetch(uri, stop, tmp_path / "f2").folder, 1)
 
-    # checkpoint-6, written by that world-size-1 run, resumed at world size 2.
+    # The first checkpoint that world-size-1 run wrote, resumed at world size 2.
+    written = stop + 1
     ws2 = f"s3://{bucket}/ws2"
-    _copy_checkpoint(ws1, 6, ws2)
+    _copy_checkpoint(ws1, written, ws2)
     train2 = training(ws2, "full", steps=STEPS, ckpt=3)
     again = LaunchedRun(tmp_path, "full", train2, nproc=2, name="ws2",
                         DREAMBOOTH_TEST_DUMP_RESTORED=str(tmp_path / "d2"))  # fmt: skip
     assert again.run() == 0, again.log()
     assert "world size 1 at world size 2" in again.log(40_000)
-    _assert_restored_equals(tmp_path / "d2", _fetch(ws1, 6, tmp_path / "f1").folder, 2)
+    _assert_restored_equals(tmp_path / "d2", _fetch(ws1, written, tmp_path / "f1").folder, 2)
     _nothing_left(ws1)
     _nothing_left(ws2)
 
