@@ -155,10 +155,10 @@ class LocalSink:
 
     With `direct` the bytes go through an aligned bounce buffer to the file opened O_DIRECT, straight to the
     device: a buffered write copies every byte into page-cache pages (fresh ones for a new file, and a fresh page's
-    first touch is what costs on a VM) and fsync then writes them back. Measured on this project's 2-CPU VM, 1 GiB:
-    buffered write + fsync 3.0-3.7 s, direct 0.6-1.0 s (#27). The unaligned tail goes through the page cache; a
-    file system that refuses O_DIRECT (EINVAL: some FUSE and network mounts, tmpfs before Linux 6.6) gets
-    everything buffered."""
+    first touch is what costs on a VM) and fsync then writes them back. On this project's 2-CPU VM a 1 GiB emergency
+    checkpoint went from 3.57 s to 1.30 s with this alone (benchmarks/preemption.py --no-s3, docs/design.md
+    "Publishing"). The unaligned tail goes through the page cache; a file system that refuses O_DIRECT (EINVAL:
+    some FUSE and network mounts, tmpfs before Linux 6.6) gets everything buffered."""
 
     def __init__(self, path: Path, *, direct: bool = False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
