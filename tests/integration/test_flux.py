@@ -106,6 +106,44 @@ def test_lora_with_text_encoder_and_prior_loads_in_the_flux_pipeline_and_changes
     assert np.abs(before - after).max() > 0, "the LoRA did not change the pipeline's output at a fixed seed"
 
 
+def test_frozen_text_encoders_are_freed_after_the_prompts_and_validation_loads_them_again(tiny_flux, tmp_path):
+    """As the script without captions or --train_text_encoder: the instance and class prompts encoded once, CLIP
+    and T5 freed (FLUX.1's T5-XXL alone is 9.5 GB in bf16); validation draws with both loaded again."""
+    out, class_dir = tmp_path / "out", tmp_path / "class"
+    shutil.copytree(CLASS_DOG, class_dir)
+    extra = [
+        "--with_prior_preservation", "--class_data_dir", str(class_dir), "--class_prompt", "a photo of dog",
+        "--num_class_images", "2", "--validation_prompt", PROMPT, "--num_validation_images", "1",
+    ]  # fmt: skip
+    proc = run_dreambooth(["train-lora-flux", *flux_args(tiny_flux, out, steps=2, ckpt=2, extra=extra)])
+    assert "2 prompt(s) encoded once, the frozen text encoders freed" in proc.stderr, proc.stderr[-3000:]
+    assert list(out.glob("validation/step-*/image-0.png")), "validation drew with the encoders loaded again"
+    assert {k.split(".")[0] for k in load_file(out / LORA)} == {"transformer"}
+
+
+def test_kept_prompt_outputs_are_what_the_encoders_give_the_whole_batch(tiny_flux, tmp_path):
+    """Each prompt encoded alone and kept gives the batch the states CLIP and T5 give it in one call."""
+    from dreambooth_api.config import FluxLoraConfig
+    from dreambooth_trainer.cli_args import parse_cli
+    from dreambooth_trainer.data import tokenize_prompt
+    from dreambooth_trainer.families.flux import Flux
+
+    cfg = parse_cli(FluxLoraConfig, flux_args(tiny_flux, tmp_path / "out"), "t")
+    family = Flux()
+    parts = family.load(cfg, tiny_flux)
+    encoders = list(family.text_encoders(parts).values())
+    instance, klass = (tokenize_prompt(parts.tokenizer, p).input_ids for p in (PROMPT, "a photo of dog"))
+    batch = torch.cat([instance, instance, klass, klass])
+    with torch.no_grad():
+        want_states, want_pooled, want_ids = family.encode_ids(encoders[0], encoders[1], batch)
+    freed = family.encode_fixed_prompts(parts, [instance, klass])
+    assert freed == sum(p.numel() for e in encoders for p in e.parameters()) and not family.text_encoders(parts)
+    states, extra = family.encode_batch(cfg, parts, [], {"input_ids": batch}, torch.device("cpu"))
+    torch.testing.assert_close(states, want_states)
+    torch.testing.assert_close(extra["pooled"], want_pooled)
+    assert torch.equal(extra["txt_ids"], want_ids)
+
+
 def _fixed_loss(model: Path, lora: Path | None) -> float:
     """The flow-matching loss of the transformer (LoRA loaded) on fixed noisy latents of the instance images."""
     from diffusers import FluxPipeline

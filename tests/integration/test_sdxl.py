@@ -29,6 +29,7 @@ torch.set_num_threads(1)
 
 DOG = REPO / "examples" / "data" / "dog"
 PROMPT = "a photo of sks dog"
+FREED = "the frozen text encoders freed"
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +189,9 @@ def test_a_model_with_an_edm_scheduler_trains_edm_style_validates_and_loads(tiny
     extra = ["--validation_prompt", PROMPT, "--num_validation_images", "1", "--validation_epochs", "1"]
     proc = run_dreambooth(["train-lora-sdxl", *sdxl_args(model, out, steps=2, ckpt=2, extra=extra)])
     assert "EDM" in proc.stderr  # said in the log, as the script logs "Performing EDM-style training!"
+    # No captions, no text encoder training: the prompt encoded once and both encoders freed, as the script does;
+    # the validation below drew with them loaded again from the model folder.
+    assert "1 prompt(s) encoded once, " + FREED in proc.stderr
     weights = load_file(out / "pytorch_lora_weights.safetensors")
     assert weights and all(torch.isfinite(v).all() for v in weights.values())
     assert list(out.glob("validation/step-*/image-0.png")), "validation drew with the model's EDM scheduler"
@@ -224,8 +228,9 @@ def test_dataset_name_image_folder_with_captions(tiny_sdxl, tmp_path):
     (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = sdxl_args(tiny_sdxl, tmp_path / "out", steps=2, ckpt=2, extra=["--caption_column", "text"])
     args[args.index("--instance_data_dir") : args.index("--instance_data_dir") + 2] = ["--dataset_name", str(data)]
-    run_dreambooth(["train-lora-sdxl", *args])
+    proc = run_dreambooth(["train-lora-sdxl", *args])
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    assert FREED not in proc.stderr  # per-image captions: the encoders stay, as the script keeps them
     # A Hub dataset name: exit 64 before any model loads, naming the flag and the fix.
     args[args.index("--dataset_name") + 1] = "someone/dogs"
     args[args.index("--output_dir") + 1] = str(tmp_path / "hub")

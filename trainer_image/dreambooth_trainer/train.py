@@ -308,6 +308,7 @@ class Trainer:
 
         with self.startup.phase("data"):
             self._build_data()
+            self._free_text_encoders()
         # Every rank decides alike (same listing), so none waits at a barrier for one that refused.
         start = self.resumed.step if self.resumed else (self.script_step or 0)
         ckpt.refuse_collisions(self.out, start, self.max_steps)
@@ -465,6 +466,8 @@ class Trainer:
             if cfg.validation_prompt:
                 # Validation needs them too once the text encoder is freed (the scripts' negative prompt is "").
                 self.validation_embeds = (self._encode_text(cfg.validation_prompt), self._encode_text(""))
+        captions = self._captions()
+        self.fixed_prompts = not captions.get("captions")
         self.dataset = DreamBoothDataset(
             self.instance_dir,
             cfg.instance_prompt,
@@ -481,7 +484,7 @@ class Trainer:
             interpolation=cfg.resize_interpolation,
             skip_bad_images=cfg.skip_bad_images,
             **self.family.dataset_options(cfg),
-            **self._captions(),
+            **captions,
         )
         if cfg.cache_latents:
             self.dataset = CachedLatentsDataset(self.dataset, self._encode_latent_parameters)
@@ -503,6 +506,35 @@ class Trainer:
             # model folder): free the VAE, as diffusers' train_dreambooth_lora_sdxl.py does with --cache_latents
             # (SD's VAE: 83.6M parameters, 335 MB in fp32, on the GPU on a GPU run).
             m.vae = None  # type: ignore[assignment]
+
+    def _free_text_encoders(self) -> None:
+        """With no per-image captions and no text encoder training, encode the run's prompts once and free the
+        text encoders, as diffusers' SDXL and Flux LoRA scripts do (FLUX.1's T5-XXL: 9.5 GB in bf16); validation
+        loads them again from the model folder for its own prompt, as the scripts do."""
+        cfg, m = self.cfg, self.models
+        if cfg.train_text_encoder or not self.fixed_prompts:
+            return
+        from .data import tokenize_prompt
+
+        prompts = [cfg.instance_prompt] + ([cfg.class_prompt] if cfg.with_prior_preservation else [])
+        ids = [
+            tokenize_prompt(m.tokenizer, p or "", cfg.tokenizer_max_length).input_ids.to(self.accelerator.device)
+            for p in prompts
+        ]
+        freed = self.family.encode_fixed_prompts(m, ids)
+        if not freed:
+            return
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if self.accelerator.is_main_process:
+            logger.info(
+                "text encoders: the run's %d prompt(s) encoded once, the frozen text encoders freed (%.1f M "
+                "parameters), as %s's script does; validation loads them again", len(ids), freed / 1e6,
+                self.family.name,
+            )  # fmt: skip
 
     def _captions(self) -> dict[str, Any]:
         """Per-image captions of a --dataset_name image folder (its metadata.jsonl), for the dataset."""

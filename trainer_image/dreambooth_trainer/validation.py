@@ -143,6 +143,7 @@ class Validator:
              "scheduler": self._scheduler(noise_scheduler), **(more or {})},
         )  # fmt: skip
         pipeline.set_progress_bar_config(disable=True)
+        self._place_reloaded_encoders(pipeline, modules)
         if self.prompt_embeds is not None:
             args: dict[str, Any] = {
                 "prompt_embeds": self.prompt_embeds[0].to(self.device, self.weight_dtype),
@@ -178,6 +179,17 @@ class Validator:
             earlier.images = []  # only the latest validation's pixels are needed (model card); keep memory flat
         self.runs.append(run)
         return run
+
+    def _place_reloaded_encoders(self, pipeline: Any, given: list[torch.nn.Module]) -> None:
+        """Text encoders the trainer freed after encoding its prompts (SDXL, Flux) come back from the model folder
+        with the pipeline, in fp32 on the CPU: on the device in the weights' dtype, as the scripts load them for
+        validation. They go with the pipeline afterwards."""
+        kept = {id(m) for m in given}
+        for name in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(pipeline, name, None)
+            if isinstance(encoder, torch.nn.Module) and id(encoder) not in kept:
+                encoder.requires_grad_(False)
+                encoder.to(self.device, dtype=self.weight_dtype)
 
     def _publish(self, step: int, images: list[Image.Image]) -> ValidationRun:
         """Write the images and their grid under the output (and its local mirror, for the model card and Hub)."""

@@ -18,6 +18,8 @@ import torch
 
 from dreambooth_api.config import CommonConfig
 
+from .prompts import PromptRows, RowEncoder
+
 
 @dataclass
 class Parts:
@@ -104,6 +106,34 @@ class ModelFamily(ABC):
     def encode_prompt(
         self, text_encoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> torch.Tensor: ...
+
+    def row_encoder(self, parts: Parts, text_encoders: list[torch.nn.Module]) -> RowEncoder | None:
+        """How frozen text encoders encode prompt ids for `PromptRows`, in a family that keeps its prompts' outputs
+        (SDXL, Flux); None where the family has no such cache (SD: --pre_compute_text_embeddings) or the encoders
+        are gone."""
+        return None
+
+    def frozen_prompt_outputs(
+        self, parts: Parts, text_encoders: list[torch.nn.Module], ids: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """A batch's outputs of the frozen text encoders, each prompt encoded once per run (`PromptRows`)."""
+        rows: PromptRows = parts.extra.setdefault("prompt_rows", PromptRows())
+        return rows.get(ids, self.row_encoder(parts, text_encoders))
+
+    def encode_fixed_prompts(self, parts: Parts, prompt_ids: list[torch.Tensor]) -> int:
+        """Encode the run's only prompts, then drop the frozen text encoders from `parts`, as the SDXL and Flux
+        scripts do when no image has its own caption; the parameters freed (0: nothing freed, the family has no
+        prompt cache). The caller knows the prompts are fixed and that no text encoder trains."""
+        encoders = list(self.text_encoders(parts).values())
+        if not encoders or self.row_encoder(parts, encoders) is None:
+            return 0
+        for ids in prompt_ids:
+            self.frozen_prompt_outputs(parts, encoders, ids)
+        parts.extra["prompt_rows"].seal()
+        freed = sum(p.numel() for encoder in encoders for p in encoder.parameters())
+        parts.text_encoder = None
+        parts.extra.pop("text_encoder_2", None)
+        return freed
 
     @abstractmethod
     def extra_conditioning(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, Any]:

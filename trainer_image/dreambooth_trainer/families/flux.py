@@ -26,6 +26,7 @@ from dreambooth_api.config import CommonConfig, ConfigError, FluxLoraConfig
 
 from ..objective import sample_noise, scheduler_sigmas
 from .base import ModelFamily, Parts, text_encoder_lr_groups
+from .prompts import RowEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -253,21 +254,20 @@ class Flux(ModelFamily):
         device: torch.device,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         ids = batch["input_ids"].to(device)
-        t5 = parts.extra["text_encoder_2"]
         if cfg.train_text_encoder:
-            states, pooled, text_ids = self.encode_ids(text_encoders[0], t5, ids)
+            states, pooled, text_ids = self.encode_ids(text_encoders[0], parts.extra["text_encoder_2"], ids)
             return states, {"pooled": pooled, "txt_ids": text_ids}
-        # Frozen encoders give one answer per prompt: the script encodes its prompts once, this caches per batch of
-        # ids (a batch is the same prompts every step unless captions differ).
-        cache: dict[bytes, tuple[torch.Tensor, ...]] = parts.extra.setdefault("prompt_cache", {})
-        key = ids.cpu().numpy().tobytes() + str(ids.shape).encode()
-        if key not in cache:
-            with torch.no_grad():
-                cache[key] = self.encode_ids(text_encoders[0], t5, ids)
-            if len(cache) > 64:
-                cache.pop(next(iter(cache)))
-        states, pooled, text_ids = cache[key]
+        # Frozen encoders give one answer per prompt: encoded once each, and freed once a run's fixed prompts are in.
+        states, pooled = self.frozen_prompt_outputs(parts, text_encoders, ids)
+        text_ids = torch.zeros(states.shape[1], 3, device=states.device, dtype=pooled.dtype)
         return states, {"pooled": pooled, "txt_ids": text_ids}
+
+    def row_encoder(self, parts: Parts, text_encoders: list[torch.nn.Module]) -> RowEncoder | None:
+        t5 = parts.extra.get("text_encoder_2")
+        if not text_encoders or t5 is None:
+            return None
+        clip = text_encoders[0]
+        return lambda ids: self.encode_ids(clip, t5, ids)[:2]
 
     def extra_conditioning(self, batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
         return {}  # Flux's conditioning comes with the prompt (encode_batch) and the latents' shape (denoise)

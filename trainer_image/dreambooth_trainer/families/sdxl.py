@@ -24,6 +24,7 @@ from dreambooth_api.config import CommonConfig, ConfigError, SdxlLoraConfig
 from ..objective import sample_noise, sample_timesteps, scheduler_sigmas, snr
 from .base import ModelFamily, Parts, text_encoder_lr_groups
 from .flux import flux_folder_message
+from .prompts import RowEncoder
 
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -257,17 +258,15 @@ class StableDiffusionXL(ModelFamily):
         if cfg.train_text_encoder:
             states, pooled = self.encode_pair(text_encoders, ids)
             return states, {"text_embeds": pooled, "time_ids": time_ids}
-        # Frozen encoders give one answer per prompt: the script encodes its prompts once, this caches per batch of
-        # ids (a batch is the same prompts every step unless captions differ).
-        cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = parts.extra.setdefault("prompt_cache", {})
-        key = ids.cpu().numpy().tobytes() + str(ids.shape).encode()
-        if key not in cache:
-            with torch.no_grad():
-                cache[key] = self.encode_pair(text_encoders, ids)
-            if len(cache) > 64:
-                cache.pop(next(iter(cache)))
-        states, pooled = cache[key]
+        # Frozen encoders give one answer per prompt: encoded once each, and freed once a run's fixed prompts are in.
+        states, pooled = self.frozen_prompt_outputs(parts, text_encoders, ids)
         return states, {"text_embeds": pooled, "time_ids": time_ids}
+
+    def row_encoder(self, parts: Parts, text_encoders: list[torch.nn.Module]) -> RowEncoder | None:
+        if len(text_encoders) < 2:
+            return None
+        encoders = list(text_encoders)
+        return lambda ids: self.encode_pair(encoders, ids)
 
     def extra_conditioning(self, batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
         return {}  # SDXL's added conditions come with the prompt (encode_batch): pooled text and time ids
