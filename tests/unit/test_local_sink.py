@@ -11,7 +11,7 @@ import pytest
 from dreambooth_trainer.checkpoint.layout import LocalSink
 
 MiB = 1 << 20
-SIZES = [0, 1, 4095, 4096, 4097, 16 * MiB - 1, 16 * MiB, 16 * MiB + 4097, 40 * MiB + 3]
+SIZES = [0, 1, 4095, 4096, 4097, 16 * MiB - 1, 16 * MiB, 16 * MiB + 4097, 40 * MiB + 3, 80 * MiB + 5]
 
 
 def _chunks(total: int, rng: random.Random) -> list[bytes]:
