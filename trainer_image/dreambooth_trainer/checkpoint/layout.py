@@ -179,8 +179,7 @@ class LocalSink:
         self._k = 0  # the buffer being filled
         self._fill = 0
         self._offset = 0  # where that buffer's bytes go in the file
-        self._o_direct = False  # O_DIRECT is set on the descriptor now
-        self._probed = False  # a direct write went through (or fell back): O_DIRECT is known to work or not
+        self._o_direct = False  # O_DIRECT is set on the descriptor now (so a direct write went through)
 
     def write(self, data: Any) -> int:
         if self._f is not None:
@@ -205,9 +204,9 @@ class LocalSink:
 
     def _send_full(self) -> None:
         view = self._views[self._k]
-        if not self._probed or not self._o_direct:
+        if not self._o_direct:
+            # The first full buffer (it learns whether the file system takes O_DIRECT), or buffered from then on.
             self._write_out(view, 0, _BOUNCE, self._offset, direct=True)
-            self._probed = True
         else:
             if self._io is None:
                 self._io = ThreadPoolExecutor(max_workers=_DEPTH, thread_name_prefix="checkpoint-io")
@@ -419,11 +418,19 @@ def _tensors_in(obj: Any) -> list[torch.Tensor]:
     return []
 
 
-def write_snapshot(snap: Snapshot, folder: Path, *, writers: int = DEFAULT_WRITERS) -> dict[str, dict[str, Any]]:
+def write_snapshot(
+    snap: Snapshot,
+    folder: Path,
+    *,
+    writers: int = DEFAULT_WRITERS,
+    before_commit: Callable[[dict[str, dict[str, Any]]], None] | None = None,
+) -> dict[str, dict[str, Any]]:
     """Serialise a snapshot into a local `folder` (parallel writers, one fsync per file); the file table."""
     folder.mkdir(parents=True, exist_ok=True)
     direct = direct_io_enabled()
-    return stream_snapshot(snap, lambda rel: LocalSink(folder / rel, direct=direct), writers=writers)
+    return stream_snapshot(
+        snap, lambda rel: LocalSink(folder / rel, direct=direct), writers=writers, before_commit=before_commit
+    )
 
 
 def checkpoint_steps(store: Store) -> list[int]:

@@ -34,13 +34,11 @@ from .layout import (
     FORMAT,
     LATEST,
     MANIFEST,
-    LocalSink,
     NullSink,
     Sink,
     Snapshot,
     approx_size,
     checkpoint_steps,
-    direct_io_enabled,
     read_latest,
     stream_snapshot,
     write_snapshot,
@@ -176,9 +174,7 @@ class Publisher:
         kill_at = self.hooks.kill_in_save if emergency else ""
         if root is not None:
             before = (lambda _: self.hooks.kill_now()) if kill_at == "before-complete" else None
-            direct = direct_io_enabled()
-            return stream_snapshot(snap, lambda rel: LocalSink(root / name / rel, direct=direct),
-                                   writers=self.writers, before_commit=before)  # fmt: skip
+            return write_snapshot(snap, root / name, writers=self.writers, before_commit=before)
         if isinstance(self.store, S3Store) and self.shared and self._shared_files(snap):
             try:
                 return self._write_shared(snap, name, kill_at)
