@@ -136,7 +136,7 @@ def test_kept_prompt_outputs_are_what_the_encoders_give_the_whole_batch(tiny_flu
     batch = torch.cat([instance, instance, klass, klass])
     with torch.no_grad():
         want_states, want_pooled, want_ids = family.encode_ids(encoders[0], encoders[1], batch)
-    freed = family.encode_fixed_prompts(parts, [instance, klass])
+    freed = family.encode_fixed_prompts(parts, [instance, klass], torch.device("cpu"))
     assert freed == sum(p.numel() for e in encoders for p in e.parameters()) and not family.text_encoders(parts)
     states, extra = family.encode_batch(cfg, parts, [], {"input_ids": batch}, torch.device("cpu"))
     torch.testing.assert_close(states, want_states)

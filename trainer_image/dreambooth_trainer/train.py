@@ -517,11 +517,8 @@ class Trainer:
         from .data import tokenize_prompt
 
         prompts = [cfg.instance_prompt] + ([cfg.class_prompt] if cfg.with_prior_preservation else [])
-        ids = [
-            tokenize_prompt(m.tokenizer, p or "", cfg.tokenizer_max_length).input_ids.to(self.accelerator.device)
-            for p in prompts
-        ]
-        freed = self.family.encode_fixed_prompts(m, ids)
+        ids = [tokenize_prompt(m.tokenizer, p or "", cfg.tokenizer_max_length).input_ids for p in prompts]
+        freed = self.family.encode_fixed_prompts(m, ids, self.accelerator.device)
         if not freed:
             return
         import gc

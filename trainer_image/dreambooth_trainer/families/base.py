@@ -107,29 +107,32 @@ class ModelFamily(ABC):
         self, text_encoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> torch.Tensor: ...
 
-    def row_encoder(self, parts: Parts, text_encoders: list[torch.nn.Module]) -> RowEncoder | None:
-        """How frozen text encoders encode prompt ids for `PromptRows`, in a family that keeps its prompts' outputs
-        (SDXL, Flux); None where the family has no such cache (SD: --pre_compute_text_embeddings) or the encoders
-        are gone."""
+    def row_encoder(
+        self, parts: Parts, text_encoders: list[torch.nn.Module], device: torch.device
+    ) -> RowEncoder | None:
+        """How frozen text encoders on `device` encode host prompt ids for `PromptRows`, in a family that keeps its
+        prompts' outputs (SDXL, Flux); None where the family has no such cache (SD: --pre_compute_text_embeddings)
+        or the encoders are gone."""
         return None
 
     def frozen_prompt_outputs(
-        self, parts: Parts, text_encoders: list[torch.nn.Module], ids: torch.Tensor
+        self, parts: Parts, text_encoders: list[torch.nn.Module], ids: torch.Tensor, device: torch.device
     ) -> tuple[torch.Tensor, ...]:
-        """A batch's outputs of the frozen text encoders, each prompt encoded once per run (`PromptRows`)."""
-        rows: PromptRows = parts.extra.setdefault("prompt_rows", PromptRows())
-        return rows.get(ids, self.row_encoder(parts, text_encoders))
+        """A batch's outputs of the frozen text encoders (`ids` on the host), each prompt encoded once per run."""
+        return _prompt_rows(parts).get(ids, self.row_encoder(parts, text_encoders, device))
 
-    def encode_fixed_prompts(self, parts: Parts, prompt_ids: list[torch.Tensor]) -> int:
-        """Encode the run's only prompts, then drop the frozen text encoders from `parts`, as the SDXL and Flux
-        scripts do when no image has its own caption; the parameters freed (0: nothing freed, the family has no
-        prompt cache). The caller knows the prompts are fixed and that no text encoder trains."""
+    def encode_fixed_prompts(self, parts: Parts, prompt_ids: list[torch.Tensor], device: torch.device) -> int:
+        """Encode the run's only prompts (host ids), then drop the frozen text encoders from `parts`, as the SDXL
+        and Flux scripts do when no image has its own caption; the parameters freed (0: nothing freed, the family
+        has no prompt cache). The caller knows the prompts are fixed and that no text encoder trains."""
         encoders = list(self.text_encoders(parts).values())
-        if not encoders or self.row_encoder(parts, encoders) is None:
+        encode = self.row_encoder(parts, encoders, device) if encoders else None
+        if encode is None:
             return 0
+        rows = _prompt_rows(parts)
         for ids in prompt_ids:
-            self.frozen_prompt_outputs(parts, encoders, ids)
-        parts.extra["prompt_rows"].seal()
+            rows.get(ids, encode)
+        rows.seal()
         freed = sum(p.numel() for encoder in encoders for p in encoder.parameters())
         parts.text_encoder = None
         parts.extra.pop("text_encoder_2", None)
@@ -195,6 +198,13 @@ class ModelFamily(ABC):
     @abstractmethod
     def write_tiny_model(self, out_dir: Path) -> Path:
         """A tiny random pipeline of this family for tests (offline)."""
+
+
+def _prompt_rows(parts: Parts) -> PromptRows:
+    rows = parts.extra.get("prompt_rows")
+    if rows is None:
+        rows = parts.extra["prompt_rows"] = PromptRows()
+    return rows
 
 
 def text_encoder_lr_groups(cfg: Any, trained: list[torch.nn.Module], lr: float) -> list[Any]:

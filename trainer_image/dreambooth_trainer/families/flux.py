@@ -253,21 +253,23 @@ class Flux(ModelFamily):
         batch: Mapping[str, Any],
         device: torch.device,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        ids = batch["input_ids"].to(device)
         if cfg.train_text_encoder:
+            ids = batch["input_ids"].to(device)
             states, pooled, text_ids = self.encode_ids(text_encoders[0], parts.extra["text_encoder_2"], ids)
             return states, {"pooled": pooled, "txt_ids": text_ids}
         # Frozen encoders give one answer per prompt: encoded once each, and freed once a run's fixed prompts are in.
-        states, pooled = self.frozen_prompt_outputs(parts, text_encoders, ids)
+        states, pooled = self.frozen_prompt_outputs(parts, text_encoders, batch["input_ids"], device)
         text_ids = torch.zeros(states.shape[1], 3, device=states.device, dtype=pooled.dtype)
         return states, {"pooled": pooled, "txt_ids": text_ids}
 
-    def row_encoder(self, parts: Parts, text_encoders: list[torch.nn.Module]) -> RowEncoder | None:
+    def row_encoder(
+        self, parts: Parts, text_encoders: list[torch.nn.Module], device: torch.device
+    ) -> RowEncoder | None:
         t5 = parts.extra.get("text_encoder_2")
         if not text_encoders or t5 is None:
             return None
         clip = text_encoders[0]
-        return lambda ids: self.encode_ids(clip, t5, ids)[:2]
+        return lambda ids: self.encode_ids(clip, t5, ids.to(device))[:2]
 
     def extra_conditioning(self, batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
         return {}  # Flux's conditioning comes with the prompt (encode_batch) and the latents' shape (denoise)

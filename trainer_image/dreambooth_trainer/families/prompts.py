@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-# One batch of prompt ids (rows first) -> the encoders' outputs, each with the rows first.
+# One batch of prompt ids (rows first, on the host) -> the encoders' outputs, each with the rows first.
 RowEncoder = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 
 # Captioned runs keep the encoders and the latest prompts (Flux: T5's 512 x 4096 states, 4 MB a prompt in bf16).
@@ -38,10 +38,11 @@ class PromptRows:
         return len(self._rows)
 
     def get(self, ids: torch.Tensor, encode: RowEncoder | None) -> tuple[torch.Tensor, ...]:
-        """The outputs for a batch of ids: kept rows as they are, new rows encoded one at a time by `encode`."""
+        """The outputs for a batch of ids: kept rows as they are, new rows encoded one at a time by `encode`.
+        Give the batch's ids on the host: finding a kept prompt then never waits for the device."""
         found = []
-        for row in ids:
-            key = row.cpu().numpy().tobytes() + str(tuple(row.shape)).encode()
+        for i, row in enumerate(ids.cpu()):
+            key = row.numpy().tobytes() + str(tuple(row.shape)).encode()
             out = self._rows.get(key)
             if out is None:
                 if self.sealed or encode is None:
@@ -50,7 +51,7 @@ class PromptRows:
                         "text encoders that would encode them were freed"
                     )
                 with torch.no_grad():
-                    out = encode(row.unsqueeze(0))
+                    out = encode(ids[i : i + 1])
                 self.encoded += 1
                 self._rows[key] = out
                 if len(self._rows) > self.limit:
@@ -63,4 +64,3 @@ class PromptRows:
     def seal(self) -> None:
         """Nothing new from now on: every prompt the run will see is kept (its encoders are about to be freed)."""
         self.sealed = True
-        self.limit = max(self.limit, len(self._rows))

@@ -253,20 +253,21 @@ class StableDiffusionXL(ModelFamily):
         batch: Mapping[str, Any],
         device: torch.device,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        ids = batch["input_ids"].to(device)
         time_ids = add_time_ids(batch["original_sizes"], batch["crop_top_lefts"], cfg.resolution).to(device)
         if cfg.train_text_encoder:
-            states, pooled = self.encode_pair(text_encoders, ids)
+            states, pooled = self.encode_pair(text_encoders, batch["input_ids"].to(device))
             return states, {"text_embeds": pooled, "time_ids": time_ids}
         # Frozen encoders give one answer per prompt: encoded once each, and freed once a run's fixed prompts are in.
-        states, pooled = self.frozen_prompt_outputs(parts, text_encoders, ids)
+        states, pooled = self.frozen_prompt_outputs(parts, text_encoders, batch["input_ids"], device)
         return states, {"text_embeds": pooled, "time_ids": time_ids}
 
-    def row_encoder(self, parts: Parts, text_encoders: list[torch.nn.Module]) -> RowEncoder | None:
+    def row_encoder(
+        self, parts: Parts, text_encoders: list[torch.nn.Module], device: torch.device
+    ) -> RowEncoder | None:
         if len(text_encoders) < 2:
             return None
         encoders = list(text_encoders)
-        return lambda ids: self.encode_pair(encoders, ids)
+        return lambda ids: self.encode_pair(encoders, ids.to(device))
 
     def extra_conditioning(self, batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
         return {}  # SDXL's added conditions come with the prompt (encode_batch): pooled text and time ids
